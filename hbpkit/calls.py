@@ -1,0 +1,106 @@
+"""One record per module call in the forward pass, linked through the tensors.
+
+The forward hook that :func:`hbpkit.extend` installs creates a :class:`ModuleCall`
+for every call of an extended module while autograd records a graph. The record
+holds the call's inputs and the record of the module that produced its first
+input, so the chain of calls can be walked back from the loss. It is reachable
+only from the autograd graph (through a tensor hook on the call's output) and
+from the output tensor itself: when the graph is gone, so is the record. It is
+released after the first backward pass that reaches it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+_LINK = "_hbpkit_call"
+
+
+class ModuleCall:
+    """What one forward call of an extended module left for the backward pass.
+
+    Attributes:
+        module: the module that was called.
+        inputs: the positional arguments of the call (``inputs[0]`` is the input
+            ``x``; a loss also has the target at ``inputs[1]``).
+        parent: the record of the extended module whose output is ``inputs[0]``,
+            or ``None`` (data, a leaf, or an operation hbpkit does not see).
+        input_origin: the autograd node that produced ``inputs[0]`` if it is not
+            an extended module's output (used in error messages), else ``None``.
+        captured: whatever the module's rules captured during the forward pass
+            (for instance the mask of a ``Dropout`` layer).
+        consumers: how many extended calls take this call's output as input.
+        cache: quantities shared by several extensions during one backward pass
+            (cleared on release).
+    """
+
+    __slots__ = (
+        "module",
+        "inputs",
+        "parent",
+        "input_origin",
+        "captured",
+        "cache",
+        "released",
+        "output_shape",
+        "consumers",
+        "__weakref__",
+    )
+
+    def __init__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        self.module = module
+        self.inputs = inputs
+        self.output_shape = output.shape
+        self.captured: Any = None
+        self.cache: dict[Any, Any] = {}
+        self.released = False
+        x = inputs[0]
+        self.parent, self.input_origin = _producer(x)
+        self.consumers = 0  # extended calls that read this call's output
+        if self.parent is not None:
+            self.parent.consumers += 1
+
+    @property
+    def input(self) -> Tensor:
+        """The module's input ``x`` (detached), ``[N, *in]``."""
+        self._check_alive()
+        return self.inputs[0].detach()
+
+    def input_needs_grad(self) -> bool:
+        """Whether anything upstream of the input depends on parameters."""
+        x = self.inputs[0]
+        return isinstance(x, Tensor) and x.requires_grad
+
+    def release(self) -> None:
+        """Drop the tensors of the forward pass (after the backward pass used them)."""
+        self.inputs = ()
+        self.captured = None
+        self.cache = {}
+        self.released = True
+
+    def _check_alive(self) -> None:
+        if self.released:
+            raise RuntimeError(
+                f"The forward data of {type(self.module).__name__} was released by an earlier "
+                "backward pass through this graph. hbpkit computes its quantities in the first "
+                "backward pass after a forward pass: run the forward pass again."
+            )
+
+
+def _producer(x: Any) -> tuple[ModuleCall | None, Any]:
+    """The extended call that produced tensor ``x`` (and its version), or the alien node."""
+    if not isinstance(x, Tensor) or not x.requires_grad:
+        return None, None
+    link = getattr(x, _LINK, None)
+    if link is not None:
+        call, version = link
+        if version == x._version:
+            return call, None
+    return None, x.grad_fn
+
+
+def link_output(output: Tensor, call: ModuleCall) -> None:
+    """Mark ``output`` as produced by ``call`` (valid until it is modified in place)."""
+    setattr(output, _LINK, (call, output._version))

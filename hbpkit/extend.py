@@ -1,0 +1,87 @@
+"""``extend(module)``: install the forward hooks that record module calls.
+
+The hook of a module runs in every forward pass while autograd records a graph.
+It creates a :class:`~hbpkit.calls.ModuleCall` and attaches a tensor hook to
+the output; the tensor hook does nothing unless a ``backprop(...)`` context is
+active during the backward pass. Activations and dropout layers created with
+``inplace=True`` are switched to ``inplace=False``: their values are the same,
+and their inputs stay available for the curvature rules.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall, link_output
+from hbpkit.context import current
+from hbpkit.dispatch import SECOND_ORDER, is_registered
+
+_HANDLE = "_hbpkit_hook_handle"
+
+
+def extend(module: nn.Module) -> nn.Module:
+    """Prepare ``module`` and its submodules for hbpkit; returns ``module``.
+
+    Idempotent. Leaf modules, modules of registered types (whose children are
+    then left alone) and modules with parameters of their own get a forward hook.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"extend() expects a torch.nn.Module, got {type(module).__name__}")
+    _extend(module)
+    return module
+
+
+def _extend(module: nn.Module) -> None:
+    children = list(module.children())
+    if is_registered(module) or not children:
+        _install(module)
+        return
+    if any(p is not None for p in module._parameters.values()):
+        _install(module)  # parameters of its own: unsupported unless registered
+    for child in children:
+        _extend(child)
+
+
+def _install(module: nn.Module) -> None:
+    if getattr(module, _HANDLE, None) is not None:
+        return
+    if getattr(module, "inplace", False) is True:
+        module.inplace = False
+    setattr(module, _HANDLE, module.register_forward_hook(_forward_hook))
+
+
+def is_extended(module: nn.Module) -> bool:
+    """Whether :func:`extend` installed a hook on ``module`` itself."""
+    return getattr(module, _HANDLE, None) is not None
+
+
+def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
+    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        return None
+    if not inputs or not isinstance(inputs[0], Tensor):
+        return None
+    replaced = None
+    if output is inputs[0]:  # give the output its own autograd node (and tensor hook)
+        output = replaced = output.view_as(output)
+    call = ModuleCall(module, inputs, output)
+    rules = SECOND_ORDER.lookup(module)
+    if rules is not None:
+        try:
+            call.captured = rules.capture(module, inputs, output)
+        except NotImplementedError as error:  # reported if a backward pass needs it
+            call.captured = error
+    link_output(output, call)
+    output.register_hook(partial(_on_output_grad, call))
+    return replaced
+
+
+def _on_output_grad(call: ModuleCall, grad_output: Tensor) -> None:
+    state = current()
+    try:
+        if state is not None:
+            state.process(call, grad_output)
+    finally:
+        call.release()

@@ -1,0 +1,21 @@
+"""The quantities hbpkit computes; names and savefields follow BackPACK."""
+
+from hbpkit.extensions.base import Extension
+from hbpkit.extensions.diagonal import DiagGGNExact, DiagGGNMC, DiagHessian
+from hbpkit.extensions.first_order import BatchGrad, BatchL2, SumGradSquared, Variance
+from hbpkit.extensions.kronecker import HBP, KFAC, KFLR, KFRA
+
+__all__ = [
+    "HBP",
+    "KFAC",
+    "KFLR",
+    "KFRA",
+    "BatchGrad",
+    "BatchL2",
+    "DiagGGNExact",
+    "DiagGGNMC",
+    "DiagHessian",
+    "Extension",
+    "SumGradSquared",
+    "Variance",
+]

@@ -1,0 +1,46 @@
+"""Diagonals of the GGN and of the Hessian, from backpropagated sqrt factors.
+
+``diag(sum_n sum_v sign (J_p^T s_{v,n})^2)`` for the parameter Jacobian ``J_p``:
+exact for ``DiagGGNExact`` / ``DiagHessian`` (whose residual factors carry signs),
+a Monte-Carlo estimate for ``DiagGGNMC``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from hbpkit.extensions.base import check_mc_samples
+from hbpkit.extensions.messages import SqrtMessage
+from hbpkit.extensions.second_order import SecondOrder
+
+
+class _Diagonal(SecondOrder):
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+        return rules.param_diag(call, name, message)
+
+
+class DiagGGNExact(_Diagonal):
+    """Diagonal of the exact generalized Gauss-Newton matrix, ``diag_ggn_exact``: ``p.shape``."""
+
+    savefield = "diag_ggn_exact"
+    message = SqrtMessage("exact", 1, "ggn")
+
+
+class DiagGGNMC(_Diagonal):
+    """Monte-Carlo estimate of the GGN diagonal with ``mc_samples`` draws, ``diag_ggn_mc``."""
+
+    savefield = "diag_ggn_mc"
+
+    def __init__(self, mc_samples: int = 1) -> None:
+        self.mc_samples = check_mc_samples(mc_samples)
+        self.message = SqrtMessage("sampled", mc_samples, "ggn")
+
+    def __repr__(self) -> str:
+        return f"DiagGGNMC(mc_samples={self.mc_samples})"
+
+
+class DiagHessian(_Diagonal):
+    """Diagonal of the exact Hessian, ``diag_h``: ``p.shape`` (residuals of S.9 included)."""
+
+    savefield = "diag_h"
+    message = SqrtMessage("exact", 1, "hessian")

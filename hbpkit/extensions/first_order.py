@@ -1,0 +1,74 @@
+"""First-order extensions: per-sample gradients and their statistics.
+
+They need only the module's input and the gradient at its output, so they do
+not backpropagate anything; ``grad_batch[n]`` is the gradient of the ``n``-th
+term of the loss as reduced (``grad_batch.sum(0) == p.grad``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from hbpkit.calls import ModuleCall
+from hbpkit.dispatch import FIRST_ORDER
+from hbpkit.extensions.base import Extension
+from hbpkit.modules import PARAMETRIC
+
+for _module_type, _rules in PARAMETRIC.items():
+    FIRST_ORDER.register(_module_type, _rules)
+
+
+def batch_grad(rules, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+    """Per-sample gradients ``[N, *p.shape]``, computed once per call and shared."""
+    key = ("batch_grad", name)
+    if key not in call.cache:
+        call.cache[key] = rules.batch_grad(call, name, grad_output)
+    return call.cache[key]
+
+
+class _FirstOrder(Extension):
+    table = FIRST_ORDER
+
+
+class BatchGrad(_FirstOrder):
+    """Per-sample gradients, ``grad_batch``: ``[N, *p.shape]``."""
+
+    savefield = "grad_batch"
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+        return batch_grad(rules, call, name, grad_output)
+
+
+class BatchL2(_FirstOrder):
+    """Squared norms of the per-sample gradients, ``batch_l2``: ``[N]``."""
+
+    savefield = "batch_l2"
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+        return batch_grad(rules, call, name, grad_output).flatten(1).square().sum(1)
+
+
+class SumGradSquared(_FirstOrder):
+    """``sum_n grad_batch[n]**2``, ``sum_grad_squared``: ``p.shape``."""
+
+    savefield = "sum_grad_squared"
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+        return batch_grad(rules, call, name, grad_output).square().sum(0)
+
+
+class Variance(_FirstOrder):
+    """Gradient variance ``sum_n g_n**2 / N - (sum_n g_n / N)**2``, ``variance``: ``p.shape``.
+
+    With ``g_n = grad_batch[n]``, as BackPACK defines it.
+    """
+
+    savefield = "variance"
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+        g = batch_grad(rules, call, name, grad_output)
+        N = g.shape[0]
+        return g.square().sum(0) / N - (g.sum(0) / N).square()
+
+
+__all__ = ["BatchGrad", "BatchL2", "SumGradSquared", "Variance"]

@@ -1,0 +1,47 @@
+"""Derivative rules, one file per family of modules.
+
+Each rules object implements the Jacobian products, residuals and parameter
+derivatives of one module type (see :class:`ModuleRules`); the extension
+families map module types to these objects (``hbpkit/extensions``).
+"""
+
+from torch import nn
+
+from hbpkit.modules.activations import ACTIVATIONS, ElementwiseRules, IdentityRules
+from hbpkit.modules.base import LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.linear import LinearRules
+from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules, MSELossRules
+from hbpkit.modules.reshape import DropoutRules, FlattenRules
+
+LINEAR = LinearRules()
+
+#: rules of every module with parameters (per-sample gradients need only these)
+PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR}
+
+#: rules of every module curvature can be backpropagated through
+BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
+    **PARAMETRIC,
+    **ACTIVATIONS,
+    nn.Identity: IdentityRules(),
+    nn.Flatten: FlattenRules(),
+    nn.Unflatten: FlattenRules(),
+    nn.Dropout: DropoutRules(),
+    nn.Dropout1d: DropoutRules(),
+    nn.Dropout2d: DropoutRules(),
+    nn.Dropout3d: DropoutRules(),
+    nn.MSELoss: MSELossRules(),
+    nn.CrossEntropyLoss: CrossEntropyLossRules(),
+    nn.BCEWithLogitsLoss: BCEWithLogitsLossRules(),
+}
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKPROPAGATABLE",
+    "PARAMETRIC",
+    "ElementwiseRules",
+    "IdentityRules",
+    "LinearRules",
+    "LossRules",
+    "ModuleRules",
+    "SqrtFactor",
+]

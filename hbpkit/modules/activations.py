@@ -1,0 +1,137 @@
+"""Rules of elementwise activations ``z = phi(x)`` (eq. S.9).
+
+``Dz(x) = diag[phi'(x)]`` and the residual of eq. (7) is ``diag[phi''(x) * dz]``.
+The common activations have closed-form derivatives; every other elementwise
+activation gets exact ``phi'`` and ``phi''`` from autograd on the detached
+input (``phi`` acts elementwise, so ``d/dx_i sum_j phi(x_j) = phi'(x_i)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+from hbpkit.modules.base import ModuleRules
+
+Derivatives = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor | None]]
+
+
+def _sigmoid(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    d1 = s * (1 - s)
+    return d1, d1 * (1 - 2 * s)
+
+
+def _tanh(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    t = torch.tanh(x)
+    d1 = 1 - t.square()
+    return d1, -2 * t * d1
+
+
+def _relu(module: nn.Module, x: Tensor) -> tuple[Tensor, None]:
+    return (x > 0).to(x.dtype), None
+
+
+def _autograd(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``phi'`` and ``phi''`` of an elementwise module by nested autograd."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = type(module).forward(module, leaf)
+        (d1,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+        if d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), leaf, allow_unused=True)
+        else:
+            d2 = None
+    return d1.detach(), (torch.zeros_like(x) if d2 is None else d2)
+
+
+class ElementwiseRules(ModuleRules):
+    """Rules of ``z = phi(x)`` applied elementwise (eq. S.9).
+
+    Args:
+        derivatives: ``(module, x) -> (phi'(x), phi''(x) or None)``; default autograd.
+        piecewise_linear: ``phi'' = 0`` almost everywhere (no residual term).
+    """
+
+    def __init__(self, derivatives: Derivatives = _autograd, piecewise_linear: bool = False):
+        self._derivatives = derivatives
+        self.linear_in_input = piecewise_linear
+
+    def _d(self, call: ModuleCall) -> tuple[Tensor, Tensor | None]:
+        if "phi" not in call.cache:
+            d1, d2 = self._derivatives(call.module, call.input)
+            call.cache["phi"] = (d1, None if self.linear_in_input else d2)
+        return call.cache["phi"]
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat * self._d(call)[0]
+
+    jac_mat_prod = jac_t_mat_prod
+
+    # residual of eq. S.9: diag[phi''(x) * dz]
+    def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
+        if self.linear_in_input:
+            return None
+        return self._d(call)[1] * grad_output
+
+    # mean_n diag[phi'_n] H diag[phi'_n] = H * mean_n phi'_n phi'_n^T
+    def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        d1 = self._d(call)[0].flatten(1)
+        return mat * (d1.T @ d1) / d1.shape[0]
+
+
+class IdentityRules(ModuleRules):
+    """Rules of ``nn.Identity`` (and anything that returns its input unchanged)."""
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat
+
+    jac_mat_prod = jac_t_mat_prod
+
+    def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat
+
+
+SIGMOID = ElementwiseRules(_sigmoid)
+TANH = ElementwiseRules(_tanh)
+RELU = ElementwiseRules(_relu, piecewise_linear=True)
+SMOOTH = ElementwiseRules()
+PIECEWISE_LINEAR = ElementwiseRules(piecewise_linear=True)
+
+#: every elementwise activation of ``torch.nn`` and its rules
+ACTIVATIONS: dict[type, ModuleRules] = {
+    nn.Sigmoid: SIGMOID,
+    nn.Tanh: TANH,
+    nn.ReLU: RELU,
+    **{
+        cls: PIECEWISE_LINEAR
+        for cls in (
+            nn.ReLU6,
+            nn.LeakyReLU,
+            nn.Hardtanh,
+            nn.Threshold,
+            nn.Hardshrink,
+            nn.Softshrink,
+            nn.Hardsigmoid,
+        )
+    },
+    **{
+        cls: SMOOTH
+        for cls in (
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.Softplus,
+            nn.LogSigmoid,
+            nn.SiLU,
+            nn.GELU,
+            nn.Mish,
+            nn.Softsign,
+            nn.Tanhshrink,
+            nn.Hardswish,
+        )
+    },
+}

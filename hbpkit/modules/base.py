@@ -1,0 +1,159 @@
+"""Base classes of the derivative rules: what a module type must provide.
+
+Shapes: ``N`` is the batch size, ``V`` the number of vectors processed at once
+(columns of a symmetric factorisation), ``*in`` / ``*out`` the feature shapes of
+the module's input ``x`` and output ``z``. A *sqrt factor* ``S`` of shape
+``[V, N, *out]`` with signs ``sign`` (``[V, N]`` or ``None`` for all ``+1``)
+represents the per-sample output curvature ``sum_v sign[v, n] S[v, n] S[v, n]^T``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+
+
+class SqrtFactor(NamedTuple):
+    """Per-sample curvature ``sum_v sign[v,n] S[v,n] S[v,n]^T``.
+
+    ``S``: ``[V, N, *features]``; ``sign``: ``[V, N]`` of ``+-1`` or ``None`` (all +1).
+    """
+
+    S: Tensor
+    sign: Tensor | None = None
+
+    def signed_square(self) -> Tensor:
+        """``sign * S**2``, shape ``[V, N, *features]``."""
+        sq = self.S.square()
+        return sq if self.sign is None else sq * _expand_like(self.sign, sq)
+
+    def signed(self) -> Tensor:
+        """``sign * S``, shape ``[V, N, *features]``."""
+        return self.S if self.sign is None else self.S * _expand_like(self.sign, self.S)
+
+    @staticmethod
+    def from_diagonal(diag: Tensor) -> SqrtFactor:
+        """Factor of ``diag[diag[n]]`` per sample; ``diag``: ``[N, *features]``.
+
+        Returns ``S`` of shape ``[D, N, *features]`` (``D`` = number of features)
+        with ``S[d, n] = sqrt(|diag[n, d]|) e_d`` and ``sign[d, n] = sign(diag[n, d])``.
+        """
+        N, features = diag.shape[0], diag.shape[1:]
+        flat = diag.reshape(N, -1)
+        D = flat.shape[1]
+        S = torch.diag_embed(flat.abs().sqrt()).permute(2, 0, 1)  # [D, N, D]
+        sign = None if bool((flat >= 0).all()) else torch.sign(flat).T.contiguous()
+        return SqrtFactor(S.reshape(D, N, *features), sign)
+
+
+def _expand_like(sign: Tensor, t: Tensor) -> Tensor:
+    return sign.reshape(*sign.shape, *([1] * (t.dim() - 2)))
+
+
+class ModuleRules:
+    """Derivative rules of one module type (HBP, eq. 7 of the paper).
+
+    A module ``z = f(x, theta)`` needs, for curvature backpropagation:
+
+    * :meth:`jac_t_mat_prod`: ``[V, N, *out] -> [V, N, *in]``, ``(Dz(x))^T M`` per sample;
+    * :meth:`jac_mat_prod`: ``[V, N, *in] -> [V, N, *out]``;
+    * :meth:`residual_diag`: the second-order term ``sum_k Hz_k(x) dz_k`` of eq. (7),
+      for elementwise modules the diagonal ``phi''(x) * dz`` (eq. S.9), ``[N, *in]``;
+    * :meth:`ea_jac_t_mat_jac_prod`: ``mean_n Dz_n(x)^T H Dz_n(x)`` for a dense ``[D_out, D_out]``;
+
+    and, if it has parameters, the per-parameter rules (per-sample gradients,
+    diagonal blocks, Kronecker factors). Subclasses override what applies.
+    """
+
+    #: whether ``Hz(x)`` vanishes (no residual term in eq. 7)
+    linear_in_input: bool = True
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        """Names of the module's parameters that these rules handle."""
+        return []
+
+    def validate(self, call: ModuleCall) -> None:
+        """Raise ``NotImplementedError`` for options or shapes the rules do not cover."""
+
+    def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> object:
+        """Keep what the forward pass knows and the backward pass needs (default nothing)."""
+        return None
+
+    # input derivatives ---------------------------------------------------------------
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[V, N, *out] -> [V, N, *in]``."""
+        raise self._missing("jac_t_mat_prod")
+
+    def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[V, N, *in] -> [V, N, *out]``."""
+        raise self._missing("jac_mat_prod")
+
+    def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
+        """Diagonal of the residual ``sum_k Hz_k(x) dz_k`` per sample, ``[N, *in]``."""
+        if self.linear_in_input:
+            return None
+        raise self._missing("residual_diag")
+
+    def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n J_n^T mat J_n`` (approximation (9))."""
+        raise self._missing("ea_jac_t_mat_jac_prod")
+
+    # parameter derivatives ------------------------------------------------------------
+    def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """Per-sample gradients ``[N, *param.shape]`` from ``grad_output`` ``[N, *out]``."""
+        raise self._missing("batch_grad")
+
+    def param_diag(self, call: ModuleCall, name: str, factors: list[SqrtFactor]) -> Tensor:
+        """``diag(sum_n sum_v sign (J_p^T S)(J_p^T S)^T)``, shape ``param.shape``."""
+        raise self._missing("param_diag")
+
+    def kron_from_sqrt(
+        self, call: ModuleCall, name: str, factors: list[SqrtFactor], approx: str
+    ) -> list[Tensor]:
+        """Kronecker factors of the parameter block from per-sample sqrt factors."""
+        raise self._missing("kron_from_sqrt")
+
+    def kron_from_average(
+        self, call: ModuleCall, name: str, mat: Tensor, approx: str
+    ) -> list[Tensor]:
+        """Kronecker factors of the parameter block from a batch-averaged ``[D_out, D_out]``."""
+        raise self._missing("kron_from_average")
+
+    def _missing(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} does not implement {what}")
+
+
+class LossRules:
+    """Derivative rules of a loss ``L = reduce_n l(x_n, y_n)`` (section C of the supplement).
+
+    All quantities include the reduction (``mean`` or ``sum``) so that they are
+    derivatives of the loss exactly as the module returns it.
+    """
+
+    def validate(self, call: ModuleCall) -> None:
+        """Raise ``NotImplementedError`` for unsupported options (weights, smoothing, ...)."""
+        reduction = call.module.reduction
+        if reduction not in ("mean", "sum"):
+            raise NotImplementedError(
+                f"{type(call.module).__name__}(reduction={reduction!r}) is not supported: "
+                "use 'mean' or 'sum'"
+            )
+
+    def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> object:
+        return None
+
+    def sqrt_hessian(self, call: ModuleCall) -> Tensor:
+        """Exact symmetric factor ``S`` ``[V, N, *in]`` with ``sum_v S S^T = d2L/dx_n dx_n``."""
+        raise NotImplementedError
+
+    def sqrt_hessian_sampled(self, call: ModuleCall, mc_samples: int) -> Tensor:
+        """Monte-Carlo factor ``[mc_samples, N, *in]``, unbiased for the per-sample Hessian."""
+        raise NotImplementedError
+
+    def sum_hessian(self, call: ModuleCall) -> Tensor:
+        """``sum_n d2L/dx_n dx_n``, shape ``[D, D]`` with ``D`` = features of ``x``."""
+        raise NotImplementedError

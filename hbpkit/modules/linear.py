@@ -1,0 +1,128 @@
+"""Rules of ``nn.Linear``, ``z = x W^T + b`` on inputs ``[N, *, D_in]`` (eq. S.8).
+
+Inputs with extra dimensions ``[N, T_1, ..., D_in]`` share the weight over the
+``T = T_1 * ...`` positions. Their Kronecker factors follow ``kfac_approx``
+(Eschenhagen et al., 2023), with ``s_{v,n,t}`` the sqrt factors at the output:
+
+* ``"expand"`` (every position is an extra sample; exact when ``T = 1`` or when
+  the loss treats positions independently in a deep linear network):
+  ``G = sum_{v,n,t} s s^T``, ``A = 1/(N T) sum_{n,t} x_{n,t} x_{n,t}^T``;
+* ``"reduce"`` (positions summed before the loss; exact when all positions of
+  a sample share one input): ``G = sum_{v,n} (sum_t s)(sum_t s)^T``,
+  ``A = 1/N sum_n xbar_n xbar_n^T`` with ``xbar_n = mean_t x_{n,t}``.
+
+For ``T = 1`` both are ``G = sum_{v,n} s s^T``, ``A = 1/N sum_n x_n x_n^T`` (S.8c).
+The bias block is ``G`` (the weight's output factor, bias folded as a 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+from hbpkit.modules.base import ModuleRules, SqrtFactor
+
+
+def _positions(t: Tensor, batch_dims: int) -> Tensor:
+    """``[*batch, N, *, D] -> [*batch, N, T, D]`` (``batch_dims`` leading dims before ``N``)."""
+    return t.reshape(*t.shape[: batch_dims + 1], -1, t.shape[-1])
+
+
+class LinearRules(ModuleRules):
+    """HBP rules of ``nn.Linear`` (eq. S.8a-c)."""
+
+    def param_names(self, module: nn.Linear) -> list[str]:
+        return ["weight"] if module.bias is None else ["weight", "bias"]
+
+    def validate(self, call: ModuleCall) -> None:
+        if call.inputs[0].dim() < 2:
+            raise NotImplementedError(
+                f"Linear needs a batched input [N, *, D_in], got shape {tuple(call.inputs[0].shape)}"
+            )
+
+    def _x(self, call: ModuleCall) -> Tensor:
+        """Input as ``[N, T, D_in]``."""
+        return _positions(call.input, 0)
+
+    # eq. S.8a: Hx = W^T Hz W
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat @ call.module.weight.detach()
+
+    def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat @ call.module.weight.detach().T
+
+    def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        W = call.module.weight.detach()
+        T = self._x(call).shape[1]
+        H = rearrange(mat, "(t o) (s p) -> t o s p", t=T, s=T)
+        out = einsum(W, H, W, "o i, t o s p, p j -> t i s j")
+        return rearrange(out, "t i s j -> (t i) (s j)")
+
+    def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        g = _positions(grad_output, 0)
+        if name == "bias":
+            return g.sum(1)
+        return einsum(g, self._x(call), "n t o, n t i -> n o i")
+
+    # diagonal of eq. S.8c / S.8b summed over samples and factor columns
+    def param_diag(self, call: ModuleCall, name: str, factors: list[SqrtFactor]) -> Tensor:
+        x = self._x(call)
+        result = 0
+        for f in factors:
+            S = _positions(f.S, 1)  # [V, N, T, out]
+            if S.shape[2] == 1:
+                sq = _positions(f.signed_square(), 1)[:, :, 0]  # [V, N, out]
+                if name == "bias":
+                    result = result + sq.sum((0, 1))
+                else:
+                    result = result + einsum(sq, x[:, 0].square(), "v n o, n i -> o i")
+            else:
+                per_sample = (
+                    S.sum(2) if name == "bias" else einsum(S, x, "v n t o, n t i -> v n o i")
+                )
+                sq = SqrtFactor(per_sample, f.sign).signed_square()
+                result = result + sq.sum((0, 1))
+        return result
+
+    def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
+        """``A`` ``[D_in, D_in]``: ``1/(NT) sum x x^T`` (expand) or ``1/N sum xbar xbar^T`` (reduce)."""
+        key = ("linear_A", approx)
+        if key not in call.cache:
+            x = self._x(call)
+            if approx == "reduce":
+                x = x.mean(1, keepdim=True)
+            flat = x.reshape(-1, x.shape[-1])
+            call.cache[key] = flat.T @ flat / flat.shape[0]
+        return call.cache[key]
+
+    def kron_from_sqrt(
+        self, call: ModuleCall, name: str, factors: list[SqrtFactor], approx: str
+    ) -> list[Tensor]:
+        G = 0
+        for f in factors:
+            S = _positions(f.S, 1)  # [V, N, T, out]
+            if approx == "reduce":
+                S = S.sum(2, keepdim=True)
+            Ssigned = _positions(f.signed(), 1)
+            if approx == "reduce":
+                Ssigned = Ssigned.sum(2, keepdim=True)
+            G = G + einsum(Ssigned, S, "v n t o, v n t p -> o p")
+        return self._kron(call, name, G, approx)
+
+    def kron_from_average(
+        self, call: ModuleCall, name: str, mat: Tensor, approx: str
+    ) -> list[Tensor]:
+        T = self._x(call).shape[1]
+        H = rearrange(mat, "(t o) (s p) -> t o s p", t=T, s=T)
+        if approx == "reduce":
+            G = H.sum((0, 2))
+        else:
+            G = torch.diagonal(H, dim1=0, dim2=2).sum(-1)
+        return self._kron(call, name, G, approx)
+
+    def _kron(self, call: ModuleCall, name: str, G: Tensor, approx: str) -> list[Tensor]:
+        if name == "bias":
+            return [G]
+        return [G, self.input_factor(call, approx)]
