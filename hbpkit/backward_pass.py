@@ -154,7 +154,8 @@ class BackwardPass:
         i = self._index[id(call)]
         if i != self._position:
             raise RuntimeError(
-                f"hbpkit expected the gradient of {type(self.chain[self._position].module).__name__} "
+                "hbpkit expected the gradient of "
+                f"{type(self.chain[self._position].module).__name__} "
                 f"but got {type(call.module).__name__}'s; the graph is not a chain"
             )
         self._position += 1

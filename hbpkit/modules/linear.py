@@ -39,7 +39,8 @@ class LinearRules(ModuleRules):
     def validate(self, call: ModuleCall) -> None:
         if call.inputs[0].dim() < 2:
             raise NotImplementedError(
-                f"Linear needs a batched input [N, *, D_in], got shape {tuple(call.inputs[0].shape)}"
+                "Linear needs a batched input [N, *, D_in], got shape "
+                f"{tuple(call.inputs[0].shape)}"
             )
 
     def _x(self, call: ModuleCall) -> Tensor:
@@ -87,7 +88,7 @@ class LinearRules(ModuleRules):
         return result
 
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
-        """``A`` ``[D_in, D_in]``: ``1/(NT) sum x x^T`` (expand) or ``1/N sum xbar xbar^T`` (reduce)."""
+        """A ``[D_in, D_in]``: ``1/(NT) sum x x^T`` (expand), ``1/N sum xbar xbar^T`` (reduce)."""
         key = ("linear_A", approx)
         if key not in call.cache:
             x = self._x(call)

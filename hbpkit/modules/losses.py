@@ -34,7 +34,10 @@ def _identity_factor(x: Tensor, value: float) -> Tensor:
 
 
 def _diag_factor(diag: Tensor) -> Tensor:
-    """``S`` ``[D, N, *features]`` with ``S S^T = diag[diag_n]`` per sample; ``diag`` ``[N, *features]``."""
+    """``S`` ``[D, N, *features]`` with ``S S^T = diag[diag_n]`` per sample.
+
+    ``diag``: ``[N, *features]``.
+    """
     N, D = diag.shape[0], diag[0].numel()
     S = torch.diag_embed(diag.reshape(N, D).sqrt())  # [N, D, D]
     return rearrange(S, "n f v -> v n f").reshape(D, N, *diag.shape[1:])

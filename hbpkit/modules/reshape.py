@@ -41,7 +41,7 @@ class FlattenRules(ModuleRules):
 
 
 class DropoutRules(ModuleRules):
-    """``nn.Dropout`` / ``nn.Dropout1d/2d/3d``: ``z = x * m`` with the forward pass's scaled mask ``m``.
+    """``nn.Dropout``, ``nn.Dropout1d/2d/3d``: ``z = x * m``, ``m`` the forward pass's scaled mask.
 
     In eval mode ``m = 1``. In train mode ``m`` (``0`` or ``1/(1-p)``, broadcast over
     features for the channel-wise variants) is read from the autograd node of the
