@@ -103,8 +103,9 @@ def test_backprop_rejects_bad_arguments():
 
 def test_inplace_activation_gives_same_result():
     reference = _run(extend(_mlp(nn.ReLU())), extend(nn.CrossEntropyLoss()), DiagGGNExact())
-    inplace = _run(extend(_mlp(nn.ReLU(inplace=True))), extend(nn.CrossEntropyLoss()),
-                   DiagGGNExact())
+    inplace = _run(
+        extend(_mlp(nn.ReLU(inplace=True))), extend(nn.CrossEntropyLoss()), DiagGGNExact()
+    )
     for p, q in zip(reference.parameters(), inplace.parameters()):
         torch.testing.assert_close(p.diag_ggn_exact, q.diag_ggn_exact)
 

@@ -15,7 +15,7 @@ from torch import nn
 from hbpkit import extend
 from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.modules import ACTIVATIONS
-from hbpkit.modules.base import SqrtFactor
+from hbpkit.modules.base import DiagonalFactor
 
 N, V = 3, 2
 
@@ -67,9 +67,7 @@ def test_jac_t_mat_prod(case):
     rules, call, x, out = case
     mat = torch.randn(V, *out.shape, dtype=out.dtype)
     actual = rules.jac_t_mat_prod(call, mat)  # before autograd's backward releases the record
-    expected = torch.stack(
-        [torch.autograd.grad(out, x, m, retain_graph=True)[0] for m in mat]
-    )
+    expected = torch.stack([torch.autograd.grad(out, x, m, retain_graph=True)[0] for m in mat])
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -85,9 +83,7 @@ def test_jac_mat_prod(case):
     else:
         u = torch.zeros_like(out, requires_grad=True)
         (vjp,) = torch.autograd.grad(out, x, u, create_graph=True)
-        expected = torch.stack(
-            [torch.autograd.grad(vjp, u, m, retain_graph=True)[0] for m in mat]
-        )
+        expected = torch.stack([torch.autograd.grad(vjp, u, m, retain_graph=True)[0] for m in mat])
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -159,9 +155,7 @@ def test_residual_diag(case):
         else:
             expected = _output_hessian(module, x[n].detach(), grad_output[n])
         actual = (
-            torch.zeros_like(expected)
-            if residual is None
-            else torch.diag(residual[n].flatten())
+            torch.zeros_like(expected) if residual is None else torch.diag(residual[n].flatten())
         )
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
 
@@ -185,13 +179,35 @@ def test_linear_batch_grad():
         torch.testing.assert_close(actual[name], expected)
 
 
-def test_sqrt_factor_from_diagonal():
-    """``SqrtFactor.from_diagonal`` represents ``diag[d_n]`` with signs."""
+def test_diagonal_factor():
+    """``DiagonalFactor`` represents ``diag[d_n]`` with signs, densely and through modules."""
     d = torch.randn(N, 2, 2, dtype=torch.float64)
-    f = SqrtFactor.from_diagonal(d)
-    S = f.signed().flatten(2)
-    dense = torch.einsum("vni,vnj->nij", S, f.S.flatten(2))
-    torch.testing.assert_close(dense, torch.diag_embed(d.flatten(1)))
+    f = DiagonalFactor.from_values(d)
+    torch.testing.assert_close(f.signed_square(), d)
+    dense = f.dense()
+    S = dense.signed().flatten(2)
+    torch.testing.assert_close(
+        torch.einsum("vni,vnj->nij", S, dense.S.flatten(2)), torch.diag_embed(d.flatten(1))
+    )
+
+
+@pytest.mark.parametrize("name", ["Linear", "Linear_3d", "Tanh", "Flatten", "Dropout_train"])
+def test_jac_t_factor_of_diagonal(name):
+    """Structured backpropagation of a diagonal factor equals the dense one."""
+    torch.manual_seed(0)
+    factory, shape = MODULES[name]
+    module = factory().double()
+    call, x, out = _record(module, torch.randn(*shape, dtype=torch.float64))
+    rules = SECOND_ORDER.lookup(module)
+    f = DiagonalFactor.from_values(torch.randn_like(out))
+    structured, dense = rules.jac_t_factor(call, f), rules.jac_t_factor(call, f.dense())
+    if isinstance(structured, DiagonalFactor):
+        structured = structured.dense()
+    for a, b in ((structured.S, dense.S), (structured.signed(), dense.signed())):
+        torch.testing.assert_close(
+            torch.einsum("vni,vnj->nij", a.flatten(2), structured.S.flatten(2)),
+            torch.einsum("vni,vnj->nij", b.flatten(2), dense.S.flatten(2)),
+        )
 
 
 # losses ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
 
 CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
 
@@ -53,12 +53,12 @@ class SqrtMessage:
         return [SqrtFactor(rules.sqrt_hessian_sampled(call, self.mc_samples))]
 
     def propagate(
-        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: list[SqrtFactor]
-    ) -> list[SqrtFactor]:
-        out = [SqrtFactor(rules.jac_t_mat_prod(call, f.S), f.sign) for f in factors]
+        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: list[Factor]
+    ) -> list[Factor]:
+        out = [rules.jac_t_factor(call, f) for f in factors]
         if self.curvature != "ggn" and not rules.linear_in_input:
             residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
-            out.append(SqrtFactor.from_diagonal(residual))
+            out.append(DiagonalFactor.from_values(residual))
         return out
 
 

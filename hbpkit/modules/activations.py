@@ -16,54 +16,57 @@ from torch import Tensor, nn
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import ModuleRules
 
-Derivatives = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor | None]]
+Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
-def _sigmoid(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+def _sigmoid(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor]:
     s = torch.sigmoid(x)
     d1 = s * (1 - s)
     return d1, d1 * (1 - 2 * s)
 
 
-def _tanh(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+def _tanh(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor]:
     t = torch.tanh(x)
     d1 = 1 - t.square()
     return d1, -2 * t * d1
 
 
-def _relu(module: nn.Module, x: Tensor) -> tuple[Tensor, None]:
+def _relu(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, None]:
     return (x > 0).to(x.dtype), None
 
 
-def _autograd(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``phi'`` and ``phi''`` of an elementwise module by nested autograd."""
+def _autograd(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
+    """``phi'`` and (if ``second``) ``phi''`` of an elementwise module by nested autograd."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         out = type(module).forward(module, leaf)
-        (d1,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
-        if d1.requires_grad:
+        (d1,) = torch.autograd.grad(out.sum(), leaf, create_graph=second)
+        d2 = None
+        if second and d1.requires_grad:
             (d2,) = torch.autograd.grad(d1.sum(), leaf, allow_unused=True)
-        else:
-            d2 = None
-    return d1.detach(), (torch.zeros_like(x) if d2 is None else d2)
+    if second and d2 is None:
+        d2 = torch.zeros_like(x)
+    return d1.detach(), d2
 
 
 class ElementwiseRules(ModuleRules):
     """Rules of ``z = phi(x)`` applied elementwise (eq. S.9).
 
     Args:
-        derivatives: ``(module, x) -> (phi'(x), phi''(x) or None)``; default autograd.
+        derivatives: ``(module, x, second) -> (phi'(x), phi''(x) or None)``; default
+            autograd. ``phi''`` is needed only if ``second``.
         piecewise_linear: ``phi'' = 0`` almost everywhere (no residual term).
     """
 
     def __init__(self, derivatives: Derivatives = _autograd, piecewise_linear: bool = False):
         self._derivatives = derivatives
         self.linear_in_input = piecewise_linear
+        self.diagonal_jacobian = True
 
     def _d(self, call: ModuleCall) -> tuple[Tensor, Tensor | None]:
         if "phi" not in call.cache:
-            d1, d2 = self._derivatives(call.module, call.input)
-            call.cache["phi"] = (d1, None if self.linear_in_input else d2)
+            second = not self.linear_in_input
+            call.cache["phi"] = self._derivatives(call.module, call.input, second)
         return call.cache["phi"]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
@@ -85,6 +88,8 @@ class ElementwiseRules(ModuleRules):
 
 class IdentityRules(ModuleRules):
     """Rules of ``nn.Identity`` (and anything that returns its input unchanged)."""
+
+    diagonal_jacobian = True
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         return mat

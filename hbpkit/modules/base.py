@@ -35,19 +35,41 @@ class SqrtFactor(NamedTuple):
         """``sign * S``, shape ``[V, N, *features]``."""
         return self.S if self.sign is None else self.S * _expand_like(self.sign, self.S)
 
-    @staticmethod
-    def from_diagonal(diag: Tensor) -> SqrtFactor:
-        """Factor of ``diag[diag[n]]`` per sample; ``diag``: ``[N, *features]``.
 
-        Returns ``S`` of shape ``[D, N, *features]`` (``D`` = number of features)
-        with ``S[d, n] = sqrt(|diag[n, d]|) e_d`` and ``sign[d, n] = sign(diag[n, d])``.
-        """
-        N, features = diag.shape[0], diag.shape[1:]
-        flat = diag.reshape(N, -1)
+class DiagonalFactor(NamedTuple):
+    """Per-sample curvature ``diag[sign[n] * s[n]**2]``, a sqrt factor kept diagonal.
+
+    The residual of an elementwise module (S.9) enters the backward pass in this
+    form; it stays diagonal through elementwise modules and reshapes and is
+    expanded to a dense :class:`SqrtFactor` only where a module mixes features.
+    ``s``: ``[N, *features]``; ``sign``: ``[N, *features]`` of ``+-1`` or ``None`` (all +1).
+    """
+
+    s: Tensor
+    sign: Tensor | None = None
+
+    @staticmethod
+    def from_values(diag: Tensor) -> DiagonalFactor:
+        """The factor of ``diag[diag[n]]``; ``diag``: ``[N, *features]``."""
+        sign = None if bool((diag >= 0).all()) else torch.sign(diag)
+        return DiagonalFactor(diag.abs().sqrt(), sign)
+
+    def signed_square(self) -> Tensor:
+        """``sign * s**2``, the diagonal per sample, ``[N, *features]``."""
+        sq = self.s.square()
+        return sq if self.sign is None else sq * self.sign
+
+    def dense(self) -> SqrtFactor:
+        """The same curvature as a dense factor, ``S``: ``[D, N, *features]``."""
+        N, features = self.s.shape[0], self.s.shape[1:]
+        flat = self.s.reshape(N, -1)
         D = flat.shape[1]
-        S = torch.diag_embed(flat.abs().sqrt()).permute(2, 0, 1)  # [D, N, D]
-        sign = None if bool((flat >= 0).all()) else torch.sign(flat).T.contiguous()
-        return SqrtFactor(S.reshape(D, N, *features), sign)
+        S = torch.diag_embed(flat).permute(2, 0, 1).reshape(D, N, *features)
+        sign = None if self.sign is None else self.sign.reshape(N, D).T
+        return SqrtFactor(S, sign)
+
+
+Factor = SqrtFactor | DiagonalFactor
 
 
 def _expand_like(sign: Tensor, t: Tensor) -> Tensor:
@@ -71,6 +93,8 @@ class ModuleRules:
 
     #: whether ``Hz(x)`` vanishes (no residual term in eq. 7)
     linear_in_input: bool = True
+    #: whether ``Dz(x)`` is diagonal (elementwise modules, reshapes): diagonal factors stay so
+    diagonal_jacobian: bool = False
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""
@@ -92,6 +116,16 @@ class ModuleRules:
         """``[V, N, *in] -> [V, N, *out]``."""
         raise self._missing("jac_mat_prod")
 
+    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
+        """Backpropagate a sqrt factor: ``S -> Dz(x)^T S`` (eq. 7 without residual)."""
+        if isinstance(factor, DiagonalFactor):
+            if self.diagonal_jacobian:
+                s = self.jac_t_mat_prod(call, factor.s.unsqueeze(0)).squeeze(0)
+                sign = None if factor.sign is None else factor.sign.reshape(s.shape)
+                return DiagonalFactor(s, sign)
+            factor = factor.dense()
+        return SqrtFactor(self.jac_t_mat_prod(call, factor.S), factor.sign)
+
     def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
         """Diagonal of the residual ``sum_k Hz_k(x) dz_k`` per sample, ``[N, *in]``."""
         if self.linear_in_input:
@@ -107,12 +141,12 @@ class ModuleRules:
         """Per-sample gradients ``[N, *param.shape]`` from ``grad_output`` ``[N, *out]``."""
         raise self._missing("batch_grad")
 
-    def param_diag(self, call: ModuleCall, name: str, factors: list[SqrtFactor]) -> Tensor:
+    def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
         """``diag(sum_n sum_v sign (J_p^T S)(J_p^T S)^T)``, shape ``param.shape``."""
         raise self._missing("param_diag")
 
     def kron_from_sqrt(
-        self, call: ModuleCall, name: str, factors: list[SqrtFactor], approx: str
+        self, call: ModuleCall, name: str, factors: list[Factor], approx: str
     ) -> list[Tensor]:
         """Kronecker factors of the parameter block from per-sample sqrt factors."""
         raise self._missing("kron_from_sqrt")

@@ -22,7 +22,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import ModuleRules, SqrtFactor
+from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
 
 
 def _positions(t: Tensor, batch_dims: int) -> Tensor:
@@ -67,24 +67,37 @@ class LinearRules(ModuleRules):
             return g.sum(1)
         return einsum(g, self._x(call), "n t o, n t i -> n o i")
 
+    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
+        # a diagonal factor diag(s_n) becomes W^T diag(s_n): rows of W scaled, no matmul
+        if isinstance(factor, DiagonalFactor) and factor.s.dim() == 2:
+            S = einsum(factor.s, call.module.weight.detach(), "n o, o i -> o n i")
+            return SqrtFactor(S, None if factor.sign is None else factor.sign.T)
+        return super().jac_t_factor(call, factor)
+
     # diagonal of eq. S.8c / S.8b summed over samples and factor columns
-    def param_diag(self, call: ModuleCall, name: str, factors: list[SqrtFactor]) -> Tensor:
+    def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
         x = self._x(call)
         result = 0
         for f in factors:
-            S = _positions(f.S, 1)  # [V, N, T, out]
-            if S.shape[2] == 1:
-                sq = _positions(f.signed_square(), 1)[:, :, 0]  # [V, N, out]
-                if name == "bias":
-                    result = result + sq.sum((0, 1))
+            if x.shape[1] == 1:
+                # sum_v sign S^2 first: [N, out]; the weight diagonal is then one matmul
+                if isinstance(f, DiagonalFactor):
+                    sq = f.signed_square()
                 else:
-                    result = result + einsum(sq, x[:, 0].square(), "v n o, n i -> o i")
+                    sq = f.signed_square().sum(0)
+                sq = sq.reshape(sq.shape[0], -1)
+                if name == "bias":
+                    result = result + sq.sum(0)
+                else:
+                    result = result + sq.T @ x[:, 0].square()
+                continue
+            f = f.dense() if isinstance(f, DiagonalFactor) else f
+            S = _positions(f.S, 1)  # [V, N, T, out]
+            if name == "bias":
+                per_sample = S.sum(2)
             else:
-                per_sample = (
-                    S.sum(2) if name == "bias" else einsum(S, x, "v n t o, n t i -> v n o i")
-                )
-                sq = SqrtFactor(per_sample, f.sign).signed_square()
-                result = result + sq.sum((0, 1))
+                per_sample = einsum(S, x, "v n t o, n t i -> v n o i")
+            result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
         return result
 
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
@@ -99,17 +112,19 @@ class LinearRules(ModuleRules):
         return call.cache[key]
 
     def kron_from_sqrt(
-        self, call: ModuleCall, name: str, factors: list[SqrtFactor], approx: str
+        self, call: ModuleCall, name: str, factors: list[Factor], approx: str
     ) -> list[Tensor]:
+        T = self._x(call).shape[1]
         G = 0
         for f in factors:
-            S = _positions(f.S, 1)  # [V, N, T, out]
+            if isinstance(f, DiagonalFactor) and T == 1:
+                G = G + torch.diag(f.signed_square().sum(0))
+                continue
+            f = f.dense() if isinstance(f, DiagonalFactor) else f
+            S, Ssigned = _positions(f.S, 1), _positions(f.signed(), 1)  # [V, N, T, out]
             if approx == "reduce":
-                S = S.sum(2, keepdim=True)
-            Ssigned = _positions(f.signed(), 1)
-            if approx == "reduce":
-                Ssigned = Ssigned.sum(2, keepdim=True)
-            G = G + einsum(Ssigned, S, "v n t o, v n t p -> o p")
+                S, Ssigned = S.sum(2), Ssigned.sum(2)
+            G = G + einsum(Ssigned.flatten(0, -2), S.flatten(0, -2), "r o, r p -> o p")
         return self._kron(call, name, G, approx)
 
     def kron_from_average(

@@ -15,6 +15,8 @@ from hbpkit.modules.base import ModuleRules
 class FlattenRules(ModuleRules):
     """``nn.Flatten`` (and ``nn.Unflatten``): a reshape of the features, ``vec`` is unchanged."""
 
+    diagonal_jacobian = True
+
     def validate(self, call: ModuleCall) -> None:
         module = call.module
         if isinstance(module, nn.Flatten):
@@ -47,6 +49,8 @@ class DropoutRules(ModuleRules):
     features for the channel-wise variants) is read from the autograd node of the
     output, which saved it for its own backward pass.
     """
+
+    diagonal_jacobian = True
 
     def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         if not module.training or module.p == 0:
