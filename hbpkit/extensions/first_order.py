@@ -9,21 +9,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hbpkit.calls import ModuleCall
 from hbpkit.dispatch import FIRST_ORDER
 from hbpkit.extensions.base import Extension
 from hbpkit.modules import PARAMETRIC
 
 for _module_type, _rules in PARAMETRIC.items():
     FIRST_ORDER.register(_module_type, _rules)
-
-
-def batch_grad(rules, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
-    """Per-sample gradients ``[N, *p.shape]``, computed once per call and shared."""
-    key = ("batch_grad", name)
-    if key not in call.cache:
-        call.cache[key] = rules.batch_grad(call, name, grad_output)
-    return call.cache[key]
 
 
 class _FirstOrder(Extension):
@@ -36,7 +27,7 @@ class BatchGrad(_FirstOrder):
     savefield = "grad_batch"
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        return batch_grad(rules, call, name, grad_output)
+        return rules.cached_batch_grad(call, name, grad_output)
 
 
 class BatchL2(_FirstOrder):
@@ -45,7 +36,7 @@ class BatchL2(_FirstOrder):
     savefield = "batch_l2"
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        return batch_grad(rules, call, name, grad_output).flatten(1).square().sum(1)
+        return rules.batch_l2(call, name, grad_output)
 
 
 class SumGradSquared(_FirstOrder):
@@ -54,7 +45,7 @@ class SumGradSquared(_FirstOrder):
     savefield = "sum_grad_squared"
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        return batch_grad(rules, call, name, grad_output).square().sum(0)
+        return rules.sum_grad_squared(call, name, grad_output)
 
 
 class Variance(_FirstOrder):
@@ -66,9 +57,9 @@ class Variance(_FirstOrder):
     savefield = "variance"
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        g = batch_grad(rules, call, name, grad_output)
-        N = g.shape[0]
-        return g.square().sum(0) / N - (g.sum(0) / N).square()
+        N = grad_output.shape[0]
+        sgs = rules.sum_grad_squared(call, name, grad_output)
+        return sgs / N - (rules.summed_grad(call, name, grad_output) / N).square()
 
 
 __all__ = ["BatchGrad", "BatchL2", "SumGradSquared", "Variance"]

@@ -141,6 +141,25 @@ class ModuleRules:
         """Per-sample gradients ``[N, *param.shape]`` from ``grad_output`` ``[N, *out]``."""
         raise self._missing("batch_grad")
 
+    def batch_l2(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """Squared norms of the per-sample gradients, ``[N]`` (default: from :meth:`batch_grad`)."""
+        return self.cached_batch_grad(call, name, grad_output).flatten(1).square().sum(1)
+
+    def sum_grad_squared(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """``sum_n grad_n**2``, ``param.shape`` (default: from :meth:`batch_grad`)."""
+        return self.cached_batch_grad(call, name, grad_output).square().sum(0)
+
+    def summed_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """``sum_n grad_n`` (the gradient), ``param.shape`` (default: from :meth:`batch_grad`)."""
+        return self.cached_batch_grad(call, name, grad_output).sum(0)
+
+    def cached_batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """:meth:`batch_grad`, computed once per call and parameter."""
+        key = ("batch_grad", name)
+        if key not in call.cache:
+            call.cache[key] = self.batch_grad(call, name, grad_output)
+        return call.cache[key]
+
     def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
         """``diag(sum_n sum_v sign (J_p^T S)(J_p^T S)^T)``, shape ``param.shape``."""
         raise self._missing("param_diag")

@@ -67,6 +67,35 @@ class LinearRules(ModuleRules):
             return g.sum(1)
         return einsum(g, self._x(call), "n t o, n t i -> n o i")
 
+    # first-order quantities without per-sample gradients where there is no weight sharing:
+    # ||g x^T||^2 = ||g||^2 ||x||^2, sum_n (g_n x_n^T)^2 = (g^2)^T x^2
+    def batch_l2(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        g, x = _positions(grad_output, 0), self._x(call)
+        if name == "bias":
+            return g.sum(1).square().sum(1)
+        if x.shape[1] == 1:
+            return g[:, 0].square().sum(1) * x[:, 0].square().sum(1)
+        # sum_{t,s} (g_t . g_s)(x_t . x_s): cheaper than [N, out, in] while T^2 < out*in/(out+in)
+        T, O, I = x.shape[1], g.shape[2], x.shape[2]
+        if T * T * (O + I) < O * I:
+            gram_g = einsum(g, g, "n t o, n s o -> n t s")
+            return (gram_g * einsum(x, x, "n t i, n s i -> n t s")).sum((1, 2))
+        return super().batch_l2(call, name, grad_output)
+
+    def sum_grad_squared(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        g, x = _positions(grad_output, 0), self._x(call)
+        if x.shape[1] > 1:
+            return super().sum_grad_squared(call, name, grad_output)
+        if name == "bias":
+            return g[:, 0].square().sum(0)
+        return g[:, 0].square().T @ x[:, 0].square()
+
+    def summed_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        g, x = _positions(grad_output, 0), self._x(call)
+        if name == "bias":
+            return g.sum((0, 1))
+        return einsum(g, x, "n t o, n t i -> o i")
+
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         # a diagonal factor diag(s_n) becomes W^T diag(s_n): rows of W scaled, no matmul
         if isinstance(factor, DiagonalFactor) and factor.s.dim() == 2:
