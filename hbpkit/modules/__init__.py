@@ -8,20 +8,25 @@ families map module types to these objects (``hbpkit/extensions``).
 from torch import nn
 
 from hbpkit.modules.activations import ACTIVATIONS, ElementwiseRules, IdentityRules
-from hbpkit.modules.base import LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.base import DiagonalFactor, LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules, MSELossRules
+from hbpkit.modules.padding import PADDING
+from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
 
 LINEAR = LinearRules()
 
 #: rules of every module with parameters (per-sample gradients need only these)
-PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR}
+PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR, **CONVOLUTIONS}
 
 #: rules of every module curvature can be backpropagated through
 BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     **PARAMETRIC,
     **ACTIVATIONS,
+    **POOLING,
+    **PADDING,
     nn.Identity: IdentityRules(),
     nn.Flatten: FlattenRules(),
     nn.Unflatten: FlattenRules(),
@@ -36,6 +41,7 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
 
 __all__ = [
     "ACTIVATIONS",
+    "DiagonalFactor",
     "BACKPROPAGATABLE",
     "PARAMETRIC",
     "ElementwiseRules",
