@@ -1,8 +1,11 @@
 """One backward pass with active extensions: check the graph, compute, commit.
 
-The first tensor hook that fires (the loss's, for curvature) walks the chain of
-recorded module calls back to the input and checks, before computing
-anything, that every module is supported by every active extension. Each hook
+The first tensor hook that fires (the loss's, for curvature) walks the autograd
+graph back to the input, collects the recorded module calls and trainable
+parameters it reaches, and checks, before computing anything, that every
+module is supported by every active extension, that no trainable parameter
+hides outside extended modules and, for curvature, that the calls form a
+chain. Each hook
 then computes its module's parameter quantities and backpropagates the
 messages (sqrt factors or batch-averaged matrices) to the module's input.
 Results are staged and written to the parameters only when the last module of
@@ -11,12 +14,13 @@ the chain is done, so an error leaves no half-written attributes.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
+from hbpkit.calls import NODE_KEY, ModuleCall
 from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import LossRules
@@ -41,10 +45,10 @@ class BackwardState:
             if self.pass_ is None or not self.pass_.owns(call):
                 if self.pass_ is not None:
                     raise NotImplementedError(
-                        f"{type(call.module).__name__} feeds the loss outside the chain of "
-                        f"modules that ends in {type(self.pass_.chain[0].module).__name__}: "
-                        "branching graphs and several losses or forward passes per backward "
-                        "are not supported yet"
+                        f"{type(call.module).__name__} is not reached from "
+                        f"{type(self.pass_.chain[0].module).__name__}, where this backward "
+                        "pass started: several losses or forward passes per backward are not "
+                        "supported yet"
                     )
                 self.pass_ = BackwardPass(self.extensions, call)
             with torch.no_grad():
@@ -63,11 +67,15 @@ def _trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parame
 
 
 def _own_trainable(module: nn.Module) -> bool:
-    return any(p is not None and p.requires_grad for p in module._parameters.values())
+    return any(p.requires_grad for p in module.parameters())
 
 
 class BackwardPass:
-    """The chain of calls from ``root`` back to the input, processed hook by hook."""
+    """All extended calls one backward pass reaches from ``root``, processed hook by hook.
+
+    Curvature extensions need the calls to form a chain ``root <- parent <- ...``
+    (messages flow along it); first-order extensions process every call on its own.
+    """
 
     def __init__(self, extensions: tuple[Extension, ...], root: ModuleCall) -> None:
         self.extensions = extensions
@@ -76,10 +84,12 @@ class BackwardPass:
         while chain[-1].parent is not None:
             chain.append(chain[-1].parent)
         self.chain = chain
-        self._index = {id(c): i for i, c in enumerate(chain)}
+        self._chain_index = {id(c): i for i, c in enumerate(chain)}
         self._position = 0
-        self._check()
-        # does any call upstream of call i have trainable parameters?
+        calls, params = reachable(root)
+        self._check(calls, params)
+        self._pending = {id(c) for c in calls}
+        # does any call upstream of chain[i] have trainable parameters?
         upstream, seen = [], False
         for call in reversed(chain):
             upstream.append(seen)
@@ -89,14 +99,14 @@ class BackwardPass:
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
 
     def owns(self, call: ModuleCall) -> bool:
-        return id(call) in self._index
+        return id(call) in self._pending
 
     @property
     def finished(self) -> bool:
-        return self._position == len(self.chain)
+        return not self._pending
 
     # the check before anything is computed ---------------------------------------------
-    def _check(self) -> None:
+    def _check(self, calls: list[ModuleCall], params: list[nn.Parameter]) -> None:
         root = self.chain[0]
         if self.second_order and not isinstance(SECOND_ORDER.lookup(root.module), LossRules):
             raise RuntimeError(
@@ -105,60 +115,84 @@ class BackwardPass:
                 "the loss: extend() the loss module (e.g. extend(nn.CrossEntropyLoss())) and "
                 "call backward() on its output"
             )
-        modules = [id(c.module) for c in self.chain]
-        for i, call in enumerate(self.chain):
-            module = call.module
-            name = type(module).__name__
-            if modules.count(id(module)) > 1:
-                raise NotImplementedError(
-                    f"{name} is called more than once in one forward pass; shared modules "
-                    "are not supported yet"
-                )
-            if i > 0 and call.consumers > 1:
-                raise NotImplementedError(
-                    f"the output of {name} feeds {call.consumers} modules; branching graphs "
-                    "are not supported yet"
-                )
-            if i > 0 and isinstance(SECOND_ORDER.lookup(module), LossRules):
-                raise NotImplementedError(f"{name} is used inside the network, not as its loss")
-            validated = set()
-            for ext in self.extensions:
-                rules = ext.table.lookup(module)
-                if rules is None:
-                    if ext.needs_backprop or _own_trainable(module):
-                        raise NotImplementedError(
-                            f"{name} is not supported by {ext!r}; register rules for it with "
-                            "hbpkit.register(...)"
-                        )
-                    continue
-                if id(rules) not in validated:
-                    rules.validate(call)
-                    validated.add(id(rules))
+        modules = [id(c.module) for c in calls]
+        owned: set[int] = set()
+        for call in calls:
+            self._check_call(call, modules.count(id(call.module)))
+            owned.update(id(p) for p in call.module.parameters())
+        stray = [p for p in params if id(p) not in owned]
+        in_chain = set(self._chain_index)
+        outside = [c for c in calls if id(c) not in in_chain] if self.second_order else []
+        if stray or outside:
+            self._refuse_outside(stray, outside)
         if self.second_order:
-            self._check_chain_start(self.chain[-1])
+            consumers = Counter(id(c.parent) for c in calls if c.parent is not None)
+            for call in self.chain[1:]:
+                if consumers[id(call)] > 1:
+                    raise NotImplementedError(
+                        f"the output of {type(call.module).__name__} feeds "
+                        f"{consumers[id(call)]} modules; branching graphs are not supported yet"
+                    )
 
-    def _check_chain_start(self, call: ModuleCall) -> None:
-        """The chain may only start at data: nothing trainable may hide behind its input."""
-        origin = call.input_origin
-        if origin is None or not _reaches_parameter(origin):
-            return
+    def _check_call(self, call: ModuleCall, times_called: int) -> None:
+        module = call.module
+        name = type(module).__name__
+        if times_called > 1:
+            raise NotImplementedError(
+                f"{name} is called {times_called} times in one forward pass; shared modules "
+                "are not supported yet"
+            )
+        if call is not self.chain[0] and isinstance(SECOND_ORDER.lookup(module), LossRules):
+            raise NotImplementedError(f"{name} is used inside the network, not as its loss")
+        validated = set()
+        for ext in self.extensions:
+            rules = ext.table.lookup(module)
+            if rules is None:
+                if ext.needs_backprop or _own_trainable(module):
+                    raise NotImplementedError(
+                        f"{name} is not supported by {ext!r}; register rules for it with "
+                        "hbpkit.register(...)"
+                    )
+                continue
+            if id(rules) not in validated:
+                rules.validate(call)
+                validated.add(id(rules))
+
+    def _refuse_outside(self, stray: list[nn.Parameter], outside: list[ModuleCall]) -> None:
+        """Parameters or modules the loss reaches outside the chain of extended modules."""
+        origin = self.chain[-1].input_origin
+        if self.second_order and origin is not None:
+            raise NotImplementedError(
+                f"the input of {type(self.chain[-1].module).__name__} comes from "
+                f"{type(origin).__name__}, an operation outside extended modules that depends on "
+                "parameters; hbpkit cannot backpropagate curvature through it. Write it as a "
+                "module (e.g. nn.Flatten instead of .view, nn.Sigmoid instead of torch.sigmoid) "
+                "and extend() the model"
+            )
+        if outside:
+            raise NotImplementedError(
+                f"{type(outside[0].module).__name__} is reached from the loss outside the chain "
+                "of extended modules (a branch, or an operation hbpkit does not see); curvature "
+                "extensions need a chain of extended modules"
+            )
+        shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3])
         raise NotImplementedError(
-            f"the input of {type(call.module).__name__} comes from {type(origin).__name__}, an "
-            "operation outside extended modules that depends on parameters; hbpkit cannot "
-            "backpropagate curvature through it. Write it as a module (e.g. nn.Flatten "
-            "instead of .view, nn.Sigmoid instead of torch.sigmoid) and extend() the model"
+            f"the loss depends on {len(stray)} trainable parameter(s) of shape {shapes}"
+            f"{', ...' if len(stray) > 3 else ''} that no extended module owns: extend() the "
+            "whole model (or set requires_grad=False on parameters hbpkit should ignore)"
         )
 
     # processing ---------------------------------------------------------------------------
     def process(self, call: ModuleCall, grad_output: Tensor) -> None:
-        i = self._index[id(call)]
-        if i != self._position:
-            raise RuntimeError(
-                "hbpkit expected the gradient of "
-                f"{type(self.chain[self._position].module).__name__} "
-                f"but got {type(call.module).__name__}'s; the graph is not a chain"
-            )
-        self._position += 1
+        self._pending.discard(id(call))
+        i = self._chain_index.get(id(call))
+        if self.second_order:
+            if i != self._position:
+                raise RuntimeError(
+                    f"hbpkit expected the gradient of a different module than "
+                    f"{type(call.module).__name__}'s; the graph is not a chain"
+                )
+            self._position += 1
         module = call.module
         second_rules = SECOND_ORDER.lookup(module)
         if isinstance(second_rules, LossRules):
@@ -202,16 +236,32 @@ class BackwardPass:
         self.staged = []
 
 
-def _reaches_parameter(node: Any) -> bool:
-    """Whether autograd node ``node`` leads to a trainable ``nn.Parameter``."""
-    stack, seen = [node], set()
+def reachable(root: ModuleCall) -> tuple[list[ModuleCall], list[nn.Parameter]]:
+    """The extended calls and trainable parameters the backward pass from ``root`` reaches.
+
+    Walks the autograd graph from ``root``'s inputs; a call is found through the
+    metadata of its output's autograd node, a parameter through its
+    ``AccumulateGrad`` node.
+    """
+    calls, params = [root], []
+    stack, visited, seen = [], [], set()
+    for t in root.inputs:
+        if isinstance(t, Tensor) and t.requires_grad:
+            if t.grad_fn is not None:
+                stack.append(t.grad_fn)
+            elif isinstance(t, nn.Parameter):
+                params.append(t)
     while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
+        node = stack.pop()
+        if node is None or id(node) in seen:
             continue
-        seen.add(id(fn))
-        variable = getattr(fn, "variable", None)
-        if isinstance(variable, nn.Parameter):
-            return True
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return False
+        seen.add(id(node))
+        visited.append(node)  # keep the Python wrapper (and its id) alive during the walk
+        call = node.metadata.get(NODE_KEY)
+        if call is not None and not call.released:
+            calls.append(call)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, nn.Parameter) and variable.requires_grad:
+            params.append(variable)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return calls, params

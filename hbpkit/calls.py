@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 _LINK = "_hbpkit_call"
+NODE_KEY = "hbpkit_call"  # key of the call in its output's autograd node's metadata
 
 
 class ModuleCall:
@@ -31,7 +32,6 @@ class ModuleCall:
             an extended module's output (used in error messages), else ``None``.
         captured: whatever the module's rules captured during the forward pass
             (for instance the mask of a ``Dropout`` layer).
-        consumers: how many extended calls take this call's output as input.
         cache: quantities shared by several extensions during one backward pass
             (cleared on release).
     """
@@ -45,7 +45,6 @@ class ModuleCall:
         "cache",
         "released",
         "output_shape",
-        "consumers",
         "__weakref__",
     )
 
@@ -58,9 +57,6 @@ class ModuleCall:
         self.released = False
         x = inputs[0]
         self.parent, self.input_origin = _producer(x)
-        self.consumers = 0  # extended calls that read this call's output
-        if self.parent is not None:
-            self.parent.consumers += 1
 
     @property
     def input(self) -> Tensor:
@@ -102,5 +98,10 @@ def _producer(x: Any) -> tuple[ModuleCall | None, Any]:
 
 
 def link_output(output: Tensor, call: ModuleCall) -> None:
-    """Mark ``output`` as produced by ``call`` (valid until it is modified in place)."""
+    """Mark ``output`` as produced by ``call`` (valid until it is modified in place).
+
+    The tensor carries the link to the next module; its autograd node carries it
+    for the walk over the graph (and lives exactly as long as the graph).
+    """
     setattr(output, _LINK, (call, output._version))
+    output.grad_fn.metadata[NODE_KEY] = call

@@ -59,13 +59,15 @@ def is_extended(module: nn.Module) -> bool:
 
 
 def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
-    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-        return None
-    if not inputs or not isinstance(inputs[0], Tensor):
+    if not torch.is_grad_enabled() or not inputs or not isinstance(inputs[0], Tensor):
         return None
     replaced = None
-    if output is inputs[0]:  # give the output its own autograd node (and tensor hook)
-        output = replaced = output.view_as(output)
+    if isinstance(output, (tuple, list)):  # e.g. an LSTM: record the call on its first output
+        output = next((o for o in output if isinstance(o, Tensor) and o.requires_grad), None)
+    elif isinstance(output, Tensor) and output.requires_grad and output is inputs[0]:
+        output = replaced = output.view_as(output)  # its own autograd node and tensor hook
+    if not isinstance(output, Tensor) or not output.requires_grad or output.grad_fn is None:
+        return None
     call = ModuleCall(module, inputs, output)
     rules = SECOND_ORDER.lookup(module)
     if rules is not None:
