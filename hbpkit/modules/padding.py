@@ -1,8 +1,110 @@
-"""Rules of padding layers (supplement section D.2): placeholder, filled in by the CNN work."""
+"""Rules of padding layers: index selections (supplement D.2), the same for every sample.
+
+Shapes follow :mod:`hbpkit.modules.base`: ``x`` ``[N, *in]`` is padded on its last
+``k`` axes (``k = len(padding) // 2``) to ``z`` ``[N, *out]``. Every padding is a
+selection ``z = Pi x`` (each output entry copies one input entry, or is a
+constant), linear in ``x``, so ``Hx = Pi^T Hz Pi`` (D.2) and no residual.
+
+* ``ZeroPad1d/2d/3d``, ``ConstantPad1d/2d/3d`` (any value: the constant does not
+  depend on ``x``): ``jac`` pads with zeros, ``jac_t`` crops (``F.pad`` with the
+  negated padding, so negative padding, i.e. cropping, becomes zero padding),
+  ``Pi`` is injective, and a diagonal curvature stays diagonal: cropping
+  ``diag(d)`` is exact, ``Pi^T diag(d) Pi = diag(crop(d))``.
+* ``ReflectionPad*``, ``ReplicationPad*``, ``CircularPad*`` (1d/2d/3d): several
+  outputs copy the same input, ``jac`` is the padding itself, ``jac_t`` its
+  adjoint (autograd's vector-Jacobian product, a scatter-add of the copies).
+  Rows of ``Pi`` are still one-hot, so ``Pi^T diag(d) Pi = diag(Pi^T d)``: a
+  diagonal factor stays diagonal (its signed squares are scatter-added).
+
+Batch-averaged backpropagation (approximation (9)) crops / maps the rows and
+columns of the dense matrix, within :data:`hbpkit.modules.pooling.MAX_DENSE_BYTES`.
+"""
 
 from __future__ import annotations
 
-from hbpkit.modules.base import ModuleRules
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules
+from hbpkit.modules.pooling import _AutogradLinearMapRules, _LinearMapRules
+
+
+class _PaddingMixin:
+    def _mapped_dims(self, module: nn.Module) -> int:
+        return len(module.padding) // 2
+
+
+class ConstantPadRules(_PaddingMixin, _LinearMapRules):
+    """``ZeroPad*`` / ``ConstantPad*``: ``z = Pi x + c``, ``Pi`` zero rows at the padding.
+
+    D.2: ``Hx = Pi^T Hz Pi``, i.e. ``Hz`` cropped to the input's entries.
+    """
+
+    selection = True
+    diagonal_jacobian = True  # an injective selection: diagonal factors are cropped
+
+    def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return F.pad(mat, tuple(call.module.padding))
+
+    def _jac_t(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return F.pad(mat, tuple(-p for p in call.module.padding))
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[V, N, *out] -> [V, N, *in]``: crop (and zero-pad where the layer cropped)."""
+        return self._jac_t(call, mat)
+
+    def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[V, N, *in] -> [V, N, *out]``: pad with zeros (and crop where the layer cropped)."""
+        return self._jac(call, mat)
+
+    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
+        """``S -> Pi^T S``; ``diag(s^2 sign) -> diag(crop(s)^2 crop(sign))``, exact."""
+        if isinstance(factor, DiagonalFactor):
+            s = self._jac_t(call, factor.s)
+            neg = tuple(-p for p in call.module.padding)
+            sign = None if factor.sign is None else F.pad(factor.sign, neg, value=1.0)
+            return DiagonalFactor(s, sign)
+        return super().jac_t_factor(call, factor)
+
+
+class CopyPadRules(_PaddingMixin, _AutogradLinearMapRules):
+    """``ReflectionPad*``, ``ReplicationPad*``, ``CircularPad*``: ``z = Pi x``, one-hot rows.
+
+    D.2: ``Hx = Pi^T Hz Pi`` with ``Pi^T`` adding up the copies of each input entry.
+    """
+
+    selection = True
+
+
+_CONSTANT = ConstantPadRules()
+_COPY = CopyPadRules()
 
 #: padding module types and their rules
-PADDING: dict[type, ModuleRules] = {}
+PADDING: dict[type, ModuleRules] = {
+    **{
+        cls: _CONSTANT
+        for cls in (
+            nn.ZeroPad1d,
+            nn.ZeroPad2d,
+            nn.ZeroPad3d,
+            nn.ConstantPad1d,
+            nn.ConstantPad2d,
+            nn.ConstantPad3d,
+        )
+    },
+    **{
+        cls: _COPY
+        for cls in (
+            nn.ReflectionPad1d,
+            nn.ReflectionPad2d,
+            nn.ReflectionPad3d,
+            nn.ReplicationPad1d,
+            nn.ReplicationPad2d,
+            nn.ReplicationPad3d,
+            nn.CircularPad1d,
+            nn.CircularPad2d,
+            nn.CircularPad3d,
+        )
+    },
+}
