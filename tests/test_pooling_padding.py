@@ -30,9 +30,9 @@ from torch import nn
 from hbpkit import backprop, extend
 from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.extensions import HBP, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHessian
-from hbpkit.modules import pooling
+from hbpkit.modules import budget
 from hbpkit.modules.base import DiagonalFactor, SqrtFactor
-from hbpkit.modules.pooling import DenseBudgetError
+from hbpkit.modules.budget import DenseBudgetError
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference as ref
@@ -263,10 +263,10 @@ def test_budget_ea(monkeypatch, factory, shape):
     d_in, d_out = x[0].numel(), out[0].numel()
     needed = d_in * max(d_in, d_out) * 8
     H = torch.randn(d_out, d_out, dtype=DT)
-    monkeypatch.setattr(pooling, "MAX_DENSE_BYTES", needed - 1)
+    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed - 1)
     with pytest.raises(DenseBudgetError, match=rf"{type(module).__name__}.*GB.*MAX_DENSE_BYTES"):
         rules.ea_jac_t_mat_jac_prod(call, H)
-    monkeypatch.setattr(pooling, "MAX_DENSE_BYTES", needed)
+    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed)
     assert rules.ea_jac_t_mat_jac_prod(call, H).shape == (d_in, d_in)
 
 
@@ -285,17 +285,17 @@ def test_budget_densified_diagonal_factor(monkeypatch):
     call, x, out = _record(module, torch.randn(N, 2, 4, 4, dtype=DT))
     factor = DiagonalFactor.from_values(torch.randn_like(out))
     needed = out[0].numel() * N * x[0].numel() * 8
-    monkeypatch.setattr(pooling, "MAX_DENSE_BYTES", needed - 1)
+    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed - 1)
     with pytest.raises(DenseBudgetError, match="AvgPool2d.*GB"):
         SECOND_ORDER.lookup(module).jac_t_factor(call, factor)
-    monkeypatch.setattr(pooling, "MAX_DENSE_BYTES", needed)
+    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed)
     assert SECOND_ORDER.lookup(module).jac_t_factor(call, factor).S.shape == (8, *x.shape)
 
 
 def test_budget_model_level(monkeypatch):
     """KFRA through an over-budget ``AvgPool2d`` raises and writes nothing on any parameter."""
     # the paddings' [D_in, D_out] fit (39 200 B at most), the pooling's [98, 98] does not
-    monkeypatch.setattr(pooling, "MAX_DENSE_BYTES", 50_000)
+    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", 50_000)
     model, X, y, loss_fn = _problem("avg2d", 2)
     loss = loss_fn(model(X), y)
     with pytest.raises(DenseBudgetError, match="AvgPool2d"), backprop(KFRA(), DiagGGNExact()):

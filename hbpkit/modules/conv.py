@@ -1,8 +1,621 @@
-"""Rules of convolutions (supplement section D): placeholder, filled in by the CNN work."""
+"""Rules of convolutions ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (supplement D).
+
+A convolution of an input ``x`` ``[N, C_in, *in]`` with a kernel ``W``
+``[C_out, C_in/groups, *k]`` is, per sample and per group of channels, the
+matrix product of eq. S.14 (S.13 in index notation),
+
+    ``Z = W [[x]] + b 1_P^T``,
+
+where ``[[x]]`` (``unfold``, im2col) ``[S, P]`` holds the ``P = prod(out)``
+flattened patches of ``S = C_in/groups * prod(k)`` entries each, and ``W`` is
+matricised as ``[C_out, S]``. Everything is linear in ``x`` (no residual in
+eq. 7) and the input Jacobian ``J`` does not depend on the sample (D.4:
+``I_P kron W`` composed with the index map of ``unfold``, D.2). Paddings other
+than symmetric zeros (``padding="same"`` with an even kernel, ``padding_mode``
+``"reflect"``, ``"replicate"``, ``"circular"``) are an index map in front of the
+zero-padded convolution, ``x -> pad(x)`` (D.2), which is linear too.
+
+Notation in this file: ``u_{n,p}`` ``[S]`` is the ``p``-th patch of sample ``n``
+(a column of ``[[x_n]]``), ``s_{v,n,p}`` ``[C_out]`` the sqrt factor ``v`` at output
+position ``p``, ``D = C * prod(spatial)`` the number of features.
+
+Kronecker factors of the weight (``[G C_out x C_out, A S x S]``, DESIGN sec. 3).
+The weight is shared over the ``P`` output positions; the exact block of one
+sample is ``sum_{v,p,q} (s_p s_q^T) kron (u_p u_q^T)`` (D.4), and ``kfac_approx``
+picks its Kronecker approximation:
+
+* ``"expand"`` (Grosse and Martens 2016: every position is an extra sample):
+  ``G = sum_{v,n,p} s s^T``, ``A = 1/(N P) sum_{n,p} u_{n,p} u_{n,p}^T``;
+  it drops the cross-position terms ``p != q`` and is exact under KFC's
+  assumptions (no correlation between positions, patches independent of the
+  output derivatives);
+* ``"reduce"`` (Eschenhagen et al. 2023: positions summed before the loss):
+  ``G = sum_{v,n} (sum_p s)(sum_p s)^T``, ``A = 1/N sum_n ubar_n ubar_n^T`` with
+  ``ubar_n = 1/P sum_p u_{n,p}``; exact for one sample whose patches all
+  coincide (``u_p = ubar``), since then the block is ``G kron ubar ubar^T``.
+
+With ``P = 1`` (kernel covering the padded input) both are the factors of a
+Linear layer (S.8c), and for one sample (``N = 1``) the exact block, for KFLR
+and for KFRA. With the batch-averaged ``[D_out, D_out]`` matrix ``H`` of KFRA
+(S.11) the same rules read ``G = sum_p H[:, p, :, p]`` (expand) and
+``G = sum_{p, q} H[:, p, :, q]`` (reduce). The bias is folded into the weight as
+an input entry ``1``, so it gets ``[G]`` of the chosen approximation; with
+``"reduce"`` that is the exact bias block ``(1_P kron I)^T H_Z (1_P kron I)`` of
+D.4 for any ``N`` and ``P``.
+
+BackPACK 1.7.1 pairs the reduce ``G`` with ``P`` times the expand ``A`` (neither
+approximation; DESIGN sec. 6). With ``groups > 1`` the weight block is a
+different Kronecker product per group (each group has its own ``A``), which does
+not fit one ``[G, A]``: Kronecker factors of grouped weights raise
+``NotImplementedError`` (the bias is fine).
+
+A transposed convolution ``z = conv_transpose(x, W) + b`` (``W`` ``[C_in,
+C_out/groups, *k]``) is the adjoint of a convolution: its rules swap the roles
+of input and output (the input Jacobian's transpose is a convolution; the weight
+derivative pairs ``x`` with the patches of the output-side tensor). It gets all
+rules except Kronecker factors.
+
+Dense matrices over the features of a convolution grow like ``D^2`` (the
+batch-averaged matrix of KFRA; a diagonal factor backpropagated through the
+convolution, ``[D_out, N, *in]``). Such products check their size against
+:data:`MAX_DENSE_BYTES` before allocating and raise :class:`DenseBudgetError`.
+"""
 
 from __future__ import annotations
 
-from hbpkit.modules.base import ModuleRules
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import Tensor, nn
+from torch.nn import grad as nn_grad
+
+from hbpkit.calls import ModuleCall
+from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
+from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+
+#: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
+CHUNK_BYTES = 2**27
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _padding_sides(module: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """``(left, right)`` padding of every spatial dimension, in order."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return [(0, 0)] * len(module.kernel_size)
+        sides = []  # "same": like PyTorch, the odd element goes to the right
+        for k, d in zip(module.kernel_size, module.dilation):
+            total = d * (k - 1)
+            sides.append((total // 2, total - total // 2))
+        return sides
+    return [(p, p) for p in module.padding]
+
+
+def _windows(t: Tensor, module: nn.modules.conv._ConvNd, positions=None) -> Tensor:
+    """The patches of a (padded) ``[B, C, *spatial]`` as a view ``[B, C, *positions, *k]``.
+
+    ``module`` gives kernel size, stride and dilation; ``positions`` (default
+    all) keeps the first positions along every spatial dimension.
+    """
+    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        t = t.unfold(2 + i, dil * (k - 1) + 1, s)
+    d = len(module.kernel_size)
+    crop = (slice(None),) * 2 + tuple(slice(n) for n in positions or ()) + (slice(None),) * d
+    dilate = tuple(slice(None, None, dil) for dil in module.dilation)
+    return t[crop][(..., *dilate)]
+
+
+def _flat_windows(w: Tensor, d: int) -> Tensor:
+    """``[B, C, *positions, *k] -> [B, C * prod(k), prod(positions)]`` (``F.unfold`` layout)."""
+    B, C = w.shape[:2]
+    order = [0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d)]
+    return w.permute(order).reshape(B, C * math.prod(w.shape[2 + d :]), -1)
+
+
+class _ConvBase(ModuleRules):
+    """What convolutions and transposed convolutions share.
+
+    Subclasses provide the input Jacobian (:meth:`_jac`, :meth:`_jac_t` on
+    ``[B, C, *spatial]``) and :meth:`_weight_factors`, the two ``[*, N, groups, ., P]``
+    tensors whose contraction over positions ``p`` is the per-sample weight
+    derivative, matricised as ``[weight.shape[0] / groups, rest]`` per group.
+    """
+
+    #: whether the output-side tensor enters the first (left) weight factor
+    _output_left: bool = True
+
+    def param_names(self, module: nn.modules.conv._ConvNd) -> list[str]:
+        return ["weight"] if module.bias is None else ["weight", "bias"]
+
+    def validate(self, call: ModuleCall) -> None:
+        module = call.module
+        name = type(module).__name__
+        d = len(module.kernel_size)
+        x = call.inputs[0]
+        if x.dim() != d + 2:
+            raise NotImplementedError(
+                f"{name} needs a batched input [N, C_in, {d} spatial dims], got shape "
+                f"{tuple(x.shape)}"
+            )
+        if module.padding_mode not in _PADDING_MODES:
+            raise NotImplementedError(
+                f"{name}(padding_mode={module.padding_mode!r}) is not supported; "
+                f"use one of {_PADDING_MODES}"
+            )
+
+    def _dims(self, call: ModuleCall) -> int:
+        return len(call.module.kernel_size)
+
+    def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _jac_t(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _weight_factors(
+        self, call: ModuleCall, out: Tensor, square_input: bool = False, grad: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``(left, right)``; ``out`` is ``grad_output`` if ``grad`` (then cacheable)."""
+        raise NotImplementedError
+
+    def _grouped(self, call: ModuleCall, t: Tensor) -> Tensor:
+        """``[*, C, *spatial] -> [*, groups, C/groups, prod(spatial)]``."""
+        return t.flatten(-self._dims(call)).unflatten(-2, (call.module.groups, -1))
+
+    # input derivatives ----------------------------------------------------------------------
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[V, N, C_out, *out] -> [V, N, C_in, *in]``."""
+        V, N = mat.shape[:2]
+        return self._jac_t(call, mat.flatten(0, 1)).unflatten(0, (V, N))
+
+    def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[V, N, C_in, *in] -> [V, N, C_out, *out]``."""
+        V, N = mat.shape[:2]
+        return self._jac(call, mat.flatten(0, 1)).unflatten(0, (V, N))
+
+    def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[D_out, D_out] -> [D_in, D_in]``: ``J^T mat J`` (``J`` is the same for all samples).
+
+        Approximation (9) / S.11. Two transposed Jacobian products of ``D_out``
+        and ``D_in`` columns; refuses (:class:`DenseBudgetError`) if the
+        intermediate ``[D_out, D_in]`` and the result ``[D_in, D_in]`` exceed the budget.
+        """
+        out_shape = tuple(call.output_shape[1:])
+        in_shape = tuple(call.inputs[0].shape[1:])
+        D_out, D_in = math.prod(out_shape), math.prod(in_shape)
+        D_work = self._work_features(call)
+        check_dense_budget(
+            call,
+            D_out * D_work + D_in * D_work + D_in * D_in,
+            mat.dtype,
+            f"The batch-averaged curvature J^T H J ([{D_out}, {D_out}] -> [{D_in}, {D_in}])",
+            EA_ADVICE,
+        )
+        right = self._jac_t(call, mat.reshape(D_out, *out_shape)).reshape(D_out, D_in)  # mat J
+        both = self._jac_t(call, right.T.reshape(D_in, *out_shape)).reshape(D_in, D_in)
+        return both.T  # the rows of `both` are the columns of J^T mat J
+
+    def _work_features(self, call: ModuleCall) -> int:
+        """Features of the largest intermediate of :meth:`_jac_t` per column."""
+        return math.prod(call.inputs[0].shape[1:])
+
+    def _column_numel(self, call: ModuleCall) -> int:
+        """Entries per sample and sqrt-factor column of :meth:`param_diag`'s intermediates."""
+        return call.module.weight.numel()
+
+    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
+        """``S -> J^T S``; a :class:`DiagonalFactor` ``diag(s_n)`` becomes ``[D_out, N, *in]``.
+
+        Column ``j`` of ``J^T diag(s_n)`` is ``s_n[j]`` times the ``j``-th row of ``J``,
+        the same for every sample: the rows of ``J`` are computed once (``D_out``
+        transposed products of basis vectors) and scaled per sample. Refuses
+        (:class:`DenseBudgetError`) if that exceeds the budget.
+        """
+        if not isinstance(factor, DiagonalFactor):
+            return super().jac_t_factor(call, factor)
+        s = factor.s
+        N, out_shape = s.shape[0], tuple(s.shape[1:])
+        in_shape = tuple(call.inputs[0].shape[1:])
+        D_out, D_in = math.prod(out_shape), math.prod(in_shape)
+        check_dense_budget(
+            call,
+            D_out * (D_out + self._work_features(call) + D_in + N * D_in),
+            s.dtype,
+            f"Backpropagating a diagonal curvature factor (a dense [{D_out}, {N}, {D_in}] "
+            "sqrt factor)",
+            DIAGONAL_ADVICE,
+        )
+        basis = torch.eye(D_out, dtype=s.dtype, device=s.device).reshape(D_out, *out_shape)
+        rows = self._jac_t(call, basis).reshape(D_out, 1, D_in)  # J[j, :]
+        S = rows * rearrange(s, "n ... -> (...) n 1")
+        sign = None if factor.sign is None else rearrange(factor.sign, "n ... -> (...) n")
+        return SqrtFactor(S.reshape(D_out, N, *in_shape), sign)
+
+    # first-order quantities -----------------------------------------------------------------
+    def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """``[N, *weight.shape]`` or ``[N, C_out]`` (bias); for Conv ``g [[x]]^T`` (S.14)."""
+        if name == "bias":
+            return grad_output.flatten(2).sum(2)
+        left, right = self._weight_factors(call, grad_output, grad=True)
+        per_sample = einsum(left, right, "n g a p, n g b p -> n g a b")
+        return per_sample.reshape(grad_output.shape[0], *call.module.weight.shape)
+
+    def batch_l2(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        """``[N]``; for the weight ``sum_{p,q} (a_p . a_q)(b_p . b_q)`` where that is cheaper."""
+        if name == "bias":
+            return grad_output.flatten(2).sum(2).square().sum(1)
+        if ("batch_grad", name) not in call.cache:
+            left, right = self._weight_factors(call, grad_output, grad=True)
+            P, A, B = left.shape[-1], left.shape[-2], right.shape[-2]
+            if P * P * (A + B) < A * B:
+                gram = einsum(left, left, "n g a p, n g a q -> n g p q")
+                return (gram * einsum(right, right, "n g b p, n g b q -> n g p q")).sum((1, 2, 3))
+        return super().batch_l2(call, name, grad_output)
+
+    def sum_grad_squared(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        if name == "bias":
+            return grad_output.flatten(2).sum(2).square().sum(0)
+        return super().sum_grad_squared(call, name, grad_output)
+
+    def summed_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        if name == "bias":
+            return grad_output.flatten(2).sum((0, 2))
+        left, right = self._weight_factors(call, grad_output, grad=True)
+        return einsum(left, right, "n g a p, n g b p -> g a b").reshape(call.module.weight.shape)
+
+    # diagonal of the weight / bias block (D.4: H_W = ([[X]]^T kron I)^T H_Z ([[X]]^T kron I))
+    def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
+        """``diag(sum_{v,n} sign (J_p^T s)(J_p^T s)^T)``, shape ``param.shape``.
+
+        Sqrt factors ``[V, N, C_out, *out]`` are processed in chunks over ``V``
+        (``CHUNK_BYTES``); a :class:`DiagonalFactor` ``diag(d_n)`` needs no
+        per-column work: for Conv ``sum_{n,p} d_{n,o,p} u_{n,s,p}^2``.
+        """
+        shape = call.module.weight.shape if name == "weight" else call.module.bias.shape
+        result = 0
+        for f in factors:
+            if isinstance(f, DiagonalFactor):
+                d = f.signed_square()  # [N, C_out, *out]
+                if name == "bias":
+                    result = result + d.flatten(2).sum((0, 2))
+                else:
+                    left, right = self._weight_factors(call, d, square_input=True)
+                    diag = einsum(left, right, "n g a p, n g b p -> g a b")
+                    result = result + diag.reshape(shape)
+                continue
+            if name == "bias":
+                per_sample = f.S.flatten(3).sum(3)  # [V, N, C_out]
+                result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
+                continue
+            V, N = f.S.shape[:2]
+            per_column = N * self._column_numel(call) * f.S.element_size()
+            chunk = max(1, CHUNK_BYTES // per_column)
+            for start in range(0, V, chunk):
+                left, right = self._weight_factors(call, f.S[start : start + chunk])
+                if self._output_left:
+                    JtS = einsum(left, right, "v n g a p, n g b p -> v n g a b")
+                else:
+                    JtS = einsum(left, right, "n g a p, v n g b p -> v n g a b")
+                sign = None if f.sign is None else f.sign[start : start + chunk]
+                diag = SqrtFactor(JtS, sign).signed_square().sum((0, 1))
+                result = result + diag.reshape(shape)
+        return result
+
+
+class ConvRules(_ConvBase):
+    """HBP rules of ``nn.Conv1d/2d/3d`` (supplement D.3/D.4, eq. S.13/S.14).
+
+    Any kernel size, stride, dilation, groups, bias or not, integer or string
+    padding and every ``padding_mode``. Inputs must be batched, ``[N, C_in, *in]``.
+    """
+
+    def _prepad(self, call: ModuleCall) -> tuple[list[int], str] | None:
+        """``(F.pad's pad list, mode)`` of the index map in front of the convolution, if any."""
+        module = call.module
+        sides = _padding_sides(module)
+        if module.padding_mode == "zeros" and all(a == b for a, b in sides):
+            return None
+        pad = [p for side in reversed(sides) for p in side]  # F.pad: last dimension first
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return pad, mode
+
+    def _conv_padding(self, call: ModuleCall) -> tuple[int, ...]:
+        """Zero padding of the convolution that follows the pre-padding."""
+        if self._prepad(call) is not None:
+            return (0,) * self._dims(call)
+        return tuple(left for left, _ in _padding_sides(call.module))
+
+    def _conv_kwargs(self, call: ModuleCall) -> dict:
+        m = call.module
+        return dict(
+            stride=m.stride, padding=self._conv_padding(call), dilation=m.dilation, groups=m.groups
+        )
+
+    def _padded_shape(self, call: ModuleCall) -> torch.Size:
+        """Shape ``[N, C_in, *in']`` of the input after the pre-padding."""
+        shape = call.inputs[0].shape
+        if self._prepad(call) is None:
+            return shape
+        sides = _padding_sides(call.module)
+        spatial = [s + a + b for s, (a, b) in zip(shape[2:], sides)]
+        return torch.Size([*shape[:2], *spatial])
+
+    def _work_features(self, call: ModuleCall) -> int:
+        return math.prod(self._padded_shape(call)[1:])
+
+    # the pre-padding as an index map (D.2) ----------------------------------------------------
+    def _pad(self, call: ModuleCall, t: Tensor) -> Tensor:
+        """``[B, C, *in] -> [B, C, *in']``: the pre-padding, if any."""
+        prepad = self._prepad(call)
+        if prepad is None:
+            return t
+        pad, mode = prepad
+        return F.pad(t, pad, mode=mode)
+
+    def _pad_t(self, call: ModuleCall, t: Tensor) -> Tensor:
+        """``[B, C, *in'] -> [B, C, *in]``: transpose of the pre-padding (D.2, ``Pi^T``)."""
+        prepad = self._prepad(call)
+        if prepad is None:
+            return t
+        in_shape = call.inputs[0].shape[2:]
+        if prepad[1] == "constant":  # the transpose of zero padding crops
+            sides = _padding_sides(call.module)
+            crop = tuple(slice(a, a + n) for (a, _), n in zip(sides, in_shape))
+            return t[(slice(None), slice(None), *crop)]
+        out = t.new_zeros(*t.shape[:2], math.prod(in_shape))
+        out.index_add_(2, self._pad_index(call), t.flatten(2))
+        return out.reshape(*t.shape[:2], *in_shape)
+
+    def _pad_index(self, call: ModuleCall) -> Tensor:
+        """``pi``: padded position ``j`` holds input position ``pi(j)`` (flat, D.2)."""
+        if "conv_pad_index" not in call.cache:
+            pad, mode = self._prepad(call)
+            in_shape = call.inputs[0].shape[2:]
+            # float64 holds every index exactly; F.pad's modes need floating point
+            positions = torch.arange(math.prod(in_shape), dtype=torch.float64)
+            padded = F.pad(positions.reshape(1, 1, *in_shape), pad, mode=mode)
+            call.cache["conv_pad_index"] = padded.flatten().long().to(call.inputs[0].device)
+        return call.cache["conv_pad_index"]
+
+    # input derivatives (eq. S.14 / D.4: [[X]] -> I_P kron W) ---------------------------------
+    def _jac_t(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[B, C_out, *out] -> [B, C_in, *in]``: a transposed convolution (D.4, D.2)."""
+        padded = self._padded_shape(call)
+        weight = call.module.weight.detach()
+        conv_input = _CONV_INPUT[self._dims(call)]
+        out = conv_input([mat.shape[0], *padded[1:]], weight, mat, **self._conv_kwargs(call))
+        return self._pad_t(call, out)
+
+    def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[B, C_in, *in] -> [B, C_out, *out]``: the convolution without bias (eq. S.14)."""
+        conv = _CONV[self._dims(call)]
+        weight = call.module.weight.detach()
+        return conv(self._pad(call, mat), weight, None, **self._conv_kwargs(call))
+
+    # the unfolded input (eq. S.14's [[X]]), computed once per call ----------------------------
+    def _x_full(self, call: ModuleCall) -> Tensor:
+        """The input with all its padding, ``[N, C_in, *in'']`` (cached)."""
+        if "conv_x" not in call.cache:
+            x = self._pad(call, call.input)
+            zeros = [p for p in reversed(self._conv_padding(call)) for _ in range(2)]
+            call.cache["conv_x"] = F.pad(x, zeros) if any(zeros) else x
+        return call.cache["conv_x"]
+
+    def unfold(self, call: ModuleCall) -> Tensor:
+        """``[[x]]`` of eq. S.14 for all samples, ``[N, C_in * prod(k), P]`` (cached).
+
+        Same layout as ``torch.nn.functional.unfold``: rows ``(c_in, k_1, ..., k_d)``,
+        columns the output positions in row-major order.
+        """
+        if "conv_unfold" not in call.cache:
+            w = _windows(self._x_full(call), call.module)
+            call.cache["conv_unfold"] = _flat_windows(w, self._dims(call))
+        return call.cache["conv_unfold"]
+
+    def _weight_factors(
+        self, call: ModuleCall, out: Tensor, square_input: bool = False, grad: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``out`` ``[*, N, G, C_out/G, P]`` and ``[[x]]`` ``[N, G, S, P]`` (squared if asked)."""
+        u = self.unfold(call)
+        u = u.square() if square_input else u
+        return self._grouped(call, out), u.unflatten(1, (call.module.groups, -1))
+
+    # Kronecker factors ----------------------------------------------------------------------
+    def _check_kron(self, call: ModuleCall, name: str) -> None:
+        if name == "weight" and call.module.groups != 1:
+            raise NotImplementedError(
+                f"Kronecker factors of the weight of {call.module} (groups="
+                f"{call.module.groups}) are not supported: the block of a grouped convolution "
+                "is a different Kronecker product per group and does not fit one [G, A]"
+            )
+
+    def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
+        """``A`` ``[S, S]``: ``1/(NP) sum_{n,p} u u^T`` (expand) or ``1/N sum_n ubar ubar^T``.
+
+        ``reduce`` averages the patches over positions on the strided view of the
+        input, without materialising ``[[x]]``.
+        """
+        key = ("conv_A", approx)
+        if key not in call.cache:
+            if approx == "reduce":
+                d = self._dims(call)
+                w = _windows(self._x_full(call), call.module)  # [N, C, *out, *k], a view
+                ubar = w.mean(tuple(range(2, 2 + d))).flatten(1)  # [N, C * prod(k)]
+                call.cache[key] = ubar.T @ ubar / ubar.shape[0]
+            else:
+                u = self.unfold(call)
+                N, _, P = u.shape
+                call.cache[key] = _gram(u) / (N * P)
+        return call.cache[key]
+
+    def _kron(self, call: ModuleCall, name: str, G: Tensor, approx: str) -> list[Tensor]:
+        if name == "bias":
+            return [G]
+        return [G, self.input_factor(call, approx)]
+
+    def kron_from_sqrt(
+        self, call: ModuleCall, name: str, factors: list[Factor], approx: str
+    ) -> list[Tensor]:
+        """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``."""
+        self._check_kron(call, name)
+        G = 0
+        for f in factors:
+            if isinstance(f, DiagonalFactor):
+                # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
+                G = G + torch.diag(f.signed_square().flatten(2).sum((0, 2)))
+                continue
+            S, Ssigned = f.S.flatten(3), f.signed().flatten(3)  # [V, N, C_out, P]
+            if approx == "reduce":
+                G = G + einsum(Ssigned.sum(3), S.sum(3), "v n o, v n q -> o q")
+            else:
+                G = G + _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
+        return self._kron(call, name, G, approx)
+
+    def kron_from_average(
+        self, call: ModuleCall, name: str, mat: Tensor, approx: str
+    ) -> list[Tensor]:
+        """From ``H`` ``[C_out P, C_out P]``: sum of its diagonal position blocks / all blocks."""
+        self._check_kron(call, name)
+        C_out = call.output_shape[1]
+        H = rearrange(mat, "(o p) (q r) -> o p q r", o=C_out, q=C_out)
+        if approx == "reduce":
+            G = H.sum((1, 3))
+        else:
+            G = torch.diagonal(H, dim1=1, dim2=3).sum(-1)
+        return self._kron(call, name, G, approx)
+
+
+class ConvTransposeRules(_ConvBase):
+    """HBP rules of ``nn.ConvTranspose1d/2d/3d``, the adjoints of convolutions (D.4).
+
+    ``z = conv_transpose(x, W) + b`` with ``W`` ``[C_in, C_out/groups, *k]``: the
+    transposed input Jacobian is the convolution ``conv(., W)``, and the weight
+    derivative of one sample is ``sum_p x_p [[g]]_p^T`` per group, with
+    ``[[g]]`` ``[C_out/groups * prod(k), P_in]`` the patches of the output-side
+    tensor ``g`` (``unfold`` with the module's kernel, stride, padding, dilation).
+    Any ``output_padding`` (also implied by ``output_size``), groups, dilation.
+    Kronecker factors are not supported.
+    """
+
+    _output_left = False
+
+    def _kwargs(self, call: ModuleCall) -> dict:
+        m = call.module
+        return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+
+    def _output_padding(self, call: ModuleCall) -> tuple[int, ...]:
+        """The output padding the forward pass used (``output_size`` may have set it)."""
+        m = call.module
+        ins, outs = call.inputs[0].shape[2:], call.output_shape[2:]
+        return tuple(
+            o - ((i - 1) * s - 2 * p + dil * (k - 1) + 1)
+            for i, o, s, p, dil, k in zip(ins, outs, m.stride, m.padding, m.dilation, m.kernel_size)
+        )
+
+    def _column_numel(self, call: ModuleCall) -> int:
+        # the weight's derivative and the patches of the factor column, [C_out * prod(k), P_in]
+        patches = call.output_shape[1] * math.prod(call.module.kernel_size)
+        return max(call.module.weight.numel(), patches * math.prod(call.inputs[0].shape[2:]))
+
+    def _crop_input(self, call: ModuleCall, t: Tensor) -> Tensor:
+        """Keep the first ``in`` positions (an output padding can add unused ones)."""
+        in_shape = call.inputs[0].shape[2:]
+        if t.shape[2:] == in_shape:
+            return t
+        return t[(slice(None), slice(None), *(slice(n) for n in in_shape))]
+
+    def _jac_t(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[B, C_out, *out] -> [B, C_in, *in]``: the convolution ``conv(mat, W)``."""
+        conv = _CONV[self._dims(call)]
+        out = conv(mat, call.module.weight.detach(), None, **self._kwargs(call))
+        return self._crop_input(call, out)
+
+    def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[B, C_in, *in] -> [B, C_out, *out]``: the transposed convolution without bias."""
+        conv_t = _CONV_TRANSPOSE[self._dims(call)]
+        m = call.module
+        return conv_t(
+            mat,
+            m.weight.detach(),
+            None,
+            stride=m.stride,
+            padding=m.padding,
+            output_padding=self._output_padding(call),
+            groups=m.groups,
+            dilation=m.dilation,
+        )
+
+    def unfold_output(self, call: ModuleCall, t: Tensor) -> Tensor:
+        """``[*, C_out, *out] -> [*, C_out * prod(k), P_in]``: patches of an output-side tensor."""
+        d = self._dims(call)
+        lead = t.shape[: -d - 1]
+        flat = t.reshape(-1, *t.shape[-d - 1 :])
+        zeros = [p for p in reversed(call.module.padding) for _ in range(2)]
+        flat = F.pad(flat, zeros) if any(zeros) else flat
+        w = _windows(flat, call.module, call.inputs[0].shape[2:])
+        return _flat_windows(w, d).reshape(*lead, -1, math.prod(call.inputs[0].shape[2:]))
+
+    def _weight_factors(
+        self, call: ModuleCall, out: Tensor, square_input: bool = False, grad: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """``x`` ``[N, G, C_in/G, P_in]`` (squared if asked), ``[[out]]`` ``[*, N, G, ., P_in]``."""
+        x = call.input.square() if square_input else call.input
+        if grad:  # the patches of grad_output, shared by the first-order quantities
+            if "conv_transpose_unfold_grad" not in call.cache:
+                call.cache["conv_transpose_unfold_grad"] = self.unfold_output(call, out)
+            patches = call.cache["conv_transpose_unfold_grad"]
+        else:
+            patches = self.unfold_output(call, out)
+        groups = call.module.groups
+        return self._grouped(call, x), patches.unflatten(-2, (groups, -1))
+
+    def kron_from_sqrt(self, call, name, factors, approx) -> list[Tensor]:
+        raise self._no_kron(call)
+
+    def kron_from_average(self, call, name, mat, approx) -> list[Tensor]:
+        raise self._no_kron(call)
+
+    def _no_kron(self, call: ModuleCall) -> NotImplementedError:
+        return NotImplementedError(
+            f"Kronecker factors (KFAC, KFLR, KFRA, HBP) of {call.module} are not supported: "
+            "hbpkit has Kronecker factors for Linear and Conv1d/2d/3d only"
+        )
+
+
+def _gram(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``sum_{r,p} a[r, :, p] b[r, :, p]^T`` for ``[R, S, P]`` tensors (``b`` defaults to ``a``).
+
+    A batched product summed over ``R`` where its ``[R, S, S]`` fits in the memory
+    of the inputs (no permuted copy), else one contraction.
+    """
+    b = a if b is None else b
+    R, S, P = a.shape
+    if S <= P:
+        return (a @ b.mT).sum(0)
+    return einsum(a, b, "r s p, r t p -> s t")
+
+
+CONV = ConvRules()
+CONV_TRANSPOSE = ConvTransposeRules()
 
 #: convolution module types and their rules
-CONVOLUTIONS: dict[type, ModuleRules] = {}
+CONVOLUTIONS: dict[type, ModuleRules] = {
+    nn.Conv1d: CONV,
+    nn.Conv2d: CONV,
+    nn.Conv3d: CONV,
+    nn.ConvTranspose1d: CONV_TRANSPOSE,
+    nn.ConvTranspose2d: CONV_TRANSPOSE,
+    nn.ConvTranspose3d: CONV_TRANSPOSE,
+}
+
+__all__ = [
+    "CONVOLUTIONS",
+    "ConvRules",
+    "ConvTransposeRules",
+]

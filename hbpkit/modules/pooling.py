@@ -23,12 +23,10 @@ Two kinds of maps, both linear in the input (Hessian ``0`` a.e., no residual in 
 Batch-averaged backpropagation (approximation (9), ``KFRA``) and densified
 diagonal factors allocate dense ``[D_in, D_in]`` / ``[D_out, N, *in]`` tensors: both
 are refused with :class:`DenseBudgetError` *before* allocating when they would
-exceed :data:`MAX_DENSE_BYTES` (shared with :mod:`hbpkit.modules.padding`).
+exceed :data:`hbpkit.modules.budget.MAX_DENSE_BYTES`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -36,41 +34,7 @@ from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
-
-#: the largest dense tensor (in bytes) pooling and padding rules allocate; larger
-#: requests raise :class:`DenseBudgetError` before anything is allocated
-MAX_DENSE_BYTES = 2**31
-
-
-class DenseBudgetError(RuntimeError):
-    """A rule would allocate a dense tensor above :data:`MAX_DENSE_BYTES`."""
-
-
-_EA_ADVICE = (
-    "Use a per-sample extension (KFLR, KFAC, DiagGGNExact) instead of batch-averaged "
-    "backpropagation (KFRA, HBP(..., backprop='batch-average'))"
-)
-_DIAGONAL_ADVICE = (
-    "The diagonal factor is the residual of an activation behind this layer (DiagHessian, "
-    "HBP(curvature='hessian' / 'pch-*')); the GGN (DiagGGNExact, curvature='ggn') has none"
-)
-
-
-def check_dense_budget(
-    call: ModuleCall, shape: tuple[int, ...], dtype: torch.dtype, what: str, advice: str
-) -> None:
-    """Raise :class:`DenseBudgetError` if a dense ``shape`` tensor of ``dtype`` exceeds the budget.
-
-    Reads :data:`MAX_DENSE_BYTES` at call time (``hbpkit.modules.pooling.MAX_DENSE_BYTES``).
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes > MAX_DENSE_BYTES:
-        raise DenseBudgetError(
-            f"{what} through {call.module} needs a dense {tuple(shape)} {dtype} tensor "
-            f"({nbytes / 1e9:.3g} GB), above the budget of {MAX_DENSE_BYTES / 1e9:.3g} GB "
-            f"(hbpkit.modules.pooling.MAX_DENSE_BYTES). {advice}, shrink the layer, or raise "
-            "the budget"
-        )
+from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 
 
 def _features(call: ModuleCall) -> tuple[torch.Size, torch.Size]:
@@ -137,7 +101,7 @@ class _LinearMapRules(ModuleRules):
                 (d_out, N, max(features_in.numel(), d_out)),
                 factor.s.dtype,
                 "Backpropagating a diagonal curvature factor (densified)",
-                _DIAGONAL_ADVICE,
+                DIAGONAL_ADVICE,
             )
             factor = factor.dense()
         return SqrtFactor(self.jac_t_mat_prod(call, factor.S), factor.sign)
@@ -150,7 +114,7 @@ class _LinearMapRules(ModuleRules):
             (d_in, max(d_in, d_out)),
             mat.dtype,
             "Batch-averaged curvature backpropagation",
-            _EA_ADVICE,
+            EA_ADVICE,
         )
 
     # same J for every sample: mean_n J^T H J = J^T H J, as (J^T (J^T H)^T)^T
