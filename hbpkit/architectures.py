@@ -24,3 +24,61 @@ def fcnn(in_features: int = 3072, num_classes: int = 10, xavier: bool = True) ->
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
     return model
+
+
+def cnn(in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
+    """Table S.2b: the CNN of figure 5 with sigmoids (1 099 226 parameters on 3x32x32 inputs).
+
+    Two blocks ``Conv2d(3x3, padding 1), Sigmoid, Conv2d, Sigmoid, MaxPool2d(2, 2)`` with
+    16 and 32 channels, then ``Flatten, Linear(2048, 512), Sigmoid, Linear(512, 64),
+    Sigmoid, Linear(64, num_classes)``. PyTorch's default initialisation (section E).
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(2048, 512),
+        nn.Sigmoid(),
+        nn.Linear(512, 64),
+        nn.Sigmoid(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def c3d3(in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
+    """Table S.2c: DeepOBS c3d3 with sigmoids instead of ReLUs (895 210 parameters).
+
+    ``Conv2d(3, 64, 5), Sigmoid, ZeroPad2d(0, 1, 0, 1), MaxPool2d(3, 2), Conv2d(64, 96, 3),
+    Sigmoid, ZeroPad2d(0, 1, 0, 1), MaxPool2d(3, 2), ZeroPad2d(1, 1, 1, 1), Conv2d(96, 128, 3),
+    Sigmoid, ZeroPad2d(0, 1, 0, 1), MaxPool2d(3, 2), Flatten, Linear(1152, 512), Sigmoid,
+    Linear(512, 256), Sigmoid, Linear(256, num_classes)`` on 3x32x32 inputs.
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 64, 5),
+        nn.Sigmoid(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 96, 3),
+        nn.Sigmoid(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.ZeroPad2d((1, 1, 1, 1)),
+        nn.Conv2d(96, 128, 3),
+        nn.Sigmoid(),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        nn.Linear(1152, 512),
+        nn.Sigmoid(),
+        nn.Linear(512, 256),
+        nn.Sigmoid(),
+        nn.Linear(256, num_classes),
+    )

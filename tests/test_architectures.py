@@ -1,0 +1,88 @@
+"""The paper's architectures (table S.2) run every extension end to end at a small batch.
+
+Where a dense batch-averaged matrix or a dense residual factor behind a convolution
+would exceed the memory budget, the extension refuses early with ``DenseBudgetError``
+(structured forms for those are future work) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hbpkit import backprop, extend
+from hbpkit.architectures import c3d3, cnn, fcnn
+from hbpkit.extensions import (
+    HBP,
+    KFAC,
+    KFLR,
+    KFRA,
+    BatchGrad,
+    BatchL2,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    SumGradSquared,
+    Variance,
+)
+from hbpkit.modules.budget import DenseBudgetError
+
+PARAMETERS = {fcnn: 3_846_810, cnn: 1_099_226, c3d3: 895_210}  # table S.2
+EXTENSIONS = [
+    BatchGrad,
+    BatchL2,
+    SumGradSquared,
+    Variance,
+    DiagGGNExact,
+    DiagGGNMC,
+    KFAC,
+    KFLR,
+    KFRA,
+    DiagHessian,
+]
+REFUSED = {(cnn, KFRA), (cnn, DiagHessian), (c3d3, KFRA), (c3d3, DiagHessian)}
+
+
+@pytest.mark.parametrize("arch", list(PARAMETERS), ids=lambda a: a.__name__)
+def test_parameter_count(arch):
+    assert sum(p.numel() for p in arch().parameters()) == PARAMETERS[arch]
+
+
+@pytest.mark.parametrize("ext", EXTENSIONS, ids=lambda e: e.__name__)
+@pytest.mark.parametrize("arch", list(PARAMETERS), ids=lambda a: a.__name__)
+def test_every_extension_end_to_end(arch, ext):
+    torch.manual_seed(0)
+    model, loss_fn = extend(arch()), extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    loss = loss_fn(model(X), y)
+    extension = ext()
+    if (arch, ext) in REFUSED:
+        with pytest.raises(DenseBudgetError, match="GB"):
+            with backprop(extension):
+                loss.backward()
+        assert not any(hasattr(p, extension.savefield) for p in model.parameters())
+        return
+    with backprop(extension):
+        loss.backward()
+    shapes = {"grad_batch": lambda p: (2, *p.shape), "batch_l2": lambda p: (2,)}
+    for p in model.parameters():
+        value = getattr(p, extension.savefield)
+        if isinstance(value, tuple):  # Kronecker factors: [out, out] and [in, in]
+            assert value.param_shape == p.shape
+            assert value[0].shape == (p.shape[0], p.shape[0])
+            assert all(torch.isfinite(f).all() for f in value)
+        else:
+            assert value.shape == shapes.get(extension.savefield, lambda p: p.shape)(p)
+            assert torch.isfinite(value).all()
+
+
+def test_hbp_hessian_on_fcnn_matches_shapes():
+    torch.manual_seed(0)
+    model, loss_fn = extend(fcnn()), extend(nn.CrossEntropyLoss())
+    loss = loss_fn(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3]))
+    with backprop(HBP("pch-abs", "average", "batch-average")):
+        loss.backward()
+    G, A = model[1].weight.hbp
+    assert G.shape == (1024, 1024) and A.shape == (3072, 3072)
+    assert torch.linalg.eigvalsh(G.double()).min() > -1e-6 * G.abs().max()  # PCH is PSD
