@@ -12,7 +12,7 @@ approximation ``torch.kron(G [out, out], A [in, in])`` lives in the same basis.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +26,16 @@ def flatten(tensors: Sequence[Tensor]) -> Tensor:
 
 def _grad(out: Tensor, inputs: Sequence[Tensor], **kwargs) -> list[Tensor]:
     """``torch.autograd.grad`` with zeros instead of ``None`` for unused inputs."""
+    batched = kwargs.get("is_grads_batched", False)
     if not out.requires_grad:
+        assert not batched
         return [torch.zeros_like(x) for x in inputs]
     grads = torch.autograd.grad(out, list(inputs), allow_unused=True, **kwargs)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    K = len(kwargs["grad_outputs"]) if batched else None
+    return [
+        (x.new_zeros(K, *x.shape) if batched else torch.zeros_like(x)) if g is None else g
+        for x, g in zip(inputs, grads)
+    ]
 
 
 def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
@@ -50,8 +56,21 @@ def hessian(loss: Tensor, params: Sequence[Tensor]) -> Tensor:
     ``flatten(params)``. The graph is retained.
     """
     g = flatten(_grad(loss, params, create_graph=True, retain_graph=True))
-    rows = [flatten(_grad(g[i], params, retain_graph=True)) for i in range(g.numel())]
-    return torch.stack(rows)
+    if not g.requires_grad:
+        return torch.zeros(g.numel(), g.numel(), dtype=g.dtype)
+    try:  # all rows in one vectorised backward pass
+        eye = torch.eye(g.numel(), dtype=g.dtype)
+        return flatten_rows(
+            _grad(g, params, grad_outputs=eye, retain_graph=True, is_grads_batched=True)
+        )
+    except RuntimeError:  # an operation without a batching rule: one row at a time
+        rows = [flatten(_grad(g[i], params, retain_graph=True)) for i in range(g.numel())]
+        return torch.stack(rows)
+
+
+def flatten_rows(tensors: Sequence[Tensor]) -> Tensor:
+    """``[K, *shape_i]`` tensors -> ``[K, sum_i prod(shape_i)]``."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
 
 
 def blocks(matrix: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -169,7 +188,12 @@ MODIFY: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def modified_hessian(
-    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, params: Sequence[Tensor], curvature: str
+    model: nn.Sequential,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    params: Sequence[Tensor],
+    curvature: str,
 ) -> Tensor:
     """Loss Hessian w.r.t. ``params`` with every activation residual modified.
 
@@ -178,7 +202,10 @@ def modified_hessian(
     (all samples stacked) and ``m`` from :data:`MODIFY`. For a chain of Linear
     layers and elementwise activations, ``m = id`` gives the exact Hessian (any
     batch size), ``m = 0`` the GGN, ``abs``/``clip`` the positive-curvature
-    Hessian (PCH) of Chen et al. 2018. Returns ``[P, P]``.
+    Hessian (PCH) of Chen et al. 2018. Returns ``[P, P]``; only its diagonal
+    parameter blocks are meaningful: the off-diagonal blocks lack the terms of
+    the bilinear ``W x`` (``d2 z / dW dx != 0``), which a block-diagonal method
+    never needs (within one block ``z`` is linear in ``W``).
     """
     xs = forward_trace(model, X)
     out = xs[-1]
@@ -188,7 +215,9 @@ def modified_hessian(
         if not is_elementwise(layer):
             continue
         (dL_dz,) = _grad(loss, [xs[k + 1]], retain_graph=True)
-        residual = MODIFY[curvature](elementwise_second_derivative(layer, xs[k]) * dL_dz).reshape(-1)
+        residual = MODIFY[curvature](elementwise_second_derivative(layer, xs[k]) * dL_dz).reshape(
+            -1
+        )
         if not residual.any():
             continue
         J = jacobian(xs[k], params)
@@ -196,9 +225,16 @@ def modified_hessian(
     return result
 
 
-def layer_jacobians(layer: nn.Module, x: Tensor) -> Tensor:
-    """Per-sample Jacobians of a layer's output w.r.t. its input: ``[N, out, in]`` (flattened per sample)."""
+def layer_jacobians(layer: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    """Per-sample Jacobians of a layer's output ``z`` w.r.t. its input ``x``, ``[N, out, in]``.
+
+    ``out``/``in``: one sample's output/input entries (flattened). Evaluated
+    again at ``x``, except for ``Dropout`` in train mode, whose Jacobian is
+    ``diag(z / x)`` (the mask of the forward pass that produced ``z``).
+    """
     x = x.detach()
+    if isinstance(layer, nn.Dropout) and layer.training:
+        return torch.diag_embed((z.detach() / x).flatten(1))
     rows = []
     for n in range(x.shape[0]):
         xn = x[n : n + 1]
@@ -208,7 +244,7 @@ def layer_jacobians(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 def kron_factors_sqrt(
-    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor
+    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, xs: list[Tensor] | None = None
 ) -> dict[nn.Parameter, tuple[Tensor, ...]]:
     """KFLR's factors by definition (per-sample backpropagation, exact loss Hessian).
 
@@ -216,8 +252,9 @@ def kron_factors_sqrt(
     ``G = sum_n J_n^T H_n J_n`` with ``J_n = d f(x_n) / d z_n`` (``[O, out]``) and
     ``H_n`` the Hessian of the reduced loss w.r.t. sample n's output;
     ``A = 1/N sum_n x_n x_n^T``. Weight -> ``(G, A)``, bias -> ``(G,)``.
+    ``xs``: a :func:`forward_trace` to use instead of a new forward pass.
     """
-    xs = forward_trace(model, X)
+    xs = forward_trace(model, X) if xs is None else xs
     out = xs[-1]
     N = X.shape[0]
     O = out[0].numel()
@@ -238,19 +275,74 @@ def kron_factors_sqrt(
     return result
 
 
-def kron_factors_batch_average(
-    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, curvature: str = "ggn"
+def modified_hessian_wrt(
+    xs: list[Tensor], model: nn.Sequential, loss_fn: nn.Module, y: Tensor, k: int, curvature: str
+) -> Tensor:
+    """Like :func:`modified_hessian`, w.r.t. the output ``z = xs[k + 1]`` of layer ``k``.
+
+    ``xs``: a :func:`forward_trace`. Returns ``[N*D, N*D]`` (``D`` entries of one
+    sample's ``z``); block diagonal over samples. With ``curvature="hessian"`` it
+    is the Hessian of the loss w.r.t. ``z``.
+    """
+    out, z = xs[-1], xs[k + 1]
+    J = jacobian(out, [z])
+    result = J.T @ loss_hessian_wrt_output(loss_fn, out, y) @ J
+    loss = loss_fn(out, y)
+    for j in range(k + 1, len(model)):
+        if not is_elementwise(model[j]):
+            continue
+        (dL_dz,) = _grad(loss, [xs[j + 1]], retain_graph=True)
+        r = MODIFY[curvature](elementwise_second_derivative(model[j], xs[j]) * dL_dz).reshape(-1)
+        Jj = jacobian(xs[j], [z])
+        result = result + Jj.T @ (r[:, None] * Jj)
+    return result
+
+
+def kron_factors_sqrt_curvature(
+    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, curvature: str
 ) -> dict[nn.Parameter, tuple[Tensor, ...]]:
-    """The batch-average recursion of DESIGN.md section 2 (KFRA, ``HBP(.., "average", "batch-average")``).
+    """``HBP(curvature, "exact", "sqrt")`` by definition, any batch size.
+
+    Per-sample backpropagation of the exact loss Hessian (with every residual
+    modified per sample, :data:`MODIFY`) gives, at the output ``z`` of a Linear
+    layer, sample n's curvature ``M_n`` of the loss w.r.t. ``z_n``:
+    ``G = sum_n M_n`` (the diagonal blocks of :func:`modified_hessian_wrt`),
+    ``A = 1/N sum_n x_n x_n^T``. ``curvature="ggn"`` is KFLR.
+    """
+    xs = forward_trace(model, X)
+    N = X.shape[0]
+    result = {}
+    for k, layer in enumerate(model):
+        if not isinstance(layer, nn.Linear):
+            continue
+        M = modified_hessian_wrt(xs, model, loss_fn, y, k, curvature)
+        D = M.shape[0] // N
+        G = sum(M[n * D : (n + 1) * D, n * D : (n + 1) * D] for n in range(N))
+        x = xs[k].detach()
+        result[layer.weight] = (G, x.T @ x / N)
+        if layer.bias is not None:
+            result[layer.bias] = (G,)
+    return result
+
+
+def kron_factors_batch_average(
+    model: nn.Sequential,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    curvature: str = "ggn",
+    xs: list[Tensor] | None = None,
+) -> dict[nn.Parameter, tuple[Tensor, ...]]:
+    """The batch-average recursion of DESIGN.md sec. 2 (KFRA, ``HBP(., "average", ...)``).
 
     Start at the output with ``H_z = sum_n d2L / dz_n dz_n``; through every layer
     ``H_x = mean_n(J_n^T H_z J_n) + sum_n m(diag(phi''(x_n) * dL/dz_n))``
     (the residual only for elementwise activations, ``m`` from :data:`MODIFY`).
     A Linear layer gets ``(H_z, 1/N sum_n x_n x_n^T)`` for its weight and
     ``(H_z,)`` for its bias, ``H_z`` taken at the layer output. Layers on
-    ``[N, D]`` only (no weight sharing).
+    ``[N, D]`` only (no weight sharing). ``xs``: as in :func:`kron_factors_sqrt`.
     """
-    xs = forward_trace(model, X)
+    xs = forward_trace(model, X) if xs is None else xs
     out = xs[-1]
     N = X.shape[0]
     O = out[0].numel()
@@ -266,7 +358,7 @@ def kron_factors_batch_average(
             result[layer.weight] = (Hz, xd.T @ xd / N)
             if layer.bias is not None:
                 result[layer.bias] = (Hz,)
-        Jn = layer_jacobians(layer, x)  # [N, out, in]
+        Jn = layer_jacobians(layer, x, xs[k + 1])  # [N, out, in]
         Hx = torch.einsum("noi,op,npj->ij", Jn, Hz, Jn) / N
         if is_elementwise(layer):
             (dL_dz,) = _grad(loss, [xs[k + 1]], retain_graph=True)
@@ -304,9 +396,9 @@ def kron_factors_weight_sharing(
         if not isinstance(layer, nn.Linear):
             continue
         z, x = xs[k + 1], xs[k].detach()
-        if x.dim() == 2:
-            z, x = z[:, None], x[:, None]
-        T, D_out = z.shape[1], z.shape[-1]
+        if x.dim() == 2:  # no weight sharing: T = 1
+            x = x[:, None]
+        T, D_out = x.shape[1], z.shape[-1]
         J = jacobian(out, [z]).reshape(N, O, N, T, D_out)
         if approx == "expand":
             G = sum(J[n, :, n, t].T @ H_n[n] @ J[n, :, n, t] for n in range(N) for t in range(T))
