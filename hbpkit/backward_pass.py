@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from hbpkit.calls import NODE_KEY, ModuleCall
 from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.extensions.base import Extension
+from hbpkit.extensions.messages import AverageMessage, SqrtMessage
 from hbpkit.modules.base import LossRules
 
 
@@ -86,15 +87,15 @@ class BackwardPass:
         self.chain = chain
         self._chain_index = {id(c): i for i, c in enumerate(chain)}
         self._position = 0
-        calls, params = reachable(root)
-        self._check(calls, params)
-        self._pending = {id(c) for c in calls}
-        # does any call upstream of chain[i] have trainable parameters?
+        # does any call upstream of chain[i] have trainable parameters (needs messages)?
         upstream, seen = [], False
         for call in reversed(chain):
             upstream.append(seen)
             seen = seen or _own_trainable(call.module)
         self._upstream = upstream[::-1]
+        calls, params = reachable(root)
+        self._check(calls, params)
+        self._pending = {id(c) for c in calls}
         self.messages: dict[Any, Any] = {}
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
 
@@ -126,6 +127,7 @@ class BackwardPass:
         if stray or outside:
             self._refuse_outside(stray, outside)
         if self.second_order:
+            self._check_budgets()
             consumers = Counter(id(c.parent) for c in calls if c.parent is not None)
             for call in self.chain[1:]:
                 if consumers[id(call)] > 1:
@@ -133,6 +135,22 @@ class BackwardPass:
                         f"the output of {type(call.module).__name__} feeds "
                         f"{consumers[id(call)]} modules; branching graphs are not supported yet"
                     )
+
+    def _check_budgets(self) -> None:
+        """Let every module refuse up front what it would densify (see ``modules/budget.py``)."""
+        keys = [e.message for e in self.second_order]
+        averaged = any(isinstance(k, AverageMessage) for k in keys)
+        residuals = any(isinstance(k, SqrtMessage) and k.curvature != "ggn" for k in keys)
+        diagonal = False  # do diagonal residual factors arrive at this call's output?
+        for i, call in enumerate(self.chain[1:], start=1):
+            if not self._upstream[i]:
+                break
+            rules = SECOND_ORDER.lookup(call.module)
+            rules.check_budget(call, averaged, diagonal)
+            if residuals and not rules.linear_in_input:
+                diagonal = True
+            elif not rules.keeps_diagonal:
+                diagonal = False
 
     def _check_call(self, call: ModuleCall, times_called: int) -> None:
         module = call.module

@@ -107,6 +107,20 @@ class ModuleRules:
         """Keep what the forward pass knows and the backward pass needs (default nothing)."""
         return None
 
+    @property
+    def keeps_diagonal(self) -> bool:
+        """Whether :meth:`jac_t_factor` keeps a :class:`DiagonalFactor` diagonal."""
+        return self.diagonal_jacobian
+
+    def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
+        """Refuse before the backward pass if this module would densify too much.
+
+        Called for every module curvature is backpropagated through, with whether a
+        batch-averaged matrix and whether diagonal residual factors arrive at its
+        output; raises :class:`~hbpkit.modules.budget.DenseBudgetError`. Default: nothing
+        to densify.
+        """
+
     # input derivatives ---------------------------------------------------------------
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[V, N, *out] -> [V, N, *in]``."""

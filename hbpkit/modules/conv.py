@@ -189,17 +189,39 @@ class _ConvBase(ModuleRules):
         out_shape = tuple(call.output_shape[1:])
         in_shape = tuple(call.inputs[0].shape[1:])
         D_out, D_in = math.prod(out_shape), math.prod(in_shape)
+        self._check_ea_budget(call, mat.dtype)
+        right = self._jac_t(call, mat.reshape(D_out, *out_shape)).reshape(D_out, D_in)  # mat J
+        both = self._jac_t(call, right.T.reshape(D_in, *out_shape)).reshape(D_in, D_in)
+        return both.T  # the rows of `both` are the columns of J^T mat J
+
+    def _check_ea_budget(self, call: ModuleCall, dtype: torch.dtype) -> None:
+        D_out, D_in = math.prod(call.output_shape[1:]), math.prod(call.inputs[0].shape[1:])
         D_work = self._work_features(call)
         check_dense_budget(
             call,
             D_out * D_work + D_in * D_work + D_in * D_in,
-            mat.dtype,
+            dtype,
             f"The batch-averaged curvature J^T H J ([{D_out}, {D_out}] -> [{D_in}, {D_in}])",
             EA_ADVICE,
         )
-        right = self._jac_t(call, mat.reshape(D_out, *out_shape)).reshape(D_out, D_in)  # mat J
-        both = self._jac_t(call, right.T.reshape(D_in, *out_shape)).reshape(D_in, D_in)
-        return both.T  # the rows of `both` are the columns of J^T mat J
+
+    def _check_diagonal_budget(self, call: ModuleCall, N: int, dtype: torch.dtype) -> None:
+        D_out, D_in = math.prod(call.output_shape[1:]), math.prod(call.inputs[0].shape[1:])
+        check_dense_budget(
+            call,
+            D_out * (D_out + self._work_features(call) + D_in + N * D_in),
+            dtype,
+            f"Backpropagating a diagonal curvature factor (a dense [{D_out}, {N}, {D_in}] "
+            "sqrt factor)",
+            DIAGONAL_ADVICE,
+        )
+
+    def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
+        dtype = call.inputs[0].dtype
+        if batch_averaged:
+            self._check_ea_budget(call, dtype)
+        if diagonal_factors:
+            self._check_diagonal_budget(call, call.inputs[0].shape[0], dtype)
 
     def _work_features(self, call: ModuleCall) -> int:
         """Features of the largest intermediate of :meth:`_jac_t` per column."""
@@ -223,14 +245,7 @@ class _ConvBase(ModuleRules):
         N, out_shape = s.shape[0], tuple(s.shape[1:])
         in_shape = tuple(call.inputs[0].shape[1:])
         D_out, D_in = math.prod(out_shape), math.prod(in_shape)
-        check_dense_budget(
-            call,
-            D_out * (D_out + self._work_features(call) + D_in + N * D_in),
-            s.dtype,
-            f"Backpropagating a diagonal curvature factor (a dense [{D_out}, {N}, {D_in}] "
-            "sqrt factor)",
-            DIAGONAL_ADVICE,
-        )
+        self._check_diagonal_budget(call, N, s.dtype)
         basis = torch.eye(D_out, dtype=s.dtype, device=s.device).reshape(D_out, *out_shape)
         rows = self._jac_t(call, basis).reshape(D_out, 1, D_in)  # J[j, :]
         S = rows * rearrange(s, "n ... -> (...) n 1")

@@ -94,33 +94,47 @@ class _LinearMapRules(ModuleRules):
             if self.selection:
                 d = self.jac_t_mat_prod(call, factor.signed_square().unsqueeze(0)).squeeze(0)
                 return DiagonalFactor.from_values(d)
-            features_in, features_out = _features(call)
-            N, d_out = factor.s.shape[0], features_out.numel()
-            check_dense_budget(
-                call,
-                (d_out, N, max(features_in.numel(), d_out)),
-                factor.s.dtype,
-                "Backpropagating a diagonal curvature factor (densified)",
-                DIAGONAL_ADVICE,
-            )
+            self._check_diagonal_budget(call, factor.s.shape[0], factor.s.dtype)
             factor = factor.dense()
         return SqrtFactor(self.jac_t_mat_prod(call, factor.S), factor.sign)
 
-    def _check_ea_budget(self, call: ModuleCall, mat: Tensor) -> None:
+    def _check_ea_budget(self, call: ModuleCall, dtype: torch.dtype) -> None:
         features_in, features_out = _features(call)
         d_in, d_out = features_in.numel(), features_out.numel()
         check_dense_budget(
             call,
             (d_in, max(d_in, d_out)),
-            mat.dtype,
+            dtype,
             "Batch-averaged curvature backpropagation",
             EA_ADVICE,
         )
 
+    def _check_diagonal_budget(self, call: ModuleCall, N: int, dtype: torch.dtype) -> None:
+        features_in, features_out = _features(call)
+        d_out = features_out.numel()
+        check_dense_budget(
+            call,
+            (d_out, N, max(features_in.numel(), d_out)),
+            dtype,
+            "Backpropagating a diagonal curvature factor (densified)",
+            DIAGONAL_ADVICE,
+        )
+
+    @property
+    def keeps_diagonal(self) -> bool:
+        return self.selection or self.diagonal_jacobian
+
+    def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
+        dtype = call.inputs[0].dtype
+        if batch_averaged:
+            self._check_ea_budget(call, dtype)
+        if diagonal_factors and not self.keeps_diagonal:
+            self._check_diagonal_budget(call, call.inputs[0].shape[0], dtype)
+
     # same J for every sample: mean_n J^T H J = J^T H J, as (J^T (J^T H)^T)^T
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[D_out, D_out] -> [D_in, D_in]``: ``J^T mat J`` (approximation (9))."""
-        self._check_ea_budget(call, mat)
+        self._check_ea_budget(call, mat.dtype)
         features_in, features_out = _features(call)
         d_in, d_out = features_in.numel(), features_out.numel()
         mat_jac = self._jac_t(call, mat.reshape(d_out, *features_out)).reshape(d_out, d_in)
@@ -227,7 +241,7 @@ class MaxPoolRules(_LinearMapRules):
     # mean_n Pi_n^T H Pi_n: entry (a, b) of H is added at (pi_n(a), pi_n(b))
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n Pi_n^T mat Pi_n`` by index additions."""
-        self._check_ea_budget(call, mat)
+        self._check_ea_budget(call, mat.dtype)
         idx = self._indices(call)
         N, (C, p_in) = idx.shape[0], self._rows(call)
         d_in = C * p_in
