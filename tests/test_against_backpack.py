@@ -41,22 +41,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import backpack.extensions as bpext
 import pytest
 import torch
-from torch import nn
-
 from backpack import backpack as bp_backpack
 from backpack import extend as bp_extend
-import backpack.extensions as bpext
-from backpack.extensions.secondorder.hbp import (
-    HBP as BpHBP,
-    BackpropStrategy,
-    ExpectationApproximation,
-    LossHessianStrategy,
-)
+from backpack.extensions.secondorder import hbp as bp_hbp
+from torch import nn
 
 from hbpkit import backprop, extend
 from hbpkit import extensions as hx
@@ -173,22 +167,28 @@ _BA_LOSSES_MISSING = ("bce",)
 
 
 def _bp_hbp(curv):
-    return lambda: BpHBP(
+    return lambda: bp_hbp.HBP(
         curv_type=curv,
-        loss_hessian_strategy=LossHessianStrategy.SUM,
-        backprop_strategy=BackpropStrategy.BATCH_AVERAGE,
-        ea_strategy=ExpectationApproximation.BOTEV_MARTENS,
+        loss_hessian_strategy=bp_hbp.LossHessianStrategy.SUM,
+        backprop_strategy=bp_hbp.BackpropStrategy.BATCH_AVERAGE,
+        ea_strategy=bp_hbp.ExpectationApproximation.BOTEV_MARTENS,
     )
 
 
 EXTS: dict[str, Ext] = {
     "grad_batch": Ext(hx.BatchGrad, bpext.BatchGrad, "grad_batch", "grad_batch"),
     "batch_l2": Ext(hx.BatchL2, bpext.BatchL2Grad, "batch_l2", "batch_l2"),
-    "sum_grad_squared": Ext(hx.SumGradSquared, bpext.SumGradSquared, "sum_grad_squared", "sum_grad_squared"),
+    "sum_grad_squared": Ext(
+        hx.SumGradSquared, bpext.SumGradSquared, "sum_grad_squared", "sum_grad_squared"
+    ),
     "variance": Ext(hx.Variance, bpext.Variance, "variance", "variance"),
     "diag_ggn_exact": Ext(hx.DiagGGNExact, bpext.DiagGGNExact, "diag_ggn_exact", "diag_ggn_exact"),
-    "diag_h": Ext(hx.DiagHessian, bpext.DiagHessian, "diag_h", "diag_h", bp_lacks_modules=(nn.Identity,)),
-    "kflr": Ext(hx.KFLR, bpext.KFLR, "kflr", "kflr", kron=True, bp_lacks_modules=_KRON_MODULES_MISSING),
+    "diag_h": Ext(
+        hx.DiagHessian, bpext.DiagHessian, "diag_h", "diag_h", bp_lacks_modules=(nn.Identity,)
+    ),
+    "kflr": Ext(
+        hx.KFLR, bpext.KFLR, "kflr", "kflr", kron=True, bp_lacks_modules=_KRON_MODULES_MISSING
+    ),
     "kfra": Ext(
         hx.KFRA,
         bpext.KFRA,
@@ -243,8 +243,9 @@ PCH_EXTS: dict[str, Ext] = {
 
 
 def backpack_supports(ext: Ext, model_id: str, loss_id: str) -> bool:
-    mods = [m for m in nn.Sequential(*MODELS[model_id](3)).modules()]
-    if any(isinstance(m, ext.bp_lacks_modules) for m in mods) and ext.bp_lacks_modules:
+    """Whether BackPACK 1.7.1 computes ``ext`` on this model and loss (see module docstring)."""
+    modules = nn.Sequential(*MODELS[model_id](3)).modules()
+    if any(isinstance(m, ext.bp_lacks_modules) for m in modules):
         return False
     return loss_id.split("-")[0] not in ext.bp_lacks_losses
 
@@ -298,7 +299,9 @@ def _max_err(a, b):
 
 def assert_tensor_close(actual, expected, what):
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual)}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert torch.allclose(actual, expected, rtol=RTOL, atol=ATOL), (
         f"{what}: max abs err {_max_err(actual, expected):.3e}, "
@@ -307,8 +310,12 @@ def assert_tensor_close(actual, expected, what):
 
 
 def assert_kron_close(actual, expected, what):
-    assert isinstance(actual, tuple), f"{what}: Kronecker result should be a tuple, got {type(actual)}"
-    assert len(actual) == len(expected), f"{what}: {len(actual)} factors, BackPACK has {len(expected)}"
+    assert isinstance(actual, tuple), (
+        f"{what}: Kronecker result should be a tuple, got {type(actual)}"
+    )
+    assert len(actual) == len(expected), (
+        f"{what}: {len(actual)} factors, BackPACK has {len(expected)}"
+    )
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_tensor_close(a, e, f"{what}[factor {i}]")
     dense_expected = expected[0]
@@ -323,7 +330,9 @@ def compare_models(m_hb, m_bp, hb_field, bp_field, kron, label=""):
     for (name, p_hb), (_, p_bp) in params:
         what = f"{label}{name}.{hb_field}"
         if not p_bp.requires_grad:
-            assert p_hb.grad is None and not hasattr(p_hb, hb_field), f"frozen {name} got {hb_field}"
+            assert p_hb.grad is None and not hasattr(p_hb, hb_field), (
+                f"frozen {name} got {hb_field}"
+            )
             continue
         # hbpkit must leave the ordinary gradient alone
         assert_tensor_close(p_hb.grad, p_bp.grad, f"{name}.grad")
@@ -397,10 +406,12 @@ def test_pch_batch_size_one_against_backpack(ext_id, model_id, loss_id):
 
 @pytest.mark.parametrize("model_id, loss_id", PCH_CASES)
 @pytest.mark.parametrize("ext_id", list(PCH_EXTS))
-def test_pch_per_sample_residual_against_patched_backpack(ext_id, model_id, loss_id, backpack_pch_per_sample):
+def test_pch_per_sample_residual_against_patched_backpack(
+    ext_id, model_id, loss_id, backpack_pch_per_sample
+):
     """PCH-abs / PCH-clip, N = 4: BackPACK modifying per-sample residuals (fixture)."""
     ext = PCH_EXTS[ext_id]
-    backpack_pch_per_sample(ext_id.split("-average")[0][len("hbp-"):])
+    backpack_pch_per_sample(ext_id.split("-average")[0][len("hbp-") :])
     model, X, y, make_loss = make_problem(model_id, loss_id)
     m_bp, _ = run_backpack(model, X, y, make_loss, ext.bp())
     m_hb, _ = run_hbpkit(model, X, y, make_loss, ext.hb())
@@ -433,7 +444,9 @@ def test_frozen_parameter_gets_nothing(ext_id):
     m_bp, _ = run_backpack(model, X, y, make_loss, ext.bp())
     m_hb, _ = run_hbpkit(model, X, y, make_loss, ext.hb())
     assert not hasattr(m_bp[1].bias, ext.bp_field)
-    assert not hasattr(m_hb[1].bias, ext.hb_field), "a parameter with requires_grad=False got a quantity"
+    assert not hasattr(m_hb[1].bias, ext.hb_field), (
+        "a parameter with requires_grad=False got a quantity"
+    )
     compare_models(m_hb, m_bp, ext.hb_field, ext.bp_field, ext.kron)
 
 
@@ -456,8 +469,12 @@ def test_kfac_deterministic_parts(model_id, loss_id):
     for (name, p_hb), (_, p_bp) in zip(m_hb.named_parameters(), m_bp.named_parameters()):
         assert_tensor_close(p_hb.grad, p_bp.grad, f"{name}.grad")
         a, e = p_hb.kfac, p_bp.kfac
-        assert isinstance(a, tuple) and len(a) == len(e), f"{name}.kfac: {len(a)} factors vs {len(e)}"
-        assert a[0].shape == e[0].shape, f"{name}.kfac G shape {tuple(a[0].shape)} != {tuple(e[0].shape)}"
+        assert isinstance(a, tuple) and len(a) == len(e), (
+            f"{name}.kfac: {len(a)} factors vs {len(e)}"
+        )
+        assert a[0].shape == e[0].shape, (
+            f"{name}.kfac G shape {tuple(a[0].shape)} != {tuple(e[0].shape)}"
+        )
         assert_tensor_close(a[0], a[0].T, f"{name}.kfac G symmetry")
         if len(e) == 2:
             assert_tensor_close(a[1], e[1], f"{name}.kfac A")
@@ -481,21 +498,35 @@ def test_kfac_many_samples_against_backpack(model_id, loss_id):
     m_hb, _ = run_hbpkit(model, X, y, make_loss, hx.KFAC(mc_samples=MC_SAMPLES))
     for (name, p_hb), (_, p_bp) in zip(m_hb.named_parameters(), m_bp.named_parameters()):
         G_hb, G_bp, G_exact = p_hb.kfac[0], p_bp.kfac[0], p_bp.kflr[0]
-        assert _rel_err(G_bp, G_exact) < MC_RTOL, "BackPACK's own KFAC is off: test is miscalibrated"
-        assert _rel_err(G_hb, G_bp) < 2 * MC_RTOL, f"{name}: kfac G vs BackPACK kfac G rel err {_rel_err(G_hb, G_bp):.3e}"
-        assert _rel_err(G_hb, G_exact) < MC_RTOL, f"{name}: kfac G vs BackPACK kflr G rel err {_rel_err(G_hb, G_exact):.3e}"
+        assert _rel_err(G_bp, G_exact) < MC_RTOL, (
+            "BackPACK's own KFAC is off: test is miscalibrated"
+        )
+        assert _rel_err(G_hb, G_bp) < 2 * MC_RTOL, (
+            f"{name}: kfac G vs BackPACK kfac G rel err {_rel_err(G_hb, G_bp):.3e}"
+        )
+        assert _rel_err(G_hb, G_exact) < MC_RTOL, (
+            f"{name}: kfac G vs BackPACK kflr G rel err {_rel_err(G_hb, G_exact):.3e}"
+        )
 
 
 @pytest.mark.parametrize("model_id, loss_id", SAMPLED_CASES)
 def test_diag_ggn_mc_many_samples_against_backpack(model_id, loss_id):
     model, X, y, make_loss = make_problem(model_id, loss_id)
     torch.manual_seed(1)
-    m_bp, _ = run_backpack(model, X, y, make_loss, bpext.DiagGGNMC(mc_samples=MC_SAMPLES), bpext.DiagGGNExact())
+    m_bp, _ = run_backpack(
+        model, X, y, make_loss, bpext.DiagGGNMC(mc_samples=MC_SAMPLES), bpext.DiagGGNExact()
+    )
     torch.manual_seed(2)
     m_hb, _ = run_hbpkit(model, X, y, make_loss, hx.DiagGGNMC(mc_samples=MC_SAMPLES))
     for (name, p_hb), (_, p_bp) in zip(m_hb.named_parameters(), m_bp.named_parameters()):
         d_hb, d_bp, d_exact = p_hb.diag_ggn_mc, p_bp.diag_ggn_mc, p_bp.diag_ggn_exact
         assert d_hb.shape == d_bp.shape
-        assert _rel_err(d_bp, d_exact) < MC_RTOL, "BackPACK's own DiagGGNMC is off: test is miscalibrated"
-        assert _rel_err(d_hb, d_bp) < 2 * MC_RTOL, f"{name}: diag_ggn_mc rel err vs BackPACK {_rel_err(d_hb, d_bp):.3e}"
-        assert _rel_err(d_hb, d_exact) < MC_RTOL, f"{name}: diag_ggn_mc rel err vs exact {_rel_err(d_hb, d_exact):.3e}"
+        assert _rel_err(d_bp, d_exact) < MC_RTOL, (
+            "BackPACK's own DiagGGNMC is off: test is miscalibrated"
+        )
+        assert _rel_err(d_hb, d_bp) < 2 * MC_RTOL, (
+            f"{name}: diag_ggn_mc rel err vs BackPACK {_rel_err(d_hb, d_bp):.3e}"
+        )
+        assert _rel_err(d_hb, d_exact) < MC_RTOL, (
+            f"{name}: diag_ggn_mc rel err vs exact {_rel_err(d_hb, d_exact):.3e}"
+        )
