@@ -17,6 +17,8 @@ The bias block is ``G`` (the weight's output factor, bias folded as a 1).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
@@ -137,7 +139,8 @@ class LinearRules(ModuleRules):
             if approx == "reduce":
                 x = x.mean(1, keepdim=True)
             flat = x.reshape(-1, x.shape[-1])
-            call.cache[key] = flat.T @ flat / flat.shape[0]
+            flat = flat / math.sqrt(flat.shape[0])  # scale the [NT, D] rows, not the [D, D] result
+            call.cache[key] = flat.T @ flat
         return call.cache[key]
 
     def kron_from_sqrt(
