@@ -97,7 +97,8 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return nn.functional.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
 
 
-def main() -> None:
+def main() -> dict[str, tuple[float, float]]:
+    """Run the demo; returns ``{"gd" | "kflr": (final train loss, test accuracy)}``."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     X_tr, X_te, y_tr, y_te = load_data()
     print(f"digits: {len(X_tr)} training / {len(X_te)} test images of 8x8 pixels, 10 classes\n")
@@ -125,11 +126,14 @@ def main() -> None:
 
     title = f"after {STEPS} steps"
     print(f"\n{title:<28} {'train loss':>10} {'test loss':>10} {'test accuracy':>14}")
-    for label, model in ((col_sgd, sgd_model), (col_kflr, kflr_model)):
+    results = {}
+    for key, label, model in (("gd", col_sgd, sgd_model), ("kflr", col_kflr, kflr_model)):
         tr_loss, _ = evaluate(model, X_tr, y_tr)
         te_loss, te_acc = evaluate(model, X_te, y_te)
         print(f"{label:<28} {tr_loss:>10.4f} {te_loss:>10.4f} {100 * te_acc:>12.1f} %")
+        results[key] = (tr_loss, te_acc)
     print(f"\n(GD's rate is the best of {SGD_LRS} by final training loss.)")
+    return results
 
 
 if __name__ == "__main__":

@@ -17,3 +17,9 @@ def _load(name: str):
 
 def test_custom_module_example_matches_autograd():
     assert _load("custom_module").main() < 1e-10
+
+
+def test_digits_demo_kronecker_step_beats_gradient_descent():
+    results = _load("digits_demo").main()
+    assert results["kflr"][0] < 0.5 * results["gd"][0]
+    assert results["kflr"][1] > 0.9
