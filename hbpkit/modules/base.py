@@ -72,6 +72,17 @@ class DiagonalFactor(NamedTuple):
 Factor = SqrtFactor | DiagonalFactor
 
 
+def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
+    """``G`` of a weight shared over positions, from the averaged ``H`` ``[o, p, o', p']``.
+
+    ``"expand"``: ``sum_p H[:, p, :, p]`` (the diagonal position blocks);
+    ``"reduce"``: ``sum_{p, p'} H[:, p, :, p']`` (all blocks).
+    """
+    if approx == "reduce":
+        return H.sum((1, 3))
+    return torch.diagonal(H, dim1=1, dim2=3).sum(-1)
+
+
 def _expand_like(sign: Tensor, t: Tensor) -> Tensor:
     return sign.reshape(*sign.shape, *([1] * (t.dim() - 2)))
 

@@ -72,7 +72,13 @@ from torch import Tensor, nn
 from torch.nn import grad as nn_grad
 
 from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
+from hbpkit.modules.base import (
+    DiagonalFactor,
+    Factor,
+    ModuleRules,
+    SqrtFactor,
+    output_factor_from_average,
+)
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 
 #: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
@@ -499,11 +505,7 @@ class ConvRules(_ConvBase):
         self._check_kron(call, name)
         C_out = call.output_shape[1]
         H = rearrange(mat, "(o p) (q r) -> o p q r", o=C_out, q=C_out)
-        if approx == "reduce":
-            G = H.sum((1, 3))
-        else:
-            G = torch.diagonal(H, dim1=1, dim2=3).sum(-1)
-        return self._kron(call, name, G, approx)
+        return self._kron(call, name, output_factor_from_average(H, approx), approx)
 
 
 class ConvTransposeRules(_ConvBase):

@@ -24,7 +24,13 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
+from hbpkit.modules.base import (
+    DiagonalFactor,
+    Factor,
+    ModuleRules,
+    SqrtFactor,
+    output_factor_from_average,
+)
 
 
 def _positions(t: Tensor, batch_dims: int) -> Tensor:
@@ -163,12 +169,8 @@ class LinearRules(ModuleRules):
         self, call: ModuleCall, name: str, mat: Tensor, approx: str
     ) -> list[Tensor]:
         T = self._x(call).shape[1]
-        H = rearrange(mat, "(t o) (s p) -> t o s p", t=T, s=T)
-        if approx == "reduce":
-            G = H.sum((0, 2))
-        else:
-            G = torch.diagonal(H, dim1=0, dim2=2).sum(-1)
-        return self._kron(call, name, G, approx)
+        H = rearrange(mat, "(t o) (s p) -> o t p s", t=T, s=T)
+        return self._kron(call, name, output_factor_from_average(H, approx), approx)
 
     def _kron(self, call: ModuleCall, name: str, G: Tensor, approx: str) -> list[Tensor]:
         if name == "bias":
