@@ -44,6 +44,7 @@ class ModuleCall:
         "captured",
         "cache",
         "released",
+        "kept",
         "output_shape",
         "__weakref__",
     )
@@ -55,6 +56,7 @@ class ModuleCall:
         self.captured: Any = None
         self.cache: dict[Any, Any] = {}
         self.released = False
+        self.kept = False
         x = inputs[0]
         self.parent, self.input_origin = _producer(x)
 
@@ -69,15 +71,29 @@ class ModuleCall:
         x = self.inputs[0]
         return isinstance(x, Tensor) and x.requires_grad
 
+    def keep(self) -> None:
+        """Keep the forward data past :meth:`release` (for products applied after the pass).
+
+        Call it during the backward pass, before the call's release. The cache is
+        still dropped on release; rules refill it lazily when the products use them.
+        """
+        self.kept = True
+
     def release(self) -> None:
-        """Drop the tensors of the forward pass (after the backward pass used them)."""
-        self.inputs = ()
-        self.captured = None
+        """Drop the tensors of the forward pass (after the backward pass used them).
+
+        A kept call (:meth:`keep`) drops only its cache and detaches its inputs.
+        """
+        if self.kept:
+            self.inputs = tuple(t.detach() if isinstance(t, Tensor) else t for t in self.inputs)
+        else:
+            self.inputs = ()
+            self.captured = None
         self.cache = {}
         self.released = True
 
     def _check_alive(self) -> None:
-        if self.released:
+        if self.released and not self.kept:
             raise RuntimeError(
                 f"The forward data of {type(self.module).__name__} was released by an earlier "
                 "backward pass through this graph. hbpkit computes its quantities in the first "

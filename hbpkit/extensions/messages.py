@@ -8,6 +8,10 @@ both use the exact GGN sqrt factors, and they are backpropagated once.
 * :class:`AverageMessage`: one batch-averaged ``[D, D]`` matrix
   (``backprop="batch-average"``, approximation (9)),
   ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``.
+* :class:`ProductMessage`: an operator, :class:`OutputCurvature`, that applies the
+  exact per-sample output curvature to ``[K, N, *features]`` tensors (the
+  curvature-matrix products ``GGNMP``, ``HMP``, ``PCHMP``),
+  ``H_x m = J^T H_z (J m) + r * m`` per sample (eq. 7, S.9).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from torch import Tensor
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
+
+ProductRules = ModuleRules | LossRules
 
 CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
 
@@ -84,3 +90,85 @@ class AverageMessage:
             residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
             out = out + torch.diag(residual.flatten(1).sum(0))
         return out
+
+
+class OutputCurvature:
+    """The exact curvature of the loss w.r.t. a layer output, applied per sample.
+
+    ``self(M)``: ``[K, N, *features] -> [K, N, *features]``, each ``M[k, n]``
+    multiplied by sample ``n``'s curvature ``H_{z_n}`` (the loss Hessian is
+    block-diagonal over samples and every module acts per sample). One link per
+    module, built during the backward pass and applied afterwards (a CG loop):
+
+    * at the loss (``upstream is None``): ``H_{z_n} m = d2L/dz_n dz_n m``;
+    * at the input ``x`` of a module ``z = f(x)`` whose output curvature is
+      ``upstream``: ``H_{x_n} m = J_n^T H_{z_n} (J_n m) + r_n * m`` (eq. 7), with the
+      residual ``r_n = phi''(x_n) * dz_n`` of an elementwise module (S.9), modified
+      per sample by the curvature option (``None``: dropped, the GGN).
+
+    It holds the module calls it needs (kept past the backward pass, see
+    :meth:`ModuleCall.keep`) and its upstream link: nothing else holds it.
+    """
+
+    __slots__ = ("rules", "call", "upstream", "residual")
+
+    def __init__(
+        self,
+        rules: ProductRules,
+        call: ModuleCall,
+        upstream: OutputCurvature | None = None,
+        residual: Tensor | None = None,
+    ) -> None:
+        self.rules = rules
+        self.call = call
+        self.upstream = upstream
+        self.residual = residual
+        call.keep()
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        if self.upstream is None:
+            return self.rules.hessian_mat_prod(self.call, mat)
+        rules, call = self.rules, self.call
+        out = rules.jac_t_mat_prod(call, self.upstream(rules.jac_mat_prod(call, mat)))
+        if self.residual is not None:
+            out = out + self.residual * mat
+        return out
+
+
+@dataclass(frozen=True)
+class ProductMessage:
+    """The exact output curvature as an operator (:class:`OutputCurvature`), no factors.
+
+    Messages of different curvatures share their links where they coincide: the
+    first links from the loss down to the first module with a (non-zero)
+    residual are the same object for GGN, Hessian and PCH, and so is every link
+    built from the same upstream link without a residual.
+    """
+
+    curvature: str
+
+    def initial(self, rules: LossRules, call: ModuleCall) -> OutputCurvature:
+        if type(rules).hessian_mat_prod is LossRules.hessian_mat_prod:
+            raise NotImplementedError(f"{type(rules).__name__} does not implement hessian_mat_prod")
+        key = ("product_link", None, None)
+        if key not in call.cache:
+            call.cache[key] = OutputCurvature(rules, call)
+        return call.cache[key]
+
+    def propagate(
+        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, op: OutputCurvature
+    ) -> OutputCurvature:
+        for what in ("jac_mat_prod", "jac_t_mat_prod"):
+            if not rules.implements(what):
+                raise rules._missing(what)
+        residual = None
+        if self.curvature != "ggn" and not rules.linear_in_input:
+            if "product_residual" not in call.cache:
+                call.cache["product_residual"] = rules.residual_diag(call, grad_output)
+            residual = modify_residual(call.cache["product_residual"], self.curvature)
+            if residual is not None and not bool(residual.any()):
+                residual = None  # e.g. a saturated or piecewise-linear region: GGN link
+        key = ("product_link", id(op), None if residual is None else self.curvature)
+        if key not in call.cache:  # the cache lives during this call's hook: ids are unique
+            call.cache[key] = OutputCurvature(rules, call, op, residual)
+        return call.cache[key]

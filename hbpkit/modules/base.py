@@ -106,6 +106,8 @@ class ModuleRules:
     linear_in_input: bool = True
     #: whether ``Dz(x)`` is diagonal (elementwise modules, reshapes): diagonal factors stay so
     diagonal_jacobian: bool = False
+    #: whether ``z`` is linear in every parameter (no parameter residual ``sum_k d2z_k/dp2 dz_k``)
+    linear_in_params: bool = True
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""
@@ -201,6 +203,33 @@ class ModuleRules:
         """Kronecker factors of the parameter block from a batch-averaged ``[D_out, D_out]``."""
         raise self._missing("kron_from_average")
 
+    # parameter Jacobian products (exact curvature-matrix products, GGNMP / HMP / PCHMP) -----
+    def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, *param.shape] -> [K, N, *out]``: ``J_{p,n} v_k`` for every sample ``n``.
+
+        The same ``v_k`` for every sample (a direction in parameter space).
+        """
+        raise self._missing("param_jac_mat_prod")
+
+    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, N, *out] -> [K, *param.shape]``: ``sum_n J_{p,n}^T m_{k,n}``."""
+        raise self._missing("param_jac_t_mat_prod_sum")
+
+    def param_residual_mat_prod(
+        self, call: ModuleCall, name: str, grad_output: Tensor, mat: Tensor
+    ) -> Tensor:
+        """``[K, *param.shape] -> [K, *param.shape]``: ``sum_n sum_k (d2z_{n,k}/dp2) dz_{n,k} v``.
+
+        The parameter's own second-order term of eq. (7); needed only by modules
+        with ``linear_in_params = False`` (Linear and convolutions are linear in
+        their parameters).
+        """
+        raise self._missing("param_residual_mat_prod")
+
+    def implements(self, what: str) -> bool:
+        """Whether the rule ``what`` is overridden (not the base class's missing error)."""
+        return getattr(type(self), what) is not getattr(ModuleRules, what)
+
     def _missing(self, what: str) -> NotImplementedError:
         return NotImplementedError(f"{type(self).__name__} does not implement {what}")
 
@@ -235,3 +264,7 @@ class LossRules:
     def sum_hessian(self, call: ModuleCall) -> Tensor:
         """``sum_n d2L/dx_n dx_n``, shape ``[D, D]`` with ``D`` = features of ``x``."""
         raise NotImplementedError
+
+    def hessian_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, N, *in] -> [K, N, *in]``: ``(d2L/dx_n dx_n) m_{k,n}`` per sample ``n``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement hessian_mat_prod")

@@ -86,6 +86,7 @@ CHUNK_BYTES = 2**27
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
+_CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -258,6 +259,46 @@ class _ConvBase(ModuleRules):
         sign = None if factor.sign is None else rearrange(factor.sign, "n ... -> (...) n")
         return SqrtFactor(S.reshape(D_out, N, *in_shape), sign)
 
+    # parameter Jacobian products (D.4), for the exact curvature-matrix products ------------
+    def _apply_weight(self, call: ModuleCall, x: Tensor, weight: Tensor) -> Tensor:
+        """``[N, C_in, *in] -> [N, C_out', *out]``: the module's map with another ``weight``."""
+        raise NotImplementedError
+
+    def _stack(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``K`` weights ``[K, *W.shape]`` as one weight whose group ``g`` holds all ``K``
+        kernels of group ``g`` (one convolution applies all ``K`` at once)."""
+        G = call.module.groups
+        if self._output_left:  # [K, C_out, C_in/G, *k] -> [G, K, C_out/G, ...]
+            return mat.unflatten(1, (G, -1)).transpose(0, 1).flatten(0, 2)
+        # [K, C_in, C_out/G, *k] -> [C_in, K * C_out/G, *k]
+        return mat.transpose(0, 1).flatten(1, 2)
+
+    def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, *S] -> [K, N, C_out, *out]``: ``V_k [[x_n]]`` (weight, S.14) or ``v_k 1_P^T``.
+
+        The ``K`` kernels are stacked into one weight with ``K`` times the output
+        channels: one convolution of the input for all ``K``.
+        """
+        K, out_shape = mat.shape[0], call.output_shape
+        if name == "bias":
+            return mat.reshape(K, 1, -1, *([1] * self._dims(call))).expand(K, *out_shape)
+        G = call.module.groups
+        z = self._apply_weight(call, call.input, self._stack(call, mat))  # [N, G K C_out/G, *out]
+        z = z.unflatten(1, (G, K, -1)).movedim(2, 0)  # [K, N, G, C_out/G, *out]
+        return z.reshape(K, *out_shape)
+
+    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, N, C_out, *out] -> [K, *S]``: ``sum_n M_{k,n} [[x_n]]^T`` or ``sum_{n,p} m``."""
+        K = mat.shape[0]
+        if name == "bias":
+            return mat.flatten(3).sum((1, 3))
+        left, right = self._weight_factors(call, mat)
+        if self._output_left:
+            JtM = einsum(left, right, "k n g a p, n g b p -> k g a b")
+        else:
+            JtM = einsum(left, right, "n g a p, k n g b p -> k g a b")
+        return JtM.reshape(K, *call.module.weight.shape)
+
     # first-order quantities -----------------------------------------------------------------
     def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
         """``[N, *weight.shape]`` or ``[N, C_out]`` (bias); for Conv ``g [[x]]^T`` (S.14)."""
@@ -415,9 +456,28 @@ class ConvRules(_ConvBase):
 
     def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[B, C_in, *in] -> [B, C_out, *out]``: the convolution without bias (eq. S.14)."""
+        return self._apply_weight(call, mat, call.module.weight.detach())
+
+    def _apply_weight(self, call: ModuleCall, x: Tensor, weight: Tensor) -> Tensor:
         conv = _CONV[self._dims(call)]
-        weight = call.module.weight.detach()
-        return conv(self._pad(call, mat), weight, None, **self._conv_kwargs(call))
+        return conv(self._pad(call, x), weight, None, **self._conv_kwargs(call))
+
+    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, N, C_out, *out] -> [K, *S]``: ``sum_n M_{k,n} [[x_n]]^T`` (S.14) or ``sum m``.
+
+        The weight part is the weight gradient of one convolution with the ``K``
+        kernels stacked (as in :meth:`param_jac_mat_prod`), without unfolding ``x``.
+        """
+        if name == "bias":
+            return super().param_jac_t_mat_prod_sum(call, name, mat)
+        K, G = mat.shape[0], call.module.groups
+        W = call.module.weight
+        grad_out = mat.unflatten(2, (G, -1)).movedim(0, 2).flatten(1, 3)  # [N, G K C_out/G, *out]
+        size = [K * W.shape[0], *W.shape[1:]]
+        conv_weight = _CONV_WEIGHT[self._dims(call)]
+        x = self._pad(call, call.input)
+        stacked = conv_weight(x, size, grad_out, **self._conv_kwargs(call))
+        return stacked.unflatten(0, (G, K, -1)).transpose(0, 1).reshape(K, *W.shape)
 
     # the unfolded input (eq. S.14's [[X]]), computed once per call ----------------------------
     def _x_full(self, call: ModuleCall) -> Tensor:
@@ -555,11 +615,14 @@ class ConvTransposeRules(_ConvBase):
 
     def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[B, C_in, *in] -> [B, C_out, *out]``: the transposed convolution without bias."""
+        return self._apply_weight(call, mat, call.module.weight.detach())
+
+    def _apply_weight(self, call: ModuleCall, x: Tensor, weight: Tensor) -> Tensor:
         conv_t = _CONV_TRANSPOSE[self._dims(call)]
         m = call.module
         return conv_t(
-            mat,
-            m.weight.detach(),
+            x,
+            weight,
             None,
             stride=m.stride,
             padding=m.padding,

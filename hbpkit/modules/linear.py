@@ -176,3 +176,22 @@ class LinearRules(ModuleRules):
         if name == "bias":
             return [G]
         return [G, self.input_factor(call, approx)]
+
+    # parameter Jacobian products (S.8: z_{n,t} = W x_{n,t} + b), for curvature-matrix products
+    def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, *S] -> [K, N, *, D_out]``: ``V_k x_{n,t}`` (weight) or ``v_k`` (bias)."""
+        out_shape = call.output_shape
+        if name == "bias":
+            K = mat.shape[0]
+            return mat.reshape(K, *([1] * (len(out_shape) - 1)), -1).expand(K, *out_shape)
+        x = call.input
+        return (x.reshape(-1, x.shape[-1]) @ mat.mT).reshape(mat.shape[0], *out_shape)
+
+    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, N, *, D_out] -> [K, *S]``: ``sum_{n,t} m_{k,n,t} x_{n,t}^T`` or ``sum_{n,t} m``."""
+        K, D_out = mat.shape[0], mat.shape[-1]
+        flat = mat.reshape(K, -1, D_out)  # [K, N T, D_out]
+        if name == "bias":
+            return flat.sum(1)
+        x = call.input
+        return flat.mT @ x.reshape(-1, x.shape[-1])

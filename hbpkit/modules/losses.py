@@ -61,6 +61,9 @@ class MSELossRules(LossRules):
         value = 2 * _scale(call, per_element=True) * x.shape[0]
         return torch.eye(D, dtype=x.dtype, device=x.device) * value
 
+    def hessian_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        return mat * (2 * _scale(call, per_element=True))
+
 
 class CrossEntropyLossRules(LossRules):
     """``l_n = -sum_k y_k log softmax(x_n)_k``: ``d2l/dx dx = (sum_k y_k)(diag p - p p^T)`` (C.2).
@@ -112,6 +115,14 @@ class CrossEntropyLossRules(LossRules):
         pw = p * mass[:, None]
         return torch.diag(pw.sum(0)) - pw.T @ p
 
+    def hessian_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``mass_n (diag p_n - p_n p_n^T) m``: ``[K, N, C] -> [K, N, C]``."""
+        if "ce_probs" not in call.cache:  # refilled lazily after the pass (products)
+            call.cache["ce_probs"] = self._probs_and_mass(call)
+        p, mass = call.cache["ce_probs"]
+        pm = p * mat
+        return (pm - p * pm.sum(-1, keepdim=True)) * mass[:, None]
+
 
 class BCEWithLogitsLossRules(LossRules):
     """``l = -[y log s(x) + (1-y) log(1-s(x))]``: ``d2l/dx dx = diag[s(x)(1-s(x))]``."""
@@ -141,3 +152,9 @@ class BCEWithLogitsLossRules(LossRules):
     def sum_hessian(self, call: ModuleCall) -> Tensor:
         s, scale = self._curvature(call)
         return torch.diag((s * (1 - s)).flatten(1).sum(0) * scale)
+
+    def hessian_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        if "bce_hessian" not in call.cache:
+            s, scale = self._curvature(call)
+            call.cache["bce_hessian"] = s * (1 - s) * scale
+        return mat * call.cache["bce_hessian"]

@@ -1,0 +1,21 @@
+"""Optimizers that consume the curvature hbpkit attaches to parameters.
+
+* :class:`NewtonCG`: per-block damped Newton steps by conjugate gradients on the
+  exact products (``GGNMP``, ``HMP``, ``PCHMP``) or on Kronecker factors, with the
+  block splitting of the HBP paper.
+* :class:`KroneckerPreconditioner`: K-FAC-style steps with moving averages of the
+  factors and factored Tikhonov damping.
+* :func:`cg`: the batched conjugate-gradient solver behind ``NewtonCG``.
+
+Each optimizer's ``.extensions`` lists the extensions its step needs::
+
+    with backprop(*opt.extensions):
+        loss.backward()
+    opt.step()
+"""
+
+from hbpkit.optim.cg import CGInfo, cg
+from hbpkit.optim.kronecker import KroneckerPreconditioner
+from hbpkit.optim.newton_cg import NewtonCG
+
+__all__ = ["CGInfo", "KroneckerPreconditioner", "NewtonCG", "cg"]

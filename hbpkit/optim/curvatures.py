@@ -1,0 +1,72 @@
+"""Which hbpkit extension an optimizer's ``curvature`` option needs, and where it lands.
+
+The extension classes are looked up in :mod:`hbpkit.extensions` only when an
+optimizer's ``.extensions`` is first read, so importing :mod:`hbpkit.optim` never
+depends on which extensions exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class CurvatureSpec(NamedTuple):
+    """``savefield`` the step reads, and how to build the default extension."""
+
+    savefield: str
+    extension: str  # class name in hbpkit.extensions
+    kwargs: dict[str, Any]
+    kronecker: bool  # a KroneckerFactors result (else: a product function V -> C V)
+
+
+CURVATURES: dict[str, CurvatureSpec] = {
+    "ggn": CurvatureSpec("ggnmp", "GGNMP", {}, False),
+    "hessian": CurvatureSpec("hmp", "HMP", {}, False),
+    "pch-abs": CurvatureSpec("pchmp", "PCHMP", {"modify": "abs"}, False),
+    "pch-clip": CurvatureSpec("pchmp", "PCHMP", {"modify": "clip"}, False),
+    "kfac": CurvatureSpec("kfac", "KFAC", {}, True),
+    "kflr": CurvatureSpec("kflr", "KFLR", {}, True),
+    "kfra": CurvatureSpec("kfra", "KFRA", {}, True),
+    "hbp": CurvatureSpec("hbp", "HBP", {}, True),
+}
+
+KRONECKER_CURVATURES = tuple(name for name, spec in CURVATURES.items() if spec.kronecker)
+
+
+def curvature_spec(curvature: str, choices: tuple[str, ...]) -> CurvatureSpec:
+    """The spec of ``curvature``, or ``ValueError`` listing ``choices``."""
+    if curvature not in choices:
+        raise ValueError(f"curvature={curvature!r} is not one of {choices}")
+    return CURVATURES[curvature]
+
+
+def check_extension(extension: Any, spec: CurvatureSpec, curvature: str) -> None:
+    """A user-given extension must write the savefield the step reads."""
+    if extension is None:
+        return
+    if getattr(extension, "savefield", None) != spec.savefield:
+        raise ValueError(
+            f"curvature={curvature!r} reads p.{spec.savefield}, but extension={extension!r} "
+            f"writes p.{getattr(extension, 'savefield', None)}"
+        )
+
+
+def build_extension(spec: CurvatureSpec, curvature: str) -> Any:
+    """An instance of the default extension for ``curvature``."""
+    import hbpkit.extensions as extensions
+
+    cls = getattr(extensions, spec.extension, None)
+    if cls is None:
+        raise RuntimeError(
+            f"curvature={curvature!r} needs hbpkit.extensions.{spec.extension}, which this "
+            "version of hbpkit does not provide"
+        )
+    return cls(**spec.kwargs)
+
+
+def missing_quantity(param_name: str, savefield: str) -> RuntimeError:
+    """The error for a parameter with a gradient but without its curvature quantity."""
+    return RuntimeError(
+        f"parameter {param_name} has a gradient but no p.{savefield}: run the backward pass "
+        "inside `with backprop(*opt.extensions): loss.backward()` before opt.step()"
+    )
