@@ -197,7 +197,7 @@ LOSSES = {
 }
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss_id", LOSSES)
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -207,7 +207,7 @@ def test_mlp_products_against_autograd(act, loss_id, reduction, n):
     check_products(*problem, f"{act}-{loss_id}-{reduction}-N{n}")
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 5])
 def test_cnn_products_against_autograd(n):
     problem = _problem(_cnn(), (2, 4, 4), nn.CrossEntropyLoss(), n)
     check_products(*problem, f"cnn-N{n}")
@@ -219,7 +219,7 @@ def test_grouped_strided_conv_and_transpose_products_against_autograd(n):
     check_products(*problem, f"grouped-N{n}", curvatures=("ggn", "hessian", "pch-abs"))
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 5])
 def test_linear_on_sequences_against_autograd(n):
     problem = _problem(_sequence(), (2, 3), nn.CrossEntropyLoss(), n)
     check_products(*problem, f"seq-N{n}")
@@ -298,7 +298,7 @@ def backpack_pchmp_fixed(monkeypatch):
     monkeypatch.setattr(PCHMPBase, "modified_residual_mat_prod", residual_mat_prod)
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("modify", ["abs", "clip"])
 @pytest.mark.parametrize("case", BP_CASES)
 def test_pchmp_against_fixed_backpack(case, modify, n, backpack_pchmp_fixed):
