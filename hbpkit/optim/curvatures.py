@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
+
 
 class CurvatureSpec(NamedTuple):
     """``savefield`` the step reads, and how to build the default extension."""
@@ -70,3 +72,37 @@ def missing_quantity(param_name: str, savefield: str) -> RuntimeError:
         f"parameter {param_name} has a gradient but no p.{savefield}: run the backward pass "
         "inside `with backprop(*opt.extensions): loss.backward()` before opt.step()"
     )
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base of the optimizers that read what an hbpkit extension attaches.
+
+    Subclasses call :meth:`_setup` in ``__init__`` and check each parameter
+    group's hyperparameters in :meth:`_check_group`.
+    """
+
+    def _setup(
+        self, params: Any, curvature: str, choices: tuple[str, ...], extension: Any, defaults: dict
+    ) -> None:
+        self.curvature_spec = curvature_spec(curvature, choices)
+        check_extension(extension, self.curvature_spec, curvature)
+        self.curvature = curvature
+        self._extension = extension
+        self._check_group(defaults)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _check_group(self, group: dict) -> None:
+        """Raise ``ValueError`` for invalid hyperparameters (``lr`` and ``damping`` here)."""
+        if group["lr"] < 0:
+            raise ValueError(f"lr must be non-negative, got {group['lr']}")
+        if group["damping"] < 0:
+            raise ValueError(f"damping must be non-negative, got {group['damping']}")
+
+    @property
+    def extensions(self) -> tuple:
+        """The hbpkit extensions :meth:`step` needs: ``with backprop(*opt.extensions)``."""
+        if self._extension is None:
+            self._extension = build_extension(self.curvature_spec, self.curvature)
+        return (self._extension,)

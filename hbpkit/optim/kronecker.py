@@ -35,13 +35,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from hbpkit.optim.curvatures import (
     KRONECKER_CURVATURES,
-    build_extension,
-    check_extension,
-    curvature_spec,
+    CurvatureOptimizer,
     missing_quantity,
 )
 
@@ -79,7 +76,7 @@ def precondition(inverses: list[Tensor], grad: Tensor) -> Tensor:
     return out.reshape(grad.shape)
 
 
-class KroneckerPreconditioner(Optimizer):
+class KroneckerPreconditioner(CurvatureOptimizer):
     """K-FAC-style preconditioned steps from the Kronecker factors the extensions attach.
 
     Training loop::
@@ -119,24 +116,20 @@ class KroneckerPreconditioner(Optimizer):
         ema: float = 0.95,
         extension: Any = None,
     ) -> None:
-        self.curvature_spec = curvature_spec(curvature, KRONECKER_CURVATURES)
-        check_extension(extension, self.curvature_spec, curvature)
-        self.curvature = curvature
-        self._extension = extension
         defaults = dict(
             lr=lr, damping=damping, update_every=update_every, momentum=momentum, ema=ema
         )
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_hyperparameters(group)
+        self._setup(params, curvature, KRONECKER_CURVATURES, extension, defaults)
 
-    @property
-    def extensions(self) -> tuple:
-        """The hbpkit extensions :meth:`step` needs: ``with backprop(*opt.extensions)``."""
-        if self._extension is None:
-            self._extension = build_extension(self.curvature_spec, self.curvature)
-        return (self._extension,)
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        every = group["update_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"update_every must be a positive integer, got {every!r}")
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        if not 0 <= group["ema"] < 1:
+            raise ValueError(f"ema must be in [0, 1), got {group['ema']}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -190,17 +183,3 @@ class KroneckerPreconditioner(Optimizer):
             d = buf
         p.add_(d, alpha=-group["lr"])
         state["step"] = step + 1
-
-
-def _check_hyperparameters(group: dict) -> None:
-    if group["lr"] < 0:
-        raise ValueError(f"lr must be non-negative, got {group['lr']}")
-    if group["damping"] < 0:
-        raise ValueError(f"damping must be non-negative, got {group['damping']}")
-    every = group["update_every"]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"update_every must be a positive integer, got {every!r}")
-    if not 0 <= group["momentum"] < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
-    if not 0 <= group["ema"] < 1:
-        raise ValueError(f"ema must be in [0, 1), got {group['ema']}")

@@ -28,19 +28,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from hbpkit.optim.cg import cg
 from hbpkit.optim.curvatures import (
     CURVATURES,
-    build_extension,
-    check_extension,
-    curvature_spec,
+    CurvatureOptimizer,
     missing_quantity,
 )
 
 
-class NewtonCG(Optimizer):
+class NewtonCG(CurvatureOptimizer):
     """Per-block damped Newton steps solved by conjugate gradients.
 
     Training loop::
@@ -85,10 +82,6 @@ class NewtonCG(Optimizer):
         block_split: int = 1,
         extension: Any = None,
     ) -> None:
-        self.curvature_spec = curvature_spec(curvature, tuple(CURVATURES))
-        check_extension(extension, self.curvature_spec, curvature)
-        self.curvature = curvature
-        self._extension = extension
         defaults = dict(
             lr=lr,
             damping=damping,
@@ -97,17 +90,15 @@ class NewtonCG(Optimizer):
             cg_atol=cg_atol,
             block_split=block_split,
         )
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_hyperparameters(group)
+        self._setup(params, curvature, tuple(CURVATURES), extension, defaults)
 
-    @property
-    def extensions(self) -> tuple:
-        """The hbpkit extensions :meth:`step` needs: ``with backprop(*opt.extensions)``."""
-        if self._extension is None:
-            self._extension = build_extension(self.curvature_spec, self.curvature)
-        return (self._extension,)
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        if group["cg_maxiter"] < 0 or group["cg_tol"] < 0 or group["cg_atol"] < 0:
+            raise ValueError("cg_maxiter, cg_tol and cg_atol must be non-negative")
+        split = group["block_split"]
+        if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+            raise ValueError(f"block_split must be a positive integer, got {split!r}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -172,15 +163,3 @@ class NewtonCG(Optimizer):
             return_info=True,
         )
         return (x * mask).sum(0).reshape(p.shape), info
-
-
-def _check_hyperparameters(group: dict) -> None:
-    if group["lr"] < 0:
-        raise ValueError(f"lr must be non-negative, got {group['lr']}")
-    if group["damping"] < 0:
-        raise ValueError(f"damping must be non-negative, got {group['damping']}")
-    if group["cg_maxiter"] < 0 or group["cg_tol"] < 0 or group["cg_atol"] < 0:
-        raise ValueError("cg_maxiter, cg_tol and cg_atol must be non-negative")
-    split = group["block_split"]
-    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-        raise ValueError(f"block_split must be a positive integer, got {split!r}")
