@@ -96,8 +96,20 @@ class BackwardPass:
         calls, params = reachable(root)
         self._check(calls, params)
         self._pending = {id(c) for c in calls}
+        self._drop_previous_results(calls)
         self.messages: dict[Any, Any] = {}
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
+
+    def _drop_previous_results(self, calls: list[ModuleCall]) -> None:
+        """Delete what an earlier backward pass attached, so its memory is free for this one."""
+        for call in calls:
+            for ext in self.extensions:
+                rules = ext.table.lookup(call.module)
+                if rules is None or isinstance(rules, LossRules):
+                    continue
+                for _, param in _trainable(call.module, rules.param_names(call.module)):
+                    if hasattr(param, ext.savefield):
+                        delattr(param, ext.savefield)
 
     def owns(self, call: ModuleCall) -> bool:
         return id(call) in self._pending
