@@ -66,11 +66,6 @@ class ModuleCall:
         self._check_alive()
         return self.inputs[0].detach()
 
-    def input_needs_grad(self) -> bool:
-        """Whether anything upstream of the input depends on parameters."""
-        x = self.inputs[0]
-        return isinstance(x, Tensor) and x.requires_grad
-
     def keep(self) -> None:
         """Keep the forward data past :meth:`release` (for products applied after the pass).
 

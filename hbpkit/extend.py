@@ -53,11 +53,6 @@ def _install(module: nn.Module) -> None:
     setattr(module, _HANDLE, module.register_forward_hook(_forward_hook))
 
 
-def is_extended(module: nn.Module) -> bool:
-    """Whether :func:`extend` installed a hook on ``module`` itself."""
-    return getattr(module, _HANDLE, None) is not None
-
-
 def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
     if not torch.is_grad_enabled() or not inputs or not isinstance(inputs[0], Tensor):
         return None
