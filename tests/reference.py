@@ -106,6 +106,17 @@ def ggn(output: Tensor, loss_fn: nn.Module, target: Tensor, params: Sequence[Ten
     return J.T @ H @ J
 
 
+def output_hessian_blocks(loss_fn: nn.Module, output: Tensor, target: Tensor) -> list[Tensor]:
+    """``[H_1, ..., H_N]``: the Hessian of the reduced loss w.r.t. each sample's output.
+
+    The diagonal ``[O, O]`` blocks of :func:`loss_hessian_wrt_output` (the loss is a
+    sum over samples, so the off-diagonal blocks vanish).
+    """
+    N, O = output.shape[0], output[0].numel()
+    H = loss_hessian_wrt_output(loss_fn, output, target)
+    return [H[n * O : (n + 1) * O, n * O : (n + 1) * O] for n in range(N)]
+
+
 def per_sample_loss_terms(loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
     """The ``N`` terms ``L = sum_n t_n`` of the reduced loss, through ``output``'s graph.
 
@@ -258,8 +269,7 @@ def kron_factors_sqrt(
     out = xs[-1]
     N = X.shape[0]
     O = out[0].numel()
-    H = loss_hessian_wrt_output(loss_fn, out, y)
-    H_n = [H[n * O : (n + 1) * O, n * O : (n + 1) * O] for n in range(N)]
+    H_n = output_hessian_blocks(loss_fn, out, y)
     result = {}
     for k, layer in enumerate(model):
         if not isinstance(layer, nn.Linear):
@@ -345,9 +355,7 @@ def kron_factors_batch_average(
     xs = forward_trace(model, X) if xs is None else xs
     out = xs[-1]
     N = X.shape[0]
-    O = out[0].numel()
-    H = loss_hessian_wrt_output(loss_fn, out, y)
-    Hz = sum(H[n * O : (n + 1) * O, n * O : (n + 1) * O] for n in range(N))
+    Hz = sum(output_hessian_blocks(loss_fn, out, y))
     loss = loss_fn(out, y)
     result = {}
     for k in reversed(range(len(model))):
@@ -389,8 +397,7 @@ def kron_factors_weight_sharing(
     out = xs[-1]
     N = X.shape[0]
     O = out[0].numel()
-    H = loss_hessian_wrt_output(loss_fn, out, y)
-    H_n = [H[n * O : (n + 1) * O, n * O : (n + 1) * O] for n in range(N)]
+    H_n = output_hessian_blocks(loss_fn, out, y)
     result = {}
     for k, layer in enumerate(model):
         if not isinstance(layer, nn.Linear):

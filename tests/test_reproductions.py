@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_example
 
 
 @pytest.mark.parametrize(
@@ -27,7 +17,7 @@ def _load(name: str):
     ],
 )
 def test_reproduction_quick(script, stem, tmp_path):
-    runs = _load(script).main(["--quick", "--out", str(tmp_path)])
+    runs = load_example(script).main(["--quick", "--out", str(tmp_path)])
     assert runs
     png, table = tmp_path / f"{stem}.png", tmp_path / f"{stem}.csv"
     assert png.stat().st_size > 1000
