@@ -156,22 +156,40 @@ class KroneckerPreconditioner(CurvatureOptimizer):
                         f"got {type(factors)}"
                     )
                 todo.append((group, p, factors))
-        for group, p, factors in todo:
-            self._update(group, p, [f.detach() for f in factors])
+        due = [(group, p) for group, p, factors in todo if self._average(group, p, factors)]
+        if due:
+            self._refresh_inverses(due)
+        for group, p, _ in todo:
+            self._descend(group, p)
         return loss
 
-    def _update(self, group: dict, p: Tensor, factors: list[Tensor]) -> None:
+    def _average(self, group: dict, p: Tensor, factors: tuple) -> bool:
+        """Fold the new factors into the moving average; whether ``p``'s inverses are due."""
         state = self.state[p]
-        step = state.get("step", 0)
-        ema = group["ema"]
+        factors = [f.detach() for f in factors]
         if "factors" not in state:
             state["factors"] = [f.clone() for f in factors]
         else:
+            ema = group["ema"]
             state["factors"] = [
                 ema * avg + (1.0 - ema) * f for avg, f in zip(state["factors"], factors)
             ]
-        if step % group["update_every"] == 0 or "inverses" not in state:
+        step = state.get("step", 0)
+        return step % group["update_every"] == 0 or "inverses" not in state
+
+    def _refresh_inverses(self, due: list[tuple[dict, Tensor]]) -> None:
+        """Recompute ``state[p]["inverses"]`` for every ``(group, p)`` in ``due``.
+
+        The one place inverses are formed: a subclass may spread this work (e.g.
+        over processes) as long as every ``state[p]["inverses"]`` is set on return.
+        """
+        for group, p in due:
+            state = self.state[p]
             state["inverses"] = damped_inverses(state["factors"], group["damping"])
+
+    def _descend(self, group: dict, p: Tensor) -> None:
+        """Precondition ``p.grad``, apply momentum, take the step."""
+        state = self.state[p]
         d = precondition(state["inverses"], p.grad.detach())
         if group["momentum"] != 0:
             buf = state.get("momentum_buffer")
@@ -182,4 +200,4 @@ class KroneckerPreconditioner(CurvatureOptimizer):
             state["momentum_buffer"] = buf
             d = buf
         p.add_(d, alpha=-group["lr"])
-        state["step"] = step + 1
+        state["step"] = state.get("step", 0) + 1
