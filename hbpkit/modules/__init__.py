@@ -9,8 +9,11 @@ from torch import nn
 
 from hbpkit.modules.activations import ACTIVATIONS, ElementwiseRules, IdentityRules
 from hbpkit.modules.base import DiagonalFactor, LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.base import UnsupportedRules
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.linear import LinearRules
+from hbpkit.modules.embedding import EmbeddingRules
+from hbpkit.modules.normalization import NORMALIZATION
 from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules, MSELossRules
 from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
@@ -18,8 +21,17 @@ from hbpkit.modules.reshape import DropoutRules, FlattenRules
 
 LINEAR = LinearRules()
 
+ATTENTION_REASON = (
+    "attention multiplies two linear maps of its input (queries and keys) inside a softmax "
+    "over positions, and hbpkit has no rules for it yet; the support table in the README "
+    "lists what is supported"
+)
+
 #: rules of every module with parameters (per-sample gradients need only these)
 PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR, **CONVOLUTIONS}
+PARAMETRIC.update(NORMALIZATION)
+PARAMETRIC[nn.Embedding] = EmbeddingRules()
+PARAMETRIC[nn.MultiheadAttention] = UnsupportedRules(ATTENTION_REASON)
 
 #: rules of every module curvature can be backpropagated through
 BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {

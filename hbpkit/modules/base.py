@@ -9,6 +9,7 @@ represents the per-sample output curvature ``sum_v sign[v, n] S[v, n] S[v, n]^T`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -81,6 +82,39 @@ def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
     if approx == "reduce":
         return H.sum((1, 3))
     return torch.diagonal(H, dim1=1, dim2=3).sum(-1)
+
+
+CURVATURE_OPTIONS = ("ggn", "hessian", "pch-abs", "pch-clip")
+
+
+def modify_eigenvalues(values: Tensor, curvature: str) -> Tensor | None:
+    """Eigenvalues of a residual as the curvature option keeps them (PCH: Chen et al. 2018).
+
+    ``None`` (dropped, the GGN), unchanged (Hessian), ``|l|`` (``"pch-abs"``) or
+    ``max(l, 0)`` (``"pch-clip"``). For a diagonal residual the eigenvalues are its
+    entries, so this is also the elementwise modification of S.9's ``phi''(x) * dz``.
+    """
+    if curvature == "ggn":
+        return None
+    if curvature == "hessian":
+        return values
+    if curvature == "pch-abs":
+        return values.abs()
+    if curvature == "pch-clip":
+        return values.clamp(min=0)
+    raise ValueError(f"unknown curvature {curvature!r}; choose from {CURVATURE_OPTIONS}")
+
+
+class DiagonalResidual:
+    """``[K, N, *in] -> [K, N, *in]``: a per-sample diagonal residual ``r * m`` (S.9)."""
+
+    __slots__ = ("r",)
+
+    def __init__(self, r: Tensor) -> None:
+        self.r = r
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        return self.r * mat
 
 
 def _expand_like(sign: Tensor, t: Tensor) -> Tensor:
@@ -163,6 +197,46 @@ class ModuleRules:
         """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n J_n^T mat J_n`` (approximation (9))."""
         raise self._missing("ea_jac_t_mat_jac_prod")
 
+    # the residual of eq. (7) as the three messages use it, modified by the curvature option.
+    # The defaults build on residual_diag (elementwise modules); modules whose second
+    # derivative is not diagonal (LayerNorm, GroupNorm) override all three.
+    def _modified_residual_diag(
+        self, call: ModuleCall, grad_output: Tensor, curvature: str
+    ) -> Tensor | None:
+        if curvature == "ggn" or self.linear_in_input:
+            return None
+        key = ("residual_diag_raw",)
+        if key not in call.cache:
+            call.cache[key] = self.residual_diag(call, grad_output)
+        raw = call.cache[key]
+        return None if raw is None else modify_eigenvalues(raw, curvature)
+
+    def residual_factor(self, call: ModuleCall, grad_output: Tensor, curvature: str) -> Factor | None:
+        """Per-sample residual ``m(R_n)`` as a signed sqrt factor (``SqrtMessage``), or ``None``.
+
+        ``R_n = sum_k Hz_k(x_n) dz_{n,k}`` (eq. 7), ``m`` the curvature option applied to
+        its eigenvalues (:func:`modify_eigenvalues`); ``None`` when it is dropped.
+        """
+        r = self._modified_residual_diag(call, grad_output, curvature)
+        return None if r is None else DiagonalFactor.from_values(r)
+
+    def residual_sum(self, call: ModuleCall, grad_output: Tensor, curvature: str) -> Tensor | None:
+        """``sum_n m(R_n)``, ``[D_in, D_in]`` (``AverageMessage``, approximation (9)), or ``None``."""
+        r = self._modified_residual_diag(call, grad_output, curvature)
+        return None if r is None else torch.diag(r.flatten(1).sum(0))
+
+    def residual_mat_prod(
+        self, call: ModuleCall, grad_output: Tensor, curvature: str
+    ) -> Callable[[Tensor], Tensor] | None:
+        """``M [K, N, *in] -> [K, N, *in]``, ``m(R_n) M[k, n]`` per sample (``ProductMessage``).
+
+        ``None`` when the modified residual vanishes (the link is then the GGN's).
+        """
+        r = self._modified_residual_diag(call, grad_output, curvature)
+        if r is None or not bool(r.any()):
+            return None
+        return DiagonalResidual(r)
+
     # parameter derivatives ------------------------------------------------------------
     def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
         """Per-sample gradients ``[N, *param.shape]`` from ``grad_output`` ``[N, *out]``."""
@@ -232,6 +306,23 @@ class ModuleRules:
 
     def _missing(self, what: str) -> NotImplementedError:
         return NotImplementedError(f"{type(self).__name__} does not implement {what}")
+
+
+class UnsupportedRules(ModuleRules):
+    """A module type hbpkit knows and refuses, with the reason (e.g. ``nn.MultiheadAttention``).
+
+    Registered so that every extension fails before the backward pass with ``reason``
+    instead of a generic "not supported" message.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def param_names(self, module: nn.Module) -> list[str]:
+        return [name for name, p in module.named_parameters(recurse=False) if p is not None]
+
+    def validate(self, call: ModuleCall) -> None:
+        raise NotImplementedError(f"{type(call.module).__name__} is not supported: {self.reason}")
 
 
 class LossRules:

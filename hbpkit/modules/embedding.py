@@ -1,0 +1,163 @@
+"""Rules of ``nn.Embedding``: ``z_{n,t} = W[i_{n,t}]`` for integer indices ``i`` ``[N, *]``.
+
+With ``e_i`` the one-hot vector of index ``i`` (``[E]``, ``E = num_embeddings``) the layer
+is a Linear layer without bias, ``z_{n,t} = W^T e_{i_{n,t}}`` (S.8 with ``x = e_i``), whose
+weight ``W`` ``[E, D]`` is stored transposed and shared over the ``T = prod(*)`` positions.
+Everything is exact except the Kronecker factors; nothing is backpropagated to the
+input (integers), so an ``Embedding`` must be the first module of the network.
+``padding_idx``: its row receives no gradient (as in PyTorch), so its one-hot entry
+is treated as zero everywhere.
+
+Kronecker factors, in the order of the weight's dimensions: ``(A, G)`` with
+``A`` ``[E, E]`` over the rows and ``G`` ``[D, D]``, ``torch.kron(A, G)`` approximating the
+block in ``p.flatten()`` order (``KroneckerFactors`` multiplies ``A V G^T``). With
+``s_{v,n,t}`` the sqrt factors at the output and ``c_n`` ``[E]`` the counts of each index
+in sample ``n`` (``kfac_approx`` as for ``Linear`` on ``[N, T, D]``):
+
+* ``"expand"``: ``A = 1/(N T) sum_{n,t} e_i e_i^T = diag(sum_n c_n) / (N T)`` (diagonal: the
+  one-hot input covariance), ``G = sum_{v,n,t} s s^T``;
+* ``"reduce"``: ``A = 1/N sum_n (c_n / T)(c_n / T)^T`` (dense where indices co-occur),
+  ``G = sum_{v,n} (sum_t s)(sum_t s)^T``.
+
+At ``N = T = 1`` both are the exact block ``e_i e_i^T kron G``.
+"""
+
+from __future__ import annotations
+
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+from hbpkit.modules.base import (
+    DiagonalFactor,
+    Factor,
+    ModuleRules,
+    SqrtFactor,
+    output_factor_from_average,
+)
+
+NOT_BACKPROPAGATED = (
+    "the input of Embedding is integer indices: nothing is backpropagated to it, so "
+    "Embedding must be the first module of the network"
+)
+
+
+class EmbeddingRules(ModuleRules):
+    """Parameter rules of ``nn.Embedding`` (a Linear layer on one-hot inputs, S.8)."""
+
+    def param_names(self, module: nn.Embedding) -> list[str]:
+        return ["weight"]
+
+    def validate(self, call: ModuleCall) -> None:
+        module = call.module
+        for option, value in (
+            ("max_norm", module.max_norm),
+            ("scale_grad_by_freq", module.scale_grad_by_freq or None),
+            ("sparse", module.sparse or None),
+        ):
+            if value is not None:
+                raise NotImplementedError(
+                    f"{module}: {option}={value!r} is not supported (max_norm rewrites the "
+                    "weight during the forward pass, scale_grad_by_freq rescales the gradient "
+                    "by batch frequencies, sparse gives sparse gradients); use the defaults"
+                )
+        if call.inputs[0].dim() < 1:
+            raise NotImplementedError(f"{module} needs batched indices [N, *], got a scalar")
+
+    def _indices(self, call: ModuleCall) -> Tensor:
+        """``[N, T]`` indices."""
+        return call.input.reshape(call.input.shape[0], -1)
+
+    def _mask(self, call: ModuleCall) -> Tensor | None:
+        """``[N, T]``: 0 where the index is ``padding_idx`` (no gradient), else 1; or ``None``."""
+        pad = call.module.padding_idx
+        if pad is None:
+            return None
+        return (self._indices(call) != pad).to(call.module.weight.dtype)
+
+    def _scatter(self, call: ModuleCall, t: Tensor, over_samples: bool = False) -> Tensor:
+        """``sum_t e_{i_{n,t}} t_{n,t}^T``: ``[*, N, T, D] -> [*, N, E, D]`` (padding dropped).
+
+        ``over_samples``: also summed over ``n``, ``[*, N, T, D] -> [*, E, D]``.
+        """
+        idx = self._indices(call)
+        mask = self._mask(call)
+        if mask is not None:
+            t = t * mask[..., None]
+        if over_samples:
+            t, idx = t.flatten(-3, -2).unsqueeze(-3), idx.reshape(1, -1)
+        out = t.new_zeros(*t.shape[:-2], call.module.num_embeddings, t.shape[-1])
+        out = out.scatter_add_(-2, idx[..., None].expand(t.shape), t)
+        return out.squeeze(-3) if over_samples else out
+
+    def _positions(self, call: ModuleCall, t: Tensor, batch_dims: int) -> Tensor:
+        """``[*batch, N, *, D] -> [*batch, N, T, D]``."""
+        return t.reshape(*t.shape[: batch_dims + 1], -1, t.shape[-1])
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        raise NotImplementedError(NOT_BACKPROPAGATED)
+
+    def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        return self._scatter(call, self._positions(call, grad_output, 0))
+
+    def summed_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+        return self._scatter(call, self._positions(call, grad_output, 0), over_samples=True)
+
+    def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
+        result = 0
+        for f in factors:
+            if isinstance(f, DiagonalFactor):  # entry (t, d) adds sign s^2 at (i_t, d)
+                sq = self._positions(call, f.signed_square(), 0)
+                result = result + self._scatter(call, sq, over_samples=True)
+                continue
+            q = self._scatter(call, self._positions(call, f.S, 1))  # [V, N, E, D]
+            result = result + SqrtFactor(q, f.sign).signed_square().sum((0, 1))
+        return result
+
+    def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
+        """``A`` ``[E, E]``: ``diag(counts) / (N T)`` (expand), ``1/N sum_n cbar_n cbar_n^T`` (reduce)."""
+        key = ("embedding_A", approx)
+        if key not in call.cache:
+            idx = self._indices(call)
+            N, T = idx.shape
+            ones = call.module.weight.new_ones(N, T, 1)
+            counts = self._scatter(call, ones)[..., 0]  # [N, E]
+            if approx == "reduce":
+                cbar = counts / T
+                A = cbar.T @ cbar / N
+            else:
+                A = counts.sum(0).diag() / (N * T)
+            call.cache[key] = A
+        return call.cache[key]
+
+    def kron_from_sqrt(
+        self, call: ModuleCall, name: str, factors: list[Factor], approx: str
+    ) -> list[Tensor]:
+        G = 0
+        for f in factors:
+            f = f.dense() if isinstance(f, DiagonalFactor) else f
+            S, Ss = self._positions(call, f.S, 1), self._positions(call, f.signed(), 1)
+            if approx == "reduce":
+                S, Ss = S.sum(2), Ss.sum(2)
+            G = G + einsum(Ss.flatten(0, -2), S.flatten(0, -2), "r o, r p -> o p")
+        return [self.input_factor(call, approx), G]
+
+    def kron_from_average(
+        self, call: ModuleCall, name: str, mat: Tensor, approx: str
+    ) -> list[Tensor]:
+        T = self._indices(call).shape[1]
+        H = rearrange(mat, "(t o) (s p) -> o t p s", t=T, s=T)
+        return [self.input_factor(call, approx), output_factor_from_average(H, approx)]
+
+    def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, E, D] -> [K, N, *, D]``: ``V_k[i_{n,t}]`` (zero at ``padding_idx``)."""
+        idx = self._indices(call)
+        out = mat[:, idx]  # [K, N, T, D]
+        mask = self._mask(call)
+        if mask is not None:
+            out = out * mask[..., None]
+        return out.reshape(mat.shape[0], *call.output_shape)
+
+    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
+        """``[K, N, *, D] -> [K, E, D]``: ``sum_{n,t} e_{i_{n,t}} m_{k,n,t}^T``."""
+        return self._scatter(call, self._positions(call, mat, 1), over_samples=True)
