@@ -35,13 +35,23 @@ from hbpkit.modules.base import DiagonalFactor, SqrtFactor
 
 try:
     from . import reference as ref
-    from .test_exact_vs_autograd import Case, assert_nothing_attached, close
-    from .test_exact_vs_autograd import first_and_diag_against_plain, make_loss
+    from .test_exact_vs_autograd import (
+        Case,
+        assert_nothing_attached,
+        close,
+        first_and_diag_against_plain,
+        make_loss,
+    )
     from .test_normalization import modified_hessian_blocks, residual_hooks  # noqa: F401
 except ImportError:
     import reference as ref
-    from test_exact_vs_autograd import Case, assert_nothing_attached, close
-    from test_exact_vs_autograd import first_and_diag_against_plain, make_loss
+    from test_exact_vs_autograd import (
+        Case,
+        assert_nothing_attached,
+        close,
+        first_and_diag_against_plain,
+        make_loss,
+    )
     from test_normalization import modified_hessian_blocks, residual_hooks  # noqa: F401
 
 DT = torch.float64
@@ -303,8 +313,7 @@ FIELDS = ["grad_batch", "batch_l2", "sum_grad_squared", "variance", "diag_ggn_ex
 def _bp_extensions():
     import backpack.extensions as bp
 
-    return [bp.BatchGrad(), bp.BatchL2Grad(), bp.SumGradSquared(), bp.Variance(),
-            bp.DiagGGNExact()]
+    return [bp.BatchGrad(), bp.BatchL2Grad(), bp.SumGradSquared(), bp.Variance(), bp.DiagGGNExact()]
 
 
 def test_against_backpack_embedding_sequence():
@@ -325,7 +334,10 @@ def test_against_backpack_embedding_sequence():
     for (name, p), q in zip(model.named_parameters(), bp_model.parameters()):
         for field in FIELDS:
             torch.testing.assert_close(
-                getattr(p, field), getattr(q, field), rtol=1e-4, atol=1e-6,
+                getattr(p, field),
+                getattr(q, field),
+                rtol=1e-4,
+                atol=1e-6,
                 msg=lambda m, f=field, n=name: f"{n}.{f}: {m}",
             )
 

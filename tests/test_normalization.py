@@ -32,8 +32,8 @@ from hbpkit.extensions import (
     DiagHessian,
     SumGradSquared,
     Variance,
+    messages,
 )
-from hbpkit.extensions import messages
 
 try:
     from . import reference as ref
@@ -88,7 +88,9 @@ def _product_propagate(self, rules, call, grad_output, op):
 def _output_curvature_call(self, mat):
     if self.upstream is None:
         return self.rules.hessian_mat_prod(self.call, mat)
-    out = self.rules.jac_t_mat_prod(self.call, self.upstream(self.rules.jac_mat_prod(self.call, mat)))
+    out = self.rules.jac_t_mat_prod(
+        self.call, self.upstream(self.rules.jac_mat_prod(self.call, mat))
+    )
     return out if self.residual is None else out + self.residual(mat)
 
 
@@ -189,7 +191,7 @@ def modified_hessian_blocks(case: Case, curvature: str) -> list[torch.Tensor]:
         R = []
         for n in range(x.shape[0]):
             H = torch.autograd.functional.hessian(
-                lambda xn, n=n: (layer(xn.unsqueeze(0))[0] * dz[n]).sum(), x[n]
+                lambda xn, f=layer, g=dz[n]: (f(xn.unsqueeze(0))[0] * g).sum(), x[n]
             ).reshape(x[n].numel(), -1)
             values, vectors = torch.linalg.eigh(H)
             R.append(vectors @ torch.diag(modify[curvature](values)) @ vectors.T)
@@ -207,7 +209,7 @@ def kron(factors) -> torch.Tensor:
 
 # -------------------------------------------------------------------------- the reference
 def test_reference_modified_hessian_is_the_hessian():
-    """The generic reference with ``m = id`` equals autograd's Hessian blocks (guards the reference)."""
+    """The generic reference with ``m = id`` equals autograd's Hessian blocks (guards it)."""
     case = make_case("layernorm", "ce", 3)
     params = case.plain_params()
     H = ref.blocks(ref.hessian(case.lf_plain(case.plain(case.X), case.y), params), params)
@@ -285,9 +287,7 @@ def test_kronecker_batch_one_is_exact(name, loss):
 
 def _normalization_params(case: Case):
     norm = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)
-    return [
-        (i, p) for i, (m, p) in enumerate(_owners(case)) if isinstance(m, norm)
-    ]
+    return [(i, p) for i, (m, p) in enumerate(_owners(case)) if isinstance(m, norm)]
 
 
 def _owners(case: Case):
@@ -315,8 +315,12 @@ def test_monte_carlo_estimates_converge():
     """KFAC and DiagGGNMC of the normalization parameters approach KFLR / DiagGGNExact."""
     case = make_case("groupnorm", "ce", 3)
     torch.manual_seed(0)
-    case.run(KFAC(mc_samples=4000, kfac_approx="reduce"), KFLR(kfac_approx="reduce"),
-             DiagGGNMC(mc_samples=4000), DiagGGNExact())
+    case.run(
+        KFAC(mc_samples=4000, kfac_approx="reduce"),
+        KFLR(kfac_approx="reduce"),
+        DiagGGNMC(mc_samples=4000),
+        DiagGGNExact(),
+    )
     for _, p in _normalization_params(case):
         error = (p.kfac[0] - p.kflr[0]).norm() / p.kflr[0].norm()
         assert error < 0.08, error
@@ -334,8 +338,19 @@ def _train_bn_after_linear():
 
 
 ALL_EXTENSIONS = [
-    BatchGrad, BatchL2, SumGradSquared, Variance, DiagGGNExact, DiagGGNMC, DiagHessian,
-    KFAC, KFLR, KFRA, GGNMP, HMP, PCHMP,
+    BatchGrad,
+    BatchL2,
+    SumGradSquared,
+    Variance,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    KFAC,
+    KFLR,
+    KFRA,
+    GGNMP,
+    HMP,
+    PCHMP,
 ]
 
 
@@ -348,8 +363,15 @@ def test_batchnorm_train_mode_as_first_module(loss):
     """
     case = Case(_with_random_affine(_train_bn_first), loss, "mean", (4, 5))
     out = case.model(case.X)
-    with backprop(BatchGrad(), BatchL2(), DiagGGNExact(), DiagHessian(), GGNMP(), HMP(),
-                  KFLR(kfac_approx="reduce")):
+    with backprop(
+        BatchGrad(),
+        BatchL2(),
+        DiagGGNExact(),
+        DiagHessian(),
+        GGNMP(),
+        HMP(),
+        KFLR(kfac_approx="reduce"),
+    ):
         case.lf(out, case.y).backward()
     params = case.plain_params()
     out = case.plain(case.X)  # train mode too: the same batch statistics

@@ -81,7 +81,7 @@ class Case:
         hess = []
         for n in range(N):
             H = torch.autograd.functional.hessian(
-                lambda xn: (self.plain(xn.unsqueeze(0))[0] * dz[n]).sum(), self.x[n]
+                lambda xn, g=dz[n]: (self.plain(xn.unsqueeze(0))[0] * g).sum(), self.x[n]
             )
             hess.append(H.reshape(self.x[n].numel(), -1))
         return torch.stack(hess)
@@ -90,8 +90,10 @@ class Case:
         """``[N, D_out, P]``: ``d z_n / d param``."""
         param = dict(self.plain.named_parameters())[name]
         out = self.plain(self.x).reshape(N, -1)
-        rows = [torch.autograd.grad(out.flatten()[i], param, retain_graph=True)[0].flatten()
-                for i in range(out.numel())]
+        rows = [
+            torch.autograd.grad(out.flatten()[i], param, retain_graph=True)[0].flatten()
+            for i in range(out.numel())
+        ]
         return torch.stack(rows).reshape(N, out.shape[1], -1)
 
     def position_of_feature(self) -> torch.Tensor:
@@ -105,9 +107,7 @@ class Case:
 
 
 def _modify(values, curvature):
-    return {"hessian": values, "pch-abs": values.abs(), "pch-clip": values.clamp(min=0)}[
-        curvature
-    ]
+    return {"hessian": values, "pch-abs": values.abs(), "pch-clip": values.clamp(min=0)}[curvature]
 
 
 def _eigen_modified(H: torch.Tensor, curvature: str) -> torch.Tensor:
@@ -121,7 +121,7 @@ def fixture_case(request):
 
 
 def test_jacobian_products(case):
-    """``jac_t_mat_prod``, ``jac_mat_prod`` and ``ea_jac_t_mat_jac_prod`` against dense Jacobians."""
+    """``jac_t_mat_prod``, ``jac_mat_prod``, ``ea_jac_t_mat_jac_prod`` against dense Jacobians."""
     J = case.input_jacobians()  # [N, D_out, D_in]
     M_out = torch.randn(V, *case.out_shape, dtype=DT)
     M_in = torch.randn(V, *case.x.shape, dtype=DT)
@@ -141,7 +141,7 @@ def test_jacobian_products(case):
 
 @pytest.mark.parametrize("curvature", ["hessian", "pch-abs", "pch-clip"])
 def test_residual_hooks(case, curvature):
-    """The three residual hooks against ``m(Hessian of dz_n . f(x_n))`` (eq. 7, eigenvalues modified)."""
+    """The residual hooks against ``m(Hessian of dz_n . f(x_n))`` (eq. 7), eigenvalues modified."""
     dz = torch.randn(case.out_shape, dtype=DT)
     rules, call = case.rules, case.call
     factor = rules.residual_factor(call, dz, curvature)
@@ -164,7 +164,7 @@ def test_residual_hooks(case, curvature):
 
 
 def test_batch_grad_and_param_products(case):
-    """``batch_grad``, ``param_jac_mat_prod``, ``param_jac_t_mat_prod_sum`` against ``d z / d p``."""
+    """``batch_grad``, ``param_jac_mat_prod``, ``param_jac_t_mat_prod_sum`` against ``dz/dp``."""
     rules, call = case.rules, case.call
     dz = torch.randn(case.out_shape, dtype=DT)
     for name, param in case.params():
@@ -226,6 +226,4 @@ def test_param_diag_and_kronecker(case):
         (G,) = rules.kron_from_average(call, name, H, "reduce")
         torch.testing.assert_close(G, torch.einsum("ndp,de,neq->pq", Jp, H, Jp) / N, **TOL)
         (G,) = rules.kron_from_average(call, name, H, "expand")
-        torch.testing.assert_close(
-            G, torch.einsum("ndp,de,neq->pq", Jp, H * same, Jp) / N, **TOL
-        )
+        torch.testing.assert_close(G, torch.einsum("ndp,de,neq->pq", Jp, H * same, Jp) / N, **TOL)

@@ -8,13 +8,12 @@ families map module types to these objects (``hbpkit/extensions``).
 from torch import nn
 
 from hbpkit.modules.activations import ACTIVATIONS, ElementwiseRules, IdentityRules
-from hbpkit.modules.base import DiagonalFactor, LossRules, ModuleRules, SqrtFactor
-from hbpkit.modules.base import UnsupportedRules
+from hbpkit.modules.base import DiagonalFactor, LossRules, ModuleRules, SqrtFactor, UnsupportedRules
 from hbpkit.modules.conv import CONVOLUTIONS
-from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.embedding import EmbeddingRules
-from hbpkit.modules.normalization import NORMALIZATION
+from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules, MSELossRules
+from hbpkit.modules.normalization import NORMALIZATION
 from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
@@ -31,7 +30,9 @@ ATTENTION_REASON = (
 PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR, **CONVOLUTIONS}
 PARAMETRIC.update(NORMALIZATION)
 PARAMETRIC[nn.Embedding] = EmbeddingRules()
-PARAMETRIC[nn.MultiheadAttention] = UnsupportedRules(ATTENTION_REASON)
+PARAMETRIC[nn.MultiheadAttention] = UnsupportedRules(
+    ATTENTION_REASON, "refused before the backward pass: attention has no rules yet"
+)
 
 #: rules of every module curvature can be backpropagated through
 BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {

@@ -142,6 +142,8 @@ class ModuleRules:
     diagonal_jacobian: bool = False
     #: whether ``z`` is linear in every parameter (no parameter residual ``sum_k d2z_k/dp2 dz_k``)
     linear_in_params: bool = True
+    #: a short remark for the README's support table (``scripts/support_table.py``)
+    support_note: str = ""
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""
@@ -211,7 +213,9 @@ class ModuleRules:
         raw = call.cache[key]
         return None if raw is None else modify_eigenvalues(raw, curvature)
 
-    def residual_factor(self, call: ModuleCall, grad_output: Tensor, curvature: str) -> Factor | None:
+    def residual_factor(
+        self, call: ModuleCall, grad_output: Tensor, curvature: str
+    ) -> Factor | None:
         """Per-sample residual ``m(R_n)`` as a signed sqrt factor (``SqrtMessage``), or ``None``.
 
         ``R_n = sum_k Hz_k(x_n) dz_{n,k}`` (eq. 7), ``m`` the curvature option applied to
@@ -221,7 +225,7 @@ class ModuleRules:
         return None if r is None else DiagonalFactor.from_values(r)
 
     def residual_sum(self, call: ModuleCall, grad_output: Tensor, curvature: str) -> Tensor | None:
-        """``sum_n m(R_n)``, ``[D_in, D_in]`` (``AverageMessage``, approximation (9)), or ``None``."""
+        """``sum_n m(R_n)``, ``[D_in, D_in]`` (``AverageMessage``, approx. (9)), or ``None``."""
         r = self._modified_residual_diag(call, grad_output, curvature)
         return None if r is None else torch.diag(r.flatten(1).sum(0))
 
@@ -315,8 +319,9 @@ class UnsupportedRules(ModuleRules):
     instead of a generic "not supported" message.
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, support_note: str = "") -> None:
         self.reason = reason
+        self.support_note = support_note
 
     def param_names(self, module: nn.Module) -> list[str]:
         return [name for name, p in module.named_parameters(recurse=False) if p is not None]

@@ -45,6 +45,11 @@ NOT_BACKPROPAGATED = (
 class EmbeddingRules(ModuleRules):
     """Parameter rules of ``nn.Embedding`` (a Linear layer on one-hot inputs, S.8)."""
 
+    support_note = (
+        "first module only (integer input); Kronecker factors `(A, G)`, `A` the one-hot "
+        "input covariance (diagonal for `expand`)"
+    )
+
     def param_names(self, module: nn.Embedding) -> list[str]:
         return ["weight"]
 
@@ -115,7 +120,7 @@ class EmbeddingRules(ModuleRules):
         return result
 
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
-        """``A`` ``[E, E]``: ``diag(counts) / (N T)`` (expand), ``1/N sum_n cbar_n cbar_n^T`` (reduce)."""
+        """``A`` ``[E, E]``: ``diag(counts) / (N T)`` (expand), ``mean_n cbar cbar^T`` (reduce)."""
         key = ("embedding_A", approx)
         if key not in call.cache:
             idx = self._indices(call)

@@ -84,7 +84,7 @@ class AffineParamRules(ModuleRules):
         return 1
 
     def positions(self, call: ModuleCall, t: Tensor) -> Tensor:
-        """``[*, N, *in] -> [*, N, T, P]``: positions ``t`` that share the parameter entries ``P``."""
+        """``[*, N, *in] -> [*, N, T, P]``: the positions that share the parameter entries."""
         n_in = len(call.output_shape) - 1
         batch = t.shape[: t.dim() - n_in - 1]
         N = t.shape[len(batch)]
@@ -180,6 +180,10 @@ class GroupNormalizationRules(AffineParamRules):
     """``LayerNorm`` and ``GroupNorm``: normalization over groups of one sample's features."""
 
     linear_in_input = False
+    support_note = (
+        "dense second derivative per sample (eq. 7, eigendecomposed for sqrt factors); "
+        "Kronecker: one dense factor for gamma / beta"
+    )
 
     def _groups(self, call: ModuleCall) -> int:
         return call.module.num_groups
@@ -294,10 +298,13 @@ class GroupNormalizationRules(AffineParamRules):
         values, vectors = call.cache[key]
         return modify_eigenvalues(values, curvature), vectors
 
-    def residual_factor(self, call: ModuleCall, grad_output: Tensor, curvature: str) -> Factor | None:
+    def residual_factor(
+        self, call: ModuleCall, grad_output: Tensor, curvature: str
+    ) -> Factor | None:
         """``sum_k sign(l_k) (sqrt|l_k| q_k)(...)^T``: one column per group and eigenvector.
 
-        ``S`` ``[G M, N, *in]`` (column ``(g, k)`` nonzero in group ``g`` only), ``sign`` ``[G M, N]``.
+        ``S`` ``[G M, N, *in]`` (column ``(g, k)`` nonzero in group ``g`` only),
+        ``sign`` ``[G M, N]``.
         """
         if curvature == "ggn":
             return None
@@ -406,6 +413,10 @@ class BatchNormRules(AffineParamRules):
     """``nn.BatchNorm1d/2d/3d``; eval mode: ``z = c * x + b`` per channel (diagonal Jacobian)."""
 
     diagonal_jacobian = True
+    support_note = (
+        "eval mode; train mode only with no trainable parameters before it (batch statistics "
+        "couple the samples: refused otherwise); Kronecker: one dense factor for gamma / beta"
+    )
 
     def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> BatchNormCapture:
         batch = module.training or module.running_mean is None or module.running_var is None
