@@ -151,7 +151,11 @@ def family(rules: object) -> str:
 
 def rows() -> list[tuple[str, list[str], list[str], str]]:
     """``(family, module names, cells, note)`` in registration order, grouped."""
-    types = list(dict.fromkeys([*FIRST_ORDER.types(), *SECOND_ORDER.types()]))
+    types = [  # what hbpkit registers itself: torch.nn modules (not types users register)
+        t
+        for t in dict.fromkeys([*FIRST_ORDER.types(), *SECOND_ORDER.types()])
+        if t.__module__.startswith("torch.nn")
+    ]
     types.sort(key=lambda t: isinstance(SECOND_ORDER.lookup(_Instance(t)), UnsupportedRules))
     grouped: dict[tuple, list[str]] = {}
     for t in types:

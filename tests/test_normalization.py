@@ -218,8 +218,7 @@ def test_reference_modified_hessian_is_the_hessian():
 
 
 # ---------------------------------------------------------------- first order and diagonals
-@pytest.mark.parametrize(("N", "reduction"), [(1, "sum"), (3, "mean")])
-@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize(("N", "reduction", "loss"), [(1, "sum", "mse"), (3, "mean", "ce")])
 @pytest.mark.parametrize("name", sorted(ALL_MODELS))
 def test_first_order_and_diagonals(name, loss, reduction, N):
     """grad_batch, batch_l2, sum_grad_squared, variance, diag_ggn_exact, diag_h."""

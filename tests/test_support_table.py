@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,12 +31,13 @@ def _script():
 
 
 def test_readme_table_is_up_to_date():
-    """``python3 scripts/support_table.py`` would not change README.md."""
-    script = _script()
-    text = (ROOT / "README.md").read_text()
-    assert script.replace_in(text, script.build_table()) == text, (
-        "README.md's support table is stale: run python3 scripts/support_table.py"
+    """``python3 scripts/support_table.py`` would not change README.md (a fresh interpreter:
+    other tests register module types of their own)."""
+    script = ROOT / "scripts" / "support_table.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, cwd=ROOT
     )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _cells() -> dict[str, dict[str, str]]:

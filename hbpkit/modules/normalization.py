@@ -60,7 +60,7 @@ from hbpkit.modules.base import (
     SqrtFactor,
     modify_eigenvalues,
 )
-from hbpkit.modules.budget import EA_ADVICE, check_dense_budget
+from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 
 
 class AffineParamRules(ModuleRules):
@@ -253,12 +253,13 @@ class GroupNormalizationRules(AffineParamRules):
         return cols.reshape(D, N, D).permute(1, 2, 0)
 
     def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
+        """Dense per-sample Jacobians (batch-averaged) or a densified diagonal factor: ``N D^2``."""
         x = call.inputs[0]
-        D = x[0].numel()
+        N, D = x.shape[0], x[0].numel()
         if batch_averaged:
-            check_dense_budget(
-                call, (x.shape[0], D, D), x.dtype, "batch-averaged backpropagation", EA_ADVICE
-            )
+            check_dense_budget(call, (N, D, D), x.dtype, "batch averaging", EA_ADVICE)
+        if diagonal_factors:
+            check_dense_budget(call, (D, N, D), x.dtype, "a diagonal factor", DIAGONAL_ADVICE)
 
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         J = self.jacobians(call)
