@@ -112,6 +112,7 @@ class AffineParamRules(ModuleRules):
         shape = getattr(call.module, name).shape
         return q.reshape(*q.shape[:-1], *shape)
 
+    # parameters enter linearly (like a bias, S.8b): J_gamma v = v * xh, J_beta v = v
     def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
         return self._to_param(call, name, self._param_derivative(call, name, grad_output).sum(-2))
 
@@ -234,6 +235,7 @@ class GroupNormalizationRules(AffineParamRules):
         proj = (m * st.xh).mean(-1, keepdim=True)
         return (m - m.mean(-1, keepdim=True) - st.xh * proj) / st.s
 
+    # eq. (7) without residual: Hx = J^T Hz J, J = diag(gamma) dxh/dx per group
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         st = self.stats(call)
         out = self._normalization_jac(st, self._per_group(call, mat) * st.gamma)
@@ -278,6 +280,7 @@ class GroupNormalizationRules(AffineParamRules):
         g = self._per_group(call, grad_output) * st.gamma
         return g - g.mean(-1, keepdim=True), (g * st.xh).mean(-1, keepdim=True)
 
+    # the residual sum_k Hz_k(x) dz_k of eq. (7), derived in the module docstring
     def residual_matrices(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         """``R`` per sample and group, ``[N, G, M, M]`` (module docstring)."""
         key = ("norm_residual",)
