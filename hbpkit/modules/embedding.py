@@ -95,6 +95,16 @@ class EmbeddingRules(ModuleRules):
         out = out.scatter_add_(-2, idx[..., None].expand(t.shape), t)
         return out.squeeze(-3) if over_samples else out
 
+    def _masked(self, call: ModuleCall, t: Tensor) -> Tensor:
+        """``t`` ``[*, N, T, D]`` with zeros at ``padding_idx`` positions."""
+        mask = self._mask(call)
+        return t if mask is None else t * mask[..., None]
+
+    def _same_index(self, call: ModuleCall) -> Tensor:
+        """``[N, T, T]``: 1 where positions ``t``, ``u`` of a sample hold the same index."""
+        idx = self._indices(call)
+        return (idx[:, :, None] == idx[:, None, :]).to(call.module.weight.dtype)
+
     def _positions(self, call: ModuleCall, t: Tensor, batch_dims: int) -> Tensor:
         """``[*batch, N, *, D] -> [*batch, N, T, D]``."""
         return t.reshape(*t.shape[: batch_dims + 1], -1, t.shape[-1])
@@ -115,8 +125,11 @@ class EmbeddingRules(ModuleRules):
                 sq = self._positions(call, f.signed_square(), 0)
                 result = result + self._scatter(call, sq, over_samples=True)
                 continue
-            q = self._scatter(call, self._positions(call, f.S, 1))  # [V, N, E, D]
-            result = result + SqrtFactor(q, f.sign).signed_square().sum((0, 1))
+            # (sum_{t: i_t = r} s_t)^2 = sum_{t: i_t = r} s_t * (sum_{u: i_u = i_t} s_u)
+            S = self._masked(call, self._positions(call, f.S, 1))  # [V, N, T, D]
+            summed = einsum(self._same_index(call), S, "n t u, v n u d -> v n t d")
+            products = SqrtFactor(S * summed, f.sign).signed()
+            result = result + self._scatter(call, products.sum(0), over_samples=True)
         return result
 
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:

@@ -246,26 +246,34 @@ class GroupNormalizationRules(AffineParamRules):
         out = self._normalization_jac(st, self._per_group(call, mat)) * st.gamma
         return out.reshape(mat.shape)
 
-    def jacobians(self, call: ModuleCall) -> Tensor:
-        """Dense per-sample Jacobians ``[N, D_out, D_in]`` (block diagonal over groups)."""
-        x = call.input
-        N, D = x.shape[0], x[0].numel()
-        eye = torch.eye(D, dtype=x.dtype, device=x.device)
-        cols = self.jac_mat_prod(call, eye.reshape(D, 1, *x.shape[1:]).expand(D, *x.shape))
-        return cols.reshape(D, N, D).permute(1, 2, 0)
+    def group_jacobians(self, call: ModuleCall) -> Tensor:
+        """Dense Jacobians of each sample and group, ``[N, G, M_out, M_in]``.
+
+        ``diag(gamma) (I - 1 1^T / M - xh xh^T / M) / s``; the Jacobian of a sample is block
+        diagonal over its groups.
+        """
+        st = self.stats(call)
+        M = st.xh.shape[-1]
+        eye = torch.eye(M, dtype=st.xh.dtype, device=st.xh.device)
+        J = eye - 1 / M - einsum(st.xh, st.xh, "n g i, n g j -> n g i j") / M
+        return J * (st.gamma[..., None] / st.s[..., None])
 
     def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
-        """Dense per-sample Jacobians (batch-averaged) or a densified diagonal factor: ``N D^2``."""
+        """The batch-averaged ``[D, D]`` or a densified diagonal factor ``[D, N, D]``."""
         x = call.inputs[0]
         N, D = x.shape[0], x[0].numel()
         if batch_averaged:
-            check_dense_budget(call, (N, D, D), x.dtype, "batch averaging", EA_ADVICE)
+            check_dense_budget(call, (D, D), x.dtype, "batch averaging", EA_ADVICE)
         if diagonal_factors:
             check_dense_budget(call, (D, N, D), x.dtype, "a diagonal factor", DIAGONAL_ADVICE)
 
+    # mean_n J_n^T H J_n with J_n block diagonal over groups: block (g, h) is J_g^T H_gh J_h
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        J = self.jacobians(call)
-        return einsum(J, mat, J, "n o i, o p, n p j -> i j") / J.shape[0]
+        J = self.group_jacobians(call)
+        N, G, M = J.shape[:3]
+        H = mat.reshape(G, M, G, M)
+        out = einsum(J, H, J, "n g o i, g o h p, n h p j -> g i h j") / N
+        return out.reshape(G * M, G * M)
 
     def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
         raise NotImplementedError(
