@@ -149,16 +149,43 @@ class BackwardPass:
                     )
 
     def _check_budgets(self) -> None:
-        """Let every module refuse up front what it would densify (see ``modules/budget.py``)."""
+        """Let every module refuse up front what it would densify (see ``modules/budget.py``).
+
+        Batch-averaged messages switch to exact position blocks where the dense
+        matrix exceeds the budget (``modules/position_blocks.py``); every module
+        towards the input must then handle blocks exactly, and weights that receive
+        them must take their Kronecker factors from blocks (``expand`` only).
+        """
         keys = [e.message for e in self.second_order]
         averaged = any(isinstance(k, AverageMessage) for k in keys)
+        reduce = [
+            e
+            for e in self.second_order
+            if isinstance(e.message, AverageMessage) and getattr(e, "kfac_approx", "") == "reduce"
+        ]
         residuals = any(isinstance(k, SqrtMessage) and k.curvature != "ggn" for k in keys)
         diagonal = False  # do diagonal residual factors arrive at this call's output?
+        blocks = False  # does the batch-averaged message arrive as position blocks?
         for i, call in enumerate(self.chain[1:], start=1):
+            rules = SECOND_ORDER.lookup(call.module)
+            if blocks and _own_trainable(call.module) and (reduce or not rules.kron_from_blocks):
+                raise NotImplementedError(
+                    f"the batch-averaged curvature at the output of {call.module} is carried as "
+                    "position blocks (its dense form exceeds the memory budget, "
+                    "hbpkit.modules.budget.MAX_DENSE_BYTES), from which "
+                    f"{reduce[0] if reduce else type(call.module).__name__} cannot form "
+                    "Kronecker factors; use kfac_approx='expand', a per-sample extension "
+                    "(KFLR, KFAC), or raise the budget"
+                )
             if not self._upstream[i]:
                 break
-            rules = SECOND_ORDER.lookup(call.module)
-            rules.check_budget(call, averaged, diagonal)
+            if averaged:
+                if blocks:
+                    rules.check_blocks(call, from_blocks=True)
+                elif rules.ea_needs_blocks(call):
+                    rules.check_blocks(call, from_blocks=False)
+                    blocks = True
+            rules.check_budget(call, averaged and not blocks, diagonal)
             if residuals and not rules.linear_in_input:
                 diagonal = True
             elif not rules.keeps_diagonal:

@@ -7,7 +7,8 @@ both use the exact GGN sqrt factors, and they are backpropagated once.
   ``S_x = J^T S_z``, plus one signed diagonal factor per residual (S.9).
 * :class:`AverageMessage`: one batch-averaged ``[D, D]`` matrix
   (``backprop="batch-average"``, approximation (9)),
-  ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``.
+  ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``, or its exact position blocks where
+  the dense matrix would exceed the memory budget (``modules/position_blocks.py``).
 * :class:`ProductMessage`: an operator, :class:`OutputCurvature`, that applies the
   exact per-sample output curvature to ``[K, N, *features]`` tensors (the
   curvature-matrix products ``GGNMP``, ``HMP``, ``PCHMP``),
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.position_blocks import PositionBlocks
 
 ProductRules = ModuleRules | LossRules
 
@@ -83,12 +85,25 @@ class AverageMessage:
         return torch.einsum("vni,vnj->ij", S, S)
 
     def propagate(
-        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, mat: Tensor
-    ) -> Tensor:
-        out = rules.ea_jac_t_mat_jac_prod(call, mat)
+        self,
+        rules: ModuleRules,
+        call: ModuleCall,
+        grad_output: Tensor,
+        mat: Tensor | PositionBlocks,
+    ) -> Tensor | PositionBlocks:
+        """Dense while it fits the memory budget, then exact position blocks (see
+        ``modules/position_blocks.py``)."""
+        if isinstance(mat, PositionBlocks) or rules.ea_needs_blocks(call):
+            out = rules.ea_blocks(call, mat)
+        else:
+            out = rules.ea_jac_t_mat_jac_prod(call, mat)
         if self.curvature != "ggn" and not rules.linear_in_input:
             residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
-            out = out + torch.diag(residual.flatten(1).sum(0))
+            summed = residual.sum(0)
+            if isinstance(out, PositionBlocks):
+                out = out.add_diagonal(summed)
+            else:
+                out = out + torch.diag(summed.flatten())
         return out
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
+from hbpkit.modules.budget import DenseBudgetError
+from hbpkit.modules.position_blocks import PositionBlocks
 
 
 class SqrtFactor(NamedTuple):
@@ -108,6 +110,8 @@ class ModuleRules:
     diagonal_jacobian: bool = False
     #: whether ``z`` is linear in every parameter (no parameter residual ``sum_k d2z_k/dp2 dz_k``)
     linear_in_params: bool = True
+    #: whether :meth:`kron_from_average` takes position blocks (``kfac_approx="expand"``)
+    kron_from_blocks: bool = False
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""
@@ -163,6 +167,39 @@ class ModuleRules:
         """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n J_n^T mat J_n`` (approximation (9))."""
         raise self._missing("ea_jac_t_mat_jac_prod")
 
+    # batch-averaged position blocks (modules/position_blocks.py) ------------------------
+    def ea_needs_blocks(self, call: ModuleCall) -> bool:
+        """Whether batch-averaged backpropagation through ``call`` switches to position blocks.
+
+        True where the dense ``mean_n J_n^T H J_n`` would exceed the memory budget and
+        the module can give its exact position blocks instead; the budget error otherwise.
+        """
+        try:
+            self.check_budget(call, True, False)
+        except DenseBudgetError:
+            if self.implements("ea_blocks"):
+                return True
+            raise
+        return False
+
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Raise ``NotImplementedError`` unless :meth:`ea_blocks` is exact for ``call``.
+
+        ``from_blocks``: whether the output curvature arrives as position blocks
+        (else dense).
+        """
+        arrives = "position blocks" if from_blocks else "a dense matrix"
+        raise NotImplementedError(
+            f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
+            f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
+            "hbpkit.modules.budget.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
+            "or raise the budget"
+        )
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """The position blocks of ``mean_n J_n^T mat J_n`` (``mat`` dense or blocks), exact."""
+        raise self._missing("ea_blocks")
+
     # parameter derivatives ------------------------------------------------------------
     def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
         """Per-sample gradients ``[N, *param.shape]`` from ``grad_output`` ``[N, *out]``."""
@@ -200,7 +237,7 @@ class ModuleRules:
     def kron_from_average(
         self, call: ModuleCall, name: str, mat: Tensor, approx: str
     ) -> list[Tensor]:
-        """Kronecker factors of the parameter block from a batch-averaged ``[D_out, D_out]``."""
+        """Kronecker factors from a batch-averaged ``[D_out, D_out]`` (or its position blocks)."""
         raise self._missing("kron_from_average")
 
     # parameter Jacobian products (exact curvature-matrix products, GGNMP / HMP / PCHMP) -----

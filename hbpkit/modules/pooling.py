@@ -28,13 +28,17 @@ exceed :data:`hbpkit.modules.budget.MAX_DENSE_BYTES`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.position_blocks import PositionBlocks
 
 
 def _features(call: ModuleCall) -> tuple[torch.Size, torch.Size]:
@@ -253,6 +257,104 @@ class MaxPoolRules(_LinearMapRules):
             pos = positions[n]
             result.index_add_(0, (pos.unsqueeze(1) * d_in + pos).reshape(-1), flat)
         return result.reshape(d_in, d_in) / N
+
+    # position blocks of mean_n Pi_n^T H Pi_n (modules/position_blocks.py)
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Exact from a dense ``H`` for ``MaxPool1d/2d/3d`` on ``[N, C, *spatial]``."""
+        module = call.module
+        adaptive = isinstance(
+            module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+        )
+        if from_blocks or adaptive or call.inputs[0].dim() != self.d + 2:
+            super().check_blocks(call, from_blocks)
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """Position blocks ``[P_in, C, C]`` of ``mean_n Pi_n^T H Pi_n`` for a dense ``H`` (D.2).
+
+        ``B_p[c, c'] = mean_n sum_{q, q'} [pi_n(c, q) = p] [pi_n(c', q') = p] H[(c, q), (c', q')]``:
+        only pairs of windows ``q, q' = q + delta`` that overlap contribute. With
+        ``p`` the ``t``-th entry of window ``q`` and the ``t'``-th of ``q'``, the sample
+        average is a product of one-hot argmax tables, ``[C, N] @ [N, C]`` per
+        ``(q, delta, t)``, which multiplies the gathered ``C x C`` block of ``H``.
+        """
+        idx = self._indices(call)  # [N, C, P_out]
+        N, C, P_out = idx.shape
+        q, q2, t, t2, p = self._overlaps(call)
+        window = self._window_positions(call)  # [P_out, K] flat input position, -1 outside
+        onehot = (idx.unsqueeze(-1) == window).to(mat.dtype)  # [N, C, P_out, K]
+        H = mat.reshape(C, P_out, C, P_out)
+        P_in = math.prod(call.inputs[0].shape[2:])
+        blocks = mat.new_zeros(P_in, C, C)
+        chunk = max(1, 2**27 // (max(N, C) * C * mat.element_size()))
+        for start in range(0, len(q), chunk):
+            sl = slice(start, start + chunk)
+            first = onehot[:, :, q[sl], t[sl]]  # [N, C, M]
+            second = onehot[:, :, q2[sl], t2[sl]]
+            pair = einsum(first, second, "n c m, n e m -> m c e")
+            blocks.index_add_(0, p[sl], H[:, q[sl], :, q2[sl]] * pair)  # H[...]: [M, C, C]
+        return PositionBlocks(blocks / N, tuple(call.inputs[0].shape[2:]))
+
+    def _axes(self, call: ModuleCall) -> list[tuple[int, int, int, int, int, int]]:
+        """Per pooled axis ``(in, out, kernel, stride, padding, dilation)``."""
+        m = call.module
+
+        def per_axis(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * self.d
+
+        ins, outs = call.inputs[0].shape[2:], call.output_shape[2:]
+        return list(
+            zip(
+                ins,
+                outs,
+                per_axis(m.kernel_size),
+                per_axis(m.stride if m.stride is not None else m.kernel_size),
+                per_axis(m.padding),
+                per_axis(m.dilation),
+            )
+        )
+
+    def _window_positions(self, call: ModuleCall) -> Tensor:
+        """``[P_out, K]``: flat input position of entry ``t`` of window ``q`` (``-1`` outside)."""
+        pos, inside = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.bool)
+        axes = self._axes(call)
+        d = len(axes)
+        for i, (n_in, n_out, k, s, pad, dil) in enumerate(axes):
+            x = torch.arange(n_out).unsqueeze(1) * s - pad + torch.arange(k).unsqueeze(0) * dil
+            view = [1] * (2 * d)
+            view[i], view[d + i] = n_out, k
+            pos = pos * n_in + x.reshape(view)
+            inside = inside & ((x >= 0) & (x < n_in)).reshape(view)
+        P_out, K = math.prod(a[1] for a in axes), math.prod(a[2] for a in axes)
+        pos = torch.where(inside, pos, -1).reshape(P_out, K)
+        return pos.to(call.inputs[0].device)
+
+    def _overlaps(self, call: ModuleCall) -> tuple[Tensor, ...]:
+        """``(q, q', t, t', p)`` over all pairs of windows sharing input position ``p``.
+
+        ``p`` is entry ``t`` of window ``q`` and entry ``t'`` of window ``q'`` (flat indices).
+        """
+        axes = self._axes(call)
+        per_axis = []
+        for n_in, n_out, k, s, pad, dil in axes:
+            q = torch.arange(n_out).reshape(-1, 1, 1)
+            q2 = torch.arange(n_out).reshape(1, -1, 1)
+            t = torch.arange(k).reshape(1, 1, -1)
+            x = q * s - pad + t * dil  # the input position
+            num = x - (q2 * s - pad)
+            t2 = torch.div(num, dil, rounding_mode="floor")
+            ok = (num % dil == 0) & (t2 >= 0) & (t2 < k) & (x >= 0) & (x < n_in)
+            q, q2, t = (a.expand_as(ok)[ok] for a in (q, q2, t))
+            per_axis.append((q, q2, t, t2[ok], x.expand_as(ok)[ok]))
+        # combine the axes: every combination of per-axis overlaps, row-major flat indices
+        combo = [torch.zeros(1, dtype=torch.long) for _ in range(5)]
+        for (n_in, n_out, k, *_), parts in zip(axes, per_axis):
+            sizes = (n_out, n_out, k, k, n_in)
+            combo = [
+                (c.unsqueeze(1) * size + a.unsqueeze(0)).flatten()
+                for c, a, size in zip(combo, parts, sizes)
+            ]
+        device = call.inputs[0].device
+        return tuple(c.to(device) for c in combo)
 
 
 #: pooling module types and their rules
