@@ -183,7 +183,6 @@ class BackwardPass:
                 if blocks:
                     rules.check_blocks(call, from_blocks=True)
                 elif rules.ea_needs_blocks(call):
-                    rules.check_blocks(call, from_blocks=False)
                     blocks = True
             rules.check_budget(call, averaged and not blocks, diagonal)
             if residuals and not rules.linear_in_input:

@@ -176,20 +176,24 @@ class ModuleRules:
         """
         try:
             self.check_budget(call, True, False)
-        except DenseBudgetError:
-            if self.implements("ea_blocks"):
-                return True
-            raise
+        except DenseBudgetError as dense_error:
+            if not self.implements("ea_blocks"):
+                raise
+            try:
+                self.check_blocks(call, from_blocks=False)
+            except NotImplementedError:
+                raise dense_error from None
+            return True
         return False
 
     def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
-        """Raise ``NotImplementedError`` unless :meth:`ea_blocks` is exact for ``call``.
+        """Raise :class:`DenseBudgetError` unless :meth:`ea_blocks` is exact for ``call``.
 
         ``from_blocks``: whether the output curvature arrives as position blocks
         (else dense).
         """
         arrives = "position blocks" if from_blocks else "a dense matrix"
-        raise NotImplementedError(
+        raise DenseBudgetError(
             f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
             f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
             "hbpkit.modules.budget.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
