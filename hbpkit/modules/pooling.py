@@ -32,13 +32,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import einsum
+from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.position_blocks import PositionBlocks
+
+
+#: measured cost of one random index addition in streamed entries: with ``K`` window
+#: entries the strided form of ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams
+#: ``K^2 (N + 3)`` entries per pair of outputs, the sample loop ``N`` random additions
+SCATTER_COST = 40
 
 
 def _features(call: ModuleCall) -> tuple[torch.Size, torch.Size]:
@@ -242,10 +248,66 @@ class MaxPoolRules(_LinearMapRules):
         out = mat.gather(3, idx.expand(mat.shape[0], -1, -1, -1))
         return out.reshape(-1, *_features(call)[1])
 
-    # mean_n Pi_n^T H Pi_n: entry (a, b) of H is added at (pi_n(a), pi_n(b))
+    # mean_n Pi_n^T H Pi_n, sorted by the window entries t, t' that the argmaxes pick
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n Pi_n^T mat Pi_n`` by index additions."""
+        """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n Pi_n^T mat Pi_n`` (D.2, approximation (9)).
+
+        With ``m^t_n`` ``[D_out]`` the indicator that output ``(c, q)`` picks entry ``t`` of
+        its window, ``Pi_n = sum_t S_t diag(m^t_n)`` for the fixed placements ``S_t``, so
+        ``mean_n Pi_n^T H Pi_n = sum_{t, t'} S_t (H * mean_n m^t_n m^t'_n^T) S_t'^T``: one
+        ``[D_out, N] @ [N, D_out]`` product per pair of window entries, placed by strided
+        views (no per-sample scatter). Windows with many entries (``K^2`` pairs) go
+        sample by sample instead.
+        """
         self._check_ea_budget(call, mat.dtype)
+        module = call.module
+        if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+            return self._ea_by_samples(call, mat)
+        idx = self._indices(call)  # [N, C, P_out]
+        N, C, P_out = idx.shape
+        window = self._window_positions(call)  # [P_out, K]
+        picks = (idx.unsqueeze(-1) == window).to(mat.dtype)  # [N, C, P_out, K]
+        masks = rearrange(picks, "n c q k -> k n (c q)")
+        axes = self._axes(call)
+        ins, outs = [a[0] for a in axes], [a[1] for a in axes]
+        H = mat.reshape(C, *outs, C, *outs)
+        result = mat.new_zeros(C, *ins, C, *ins)
+        used = [t for t in range(window.shape[1]) if bool(masks[t].any())]
+        if len(used) ** 2 * (N + 3) > SCATTER_COST * N:
+            return self._ea_by_samples(call, mat)
+        places = [self._placement(axes, t) for t in range(window.shape[1])]
+        for t in used:
+            q_t, x_t = places[t]
+            for t2 in used:
+                q_t2, x_t2 = places[t2]
+                M = (masks[t].T @ masks[t2]).reshape(H.shape) / N
+                picked = (H * M)[(slice(None), *q_t, slice(None), *q_t2)]
+                result[(slice(None), *x_t, slice(None), *x_t2)] += picked
+        D_in = C * math.prod(ins)
+        return result.reshape(D_in, D_in)
+
+    def _placement(self, axes, t: int) -> tuple[list[slice], list[slice]]:
+        """Per pooled axis, the outputs ``q`` whose window entry ``t`` is inside the input
+        and the input positions ``q * stride - padding + t_axis * dilation`` they pick."""
+        q_slices, x_slices = [], []
+        for n_in, n_out, k, s, pad, dil in reversed(axes):
+            t, t_axis = divmod(t, k)
+            offset = t_axis * dil - pad  # input position of q = 0
+            q_lo = 0
+            while q_lo * s + offset < 0:
+                q_lo += 1
+            q_hi = n_out
+            while q_hi > q_lo and (q_hi - 1) * s + offset >= n_in:
+                q_hi -= 1
+            q_slices.append(slice(q_lo, q_hi))
+            start = q_lo * s + offset
+            x_slices.append(
+                slice(start, start + (q_hi - q_lo - 1) * s + 1 if q_hi > q_lo else start, s)
+            )
+        return q_slices[::-1], x_slices[::-1]
+
+    def _ea_by_samples(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``mean_n Pi_n^T mat Pi_n`` by index additions, one sample at a time."""
         idx = self._indices(call)
         N, (C, p_in) = idx.shape[0], self._rows(call)
         d_in = C * p_in
@@ -301,7 +363,7 @@ class MaxPoolRules(_LinearMapRules):
         def per_axis(v):
             return tuple(v) if isinstance(v, (tuple, list)) else (v,) * self.d
 
-        ins, outs = call.inputs[0].shape[2:], call.output_shape[2:]
+        ins, outs = call.inputs[0].shape[-self.d :], call.output_shape[-self.d :]
         return list(
             zip(
                 ins,
