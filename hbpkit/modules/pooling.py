@@ -40,7 +40,6 @@ from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.position_blocks import PositionBlocks
 
-
 #: measured cost of one random index addition in streamed entries: with ``K`` window
 #: entries the strided form of ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams
 #: ``K^2 (N + 3)`` entries per pair of outputs, the sample loop ``N`` random additions
