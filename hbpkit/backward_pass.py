@@ -152,20 +152,6 @@ class BackwardPass:
             self._refuse_outside(stray, outside)
         if self.second_order:
             self._check_hidden_paths()
-            if not self.graph.is_chain:
-                averaged = [e for e in self.second_order if isinstance(e.message, AverageMessage)]
-                if averaged:
-                    branch = next(
-                        c
-                        for c in self.graph.order
-                        if self.graph.consumers[id(c)] > 1 or len(self.graph.parents[id(c)]) > 1
-                    )
-                    raise NotImplementedError(
-                        f"{averaged[0]!r} backpropagates one batch-averaged matrix, which has no "
-                        f"exact merge where the graph branches (at {type(branch.module).__name__});"
-                        " batch-averaged backpropagation through residual blocks and sums is "
-                        "not supported yet: use KFLR, KFAC or HBP(..., backprop='sqrt')"
-                    )
             self._check_budgets()
 
     def _check_hidden_paths(self) -> None:
@@ -311,10 +297,16 @@ class BackwardPass:
 
     def _send(self, call: ModuleCall, messages: dict[Any, Any]) -> None:
         """Deliver the messages at ``call``'s inputs to the calls that produced them."""
+        links = 0
         for parent in self.graph.parents[id(call)]:
             if self._receives(parent):
                 self._inbox.setdefault(id(parent), []).append(messages)
                 self._waiting[id(parent)] -= 1
+                links += 1
+        for key, value in messages.items():
+            delivered = getattr(self._handlers[key], "delivered", None)
+            if delivered is not None:  # batch-averaged matrices in a branching graph
+                delivered(value, links)
 
     def _start(self, rules: LossRules, call: ModuleCall, grad_output: Tensor) -> None:
         if grad_output.numel() != 1:

@@ -123,6 +123,7 @@ EXTENSIONS = [
     DiagGGNMC(mc_samples=2),
     KFLR(),
     KFAC(),
+    KFRA(),  # exact only at N = 1 (test below); here: it runs, shapes
     HBP("hessian", "exact", "sqrt"),
     GGNMP(),
     HMP(),
@@ -191,7 +192,7 @@ def check_every_extension(plain: nn.Module, model: nn.Module, X, y, name: str) -
             G = dag.output_factor(at_z[kind][i], z, layer)
             close(getattr(q_layer.weight, field)[0], G, f"{field} G ({name})")
             close(getattr(q_layer.bias, field)[0], G, f"{field} bias G ({name})")
-        assert q_layer.weight.kfac[0].shape == G.shape
+        assert q_layer.weight.kfac[0].shape == q_layer.weight.kfra[0].shape == G.shape
 
 
 def test_kflr_is_exact_through_residual_blocks_at_batch_size_one():
@@ -272,12 +273,40 @@ def test_sum_of_a_tensor_with_itself():
         close(q.hmp(V).reshape(-1), H @ V.reshape(-1), "sum(h, h) hmp")
 
 
-def test_batch_averaged_backprop_is_refused_at_a_branch():
-    _, model, X, y = _setup("parallel", 2)
-    with pytest.raises(NotImplementedError, match="batch-averaged.*Sum|batch-averaged.*Linear"):
-        with backprop(KFRA(), KFLR()):
-            extend(nn.CrossEntropyLoss())(model(X), y).backward()
-    assert not any(hasattr(p, "kflr") or hasattr(p, "kfra") for p in model.parameters())
+def test_batch_averaged_backprop_is_exact_at_batch_size_one():
+    """KFRA / ``HBP(..., "batch-average")`` with the cross blocks between branches, N = 1."""
+    plain, model, X, y = _setup("parallel", 1, seed=4)
+    loss_fn = nn.CrossEntropyLoss()
+    with backprop(KFRA(), HBP("hessian", "average", "batch-average")):
+        extend(loss_fn)(model(X), y).backward()
+    t = dag.trace(plain, loss_fn, X, y)
+    for layer, q in zip(_layers(plain), _layers(model)):
+        G, A = q.weight.kfra
+        close(torch.kron(G, A), ref.ggn(t.out, loss_fn, y, [layer.weight]), "kfra N=1")
+        G, A = q.weight.hbp
+        close(torch.kron(G, A), ref.hessian(t.loss, [layer.weight]), "hbp batch-average N=1")
+        close(q.bias.kfra[0], ref.ggn(t.out, loss_fn, y, [layer.bias]), "kfra bias N=1")
+
+
+def test_batch_averaged_equals_per_sample_on_a_linear_dag():
+    """Jacobians that do not depend on the sample make approximation (9) exact: KFRA == KFLR."""
+    torch.manual_seed(5)
+    model = extend(
+        nn.Sequential(
+            nn.Linear(4, 5),
+            Parallel(
+                nn.Linear(5, 5), nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 5)), nn.Identity()
+            ),
+            Residual(nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5))),
+            nn.Linear(5, 2),
+        ).to(DT)
+    )
+    X, Y = torch.randn(4, 4, dtype=DT), torch.randn(4, 2, dtype=DT)
+    with backprop(KFRA(), KFLR()):
+        extend(nn.MSELoss())(model(X), Y).backward()
+    for p in model.parameters():
+        for a, b in zip(p.kfra, p.kflr):
+            close(a, b, "kfra == kflr, linear DAG")
 
 
 def test_sum_of_different_shapes_is_refused():

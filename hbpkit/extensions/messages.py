@@ -15,7 +15,8 @@ between paths (``graph_curvature.py``).
   ``S_x = J^T S_z``, plus one signed diagonal factor per residual (S.9).
 * :class:`AverageMessage`: one batch-averaged ``[D, D]`` matrix
   (``backprop="batch-average"``, approximation (9)),
-  ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``.
+  ``H_x = mean_n J_n^T H_z J_n + sum_n R_n`` (cross blocks between the branches
+  of a branching graph: ``graph_average.py``).
 * :class:`ProductMessage`: an operator, :class:`OutputCurvature`, that applies the
   exact per-sample output curvature to ``[K, N, *features]`` tensors (the
   curvature-matrix products ``GGNMP``, ``HMP``, ``PCHMP``),
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from hbpkit.calls import ModuleCall
+from hbpkit.extensions.graph_average import DagAverageMessage
 from hbpkit.extensions.graph_curvature import DagProductMessage
 from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
 
@@ -147,15 +149,14 @@ class AverageMessage:
         return out
 
     def merge(self, messages: list[Tensor], call: ModuleCall) -> Tensor:
-        raise NotImplementedError(
-            f"batch-averaged backpropagation through the branch at {type(call.module).__name__}"
-        )
+        raise RuntimeError("chain matrices do not merge: use for_dag() in branching graphs")
 
     def for_params(self, mat: Tensor, call: ModuleCall) -> Tensor:
         return mat
 
-    def for_dag(self) -> AverageMessage:
-        return self
+    def for_dag(self) -> DagAverageMessage:
+        """A fresh message for one backward pass through a branching graph (cross blocks)."""
+        return DagAverageMessage(self)
 
 
 class OutputCurvature:
