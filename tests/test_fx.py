@@ -19,8 +19,10 @@ from hbpkit import extend
 from hbpkit.nn import Sum
 
 try:  # tests/ as a package or as a plain directory on sys.path
+    from .example_scripts import load_example
     from .test_branching import DT, check_every_extension
 except ImportError:
+    from example_scripts import load_example
     from test_branching import DT, check_every_extension
 
 
@@ -162,3 +164,10 @@ def test_what_cannot_be_converted_is_named(model, match):
 def test_convert_needs_a_module():
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         hbpkit.convert(lambda x: x)
+
+
+@pytest.mark.slow
+def test_resnet_example_matches_autograd():
+    results = load_example("resnet_curvature").main()
+    assert results["error"] < 1e-10
+    assert len(results["kflr"]) == 14
