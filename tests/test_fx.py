@@ -171,3 +171,34 @@ def test_resnet_example_matches_autograd():
     results = load_example("resnet_curvature").main()
     assert results["error"] < 1e-10
     assert len(results["kflr"]) == 14
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resnet_against_backpack_converter():
+    """BackPACK 1.7.1 computes DiagGGNExact and BatchGrad through its own ``SumModule``.
+
+    In float32: BackPACK's ``SumModule`` path fails in float64 ("expected scalar type
+    Double but found Float"); tolerances are float32 round-off.
+    """
+    from backpack import backpack as bp_backpack
+    from backpack import extend as bp_extend
+    from backpack import extensions as bpext
+    from backpack.custom_module.branching import SumModule
+
+    from hbpkit.extensions import BatchGrad, DiagGGNExact
+
+    torch.manual_seed(0)
+    converted = hbpkit.convert(TinyResNet())
+    ours = extend(copy.deepcopy(converted))
+    for name, module in list(converted.named_children()):
+        if isinstance(module, Sum):
+            setattr(converted, name, SumModule())
+    theirs = bp_extend(converted, use_converter=True)
+    X, y = torch.randn(3, 1, 4, 4), torch.tensor([0, 2, 1])
+    with bp_backpack(bpext.DiagGGNExact(), bpext.BatchGrad()):
+        bp_extend(nn.CrossEntropyLoss())(theirs(X), y).backward()
+    with hbpkit.backprop(DiagGGNExact(), BatchGrad()):
+        extend(nn.CrossEntropyLoss())(ours(X), y).backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.diag_ggn_exact, q.diag_ggn_exact, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad_batch, q.grad_batch, rtol=1e-5, atol=1e-7)
