@@ -15,6 +15,8 @@ from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules,
 from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
+from hbpkit.modules.sum import SumRules
+from hbpkit.nn import Sum
 
 LINEAR = LinearRules()
 
@@ -37,6 +39,7 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     nn.MSELoss: MSELossRules(),
     nn.CrossEntropyLoss: CrossEntropyLossRules(),
     nn.BCEWithLogitsLoss: BCEWithLogitsLossRules(),
+    Sum: SumRules(),
 }
 
 __all__ = [
@@ -50,4 +53,5 @@ __all__ = [
     "LossRules",
     "ModuleRules",
     "SqrtFactor",
+    "SumRules",
 ]
