@@ -37,12 +37,13 @@ if dist.is_available():
         parameters_in_sync,
         shard_weights,
     )
-    from hbpkit.optim import KroneckerPreconditioner
+    from hbpkit.optim import KroneckerPreconditioner, NewtonCG
     from hbpkit.optim.distributed import (
         DistributedKroneckerPreconditioner,
         DistributedNewtonCG,
         assign_to_ranks,
     )
+    from hbpkit.optim.newton_cg import joint_directions
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import distributed_workers as workers
@@ -312,6 +313,36 @@ def test_inversions_are_balanced_by_cost():
     assert set(owners) == {0, 1}
     assert assign_to_ranks(costs, 1) == [0] * len(costs)
     assert assign_to_ranks([], 3) == []
+
+
+@pytest.mark.parametrize("block_split", [1, 3])
+def test_joint_cg_equals_the_per_parameter_solves(block_split):
+    """One batched CG over zero-padded rows gives each block's own solve (and diagnostics)."""
+    g = torch.Generator().manual_seed(3)
+    shapes, blocks, calls = [(3, 4), (4,), (2, 2, 2)], [], []
+    for i, shape in enumerate(shapes):
+        p = nn.Parameter(torch.zeros(shape, dtype=DT))
+        p.grad = torch.randn(shape, dtype=DT, generator=g)
+        n = p.numel()
+        M = torch.randn(n, n, dtype=DT, generator=g)
+        C = M @ M.T / n + 0.05 * torch.eye(n, dtype=DT)
+
+        def product(V, C=C, i=i):
+            calls.append(i)
+            return (V.reshape(V.shape[0], -1) @ C.T).reshape(V.shape)
+
+        blocks.append((p, product))
+    group = dict(damping=0.1, cg_maxiter=6, cg_tol=1e-3, cg_atol=0.0, block_split=block_split)
+    directions, info = joint_directions(blocks, group, combine=lambda products: products)
+    assert calls == [0, 1, 2] * int(info.iterations.max())  # every product once per iteration
+    start = 0
+    for (p, product), d in zip(blocks, directions):
+        expected, expected_info = NewtonCG._direction(product, p, group)
+        torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-14)
+        k = len(expected_info.iterations)
+        assert torch.equal(info.iterations[start : start + k], expected_info.iterations)
+        assert torch.equal(info.converged[start : start + k], expected_info.converged)
+        start += k
 
 
 # ------------------------------------------------------------------------------ the example

@@ -12,10 +12,12 @@ module's), so the step equals the single-process step on the full batch:
   (``sum of dim**3`` of their factors, largest first, each to the least loaded
   rank), each rank inverts its share and broadcasts the inverses, as
   distributed K-FAC implementations do (Osawa et al. 2019, Pauloski et al. 2020).
-* :class:`DistributedNewtonCG`: exact products become all-reduced products (one
-  collective per CG iteration and block); Kronecker factors are all-reduced
-  before the solve. CG then runs the same arithmetic on identical inputs on every
-  rank (its dot products act on full, replicated vectors, so they need no
+* :class:`DistributedNewtonCG`: all blocks (and sub-blocks) of a parameter group
+  are solved in one batched CG (:func:`hbpkit.optim.newton_cg.joint_directions`,
+  the same per-block solves), so the exact products of all blocks are all-reduced
+  in one coalesced collective per CG iteration; Kronecker factors are all-reduced
+  once before the solve. CG then runs the same arithmetic on identical inputs on
+  every rank (its dot products act on full, replicated vectors, so they need no
   reduction of their own), and the ranks take bit-for-bit identical steps.
 
 With ``reduction=None`` the step takes the attached quantities as they are (the
@@ -35,12 +37,14 @@ from torch import Tensor
 from hbpkit.distributed import (
     AllReducedProduct,
     all_reduce_kronecker,
+    all_reduce_sum,
     check_initialized,
     shard_weights,
 )
 from hbpkit.kronecker import KroneckerFactors
+from hbpkit.optim.curvatures import missing_quantity
 from hbpkit.optim.kronecker import KroneckerPreconditioner, damped_inverses
-from hbpkit.optim.newton_cg import NewtonCG
+from hbpkit.optim.newton_cg import NewtonCG, joint_directions
 
 REDUCTIONS = ("mean", "sum", None)
 
@@ -195,25 +199,55 @@ class DistributedNewtonCG(NewtonCG):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """Reduce Kronecker factors over ranks (exact products: per call), then the step."""
+        """One damped Newton step per block, all blocks of a group in one batched CG."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.reduction is not None and self.curvature_spec.kronecker:
-            savefield = self.curvature_spec.savefield
-            _reduce_kronecker_fields(_params_with_grad(self), savefield, self.reduction, self.group)
-        super().step()
-        return loss
+        savefield = self.curvature_spec.savefield
+        kronecker = self.curvature_spec.kronecker
+        # read and check every quantity first: a bad one raises before a collective
+        solves = []
+        for g_idx, group in enumerate(self.param_groups):
+            blocks = []
+            for p_idx, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                quantity = getattr(p, savefield, None)
+                if quantity is None:
+                    raise missing_quantity(
+                        f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})", savefield
+                    )
+                if self.reduction is not None and isinstance(quantity, AllReducedProduct):
+                    raise ValueError(
+                        f"p.{savefield} is already all-reduced: pass reduction=None to "
+                        "DistributedNewtonCG, or do not call all_reduce_quantities before step()"
+                    )
+                blocks.append((p, self._product(quantity, savefield)))
+            if blocks:
+                solves.append((group, blocks))
+        if self.reduction is not None and kronecker:
+            params = [p for _, blocks in solves for p, _ in blocks]
+            _reduce_kronecker_fields(params, savefield, self.reduction, self.group)
+            solves = [
+                (group, [(p, getattr(p, savefield).mv) for p, _ in blocks])
+                for group, blocks in solves
+            ]
+        combine = None
+        if self.reduction is not None and not kronecker:  # one all-reduce per CG iteration
+            weight = shard_weights(self.reduction, None, self.group).loss
 
-    def _product(self, quantity: Any, savefield: str) -> Callable[[Tensor], Tensor]:
-        product = super()._product(quantity, savefield)
-        if self.reduction is None or self.curvature_spec.kronecker:
-            return product
-        if isinstance(quantity, AllReducedProduct):
-            raise ValueError(
-                f"p.{savefield} is already all-reduced: pass reduction=None to "
-                "DistributedNewtonCG, or do not call all_reduce_quantities before step()"
-            )
-        weight = shard_weights(self.reduction, None, self.group).loss
-        return AllReducedProduct(product, weight, self.group)
+            def combine(products: list[Tensor]) -> list[Tensor]:
+                return all_reduce_sum([CV * weight for CV in products], self.group)
+
+        for group, blocks in solves:
+            directions, info = joint_directions(blocks, group, combine)
+            start = 0
+            for (p, _), d in zip(blocks, directions):
+                k = min(group["block_split"], p.numel())
+                state = self.state[p]
+                state["cg_iterations"] = info.iterations[start : start + k]
+                state["cg_converged"] = info.converged[start : start + k]
+                start += k
+                p.add_(d, alpha=group["lr"])
+        return loss
