@@ -5,7 +5,8 @@
 
 The model is the digits demo's sigmoid MLP ``64-hidden-10``; the global batch is
 the whole training split (1,344 images, 672 per process with 2). Each case runs in
-fresh processes (spawned here, loopback ``gloo``, 1 thread each). Per iteration it
+fresh processes (spawned here, loopback ``gloo``, 1 thread each); "1 (plain)" is
+the ordinary optimizer without DDP, the baseline. Per iteration it
 times, on every rank, ``opt.step()`` alone (the reductions, inversions or CG
 solves) and the whole iteration (forward, backward with the extensions, step);
 the reported value is the median over the timed iterations of the slowest rank.
@@ -31,19 +32,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hbpkit import backprop, extend
+from hbpkit.optim import KroneckerPreconditioner, NewtonCG
 from hbpkit.optim.distributed import DistributedKroneckerPreconditioner, DistributedNewtonCG
 
+KRONECKER = dict(curvature="kflr", lr=0.1, damping=1e-2, update_every=1, momentum=0.5)
+NEWTON = dict(curvature="ggn", lr=0.1, damping=1e-2, cg_maxiter=10, cg_tol=0.0)
+# name -> (plain optimizer, distributed optimizer, keyword arguments)
 OPTIMIZERS = {
-    "KroneckerPreconditioner (kflr)": lambda params: DistributedKroneckerPreconditioner(
-        params, curvature="kflr", lr=0.1, damping=1e-2, update_every=1, momentum=0.5
+    "KroneckerPreconditioner (kflr)": (
+        KroneckerPreconditioner,
+        DistributedKroneckerPreconditioner,
+        KRONECKER,
     ),
-    "NewtonCG (ggn, 10 CG iterations)": lambda params: DistributedNewtonCG(
-        params, curvature="ggn", lr=0.1, damping=1e-2, cg_maxiter=10, cg_tol=0.0
-    ),
+    "NewtonCG (ggn, 10 CG iterations)": (NewtonCG, DistributedNewtonCG, NEWTON),
 }
 
 
-def _worker(rank: int, world: int, port: int, name: str, args, outdir: str) -> None:
+def _worker(rank: int, world: int, port: int, name: str, plain: bool, args, outdir: str) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -56,9 +61,10 @@ def _worker(rank: int, world: int, port: int, name: str, args, outdir: str) -> N
     model = extend(
         nn.Sequential(nn.Linear(64, args.hidden), nn.Sigmoid(), nn.Linear(args.hidden, 10))
     )
-    net = DistributedDataParallel(model)
+    net = model if plain else DistributedDataParallel(model)
     loss_fn = extend(nn.CrossEntropyLoss())
-    opt = OPTIMIZERS[name](model.parameters())
+    plain_cls, distributed_cls, kwargs = OPTIMIZERS[name]
+    opt = (plain_cls if plain else distributed_cls)(model.parameters(), **kwargs)
     steps, iterations = [], []
     for i in range(args.warmup + args.repeats):
         dist.barrier()
@@ -88,10 +94,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(name: str, world: int, args) -> tuple[float, float]:
+def measure(name: str, world: int, plain: bool, args) -> tuple[float, float]:
     """Median seconds of ``opt.step()`` and of a whole iteration on ``world`` processes."""
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, _free_port(), name, args, outdir), nprocs=world)
+        mp.spawn(_worker, args=(world, _free_port(), name, plain, args, outdir), nprocs=world)
         steps, iterations = torch.load(Path(outdir) / "times.pt")
     return statistics.median(steps.tolist()), statistics.median(iterations.tolist())
 
@@ -105,9 +111,10 @@ def main() -> None:
     print(f"digits MLP 64-{args.hidden}-10, global batch 1344, medians of {args.repeats} steps\n")
     print(f"{'optimizer':<34} {'processes':>9} {'opt.step() ms':>14} {'iteration ms':>13}")
     for name in OPTIMIZERS:
-        for world in (1, 2):
-            step, iteration = measure(name, world, args)
-            print(f"{name:<34} {world:>9} {1e3 * step:>14.2f} {1e3 * iteration:>13.2f}")
+        for world, plain in ((1, True), (1, False), (2, False)):
+            step, iteration = measure(name, world, plain, args)
+            label = f"{world} (plain)" if plain else str(world)
+            print(f"{name:<34} {label:>9} {1e3 * step:>14.2f} {1e3 * iteration:>13.2f}")
 
 
 if __name__ == "__main__":
