@@ -100,6 +100,13 @@ def check_initialized() -> None:
         )
 
 
+def _count_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where small bookkeeping tensors (sizes, flags) live: NCCL talks to CUDA tensors only."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shard_weights(
     reduction: str, batch_size: int | None = None, group: dist.ProcessGroup | None = None
 ) -> ShardWeights:
@@ -119,7 +126,7 @@ def shard_weights(
         return ShardWeights(1.0 / R if reduction == "mean" else 1.0, 1.0 / R, R, None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ValueError(f"batch_size must be a non-negative integer, got {batch_size!r}")
-    local = torch.tensor([batch_size], dtype=torch.long)
+    local = torch.tensor([batch_size], dtype=torch.long, device=_count_device(group))
     gathered = [torch.zeros_like(local) for _ in range(R)]
     dist.all_gather(gathered, local, group=group)
     sizes = tuple(int(s) for s in gathered)
@@ -146,7 +153,7 @@ def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None = None
 def all_gather_batch(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Concatenate ``t`` ``[n_r, *]`` of every rank along dim 0 (rank order; sizes may differ)."""
     R = dist.get_world_size(group)
-    size = torch.tensor([t.shape[0]], dtype=torch.long)
+    size = torch.tensor([t.shape[0]], dtype=torch.long, device=_count_device(group))
     sizes = [torch.zeros_like(size) for _ in range(R)]
     dist.all_gather(sizes, size, group=group)
     sizes_int = [int(s) for s in sizes]
@@ -339,10 +346,13 @@ def parameters_in_sync(params: Iterable[Tensor], group: dist.ProcessGroup | None
     """Whether all ranks hold bit for bit the parameters of the group's first rank (collective)."""
     check_initialized()
     params = [p.detach() for p in params]
-    flat = torch.cat([p.reshape(-1).double() for p in params]) if params else torch.zeros(0)
+    if not params:
+        return True
+    device = _count_device(group)
+    flat = torch.cat([p.reshape(-1).double().to(device) for p in params])
     first = flat.clone()
     src = dist.get_global_rank(group, 0) if group is not None else 0
     dist.broadcast(first, src=src, group=group)
-    mismatch = torch.tensor([0.0 if torch.equal(first, flat) else 1.0])
+    mismatch = torch.tensor([0.0 if torch.equal(first, flat) else 1.0], device=device)
     dist.all_reduce(mismatch, group=group)
     return mismatch.item() == 0.0

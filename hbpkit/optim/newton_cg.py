@@ -19,6 +19,10 @@ cut into ``block_split`` contiguous chunks (sizes differ by at most one, as
 sub-block ``C_ii``, i.e. products restricted to the chunk (``V`` zero outside
 it, only the chunk's rows of ``C V`` kept). The chunks run as one batched CG,
 each with its own step sizes and stopping test.
+
+:func:`joint_directions` solves the sub-blocks of several parameters in one
+batched CG (the same solutions); :class:`hbpkit.optim.distributed.DistributedNewtonCG`
+uses it to all-reduce the products of all blocks in one collective per iteration.
 """
 
 from __future__ import annotations
