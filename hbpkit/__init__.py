@@ -4,7 +4,7 @@
 >>> from hbpkit.extensions import KFAC
 """
 
-from hbpkit import extensions
+from hbpkit import distributed, extensions
 from hbpkit.context import backprop
 from hbpkit.dispatch import register
 from hbpkit.extend import extend
@@ -15,3 +15,4 @@ __version__ = "0.1.0"
 
 __all__ = ["KroneckerFactors", "backprop", "extend", "extensions", "register", "__version__"]
 __all__ += ["convert"]  # branching models (hbpkit.nn: Sum, Residual, Parallel)
+__all__ += ["distributed"]
