@@ -2,8 +2,9 @@
 
 The forward hook that :func:`hbpkit.extend` installs creates a :class:`ModuleCall`
 for every call of an extended module while autograd records a graph. The record
-holds the call's inputs and the record of the module that produced its first
-input, so the chain of calls can be walked back from the loss. It is reachable
+holds the call's inputs and the records of the modules that produced them, so
+the graph of calls (a chain, or a DAG with residual blocks and sums) can be
+walked back from the loss. It is reachable
 only from the autograd graph (through a tensor hook on the call's output) and
 from the output tensor itself: when the graph is gone, so is the record. It is
 released after the first backward pass that reaches it.
@@ -26,10 +27,11 @@ class ModuleCall:
         module: the module that was called.
         inputs: the positional arguments of the call (``inputs[0]`` is the input
             ``x``; a loss also has the target at ``inputs[1]``).
-        parent: the record of the extended module whose output is ``inputs[0]``,
+        parents: per input, the record of the extended module whose output it is,
             or ``None`` (data, a leaf, or an operation hbpkit does not see).
-        input_origin: the autograd node that produced ``inputs[0]`` if it is not
-            an extended module's output (used in error messages), else ``None``.
+        origins: per input, the autograd node that produced it if it is not an
+            extended module's output (used in checks and error messages), else ``None``.
+        parent, input_origin: ``parents[0]`` and ``origins[0]`` (the input ``x``).
         captured: whatever the module's rules captured during the forward pass
             (for instance the mask of a ``Dropout`` layer).
         cache: quantities shared by several extensions during one backward pass
@@ -39,8 +41,8 @@ class ModuleCall:
     __slots__ = (
         "module",
         "inputs",
-        "parent",
-        "input_origin",
+        "parents",
+        "origins",
         "captured",
         "cache",
         "released",
@@ -57,8 +59,21 @@ class ModuleCall:
         self.cache: dict[Any, Any] = {}
         self.released = False
         self.kept = False
-        x = inputs[0]
-        self.parent, self.input_origin = _producer(x)
+        if len(inputs) == 1:
+            parent, origin = _producer(inputs[0])
+            self.parents, self.origins = (parent,), (origin,)
+        else:
+            self.parents, self.origins = zip(*map(_producer, inputs))
+
+    @property
+    def parent(self) -> ModuleCall | None:
+        """The record of the module that produced the input ``x`` (``inputs[0]``)."""
+        return self.parents[0]
+
+    @property
+    def input_origin(self) -> Any:
+        """The autograd node that produced ``x`` outside extended modules, or ``None``."""
+        return self.origins[0]
 
     @property
     def input(self) -> Tensor:

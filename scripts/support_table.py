@@ -151,10 +151,10 @@ def family(rules: object) -> str:
 
 def rows() -> list[tuple[str, list[str], list[str], str]]:
     """``(family, module names, cells, note)`` in registration order, grouped."""
-    types = [  # what hbpkit registers itself: torch.nn modules (not types users register)
+    types = [  # what hbpkit registers itself: torch.nn and hbpkit.nn modules (not users' types)
         t
         for t in dict.fromkeys([*FIRST_ORDER.types(), *SECOND_ORDER.types()])
-        if t.__module__.startswith("torch.nn")
+        if t.__module__.startswith(("torch.nn", "hbpkit.nn"))
     ]
     types.sort(key=lambda t: isinstance(SECOND_ORDER.lookup(_Instance(t)), UnsupportedRules))
     grouped: dict[tuple, list[str]] = {}

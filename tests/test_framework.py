@@ -194,7 +194,8 @@ def test_scaled_loss_is_refused():
     assert _attached(model) == set()
 
 
-def test_shared_module_and_branching_are_refused():
+def test_shared_module_and_functional_branching_are_refused():
+    """A shared module is refused; a branch merged by a functional ``+`` too (use hbpkit.nn.Sum)."""
     lin = nn.Linear(3, 3).double()
     shared = extend(nn.Sequential(lin, nn.Tanh(), lin))
     X, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])
@@ -212,8 +213,14 @@ def test_shared_module_and_branching_are_refused():
             side = self.c(h)  # a second consumer of h
             return self.b(h) + side if self.live else self.b(h)
 
-    with pytest.raises(NotImplementedError, match="AddBackward0"):
+    with pytest.raises(
+        NotImplementedError, match=r"AddBackward0.*hbpkit\.nn\.Sum.*hbpkit\.convert"
+    ):
         _run(extend(Branch(True).double()), extend(nn.CrossEntropyLoss()), KFLR(), data=(X, y))
+    # the same branch with the addition as a module is supported (tests/test_branching.py)
+    converted = hbpkit.convert(Branch(True).double())
+    _run(extend(converted), extend(nn.CrossEntropyLoss()), KFLR(), data=(X, y))
+    assert all(hasattr(p, "kflr") for p in converted.parameters())
     # a dead branch does not feed the loss: the chain a -> b is all there is
     dead = _run(extend(Branch(False).double()), extend(nn.CrossEntropyLoss()), KFLR(), data=(X, y))
     kflr = [p.kflr for p in dead.parameters()]

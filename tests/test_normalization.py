@@ -34,6 +34,7 @@ from hbpkit.extensions import (
     Variance,
     messages,
 )
+from hbpkit.modules.normalization import GroupNormalizationRules
 
 try:
     from . import reference as ref
@@ -66,32 +67,26 @@ def _one_thread():
 
 # ------------------------------------------------------------------- wiring of the residual hooks
 def _sqrt_propagate(self, rules, call, grad_output, factors):
-    out = [rules.jac_t_factor(call, f) for f in factors]
+    out = {origin: rules.jac_t_factor(call, f) for origin, f in factors.items()}
     residual = rules.residual_factor(call, grad_output, self.curvature)
-    return out if residual is None else [*out, residual]
+    if residual is not None:
+        out[call] = residual
+    return out
+
+
+_average_propagate_diagonal = messages.AverageMessage.propagate
 
 
 def _average_propagate(self, rules, call, grad_output, mat):
+    if not isinstance(rules, GroupNormalizationRules):  # diagonal residuals: unchanged
+        return _average_propagate_diagonal(self, rules, call, grad_output, mat)
     out = rules.ea_jac_t_mat_jac_prod(call, mat)
     residual = rules.residual_sum(call, grad_output, self.curvature)
     return out if residual is None else out + residual
 
 
-def _product_propagate(self, rules, call, grad_output, op):
-    residual = rules.residual_mat_prod(call, grad_output, self.curvature)
-    key = ("product_link", id(op), None if residual is None else self.curvature)
-    if key not in call.cache:
-        call.cache[key] = messages.OutputCurvature(rules, call, op, residual)
-    return call.cache[key]
-
-
-def _output_curvature_call(self, mat):
-    if self.upstream is None:
-        return self.rules.hessian_mat_prod(self.call, mat)
-    out = self.rules.jac_t_mat_prod(
-        self.call, self.upstream(self.rules.jac_mat_prod(self.call, mat))
-    )
-    return out if self.residual is None else out + self.residual(mat)
+def _product_residual(rules, call, grad_output, curvature):
+    return rules.residual_mat_prod(call, grad_output, curvature)
 
 
 @pytest.fixture(autouse=True)
@@ -101,8 +96,7 @@ def residual_hooks(monkeypatch):
         return
     monkeypatch.setattr(messages.SqrtMessage, "propagate", _sqrt_propagate)
     monkeypatch.setattr(messages.AverageMessage, "propagate", _average_propagate)
-    monkeypatch.setattr(messages.ProductMessage, "propagate", _product_propagate)
-    monkeypatch.setattr(messages.OutputCurvature, "__call__", _output_curvature_call)
+    monkeypatch.setattr(messages, "product_residual", _product_residual)
 
 
 # --------------------------------------------------------------------------------- models

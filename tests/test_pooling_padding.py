@@ -30,7 +30,7 @@ from torch import nn
 from hbpkit import backprop, extend
 from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.extensions import HBP, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHessian
-from hbpkit.modules import budget
+from hbpkit.modules import budget, pooling
 from hbpkit.modules.base import DiagonalFactor, SqrtFactor
 from hbpkit.modules.budget import DenseBudgetError
 
@@ -182,8 +182,14 @@ def test_jac_mat_prod(case):
     _assert_close(actual, expected)
 
 
-def test_ea_jac_t_mat_jac_prod(case):
-    """``mean_n J_n^T H J_n`` (approximation (9)) for a general (non-symmetric) ``H``."""
+@pytest.mark.parametrize("scatter_cost", [pooling.SCATTER_COST, 10**9, 0])
+def test_ea_jac_t_mat_jac_prod(case, scatter_cost, monkeypatch):
+    """``mean_n J_n^T H J_n`` (approximation (9)) for a general (non-symmetric) ``H``.
+
+    Max-pooling has two ways (strided placement per pair of window entries, or a
+    loop over samples): ``scatter_cost`` forces each.
+    """
+    monkeypatch.setattr(pooling, "SCATTER_COST", scatter_cost)
     rules, call, x, out = case
     d_out = out[0].numel()
     H = torch.randn(d_out, d_out, dtype=DT)

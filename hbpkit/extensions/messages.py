@@ -3,11 +3,21 @@
 Extensions that need the same message share it: ``KFLR`` and ``DiagGGNExact``
 both use the exact GGN sqrt factors, and they are backpropagated once.
 
+Branching graphs (residual blocks, sums; supplement B.3): the Jacobian from a
+tensor that feeds several consumers to the loss is the sum over paths, so the
+messages arriving from the consumers are merged (:meth:`merge`): sqrt factors
+of the same origin (the loss, or the residual of one module) are summed,
+factors of different origins stay separate; output-Hessian operators are
+replaced by one operator over the recorded DAG that keeps the cross terms
+between paths (``graph_curvature.py``).
+
 * :class:`SqrtMessage`: per-sample sqrt factors ``[V, N, *features]`` (``backprop="sqrt"``),
   ``S_x = J^T S_z``, plus one signed diagonal factor per residual (S.9).
 * :class:`AverageMessage`: one batch-averaged ``[D, D]`` matrix
   (``backprop="batch-average"``, approximation (9)),
-  ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``.
+  ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``, or its exact position blocks where
+  the dense matrix would exceed the memory budget (``modules/position_blocks.py``;
+  cross blocks between the branches of a branching graph: ``graph_average.py``).
 * :class:`ProductMessage`: an operator, :class:`OutputCurvature`, that applies the
   exact per-sample output curvature to ``[K, N, *features]`` tensors (the
   curvature-matrix products ``GGNMP``, ``HMP``, ``PCHMP``),
@@ -22,7 +32,10 @@ import torch
 from torch import Tensor
 
 from hbpkit.calls import ModuleCall
+from hbpkit.extensions.graph_average import DagAverageMessage
+from hbpkit.extensions.graph_curvature import DagProductMessage
 from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.position_blocks import PositionBlocks
 
 ProductRules = ModuleRules | LossRules
 
@@ -45,27 +58,73 @@ def modify_residual(residual: Tensor, curvature: str) -> Tensor | None:
     raise ValueError(f"unknown curvature {curvature!r}; choose from {CURVATURES}")
 
 
+LOSS_ORIGIN = "loss"  # origin of the loss Hessian's factor; a residual's origin is its call
+
+Factors = dict  # origin -> Factor, in order of creation
+
+
+def add_factors(a: Factor, b: Factor, where: ModuleCall) -> Factor:
+    """The factor of the summed Jacobians: ``(J_a + J_b)^T S`` from ``J_a^T S`` and ``J_b^T S``.
+
+    Both come from one origin along two paths, so their columns (and signs) match.
+    """
+    if isinstance(a, DiagonalFactor) and isinstance(b, DiagonalFactor):
+        if a.s.shape == b.s.shape and _same_sign(a.sign, b.sign):
+            return DiagonalFactor(a.s + b.s, a.sign)
+    a = a.dense() if isinstance(a, DiagonalFactor) else a
+    b = b.dense() if isinstance(b, DiagonalFactor) else b
+    if a.S.shape != b.S.shape or not _same_sign(a.sign, b.sign):
+        raise NotImplementedError(
+            f"the curvature factors that reach the output of {type(where.module).__name__} along "
+            f"two paths do not line up (shapes {tuple(a.S.shape)} and {tuple(b.S.shape)}): "
+            "a padding or pooling layer inside one branch of a residual block changes the "
+            "diagonal factors' layout; use DiagGGNExact/KFLR (no residual factors) there"
+        )
+    return SqrtFactor(a.S + b.S, a.sign)
+
+
+def _same_sign(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or torch.equal(a, b)
+
+
 @dataclass(frozen=True)
 class SqrtMessage:
-    """Per-sample symmetric factors of the output curvature."""
+    """Per-sample symmetric factors of the output curvature, keyed by their origin."""
 
     loss_hessian: str  # "exact" | "sampled"
     mc_samples: int
     curvature: str
 
-    def initial(self, rules: LossRules, call: ModuleCall) -> list[SqrtFactor]:
+    def initial(self, rules: LossRules, call: ModuleCall) -> Factors:
         if self.loss_hessian == "exact":
-            return [SqrtFactor(rules.sqrt_hessian(call))]
-        return [SqrtFactor(rules.sqrt_hessian_sampled(call, self.mc_samples))]
+            return {LOSS_ORIGIN: SqrtFactor(rules.sqrt_hessian(call))}
+        return {LOSS_ORIGIN: SqrtFactor(rules.sqrt_hessian_sampled(call, self.mc_samples))}
 
     def propagate(
-        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: list[Factor]
-    ) -> list[Factor]:
-        out = [rules.jac_t_factor(call, f) for f in factors]
+        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: Factors
+    ) -> Factors:
+        out = {origin: rules.jac_t_factor(call, f) for origin, f in factors.items()}
         if self.curvature != "ggn" and not rules.linear_in_input:
             residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
-            out.append(DiagonalFactor.from_values(residual))
+            out[call] = DiagonalFactor.from_values(residual)
         return out
+
+    def merge(self, messages: list[Factors], call: ModuleCall) -> Factors:
+        """The factors at ``call``'s output from those its consumers sent (same origin: summed)."""
+        out = dict(messages[0])
+        for factors in messages[1:]:
+            for origin, f in factors.items():
+                out[origin] = add_factors(out[origin], f, call) if origin in out else f
+        return out
+
+    def for_params(self, factors: Factors, call: ModuleCall) -> list[Factor]:
+        """What the parameter rules receive: the list of factors."""
+        return list(factors.values())
+
+    def for_dag(self) -> SqrtMessage:
+        return self
 
 
 @dataclass(frozen=True)
@@ -83,13 +142,36 @@ class AverageMessage:
         return torch.einsum("vni,vnj->ij", S, S)
 
     def propagate(
-        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, mat: Tensor
-    ) -> Tensor:
-        out = rules.ea_jac_t_mat_jac_prod(call, mat)
+        self,
+        rules: ModuleRules,
+        call: ModuleCall,
+        grad_output: Tensor,
+        mat: Tensor | PositionBlocks,
+    ) -> Tensor | PositionBlocks:
+        """Dense while it fits the memory budget, then exact position blocks (see
+        ``modules/position_blocks.py``)."""
+        if isinstance(mat, PositionBlocks) or rules.ea_needs_blocks(call):
+            out = rules.ea_blocks(call, mat)
+        else:
+            out = rules.ea_jac_t_mat_jac_prod(call, mat)
         if self.curvature != "ggn" and not rules.linear_in_input:
             residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
-            out = out + torch.diag(residual.flatten(1).sum(0))
+            summed = residual.sum(0)
+            if isinstance(out, PositionBlocks):
+                out = out.add_diagonal(summed)
+            else:
+                out = out + torch.diag(summed.flatten())
         return out
+
+    def merge(self, messages: list[Tensor], call: ModuleCall) -> Tensor:
+        raise RuntimeError("chain matrices do not merge: use for_dag() in branching graphs")
+
+    def for_params(self, mat: Tensor, call: ModuleCall) -> Tensor:
+        return mat
+
+    def for_dag(self) -> DagAverageMessage:
+        """A fresh message for one backward pass through a branching graph (cross blocks)."""
+        return DagAverageMessage(self)
 
 
 class OutputCurvature:
@@ -161,14 +243,32 @@ class ProductMessage:
         for what in ("jac_mat_prod", "jac_t_mat_prod"):
             if not rules.implements(what):
                 raise rules._missing(what)
-        residual = None
-        if self.curvature != "ggn" and not rules.linear_in_input:
-            if "product_residual" not in call.cache:
-                call.cache["product_residual"] = rules.residual_diag(call, grad_output)
-            residual = modify_residual(call.cache["product_residual"], self.curvature)
-            if residual is not None and not bool(residual.any()):
-                residual = None  # e.g. a saturated or piecewise-linear region: GGN link
+        residual = product_residual(rules, call, grad_output, self.curvature)
         key = ("product_link", id(op), None if residual is None else self.curvature)
         if key not in call.cache:  # the cache lives during this call's hook: ids are unique
             call.cache[key] = OutputCurvature(rules, call, op, residual)
         return call.cache[key]
+
+    def merge(self, messages: list[OutputCurvature], call: ModuleCall) -> OutputCurvature:
+        raise RuntimeError("chain products do not merge: use for_dag() in branching graphs")
+
+    def for_params(self, op: OutputCurvature, call: ModuleCall) -> OutputCurvature:
+        return op
+
+    def for_dag(self) -> DagProductMessage:
+        """A fresh message for one backward pass through a branching graph."""
+        return DagProductMessage(self.curvature, product_residual)
+
+
+def product_residual(
+    rules: ModuleRules, call: ModuleCall, grad_output: Tensor, curvature: str
+) -> Tensor | None:
+    """The residual ``r_n`` of a product link (``None``: dropped or zero), cached per call."""
+    if curvature == "ggn" or rules.linear_in_input:
+        return None
+    if "product_residual" not in call.cache:
+        call.cache["product_residual"] = rules.residual_diag(call, grad_output)
+    residual = modify_residual(call.cache["product_residual"], curvature)
+    if residual is not None and not bool(residual.any()):
+        return None  # e.g. a saturated or piecewise-linear region: GGN link
+    return residual

@@ -17,6 +17,8 @@ from hbpkit.modules.normalization import NORMALIZATION
 from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
+from hbpkit.modules.sum import SumRules
+from hbpkit.nn import Sum
 
 LINEAR = LinearRules()
 
@@ -50,6 +52,7 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     nn.MSELoss: MSELossRules(),
     nn.CrossEntropyLoss: CrossEntropyLossRules(),
     nn.BCEWithLogitsLoss: BCEWithLogitsLossRules(),
+    Sum: SumRules(),
 }
 
 __all__ = [
@@ -63,4 +66,5 @@ __all__ = [
     "LossRules",
     "ModuleRules",
     "SqrtFactor",
+    "SumRules",
 ]

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import ModuleRules
+from hbpkit.modules.position_blocks import PositionBlocks
 
 Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
 
@@ -85,6 +87,20 @@ class ElementwiseRules(ModuleRules):
         d1 = self._d(call)[0].flatten(1)
         return mat * (d1.T @ d1) / d1.shape[0]
 
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Exact for any input: ``J_n`` is diagonal, so position blocks stay position blocks."""
+
+    # the same per position p: B'_p = B_p * mean_n d_{n,:,p} d_{n,:,p}^T
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """Position blocks ``[P, C, C]`` of ``mean_n diag(phi'_n) H diag(phi'_n)``."""
+        if not isinstance(mat, PositionBlocks):
+            spatial = tuple(call.input.shape[2:])
+            mat = PositionBlocks.from_dense(mat, spatial)
+        d1 = self._d(call)[0]
+        d1 = d1.reshape(d1.shape[0], mat.channels, -1)  # [N, C, P]
+        outer = einsum(d1, d1, "n c p, n e p -> p c e") / d1.shape[0]
+        return PositionBlocks(mat.blocks * outer, mat.spatial)
+
 
 class IdentityRules(ModuleRules):
     """Rules of ``nn.Identity`` (and anything that returns its input unchanged)."""
@@ -98,6 +114,14 @@ class IdentityRules(ModuleRules):
 
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         return mat
+
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Exact for any input (``J = I``)."""
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        if isinstance(mat, PositionBlocks):
+            return mat
+        return PositionBlocks.from_dense(mat, tuple(call.input.shape[2:]))
 
 
 SIGMOID = ElementwiseRules(_sigmoid)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
+from hbpkit.modules.budget import DenseBudgetError
+from hbpkit.modules.position_blocks import PositionBlocks
 
 
 class SqrtFactor(NamedTuple):
@@ -116,6 +118,8 @@ class DiagonalResidual:
     def __call__(self, mat: Tensor) -> Tensor:
         return self.r * mat
 
+    __mul__ = __call__  # ``residual * m``, as code written for residual tensors applies it
+
 
 def _expand_like(sign: Tensor, t: Tensor) -> Tensor:
     return sign.reshape(*sign.shape, *([1] * (t.dim() - 2)))
@@ -144,6 +148,8 @@ class ModuleRules:
     linear_in_params: bool = True
     #: a short remark for the README's support table (``scripts/support_table.py``)
     support_note: str = ""
+    #: whether :meth:`kron_from_average` takes position blocks (``kfac_approx="expand"``)
+    kron_from_blocks: bool = False
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""
@@ -241,6 +247,43 @@ class ModuleRules:
             return None
         return DiagonalResidual(r)
 
+    # batch-averaged position blocks (modules/position_blocks.py) ------------------------
+    def ea_needs_blocks(self, call: ModuleCall) -> bool:
+        """Whether batch-averaged backpropagation through ``call`` switches to position blocks.
+
+        True where the dense ``mean_n J_n^T H J_n`` would exceed the memory budget and
+        the module can give its exact position blocks instead; the budget error otherwise.
+        """
+        try:
+            self.check_budget(call, True, False)
+        except DenseBudgetError as dense_error:
+            if not self.implements("ea_blocks"):
+                raise
+            try:
+                self.check_blocks(call, from_blocks=False)
+            except NotImplementedError:
+                raise dense_error from None
+            return True
+        return False
+
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Raise :class:`DenseBudgetError` unless :meth:`ea_blocks` is exact for ``call``.
+
+        ``from_blocks``: whether the output curvature arrives as position blocks
+        (else dense).
+        """
+        arrives = "position blocks" if from_blocks else "a dense matrix"
+        raise DenseBudgetError(
+            f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
+            f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
+            "hbpkit.modules.budget.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
+            "or raise the budget"
+        )
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """The position blocks of ``mean_n J_n^T mat J_n`` (``mat`` dense or blocks), exact."""
+        raise self._missing("ea_blocks")
+
     # parameter derivatives ------------------------------------------------------------
     def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
         """Per-sample gradients ``[N, *param.shape]`` from ``grad_output`` ``[N, *out]``."""
@@ -278,7 +321,7 @@ class ModuleRules:
     def kron_from_average(
         self, call: ModuleCall, name: str, mat: Tensor, approx: str
     ) -> list[Tensor]:
-        """Kronecker factors of the parameter block from a batch-averaged ``[D_out, D_out]``."""
+        """Kronecker factors from a batch-averaged ``[D_out, D_out]`` (or its position blocks)."""
         raise self._missing("kron_from_average")
 
     # parameter Jacobian products (exact curvature-matrix products, GGNMP / HMP / PCHMP) -----

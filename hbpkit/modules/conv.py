@@ -80,6 +80,7 @@ from hbpkit.modules.base import (
     output_factor_from_average,
 )
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.position_blocks import PositionBlocks
 
 #: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
 CHUNK_BYTES = 2**27
@@ -377,6 +378,8 @@ class ConvRules(_ConvBase):
     padding and every ``padding_mode``. Inputs must be batched, ``[N, C_in, *in]``.
     """
 
+    kron_from_blocks = True
+
     def _prepad(self, call: ModuleCall) -> tuple[list[int], str] | None:
         """``(F.pad's pad list, mode)`` of the index map in front of the convolution, if any."""
         module = call.module
@@ -479,6 +482,66 @@ class ConvRules(_ConvBase):
         stacked = conv_weight(x, size, grad_out, **self._conv_kwargs(call))
         return stacked.unflatten(0, (G, K, -1)).transpose(0, 1).reshape(K, *W.shape)
 
+    # exact position blocks of J^T H J from a dense H (modules/position_blocks.py) ----------
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Exact only from a dense ``H`` and with zero padding (an injective pre-padding)."""
+        if from_blocks or call.module.padding_mode != "zeros":
+            super().check_blocks(call, from_blocks)
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """Position blocks ``[P_in, C_in, C_in]`` of ``J^T H J`` for a dense ``H`` (D.4).
+
+        Input position ``p`` is seen by output ``o(p, k)`` through kernel offset ``k``, so
+        ``B_p = sum_{k, k'} W_k^T H[(:, o(p, k)), (:, o(p, k'))] W_k'`` with ``W_k``
+        ``[C_out, C_in]`` the kernel at offset ``k`` (zero across groups). Only the
+        ``K^2`` output-position pairs of each input position are gathered, in chunks.
+        """
+        module = call.module
+        C_out = module.out_channels
+        P_out = math.prod(call.output_shape[2:])
+        out_pos, valid = self._seen_by(call)  # [P_in, K]
+        P_in, K = out_pos.shape
+        H = mat.reshape(C_out, P_out, C_out, P_out)
+        W = _dense_kernel(module.weight.detach(), module.groups)  # [C_out, C_in, K]
+        Wk = rearrange(W, "c a k -> (k c) a")
+        chans = torch.arange(C_out, device=H.device)
+        c1, c2 = chans.reshape(1, 1, -1, 1, 1), chans.reshape(1, 1, 1, 1, -1)
+        chunk = max(1, CHUNK_BYTES // (K * K * C_out * C_out * H.element_size()))
+        blocks = []
+        for start in range(0, P_in, chunk):
+            o, v = out_pos[start : start + chunk], valid[start : start + chunk].to(H.dtype)
+            E = H[c1, o[:, :, None, None, None], c2, o[:, None, None, :, None]]  # [p, K, C, K, C]
+            E = E * (v[:, :, None, None, None] * v[:, None, None, :, None])
+            E = E.reshape(-1, K * C_out, K * C_out)
+            blocks.append(Wk.T @ E @ Wk)
+        return PositionBlocks(torch.cat(blocks), tuple(call.inputs[0].shape[2:]))
+
+    def _seen_by(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
+        """``(o, valid)`` ``[P_in, K]``: the output position that sees input ``p`` at offset ``k``.
+
+        ``o = (p + left - k * dilation) / stride`` per spatial axis, valid where that is
+        an integer inside the output (invalid entries hold ``0``).
+        """
+        module = call.module
+        d = self._dims(call)
+        ins, outs = call.inputs[0].shape[2:], call.output_shape[2:]
+        sides = _padding_sides(module)
+        o_flat, valid = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.bool)
+        for i in range(d):
+            p = torch.arange(ins[i]).unsqueeze(1)
+            k = torch.arange(module.kernel_size[i]).unsqueeze(0)
+            num = p + sides[i][0] - k * module.dilation[i]
+            o = torch.div(num, module.stride[i], rounding_mode="floor")
+            ok = (num % module.stride[i] == 0) & (o >= 0) & (o < outs[i])
+            view = [1] * (2 * d)
+            view[i], view[d + i] = ins[i], module.kernel_size[i]
+            o_flat = o_flat * outs[i] + o.reshape(view)
+            valid = valid & ok.reshape(view)
+        P_in, K = math.prod(ins), math.prod(module.kernel_size)
+        o_flat, valid = o_flat.reshape(P_in, K), valid.reshape(P_in, K)
+        device = call.inputs[0].device
+        return torch.where(valid, o_flat, 0).to(device), valid.to(device)
+
     # the unfolded input (eq. S.14's [[X]]), computed once per call ----------------------------
     def _x_full(self, call: ModuleCall) -> Tensor:
         """The input with all its padding, ``[N, C_in, *in'']`` (cached)."""
@@ -559,10 +622,17 @@ class ConvRules(_ConvBase):
         return self._kron(call, name, G, approx)
 
     def kron_from_average(
-        self, call: ModuleCall, name: str, mat: Tensor, approx: str
+        self, call: ModuleCall, name: str, mat: Tensor | PositionBlocks, approx: str
     ) -> list[Tensor]:
-        """From ``H`` ``[C_out P, C_out P]``: sum of its diagonal position blocks / all blocks."""
+        """From ``H`` ``[C_out P, C_out P]``: sum of its diagonal position blocks / all blocks.
+
+        Position blocks (``modules/position_blocks.py``) give the expand factor exactly.
+        """
         self._check_kron(call, name)
+        if isinstance(mat, PositionBlocks):
+            if approx != "expand":
+                raise NotImplementedError(_REDUCE_NEEDS_DENSE.format(module=call.module))
+            return self._kron(call, name, mat.sum_blocks(), approx)
         C_out = call.output_shape[1]
         H = rearrange(mat, "(o p) (q r) -> o p q r", o=C_out, q=C_out)
         return self._kron(call, name, output_factor_from_average(H, approx), approx)
@@ -666,6 +736,24 @@ class ConvTransposeRules(_ConvBase):
             f"Kronecker factors (KFAC, KFLR, KFRA, HBP) of {call.module} are not supported: "
             "hbpkit has Kronecker factors for Linear and Conv1d/2d/3d only"
         )
+
+
+_REDUCE_NEEDS_DENSE = (
+    "KFRA / HBP(backprop='batch-average') with kfac_approx='reduce' needs all position blocks "
+    "of the batch-averaged curvature at the output of {module}, whose dense form exceeds the "
+    "memory budget (hbpkit.modules.budget.MAX_DENSE_BYTES); use kfac_approx='expand' (exact "
+    "from the diagonal position blocks) or raise the budget"
+)
+
+
+def _dense_kernel(weight: Tensor, groups: int) -> Tensor:
+    """``[C_out, C_in/groups, *k] -> [C_out, C_in, K]``, zero between different groups."""
+    C_out, C_in_g = weight.shape[:2]
+    flat = weight.reshape(groups, C_out // groups, C_in_g, -1)
+    dense = weight.new_zeros(groups, C_out // groups, groups, C_in_g, flat.shape[-1])
+    for g in range(groups):
+        dense[g, :, g] = flat[g]
+    return dense.reshape(C_out, groups * C_in_g, -1)
 
 
 def _gram(a: Tensor, b: Tensor | None = None) -> Tensor:

@@ -371,6 +371,8 @@ class _ResidualProduct:
         out = -u * xm - xh * um + 3 * a * xh * xm - a * M * m + a * m.sum(-1, keepdim=True)
         return (out / (M * st.s.square())).reshape(mat.shape)
 
+    __mul__ = __call__  # ``residual * m``, as code written for residual tensors applies it
+
 
 class _DenseResidualProduct:
     """``m -> R_n m`` with dense modified residuals ``R`` ``[N, G, M, M]`` (PCH)."""
@@ -383,6 +385,8 @@ class _DenseResidualProduct:
     def __call__(self, mat: Tensor) -> Tensor:
         m = self.rules._per_group(self.call, mat)
         return einsum(self.R, m, "n g i j, k n g j -> k n g i").reshape(mat.shape)
+
+    __mul__ = __call__  # ``residual * m``, as code written for residual tensors applies it
 
 
 class LayerNormRules(GroupNormalizationRules):

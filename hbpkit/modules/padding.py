@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules
 from hbpkit.modules.pooling import _AutogradLinearMapRules, _LinearMapRules
+from hbpkit.modules.position_blocks import PositionBlocks
 
 
 class _PaddingMixin:
@@ -66,6 +67,25 @@ class ConstantPadRules(_PaddingMixin, _LinearMapRules):
             sign = None if factor.sign is None else F.pad(factor.sign, neg, value=1.0)
             return DiagonalFactor(s, sign)
         return super().jac_t_factor(call, factor)
+
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Exact for any input: an injective selection keeps the blocks of the kept positions.
+
+        The padded axes must be spatial (not the channel axis ``1``).
+        """
+        if self._mapped_dims(call.module) > call.inputs[0].dim() - 2:
+            super().check_blocks(call, from_blocks)
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """Position blocks of ``Pi^T H Pi`` (D.2): the blocks of the input's positions."""
+        spatial_out = tuple(call.output_shape[2:])
+        if not isinstance(mat, PositionBlocks):
+            mat = PositionBlocks.from_dense(mat, spatial_out)
+        C = mat.channels
+        blocks = mat.blocks.reshape(*spatial_out, C * C).movedim(-1, 0)  # [C C, *out]
+        blocks = self._jac_t(call, blocks.unsqueeze(0)).squeeze(0)  # [C C, *in]
+        spatial_in = tuple(blocks.shape[1:])
+        return PositionBlocks(blocks.flatten(1).T.reshape(-1, C, C), spatial_in)
 
 
 class CopyPadRules(_PaddingMixin, _AutogradLinearMapRules):

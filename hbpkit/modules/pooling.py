@@ -28,13 +28,22 @@ exceed :data:`hbpkit.modules.budget.MAX_DENSE_BYTES`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.position_blocks import PositionBlocks
+
+#: measured cost of one random index addition in streamed entries: with ``K`` window
+#: entries the strided form of ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams
+#: ``K^2 (N + 3)`` entries per pair of outputs, the sample loop ``N`` random additions
+SCATTER_COST = 40
 
 
 def _features(call: ModuleCall) -> tuple[torch.Size, torch.Size]:
@@ -238,10 +247,66 @@ class MaxPoolRules(_LinearMapRules):
         out = mat.gather(3, idx.expand(mat.shape[0], -1, -1, -1))
         return out.reshape(-1, *_features(call)[1])
 
-    # mean_n Pi_n^T H Pi_n: entry (a, b) of H is added at (pi_n(a), pi_n(b))
+    # mean_n Pi_n^T H Pi_n, sorted by the window entries t, t' that the argmaxes pick
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n Pi_n^T mat Pi_n`` by index additions."""
+        """``[D_out, D_out] -> [D_in, D_in]``: ``mean_n Pi_n^T mat Pi_n`` (D.2, approximation (9)).
+
+        With ``m^t_n`` ``[D_out]`` the indicator that output ``(c, q)`` picks entry ``t`` of
+        its window, ``Pi_n = sum_t S_t diag(m^t_n)`` for the fixed placements ``S_t``, so
+        ``mean_n Pi_n^T H Pi_n = sum_{t, t'} S_t (H * mean_n m^t_n m^t'_n^T) S_t'^T``: one
+        ``[D_out, N] @ [N, D_out]`` product per pair of window entries, placed by strided
+        views (no per-sample scatter). Windows with many entries (``K^2`` pairs) go
+        sample by sample instead.
+        """
         self._check_ea_budget(call, mat.dtype)
+        module = call.module
+        if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+            return self._ea_by_samples(call, mat)
+        idx = self._indices(call)  # [N, C, P_out]
+        N, C, P_out = idx.shape
+        window = self._window_positions(call)  # [P_out, K]
+        picks = (idx.unsqueeze(-1) == window).to(mat.dtype)  # [N, C, P_out, K]
+        masks = rearrange(picks, "n c q k -> k n (c q)")
+        axes = self._axes(call)
+        ins, outs = [a[0] for a in axes], [a[1] for a in axes]
+        H = mat.reshape(C, *outs, C, *outs)
+        result = mat.new_zeros(C, *ins, C, *ins)
+        used = [t for t in range(window.shape[1]) if bool(masks[t].any())]
+        if len(used) ** 2 * (N + 3) > SCATTER_COST * N:
+            return self._ea_by_samples(call, mat)
+        places = [self._placement(axes, t) for t in range(window.shape[1])]
+        for t in used:
+            q_t, x_t = places[t]
+            for t2 in used:
+                q_t2, x_t2 = places[t2]
+                M = (masks[t].T @ masks[t2]).reshape(H.shape) / N
+                picked = (H * M)[(slice(None), *q_t, slice(None), *q_t2)]
+                result[(slice(None), *x_t, slice(None), *x_t2)] += picked
+        D_in = C * math.prod(ins)
+        return result.reshape(D_in, D_in)
+
+    def _placement(self, axes, t: int) -> tuple[list[slice], list[slice]]:
+        """Per pooled axis, the outputs ``q`` whose window entry ``t`` is inside the input
+        and the input positions ``q * stride - padding + t_axis * dilation`` they pick."""
+        q_slices, x_slices = [], []
+        for n_in, n_out, k, s, pad, dil in reversed(axes):
+            t, t_axis = divmod(t, k)
+            offset = t_axis * dil - pad  # input position of q = 0
+            q_lo = 0
+            while q_lo * s + offset < 0:
+                q_lo += 1
+            q_hi = n_out
+            while q_hi > q_lo and (q_hi - 1) * s + offset >= n_in:
+                q_hi -= 1
+            q_slices.append(slice(q_lo, q_hi))
+            start = q_lo * s + offset
+            x_slices.append(
+                slice(start, start + (q_hi - q_lo - 1) * s + 1 if q_hi > q_lo else start, s)
+            )
+        return q_slices[::-1], x_slices[::-1]
+
+    def _ea_by_samples(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``mean_n Pi_n^T mat Pi_n`` by index additions, one sample at a time."""
         idx = self._indices(call)
         N, (C, p_in) = idx.shape[0], self._rows(call)
         d_in = C * p_in
@@ -253,6 +318,104 @@ class MaxPoolRules(_LinearMapRules):
             pos = positions[n]
             result.index_add_(0, (pos.unsqueeze(1) * d_in + pos).reshape(-1), flat)
         return result.reshape(d_in, d_in) / N
+
+    # position blocks of mean_n Pi_n^T H Pi_n (modules/position_blocks.py)
+    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
+        """Exact from a dense ``H`` for ``MaxPool1d/2d/3d`` on ``[N, C, *spatial]``."""
+        module = call.module
+        adaptive = isinstance(
+            module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+        )
+        if from_blocks or adaptive or call.inputs[0].dim() != self.d + 2:
+            super().check_blocks(call, from_blocks)
+
+    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
+        """Position blocks ``[P_in, C, C]`` of ``mean_n Pi_n^T H Pi_n`` for a dense ``H`` (D.2).
+
+        ``B_p[c, c'] = mean_n sum_{q, q'} [pi_n(c, q) = p] [pi_n(c', q') = p] H[(c, q), (c', q')]``:
+        only pairs of windows ``q, q' = q + delta`` that overlap contribute. With
+        ``p`` the ``t``-th entry of window ``q`` and the ``t'``-th of ``q'``, the sample
+        average is a product of one-hot argmax tables, ``[C, N] @ [N, C]`` per
+        ``(q, delta, t)``, which multiplies the gathered ``C x C`` block of ``H``.
+        """
+        idx = self._indices(call)  # [N, C, P_out]
+        N, C, P_out = idx.shape
+        q, q2, t, t2, p = self._overlaps(call)
+        window = self._window_positions(call)  # [P_out, K] flat input position, -1 outside
+        onehot = (idx.unsqueeze(-1) == window).to(mat.dtype)  # [N, C, P_out, K]
+        H = mat.reshape(C, P_out, C, P_out)
+        P_in = math.prod(call.inputs[0].shape[2:])
+        blocks = mat.new_zeros(P_in, C, C)
+        chunk = max(1, 2**27 // (max(N, C) * C * mat.element_size()))
+        for start in range(0, len(q), chunk):
+            sl = slice(start, start + chunk)
+            first = onehot[:, :, q[sl], t[sl]]  # [N, C, M]
+            second = onehot[:, :, q2[sl], t2[sl]]
+            pair = einsum(first, second, "n c m, n e m -> m c e")
+            blocks.index_add_(0, p[sl], H[:, q[sl], :, q2[sl]] * pair)  # H[...]: [M, C, C]
+        return PositionBlocks(blocks / N, tuple(call.inputs[0].shape[2:]))
+
+    def _axes(self, call: ModuleCall) -> list[tuple[int, int, int, int, int, int]]:
+        """Per pooled axis ``(in, out, kernel, stride, padding, dilation)``."""
+        m = call.module
+
+        def per_axis(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * self.d
+
+        ins, outs = call.inputs[0].shape[-self.d :], call.output_shape[-self.d :]
+        return list(
+            zip(
+                ins,
+                outs,
+                per_axis(m.kernel_size),
+                per_axis(m.stride if m.stride is not None else m.kernel_size),
+                per_axis(m.padding),
+                per_axis(m.dilation),
+            )
+        )
+
+    def _window_positions(self, call: ModuleCall) -> Tensor:
+        """``[P_out, K]``: flat input position of entry ``t`` of window ``q`` (``-1`` outside)."""
+        pos, inside = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.bool)
+        axes = self._axes(call)
+        d = len(axes)
+        for i, (n_in, n_out, k, s, pad, dil) in enumerate(axes):
+            x = torch.arange(n_out).unsqueeze(1) * s - pad + torch.arange(k).unsqueeze(0) * dil
+            view = [1] * (2 * d)
+            view[i], view[d + i] = n_out, k
+            pos = pos * n_in + x.reshape(view)
+            inside = inside & ((x >= 0) & (x < n_in)).reshape(view)
+        P_out, K = math.prod(a[1] for a in axes), math.prod(a[2] for a in axes)
+        pos = torch.where(inside, pos, -1).reshape(P_out, K)
+        return pos.to(call.inputs[0].device)
+
+    def _overlaps(self, call: ModuleCall) -> tuple[Tensor, ...]:
+        """``(q, q', t, t', p)`` over all pairs of windows sharing input position ``p``.
+
+        ``p`` is entry ``t`` of window ``q`` and entry ``t'`` of window ``q'`` (flat indices).
+        """
+        axes = self._axes(call)
+        per_axis = []
+        for n_in, n_out, k, s, pad, dil in axes:
+            q = torch.arange(n_out).reshape(-1, 1, 1)
+            q2 = torch.arange(n_out).reshape(1, -1, 1)
+            t = torch.arange(k).reshape(1, 1, -1)
+            x = q * s - pad + t * dil  # the input position
+            num = x - (q2 * s - pad)
+            t2 = torch.div(num, dil, rounding_mode="floor")
+            ok = (num % dil == 0) & (t2 >= 0) & (t2 < k) & (x >= 0) & (x < n_in)
+            q, q2, t = (a.expand_as(ok)[ok] for a in (q, q2, t))
+            per_axis.append((q, q2, t, t2[ok], x.expand_as(ok)[ok]))
+        # combine the axes: every combination of per-axis overlaps, row-major flat indices
+        combo = [torch.zeros(1, dtype=torch.long) for _ in range(5)]
+        for (n_in, n_out, k, *_), parts in zip(axes, per_axis):
+            sizes = (n_out, n_out, k, k, n_in)
+            combo = [
+                (c.unsqueeze(1) * size + a.unsqueeze(0)).flatten()
+                for c, a, size in zip(combo, parts, sizes)
+            ]
+        device = call.inputs[0].device
+        return tuple(c.to(device) for c in combo)
 
 
 #: pooling module types and their rules

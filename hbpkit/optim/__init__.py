@@ -19,3 +19,8 @@ from hbpkit.optim.kronecker import KroneckerPreconditioner
 from hbpkit.optim.newton_cg import NewtonCG
 
 __all__ = ["CGInfo", "KroneckerPreconditioner", "NewtonCG", "cg"]
+
+# under torch.distributed (importing torch.distributed is cheap; nothing is initialised)
+from hbpkit.optim.distributed import DistributedKroneckerPreconditioner, DistributedNewtonCG  # noqa: E402
+
+__all__ += ["DistributedKroneckerPreconditioner", "DistributedNewtonCG"]

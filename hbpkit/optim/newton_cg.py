@@ -19,6 +19,10 @@ cut into ``block_split`` contiguous chunks (sizes differ by at most one, as
 sub-block ``C_ii``, i.e. products restricted to the chunk (``V`` zero outside
 it, only the chunk's rows of ``C V`` kept). The chunks run as one batched CG,
 each with its own step sizes and stopping test.
+
+:func:`joint_directions` solves the sub-blocks of several parameters in one
+batched CG (the same solutions); :class:`hbpkit.optim.distributed.DistributedNewtonCG`
+uses it to all-reduce the products of all blocks in one collective per iteration.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hbpkit.optim.cg import cg
+from hbpkit.optim.cg import CGInfo, cg
 from hbpkit.optim.curvatures import (
     CURVATURES,
     CurvatureOptimizer,
@@ -141,13 +145,10 @@ class NewtonCG(CurvatureOptimizer):
     def _direction(product: Callable[[Tensor], Tensor], p: Tensor, group: dict):
         """Solve each sub-block's ``(C_ii + damping I) d_i = -g_i``; ``d`` shaped like ``p``."""
         n = p.numel()
-        k = min(group["block_split"], n)
         damping = group["damping"]
         g = p.grad.detach().reshape(1, n)
-        # mask[i]: the coordinates of sub-block i (contiguous chunks of p.flatten())
-        mask = torch.zeros(k, n, dtype=p.dtype, device=p.device)
-        for i, idx in enumerate(torch.arange(n, device=p.device).tensor_split(k)):
-            mask[i, idx] = 1.0
+        mask = _subblock_mask(p, group["block_split"])  # the chunks of p.flatten()
+        k = mask.shape[0]
 
         def matvec(V: Tensor) -> Tensor:
             V = V * mask
@@ -163,3 +164,67 @@ class NewtonCG(CurvatureOptimizer):
             return_info=True,
         )
         return (x * mask).sum(0).reshape(p.shape), info
+
+
+def _subblock_mask(p: Tensor, block_split: int) -> Tensor:
+    """``[k, n]``: row ``i`` is 1 on the coordinates of sub-block ``i`` of ``p.flatten()``."""
+    n = p.numel()
+    k = min(block_split, n)
+    mask = torch.zeros(k, n, dtype=p.dtype, device=p.device)
+    for i, idx in enumerate(torch.arange(n, device=p.device).tensor_split(k)):
+        mask[i, idx] = 1.0
+    return mask
+
+
+def joint_directions(
+    blocks: list[tuple[Tensor, Callable[[Tensor], Tensor]]],
+    group: dict,
+    combine: Callable[[list[Tensor]], list[Tensor]] | None = None,
+) -> tuple[list[Tensor], CGInfo]:
+    """:meth:`NewtonCG._direction` for several parameters at once, in one batched CG.
+
+    Every sub-block of every parameter in ``blocks`` (``(p, product)`` pairs) is one
+    row of a ``[sum_p k_p, max_p p.numel()]`` system, zero-padded; the rows are
+    independent (own step sizes and stopping test), so the solutions are those of
+    the per-parameter solves, but each CG iteration calls every ``product`` once,
+    and ``combine`` (e.g. one coalesced all-reduce of all the products) once.
+
+    Returns the directions (shaped like each ``p``) and the :class:`CGInfo` of all rows,
+    in the order of ``blocks``.
+    """
+    masks = [_subblock_mask(p, group["block_split"]) for p, _ in blocks]
+    width = max(p.numel() for p, _ in blocks)
+    rows = [0]
+    for mask in masks:
+        rows.append(rows[-1] + mask.shape[0])
+    p0 = blocks[0][0]
+    b = torch.zeros(rows[-1], width, dtype=p0.dtype, device=p0.device)
+    for (p, _), mask, r0, r1 in zip(blocks, masks, rows, rows[1:]):
+        b[r0:r1, : p.numel()] = -p.grad.detach().reshape(1, -1) * mask
+
+    def matvec(V: Tensor) -> Tensor:
+        pieces, products = [], []
+        for (p, product), mask, r0, r1 in zip(blocks, masks, rows, rows[1:]):
+            Vp = V[r0:r1, : p.numel()] * mask
+            pieces.append(Vp)
+            products.append(product(Vp.reshape(-1, *p.shape)).reshape(Vp.shape))
+        if combine is not None:
+            products = combine(products)
+        out = torch.zeros_like(V)
+        for Vp, CV, mask, r0, r1 in zip(pieces, products, masks, rows, rows[1:]):
+            out[r0:r1, : Vp.shape[1]] = (CV + group["damping"] * Vp) * mask
+        return out
+
+    x, info = cg(
+        matvec,
+        b,
+        maxiter=group["cg_maxiter"],
+        tol=group["cg_tol"],
+        atol=group["cg_atol"],
+        return_info=True,
+    )
+    directions = [
+        (x[r0:r1, : p.numel()] * mask).sum(0).reshape(p.shape)
+        for (p, _), mask, r0, r1 in zip(blocks, masks, rows, rows[1:])
+    ]
+    return directions, info

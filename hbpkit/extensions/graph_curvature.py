@@ -1,0 +1,149 @@
+"""Exact output-curvature products in branching graphs (residual blocks, sums).
+
+On a chain, the output curvature of a layer is applied link by link,
+``H_x m = J^T H_z (J m) + r * m`` (eq. 7, :class:`~hbpkit.extensions.messages.OutputCurvature`).
+Where a tensor feeds several consumers that meet again (a residual block,
+supplement B.3: ``Hx = (I + Dy)^T Hz (I + Dy) + ...``), a sum of per-path
+operators would miss the cross terms ``J_a^T H J_b`` between paths. Instead the
+backward pass records the DAG of calls below the loss (:class:`ProductGraph`)
+and :class:`GraphCurvature` applies the exact curvature at a call's output as
+one second-order pass over the region of the DAG downstream of it:
+
+1. forward: push the tangent ``m`` [K, N, *features] through every downstream
+   call (``t_out = J t_in``; a sum adds the tangents of its inputs);
+2. at the loss, ``d2L/dz_n dz_n t``; at every elementwise call, ``r_n * t_in``
+   (the residual of S.9, modified by the curvature option);
+3. backward: transposed products ``J^T``, summed over consumers, back to the start.
+
+This is ``sum_o J_o^T R_o J_o m`` with ``J_o`` the full Jacobian (sum over paths)
+to every origin ``o`` of curvature (the loss Hessian, each residual): exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from hbpkit.calls import ModuleCall
+from hbpkit.graph import input_parents
+from hbpkit.modules.base import LossRules, ModuleRules
+
+
+class ProductGraph:
+    """The calls below the loss with their rules and residuals, in backward order."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[ModuleCall, tuple[ModuleRules | LossRules, Tensor | None]] = {}
+        self._consumers: dict[ModuleCall, list[ModuleCall]] | None = None
+        self._at: dict[int, GraphCurvature] = {}
+
+    def add(
+        self, rules: ModuleRules | LossRules, call: ModuleCall, residual: Tensor | None
+    ) -> None:
+        call.keep()
+        self.nodes[call] = (rules, residual)
+
+    def curvature_at(self, call: ModuleCall) -> GraphCurvature:
+        """The output curvature of ``call`` (one object per call: extensions share it)."""
+        if id(call) not in self._at:
+            self._at[id(call)] = GraphCurvature(self, call)
+        return self._at[id(call)]
+
+    def region(self, source: ModuleCall) -> list[ModuleCall]:
+        """The recorded calls downstream of ``source``, in forward (topological) order."""
+        if self._consumers is None:
+            self._consumers = {}
+            for call in self.nodes:
+                for parent in input_parents(call):
+                    self._consumers.setdefault(parent, []).append(call)
+        reached, stack = set(), [source]
+        while stack:
+            for consumer in self._consumers.get(stack.pop(), []):
+                if consumer not in reached:
+                    reached.add(consumer)
+                    stack.append(consumer)
+        return [c for c in reversed(self.nodes) if c in reached]
+
+
+class GraphCurvature:
+    """``[K, N, *out] -> [K, N, *out]``: the exact per-sample curvature at ``source``'s output."""
+
+    __slots__ = ("graph", "source", "_region", "_members")
+
+    def __init__(self, graph: ProductGraph, source: ModuleCall) -> None:
+        self.graph = graph
+        self.source = source
+        self._region: list[ModuleCall] | None = None
+        self._members: set[ModuleCall] = set()
+
+    def __call__(self, mat: Tensor) -> Tensor:
+        if self._region is None:
+            self._region = self.graph.region(self.source)
+            self._members = {self.source, *self._region}
+        nodes, source = self.graph.nodes, self.source
+        tangent_out: dict[ModuleCall, Tensor] = {source: mat}
+        tangent_in: dict[ModuleCall, Tensor] = {}
+        for call in self._region:  # 1. forward-mode push
+            t = _sum(tangent_out[p] for p in input_parents(call) if p in tangent_out)
+            tangent_in[call] = t
+            rules = nodes[call][0]
+            if not isinstance(rules, LossRules):
+                tangent_out[call] = rules.jac_mat_prod(call, t)
+        del tangent_out
+        cotangent: dict[ModuleCall, Tensor] = {}
+        for call in reversed(self._region):  # 2. and 3.: curvature sources, transposed products
+            rules, residual = nodes[call]
+            t = tangent_in.pop(call)
+            if isinstance(rules, LossRules):
+                out = rules.hessian_mat_prod(call, t)
+            else:
+                out = rules.jac_t_mat_prod(call, cotangent.pop(call))
+                if residual is not None:
+                    out = out + residual * t
+            for parent in input_parents(call):
+                if parent in self._members:
+                    cotangent[parent] = out if parent not in cotangent else cotangent[parent] + out
+        return cotangent[source]
+
+
+def _sum(tensors) -> Tensor:
+    out = None
+    for t in tensors:
+        out = t if out is None else out + t
+    return out
+
+
+class DagProductMessage:
+    """:class:`~hbpkit.extensions.messages.ProductMessage` in a branching graph, one pass.
+
+    The value sent along every link is the pass's :class:`ProductGraph`; each call
+    adds itself (rules and residual) and its parameters read
+    :meth:`ProductGraph.curvature_at` its output.
+    """
+
+    def __init__(self, curvature: str, residual: Callable) -> None:
+        self.curvature = curvature
+        self._residual = residual
+        self.graph = ProductGraph()
+
+    def initial(self, rules: LossRules, call: ModuleCall) -> ProductGraph:
+        if type(rules).hessian_mat_prod is LossRules.hessian_mat_prod:
+            raise NotImplementedError(f"{type(rules).__name__} does not implement hessian_mat_prod")
+        self.graph.add(rules, call, None)
+        return self.graph
+
+    def propagate(
+        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, graph: ProductGraph
+    ) -> ProductGraph:
+        for what in ("jac_mat_prod", "jac_t_mat_prod"):
+            if not rules.implements(what):
+                raise rules._missing(what)
+        graph.add(rules, call, self._residual(rules, call, grad_output, self.curvature))
+        return graph
+
+    def merge(self, messages: list[ProductGraph], call: ModuleCall) -> ProductGraph:
+        return messages[0]
+
+    def for_params(self, graph: ProductGraph, call: ModuleCall) -> GraphCurvature:
+        return graph.curvature_at(call)

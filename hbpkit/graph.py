@@ -1,0 +1,72 @@
+"""The graph of module calls one backward pass runs through: a chain or a DAG.
+
+Calls are linked through their inputs (:attr:`ModuleCall.parents`). A call's
+output may feed several consumers (a residual block's input feeds the block and
+the skip connection) and a multi-input module (:class:`hbpkit.nn.Sum`) has one
+parent per input. Curvature flows from the loss along these links; the messages
+that reach a tensor from its consumers are merged there (``messages.py``).
+"""
+
+from __future__ import annotations
+
+from hbpkit.calls import ModuleCall
+from hbpkit.dispatch import SECOND_ORDER
+
+
+def followed_inputs(call: ModuleCall) -> tuple[int, ...]:
+    """The inputs curvature is backpropagated to: all for a multi-input module, else ``x``.
+
+    A loss's target (``inputs[1]``) is data, never followed.
+    """
+    if len(call.inputs) > 1 and getattr(SECOND_ORDER.lookup(call.module), "multi_input", False):
+        return tuple(range(len(call.inputs)))
+    return (0,)
+
+
+def input_parents(call: ModuleCall) -> list[ModuleCall]:
+    """The extended calls that produced the followed inputs (repeated if used twice)."""
+    parents = call.parents
+    if len(parents) == 1:
+        return [] if parents[0] is None else [parents[0]]
+    return [parents[i] for i in followed_inputs(call) if parents[i] is not None]
+
+
+class CallGraph:
+    """The extended calls reached from ``root`` (the loss) through input links.
+
+    Attributes:
+        order: the calls, every call after all of its consumers (root first): the
+            order in which the backward pass reaches them.
+        parents: ``id(call) -> [producer calls]`` of its followed inputs.
+        consumers: ``id(call) -> number of (consumer, input) links`` out of its output.
+        is_chain: no call has two consumers or two parents.
+    """
+
+    def __init__(self, root: ModuleCall) -> None:
+        self.root = root
+        self.parents: dict[int, list[ModuleCall]] = {}
+        postorder: list[ModuleCall] = []
+        stack: list[tuple[ModuleCall, int]] = [(root, 0)]
+        self.parents[id(root)] = input_parents(root)
+        while stack:  # iterative depth-first search over parent links
+            call, i = stack.pop()
+            parents = self.parents[id(call)]
+            if i < len(parents):
+                stack.append((call, i + 1))
+                parent = parents[i]
+                if id(parent) not in self.parents:
+                    self.parents[id(parent)] = input_parents(parent)
+                    stack.append((parent, 0))
+            else:
+                postorder.append(call)
+        self.order = postorder[::-1]
+        self.consumers: dict[int, int] = dict.fromkeys(self.parents, 0)
+        for call in self.order:
+            for parent in self.parents[id(call)]:
+                self.consumers[id(parent)] += 1
+        self.is_chain = all(len(p) <= 1 for p in self.parents.values()) and all(
+            n <= 1 for n in self.consumers.values()
+        )
+
+    def __contains__(self, call: ModuleCall) -> bool:
+        return id(call) in self.parents

@@ -1,0 +1,204 @@
+"""``hbpkit.convert``: ordinary models with ``+``, ``torch.flatten``, functional activations.
+
+The converted models compute the same function, and every extension on them
+matches autograd (the checks of ``test_branching.py``); what cannot be
+rewritten raises an error naming the operation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hbpkit
+from hbpkit import extend
+from hbpkit.nn import Sum
+
+try:  # tests/ as a package or as a plain directory on sys.path
+    from .example_scripts import load_example
+    from .test_branching import DT, check_every_extension
+except ImportError:
+    from example_scripts import load_example
+    from test_branching import DT, check_every_extension
+
+
+class BasicBlock(nn.Module):
+    """A torchvision-style residual block: ``out += identity`` in forward."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        # TODO(issue 6, part 2): nn.BatchNorm2d(c_out) (eval) after each conv
+        self.downsample = None if stride == 1 else nn.Conv2d(c_in, c_out, 1, stride=stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(torch.tanh(self.conv1(x)))
+        out += identity
+        return torch.sigmoid(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.layer1 = BasicBlock(2, 2)
+        self.layer2 = BasicBlock(2, 3, stride=2)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = self.pool(self.layer2(self.layer1(F.relu(self.stem(x)))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class MLPBlock(nn.Module):
+    """Pre-norm transformer MLP block without attention, ``x + mlp(x)`` on ``[N, T, D]``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        # TODO(issue 6, part 2): self.norm = nn.LayerNorm(d), used as mlp(norm(x))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.block, self.head = nn.Linear(3, 4), MLPBlock(4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.block(self.embed(x))
+        return self.head(h.reshape(h.size(0), -1))
+
+
+def _converted(model: nn.Module, shape: tuple[int, ...], N: int = 2):
+    torch.manual_seed(0)
+    model = model.to(DT)
+    X = torch.randn(N, *shape, dtype=DT)
+    converted = hbpkit.convert(model)
+    torch.testing.assert_close(converted(X), model(X), rtol=0, atol=0)
+    return converted, X
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "sums"),
+    [
+        pytest.param(TinyResNet, (1, 4, 4), 2, marks=pytest.mark.slow, id="resnet"),
+        pytest.param(TinyTransformer, (2, 3), 1, id="transformer"),
+    ],
+)
+def test_converted_models_match_autograd(build, shape, sums):
+    converted, X = _converted(build(), shape)
+    assert sum(isinstance(m, Sum) for m in converted.modules()) == sums
+    plain = copy.deepcopy(converted)
+    y = torch.tensor([0, 2])
+    check_every_extension(plain, extend(converted), X, y, f"convert {build.__name__}")
+
+
+def test_view_add_and_flatten_forms():
+    class Forms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = x.view(x.size(0), -1)
+            h = torch.add(self.a(h), h)
+            h = h.add(torch.relu(h))
+            return self.b(h.flatten(1))
+
+    converted, X = _converted(Forms(), (2, 3))
+    kinds = [type(m).__name__ for m in converted.children()]
+    assert kinds.count("Sum") == 2 and kinds.count("Flatten") == 2 and "ReLU" in kinds
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.a(x) + 1.0
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (Attention(), r"cannot rewrite `transpose`.*test_fx.py:\d+.*`matmul`.*`softmax`"),
+        (Scaled(), r"cannot rewrite `add`.*constant"),
+        (Branchy(), r"could not trace Branchy with torch.fx"),
+    ],
+    ids=["attention", "add-constant", "control-flow"],
+)
+def test_what_cannot_be_converted_is_named(model, match):
+    with pytest.raises(NotImplementedError, match=match):
+        hbpkit.convert(model)
+
+
+def test_convert_needs_a_module():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        hbpkit.convert(lambda x: x)
+
+
+@pytest.mark.slow
+def test_resnet_example_matches_autograd():
+    results = load_example("resnet_curvature").main()
+    assert results["error"] < 1e-10
+    assert len(results["kflr"]) == 14
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resnet_against_backpack_converter():
+    """BackPACK 1.7.1 computes DiagGGNExact and BatchGrad through its own ``SumModule``.
+
+    In float32: BackPACK's ``SumModule`` path fails in float64 ("expected scalar type
+    Double but found Float"); tolerances are float32 round-off.
+    """
+    from backpack import backpack as bp_backpack
+    from backpack import extend as bp_extend
+    from backpack import extensions as bpext
+    from backpack.custom_module.branching import SumModule
+
+    from hbpkit.extensions import BatchGrad, DiagGGNExact
+
+    torch.manual_seed(0)
+    converted = hbpkit.convert(TinyResNet())
+    ours = extend(copy.deepcopy(converted))
+    for name, module in list(converted.named_children()):
+        if isinstance(module, Sum):
+            setattr(converted, name, SumModule())
+    theirs = bp_extend(converted, use_converter=True)
+    X, y = torch.randn(3, 1, 4, 4), torch.tensor([0, 2, 1])
+    with bp_backpack(bpext.DiagGGNExact(), bpext.BatchGrad()):
+        bp_extend(nn.CrossEntropyLoss())(theirs(X), y).backward()
+    with hbpkit.backprop(DiagGGNExact(), BatchGrad()):
+        extend(nn.CrossEntropyLoss())(ours(X), y).backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.diag_ggn_exact, q.diag_ggn_exact, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad_batch, q.grad_batch, rtol=1e-5, atol=1e-7)
