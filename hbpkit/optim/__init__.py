@@ -15,7 +15,9 @@ Each optimizer's ``.extensions`` lists the extensions its step needs::
 """
 
 from hbpkit.optim.cg import CGInfo, cg
+from hbpkit.optim.grouped_newton import GroupedNewton
 from hbpkit.optim.kronecker import KroneckerPreconditioner
 from hbpkit.optim.newton_cg import NewtonCG
 
 __all__ = ["CGInfo", "KroneckerPreconditioner", "NewtonCG", "cg"]
+__all__ += ["GroupedNewton"]
