@@ -490,3 +490,29 @@ def test_bad_input_raises_clear_errors():
         opt.step(backward_closure)
     assert all(torch.equal(a, b) for a, b in zip(before, params))  # nothing moved
     assert opt.learning_rates is None and not any(opt.state[p] for p in params)
+
+
+def test_state_dict_round_trip_continues_the_same_trajectory():
+    base, loss_fn, (X, y) = _mlp(), nn.CrossEntropyLoss(), _data(n=12)
+
+    def steps(model, opt, ts):
+        for t in ts:
+            opt.zero_grad()
+            loss_fn(
+                model(X[4 * (t % 3) : 4 * (t % 3) + 4]), y[4 * (t % 3) : 4 * (t % 3) + 4]
+            ).backward()
+            opt.step(lambda: loss_fn(model(X), y))
+
+    kwargs = dict(lr=0.3, damping_int=2.0, update_every=2)
+    a = copy.deepcopy(base)
+    opt_a = GroupedNewton(a.parameters(), **kwargs)
+    steps(a, opt_a, range(5))
+    b = copy.deepcopy(base)
+    opt_b = GroupedNewton(b.parameters(), **kwargs)
+    steps(b, opt_b, range(3))
+    c = copy.deepcopy(b)
+    opt_c = GroupedNewton(c.parameters(), **kwargs)
+    opt_c.load_state_dict(copy.deepcopy(opt_b.state_dict()))
+    steps(c, opt_c, range(3, 5))
+    for p, q in zip(a.parameters(), c.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
