@@ -26,3 +26,15 @@ def test_reproduce_grouped_newton_quick(tmp_path, capsys):
     for a, b in zip(losses["GroupedNewton"], losses["GroupedNewton, rescaled"]):
         assert abs(a - b) <= 1e-9 * abs(a)
     assert "seconds per step" in capsys.readouterr().out
+
+
+def test_missing_fashion_mnist_says_how_to_install_it(tmp_path, monkeypatch):
+    module = load_example("reproduce_grouped_newton")
+
+    def missing(*args, **kwargs):
+        raise module.FashionMNISTMissingError("Fashion-MNIST not found: `sudo apt install x`")
+
+    monkeypatch.setattr(module, "load_fashion_mnist", missing)
+    with pytest.raises(SystemExit, match="apt install(.|\n)*--data digits"):
+        module.main(["--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
