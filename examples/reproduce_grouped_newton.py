@@ -18,14 +18,15 @@ initialisation), cross-entropy, gradient batches of ``B_g = 100``, trained by
 Writes ``grouped_newton_<data>.png`` / ``.csv`` to ``--out`` and prints a table with the
 measured time per step relative to SGD::
 
-    python examples/reproduce_grouped_newton.py                  # Fashion-MNIST, ~20 min
+    python examples/reproduce_grouped_newton.py                  # Fashion-MNIST, ~45 min
     python examples/reproduce_grouped_newton.py --data digits    # CI-sized, 4-8 min
     python examples/reproduce_grouped_newton.py --quick          # smoke run, seconds
 
 Fashion-MNIST is read from Debian's ``dataset-fashion-mnist`` package (``sudo apt install
 dataset-fashion-mnist``); nothing is downloaded. Its documented size (``--train-subset``
-10,000 images, 5 epochs) keeps it to about 20 minutes on 2 shared cores: one learning-rate
-update (6 double and 6 triple backward passes on 1000 images) takes about 2.4 s there.
+10,000 images, 5 epochs) keeps it under an hour on 2 heavily shared cores (a GroupedNewton
+run took 6 minutes there: one learning-rate update, 6 double and 6 triple backward passes
+on 1000 images, takes about 2.4 s); ``--seeds 1`` divides that by three.
 """
 
 from __future__ import annotations
