@@ -5,6 +5,13 @@
   block splitting of the HBP paper.
 * :class:`KroneckerPreconditioner`: K-FAC-style steps with moving averages of the
   factors and factored Tikhonov damping.
+* :class:`ISAAC`, :class:`FOOF`, :class:`SubsampledNaturalGradient`: ISAAC's
+  ``zeta`` / ``zeta*``, gradient descent on neurons, and the exact Woodbury natural
+  gradient (``optim/isaac.py``, ``optim/foof.py``, ``optim/natural_gradient.py``).
+* :class:`GroupedNewton`: per-subset learning rates from the summary Hessian and
+  third-order terms (``optim/grouped_newton.py``).
+* :class:`DistributedKroneckerPreconditioner`, :class:`DistributedNewtonCG`: the same
+  steps under ``torch.distributed`` (``optim/distributed.py``).
 * :func:`cg`: the batched conjugate-gradient solver behind ``NewtonCG``.
 
 Each optimizer's ``.extensions`` lists the extensions its step needs::
@@ -15,12 +22,17 @@ Each optimizer's ``.extensions`` lists the extensions its step needs::
 """
 
 from hbpkit.optim.cg import CGInfo, cg
+from hbpkit.optim.distributed import DistributedKroneckerPreconditioner, DistributedNewtonCG
+from hbpkit.optim.grouped_newton import GroupedNewton
 from hbpkit.optim.kronecker import KroneckerPreconditioner
 from hbpkit.optim.newton_cg import NewtonCG
 
-__all__ = ["CGInfo", "KroneckerPreconditioner", "NewtonCG", "cg"]
-
-# under torch.distributed (importing torch.distributed is cheap; nothing is initialised)
-from hbpkit.optim.distributed import DistributedKroneckerPreconditioner, DistributedNewtonCG  # noqa: E402
-
-__all__ += ["DistributedKroneckerPreconditioner", "DistributedNewtonCG"]
+__all__ = [
+    "CGInfo",
+    "DistributedKroneckerPreconditioner",
+    "DistributedNewtonCG",
+    "GroupedNewton",
+    "KroneckerPreconditioner",
+    "NewtonCG",
+    "cg",
+]
