@@ -5,6 +5,9 @@
   block splitting of the HBP paper.
 * :class:`KroneckerPreconditioner`: K-FAC-style steps with moving averages of the
   factors and factored Tikhonov damping.
+* :class:`ISAAC`, :class:`FOOF`, :class:`SubsampledNaturalGradient`: ISAAC's
+  ``zeta`` / ``zeta*``, gradient descent on neurons, and the exact Woodbury natural
+  gradient (``optim/isaac.py``, ``optim/foof.py``, ``optim/natural_gradient.py``).
 * :func:`cg`: the batched conjugate-gradient solver behind ``NewtonCG``.
 
 Each optimizer's ``.extensions`` lists the extensions its step needs::
@@ -15,7 +18,18 @@ Each optimizer's ``.extensions`` lists the extensions its step needs::
 """
 
 from hbpkit.optim.cg import CGInfo, cg
+from hbpkit.optim.foof import FOOF
+from hbpkit.optim.isaac import ISAAC
 from hbpkit.optim.kronecker import KroneckerPreconditioner
+from hbpkit.optim.natural_gradient import SubsampledNaturalGradient
 from hbpkit.optim.newton_cg import NewtonCG
 
-__all__ = ["CGInfo", "KroneckerPreconditioner", "NewtonCG", "cg"]
+__all__ = [
+    "CGInfo",
+    "FOOF",
+    "ISAAC",
+    "KroneckerPreconditioner",
+    "NewtonCG",
+    "SubsampledNaturalGradient",
+    "cg",
+]
