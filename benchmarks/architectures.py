@@ -535,9 +535,11 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
     cost_rows: list[str] = []
     for arch in archs:
         res = timing[arch]
-        plain_t = statistics.median(res["plain", None]["times"]) if res["plain", None].get(
-            "times"
-        ) else float("nan")
+        plain_t = (
+            statistics.median(res["plain", None]["times"])
+            if res["plain", None].get("times")
+            else float("nan")
+        )
         plain_mem = memory[arch, "plain", None]
         plain_mb = f"{plain_mem['peak_mb']:.0f} MB" if plain_mem["status"] == "ok" else "?"
         lines += [
@@ -641,8 +643,15 @@ def plot(chart: dict, path: Path, title: str) -> None:
                 else:
                     mark = "R" if cells[lib].startswith("refused") else "X"
                     ax.plot(x, bottom * 1.15, marker="x", color=colors[lib], markersize=9)
-                    ax.text(x, bottom * 1.3, mark, ha="center", va="bottom", fontsize=8,
-                            color=colors[lib])
+                    ax.text(
+                        x,
+                        bottom * 1.3,
+                        mark,
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                        color=colors[lib],
+                    )
         ax.set_yscale("log")
         ax.set_ylim(bottom=bottom)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
@@ -671,22 +680,33 @@ def parse_args(argv=None):
     parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; "
-                        "--quick: 1, since spinning OpenMP threads on a busy machine crawl)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default 2; "
+        "--quick: 1, since spinning OpenMP threads on a busy machine crawl)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--extensions", nargs="+", choices=list(EXTENSIONS), default=list(EXTENSIONS),
+        "--extensions",
+        nargs="+",
+        choices=list(EXTENSIONS),
+        default=list(EXTENSIONS),
         help="rows to run ('none': extended model, no extension)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
     parser.add_argument("--mem-limit", type=float, default=12.0, help="GB address space")
     parser.add_argument(
-        "--jobs", type=int, default=2, help="memory-phase workers run side by side (RSS is "
-        "per process; timing always runs alone)",
+        "--jobs",
+        type=int,
+        default=2,
+        help="memory-phase workers run side by side (RSS is per process; timing always runs alone)",
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="smoke test: batch 8, 1 repeat, fcnn and cnn, 10 s timeout",
     )
     parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
@@ -732,9 +752,7 @@ def main(argv=None) -> None:
     plot(chart, args.out / "benchmark.png", title)
     raw = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "memory": [
-            {"arch": a, "lib": lib, "ext": e, **rec} for (a, lib, e), rec in memory.items()
-        ],
+        "memory": [{"arch": a, "lib": lib, "ext": e, **rec} for (a, lib, e), rec in memory.items()],
         "time": [
             {"arch": a, "lib": job[0], "ext": job[1], **rec}
             for a, res in timing.items()

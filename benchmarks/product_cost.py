@@ -57,11 +57,14 @@ def main() -> None:
         loss_fn(model(X), y).backward()
 
     base = _median_time(gradient, args.repeats)
-    print(f"{args.arch}, batch {args.batch}, {args.threads} thread(s): gradient "
-          f"(forward + backward) {1000 * base:.1f} ms")
+    print(
+        f"{args.arch}, batch {args.batch}, {args.threads} thread(s): gradient "
+        f"(forward + backward) {1000 * base:.1f} ms"
+    )
     print("| product | backward with products / gradient | one product call / gradient |")
     print("|---|---|---|")
     for ext in (GGNMP(), HMP(), PCHMP(modify="abs"), PCHMP(modify="clip")):
+
         def setup(ext=ext):
             model.zero_grad()
             loss = loss_fn(model(X), y)

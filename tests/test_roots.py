@@ -91,7 +91,9 @@ def test_empirical_output_factor_matches_per_sample_gradients(loss_fn):
     unreduced = type(loss_fn)(reduction="none")(out, target).reshape(7, -1).sum(1)
     c = 1.0 / 7 if loss_fn.reduction == "mean" else 1.0
     for layer, z in ((model[2], out), (model[0], outputs["z"])):
-        e = torch.stack([torch.autograd.grad(unreduced[n], z, retain_graph=True)[0][n] for n in range(7)])
+        e = torch.stack(
+            [torch.autograd.grad(unreduced[n], z, retain_graph=True)[0][n] for n in range(7)]
+        )
         G_ref = c * e.T @ e
         torch.testing.assert_close(layer.weight.kfac_empirical[0], G_ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(layer.bias.kfac_empirical[0], G_ref, rtol=1e-10, atol=1e-12)
@@ -100,8 +102,14 @@ def test_empirical_output_factor_matches_per_sample_gradients(loss_fn):
 
 
 def test_roots_refuse_unsupported_modules_and_options_before_writing():
-    model = extend(nn.Sequential(nn.Linear(4, 2 * 9), nn.Unflatten(1, (2, 3, 3)),
-                                 nn.ConvTranspose2d(2, 1, 2), nn.Flatten()).to(DT))
+    model = extend(
+        nn.Sequential(
+            nn.Linear(4, 2 * 9),
+            nn.Unflatten(1, (2, 3, 3)),
+            nn.ConvTranspose2d(2, 1, 2),
+            nn.Flatten(),
+        ).to(DT)
+    )
     X, y = torch.randn(3, 4, dtype=DT), torch.randint(16, (3,))
     with pytest.raises(NotImplementedError, match="ConvTranspose2d"):
         with backprop(KroneckerRoots("exact")):

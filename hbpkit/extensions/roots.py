@@ -211,7 +211,7 @@ class InputCovariance(Extension):
 
 
 class EmpiricalKFAC(KroneckerRoots):
-    """K-FAC with the empirical Fisher: ``G = g_bar^T g_bar`` of the true labels, ``kfac_empirical``.
+    """K-FAC with the empirical Fisher's ``G = g_bar^T g_bar`` (true labels), ``kfac_empirical``.
 
     ``G = (1/c) sum_rows g g^T`` (``c`` the loss's reduction factor, so ``G`` is the
     output factor of the loss as reduced, like ``p.kfac``), ``A`` as for ``KFAC``.

@@ -101,13 +101,13 @@ class ConvRootRules(ConvRules):
         return self.unfold(call).shape[2]
 
     def input_root(self, call: ModuleCall, approx: str, bias_column: bool = False) -> Tensor:
-        """``a``: the patches ``[N P, C_in prod(k)]`` (expand) or their means ``[N, C_in prod(k)]``."""
+        """``a``: the patches ``[N P, C_in prod(k)]`` (expand) or their means ``[N, ...]``."""
         u = self.unfold(call)  # [N, S, P]
         a = u.mean(2) if approx == "reduce" else u.transpose(1, 2).reshape(-1, u.shape[1])
         return _with_bias_column(a) if bias_column else a
 
     def output_rows(self, call: ModuleCall, t: Tensor, lead: int, approx: str) -> Tensor:
-        """``[*lead, N, C_out, *out] -> [rows, C_out]``: rows ``(*lead, n, p)`` or ``(*lead, n)``."""
+        """``[*lead, N, C_out, *out] -> [rows, C_out]``, rows ``(*lead, n, p)`` / ``(*lead, n)``."""
         t = t.flatten(lead + 2).transpose(-1, -2)  # [*lead, N, P, C_out]
         return _rows(t, approx)
 

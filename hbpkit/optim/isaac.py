@@ -45,7 +45,7 @@ SAVEFIELD = "kronecker_roots"
 
 
 def input_side(g: Tensor, a: Tensor, lambda_a: float) -> Tensor:
-    """``R = grad lambda_a (a^T a / b + lambda_a I)^{-1}`` ``[m, n]`` from ``g [b, m]``, ``a [b, n]``.
+    """``R = grad lambda_a (a^T a / b + lambda_a I)^{-1}`` ``[m, n]``; ``g [b, m]``, ``a [b, n]``.
 
     Woodbury (ISAAC eq. 20/21) if ``b < n``: ``g^T [b lambda_a (b lambda_a I + a a^T)^{-1}] a``;
     else the direct ``n x n`` solve.

@@ -83,7 +83,8 @@ def heuristic_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
     """FOOF eq. 4: ``(G + lambda_G I)^{-1}, (A + lambda_A I)^{-1}``, pi-damping (module doc).
 
     ``lambda_A lambda_G = damping``, ``lambda_A / lambda_G = (tr A / dim A) / (tr G / dim G)``.
-    A bias ``(G,)`` is the weight's rule with ``A = [1]``: ``(G + lambda_G I)^{-1} / (1 + lambda_A)``.
+    A bias ``(G,)`` is the weight's rule with ``A = [1]``:
+    ``(G + lambda_G I)^{-1} / (1 + lambda_A)``.
     """
     if len(factors) not in (1, 2):
         raise ValueError(f"expected factors (G, A) or (G,), got {len(factors)} factors")

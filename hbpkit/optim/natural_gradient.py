@@ -69,7 +69,9 @@ class SampleRows:
         return torch.einsum("r,rtm,rtn->mn", w, self.g_bar, self.a).reshape(self.shape)
 
 
-def woodbury_directions(rows: list[SampleRows], grads: list[Tensor], damping: float) -> list[Tensor]:
+def woodbury_directions(
+    rows: list[SampleRows], grads: list[Tensor], damping: float
+) -> list[Tensor]:
     """``(U^T U + damping I)^{-1} grad`` for the stacked parameters (one shared ``K``)."""
     K = sum(r.gram() for r in rows)
     K.diagonal().add_(damping)
