@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from hbpkit.optim.curvatures import missing_quantity
+from hbpkit.optim.kronecker import spd_inverse
 
 SAVEFIELD = "input_covariance"
 
@@ -141,9 +142,7 @@ class FOOF(torch.optim.Optimizer):
         elif (-t) % T < S:
             state["sigma"].mul_(group["ema"]).add_(cov, alpha=1.0 - group["ema"])
         if t % T == 0 or "inverse" not in state:
-            sigma = 0.5 * (state["sigma"] + state["sigma"].T)
-            sigma.diagonal().add_(group["damping"])
-            state["inverse"] = torch.linalg.inv(sigma)
+            state["inverse"] = spd_inverse(state["sigma"], group["damping"])
         d = (p.grad.reshape(p.shape[0], -1) @ state["inverse"]).reshape(p.shape)
         if group["momentum"] != 0:
             buf = state.get("momentum_buffer")

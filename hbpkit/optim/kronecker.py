@@ -79,6 +79,13 @@ def damped_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
     return inverses
 
 
+def spd_inverse(matrix: Tensor, shift: float) -> Tensor:
+    """``(sym(matrix) + shift I)^{-1}`` through a Cholesky factorisation (``shift > 0``)."""
+    sym = 0.5 * (matrix + matrix.T)
+    sym.diagonal().add_(shift)
+    return torch.cholesky_inverse(torch.linalg.cholesky(sym))
+
+
 def heuristic_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
     """FOOF eq. 4: ``(G + lambda_G I)^{-1}, (A + lambda_A I)^{-1}``, pi-damping (module doc).
 
@@ -95,10 +102,7 @@ def heuristic_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
     ratio = mean_a / mean_g if mean_g > 0 and mean_a > 0 else 1.0
     ratio = ratio if math.isfinite(ratio) else 1.0
     lambda_a, lambda_g = math.sqrt(damping * ratio), math.sqrt(damping / ratio)
-    inverses = []
-    for f, shift in ((G, lambda_g), (A, lambda_a)):
-        eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-        inverses.append(torch.linalg.inv(0.5 * (f + f.T) + shift * eye))
+    inverses = [spd_inverse(G, lambda_g), spd_inverse(A, lambda_a)]
     if len(factors) == 1:
         return [inverses[0] * inverses[1][0, 0]]
     return inverses
