@@ -80,10 +80,17 @@ def damped_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
 
 
 def spd_inverse(matrix: Tensor, shift: float) -> Tensor:
-    """``(sym(matrix) + shift I)^{-1}`` through a Cholesky factorisation (``shift > 0``)."""
+    """``(sym(matrix) + shift I)^{-1}`` through a Cholesky factorisation (``shift > 0``).
+
+    Falls back to ``torch.linalg.inv`` where rounding makes the factorisation fail
+    (float32 factors with a tiny shift).
+    """
     sym = 0.5 * (matrix + matrix.T)
     sym.diagonal().add_(shift)
-    return torch.cholesky_inverse(torch.linalg.cholesky(sym))
+    L, info = torch.linalg.cholesky_ex(sym)
+    if int(info) != 0:
+        return torch.linalg.inv(sym)
+    return torch.cholesky_inverse(L)
 
 
 def heuristic_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
