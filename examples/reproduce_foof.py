@@ -13,9 +13,10 @@ An MLP with 3 hidden ReLU layers of ``width`` units and no biases (appendix D.4)
 
 Every setting of a method's small grid is trained once (seed 0, ``--grid-epochs``
 epochs); the best final training loss wins and is trained for ``--epochs`` epochs over
-``--seeds`` seeds. Then the median time per step of each tuned method (forward, backward,
-step; one thread, 5 interleaved rounds, the fastest round's median) on one batch. Writes ``foof_optimizers.png`` / ``.csv``
-(final runs), ``foof_grid.csv`` and ``foof_timing.csv`` to ``--out``; prints tables::
+``--seeds`` seeds. Then the time per step of each tuned method (forward, backward, step;
+one thread, 5 interleaved rounds, the fastest round's median) on one batch. Writes
+``foof_optimizers.png`` / ``.csv`` (final runs), ``foof_grid.csv`` and ``foof_timing.csv``
+to ``--out``; prints tables::
 
     python examples/reproduce_foof.py           # digits, width 100, a few minutes
     python examples/reproduce_foof.py --full    # Fashion-MNIST (10,000 images), width 256
