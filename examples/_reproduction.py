@@ -239,12 +239,15 @@ def seconds_per_step(
 
 def train_or_diverge(method: str, hyper: str, *args, **kwargs) -> Run:
     """:func:`train`, but a run whose curvature computation fails on non-finite values
-    (e.g. sampling from NaN probabilities after a divergent step) is recorded as diverged
-    (NaN from its first epoch on) instead of stopping the script."""
+    (e.g. sampling from NaN probabilities after a divergent step) or on a singular damped
+    factor is recorded as diverged (NaN from its first epoch on) instead of stopping the
+    script."""
     try:
         return train(method, hyper, *args, **kwargs)
     except RuntimeError as error:
-        if "nan" not in str(error).lower() and "inf" not in str(error).lower():
+        message = str(error).lower()
+        singular = isinstance(error, torch.linalg.LinAlgError)
+        if not singular and "nan" not in message and "inf" not in message:
             raise
         epochs = args[3] if len(args) > 3 else kwargs["epochs"]
         run = Run(method, hyper, args[5] if len(args) > 5 else kwargs["seed"])
