@@ -76,7 +76,7 @@ def kfac(mode: str, lr: float, damping: float):
 
 def methods(quick: bool) -> dict[str, list[tuple[str, Callable]]]:
     """``method -> [(hyperparameters, optimizer factory)]``, the grids."""
-    lrs = (0.01,) if quick else (0.003, 0.01, 0.03, 0.1)
+    lrs = (0.01,) if quick else (0.003, 0.01, 0.03, 0.1, 0.3)
     dampings = (1e-2,) if quick else (1e-3, 1e-2, 1e-1)
     grid = {
         "SGD": [

@@ -120,7 +120,35 @@ def cell_losses(results, width, lrs_by_sector) -> dict:
     return {k: sum(v) / len(v) for k, v in cells.items()}
 
 
-def plot_grids(grids: dict, grid, path: Path, title: str) -> None:
+def grids_from_csv(path: Path) -> tuple[dict, dict]:
+    """``(grids, lrs)`` as :func:`main` computes them, from an ``isaac_grid.csv``."""
+
+    def value(text: str) -> float | None:
+        return None if text in ("None", "") else float(text)
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    grids, lrs = {}, {}
+    for width in sorted({int(r["width"]) for r in rows}):
+        mine = [r for r in rows if int(r["width"]) == width]
+        for r in mine:
+            r["cell"] = (value(r["lambda_g"]), value(r["lambda_a"]))
+            loss = float(r["final_train_loss"])
+            r["loss"] = loss if math.isfinite(loss) else math.inf
+        chosen = {}
+        for name in ("zeta", "zeta*", "gradient"):
+            first = [r for r in mine if sector(*r["cell"]) == name and r["seed"] == "0"]
+            chosen[name] = float(min(first, key=lambda r: r["loss"])["lr"])
+        cells: dict = {}
+        for r in mine:
+            if float(r["lr"]) == chosen[sector(*r["cell"])]:
+                cells.setdefault(r["cell"], []).append(r["loss"])
+        grids[width] = {k: sum(v) / len(v) for k, v in cells.items()}
+        lrs[width] = chosen
+    return grids, lrs
+
+
+def plot_grids(grids: dict, grid, path: Path, title: str, lrs: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,13 +168,20 @@ def plot_grids(grids: dict, grid, path: Path, title: str) -> None:
         ax.set_xlabel("log10 lambda_g  (inf: zeta*)")
         ax.set_ylabel("log10 lambda_a")
         grad = cells.get((None, None), math.nan)
-        ax.set_title(f"width {width}; gradient: {grad:.3g}", fontsize=9)
+        lr = lrs[width]
+        ax.set_title(
+            f"width {width}; gradient: {grad:.3g}; lr: zeta {lr['zeta']}, "
+            f"zeta* {lr['zeta*']}, gradient {lr['gradient']}",
+            fontsize=8,
+        )
         for i in range(M.shape[0]):
             for j in range(M.shape[1]):
-                text = "div" if math.isnan(M[i, j]) else f"{M[i, j]:.1f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=6, color="w")
+                diverged = math.isnan(M[i, j])
+                text = "div" if diverged else f"{M[i, j]:.1f}"
+                color = "k" if diverged else "w"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6, color=color)
         fig.colorbar(im, ax=ax, label="log10 final training loss")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -187,12 +222,25 @@ def main(argv: list[str] | None = None) -> list[Run]:
     parser.add_argument("--seeds", type=int, default=None, help="default 2 (quick: 1)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="default 0.1 0.3 1")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="default 100")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw isaac_grid.png from --out's CSV"
+    )
     args = parser.parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 6)
     seeds = args.seeds or (1 if args.quick else 2)
     lrs = args.lrs or ((0.1,) if args.quick else (0.1, 0.3, 1.0))
     grid = (1e-2, 1.0, 1e2) if args.quick else GRID
     widths = args.widths or ((16,) if args.quick else (100,))
+    if args.plot_only:
+        grids, lrs_by_width = grids_from_csv(args.out / "isaac_grid.csv")
+        with open(args.out / "isaac_grid.csv") as f:
+            seeds = len({r["seed"] for r in csv.DictReader(f)})
+        title = (
+            f"ISAAC figure 1: 5-layer ReLU MLP, batch 60, SGD, mean of {seeds} seed(s)\n"
+            "one learning rate per sector; 'div': diverged"
+        )
+        plot_grids(grids, GRID, args.out / "isaac_grid.png", title, lrs_by_width)
+        return []
     timing_widths = widths if args.quick else (100, 400)
     if args.full:
         data, name = load_fashion_data(10_000, 2_000), "Fashion-MNIST (10,000 training images)"
@@ -200,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         data, name = load_data(subset=240 if args.quick else None), "digits"
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # stable timings on a shared machine
-    results, grids = [], {}
+    results, grids, lrs_by_width = [], {}, {}
     for width in widths:
         # seed 0 over every learning rate picks each sector's rate; more seeds use it
         jobs = [(g, a, lr) for g, a in cells_of(grid) for lr in lrs]
@@ -211,6 +259,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
             part += run_cells(data, width, jobs, epochs, seed)
         results += part
         grids[width] = cell_losses(part, width, lrs_by_sector)
+        lrs_by_width[width] = lrs_by_sector
         cells = grids[width]
         best_zeta = min(v for (g, a), v in cells.items() if g is not None)
         best_star = min(v for (g, a), v in cells.items() if g is None and a is not None)
@@ -247,10 +296,10 @@ def main(argv: list[str] | None = None) -> list[Run]:
                 ]
             )
     title = (
-        f"ISAAC figure 1 on {name}: 5-layer ReLU MLP, batch 60, SGD, {epochs} epochs, "
-        f"mean of {seeds} seed(s)"
+        f"ISAAC figure 1 on {name}: 5-layer ReLU MLP, batch 60, SGD\n{epochs} epochs, "
+        f"mean of {seeds} seed(s), one learning rate per sector; 'div': diverged"
     )
-    plot_grids(grids, grid, args.out / "isaac_grid.png", title)
+    plot_grids(grids, grid, args.out / "isaac_grid.png", title, lrs_by_width)
     rows = timing(
         data.X_tr.shape[1],
         timing_widths,
