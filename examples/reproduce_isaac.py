@@ -144,7 +144,7 @@ def grids_from_csv(path: Path) -> tuple[dict, dict]:
             if float(r["lr"]) == chosen[sector(*r["cell"])]:
                 cells.setdefault(r["cell"], []).append(r["loss"])
         grids[width] = {k: sum(v) / len(v) for k, v in cells.items()}
-        lrs[width] = chosen
+        lrs[width] = dict(chosen, seeds=len({r["seed"] for r in mine}))
     return grids, lrs
 
 
@@ -169,8 +169,9 @@ def plot_grids(grids: dict, grid, path: Path, title: str, lrs: dict) -> None:
         ax.set_ylabel("log10 lambda_a")
         grad = cells.get((None, None), math.nan)
         lr = lrs[width]
+        seeds = f"{lr['seeds']} seed(s); " if "seeds" in lr else ""
         ax.set_title(
-            f"width {width}; gradient: {grad:.3g}; lr: zeta {lr['zeta']}, "
+            f"width {width}; {seeds}gradient: {grad:.3g}\nlr: zeta {lr['zeta']}, "
             f"zeta* {lr['zeta*']}, gradient {lr['gradient']}",
             fontsize=8,
         )
@@ -233,10 +234,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
     widths = args.widths or ((16,) if args.quick else (100,))
     if args.plot_only:
         grids, lrs_by_width = grids_from_csv(args.out / "isaac_grid.csv")
-        with open(args.out / "isaac_grid.csv") as f:
-            seeds = len({r["seed"] for r in csv.DictReader(f)})
         title = (
-            f"ISAAC figure 1: 5-layer ReLU MLP, batch 60, SGD, mean of {seeds} seed(s)\n"
+            "ISAAC figure 1: 5-layer ReLU MLP, batch 60, SGD, mean over seeds\n"
             "one learning rate per sector; 'div': diverged"
         )
         plot_grids(grids, GRID, args.out / "isaac_grid.png", title, lrs_by_width)
