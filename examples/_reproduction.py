@@ -192,3 +192,65 @@ def table(runs: list[Run]) -> str:
             f" {acc.mean().item():>6.1f} +- {std_a:<4.1f} {secs:>6.1f}"
         )
     return "\n".join(lines)
+
+
+def load_fashion_data(train_subset: int | None = None, test_subset: int | None = None) -> Data:
+    """Fashion-MNIST ``[N, 784]`` in [0, 1] from Debian's package (first images of each split).
+
+    Exits with the message of :class:`FashionMNISTMissingError` (how to install the
+    package) if it is not installed: nothing is downloaded.
+    """
+    from _fashion_mnist import FashionMNISTMissingError, load_fashion_mnist
+
+    try:
+        X_tr, y_tr = load_fashion_mnist("train")
+        X_te, y_te = load_fashion_mnist("test")
+    except FashionMNISTMissingError as error:
+        raise SystemExit(str(error)) from None
+    return Data(X_tr[:train_subset], y_tr[:train_subset], X_te[:test_subset], y_te[:test_subset])
+
+
+def seconds_per_step(
+    model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, steps: int
+) -> float:
+    """Median wall-clock seconds of ``steps`` training steps (forward, backward, step) on
+    one batch, after two warm-up steps; the backward pass runs inside
+    ``backprop(*opt.extensions)`` when the optimizer has them. The learning rate of every
+    parameter group is set to 0 (the same work, without diverging on the repeated batch)."""
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    extensions = tuple(getattr(opt, "extensions", ()))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        if extensions:
+            with backprop(*extensions):
+                loss.backward()
+        else:
+            loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def train_or_diverge(method: str, hyper: str, *args, **kwargs) -> Run:
+    """:func:`train`, but a run whose curvature computation fails on non-finite values
+    (e.g. sampling from NaN probabilities after a divergent step) or on a singular damped
+    factor is recorded as diverged (NaN from its first epoch on) instead of stopping the
+    script."""
+    try:
+        return train(method, hyper, *args, **kwargs)
+    except RuntimeError as error:
+        message = str(error).lower()
+        singular = isinstance(error, torch.linalg.LinAlgError)
+        if not singular and "nan" not in message and "inf" not in message:
+            raise
+        epochs = args[3] if len(args) > 3 else kwargs["epochs"]
+        run = Run(method, hyper, args[5] if len(args) > 5 else kwargs["seed"])
+        run.train_loss = [math.nan] * (epochs + 1)
+        run.test_acc = [math.nan] * (epochs + 1)
+        return run

@@ -5,6 +5,7 @@ from hbpkit.extensions.curvmatprod import GGNMP, HMP, PCHMP
 from hbpkit.extensions.diagonal import DiagGGNExact, DiagGGNMC, DiagHessian
 from hbpkit.extensions.first_order import BatchGrad, BatchL2, SumGradSquared, Variance
 from hbpkit.extensions.kronecker import HBP, KFAC, KFLR, KFRA
+from hbpkit.extensions.roots import EmpiricalKFAC, InputCovariance, KroneckerRoots
 
 __all__ = [
     "GGNMP",
@@ -19,7 +20,10 @@ __all__ = [
     "DiagGGNExact",
     "DiagGGNMC",
     "DiagHessian",
+    "EmpiricalKFAC",
     "Extension",
+    "InputCovariance",
+    "KroneckerRoots",
     "SumGradSquared",
     "Variance",
 ]

@@ -23,16 +23,22 @@ Each optimizer's ``.extensions`` lists the extensions its step needs::
 
 from hbpkit.optim.cg import CGInfo, cg
 from hbpkit.optim.distributed import DistributedKroneckerPreconditioner, DistributedNewtonCG
+from hbpkit.optim.foof import FOOF
 from hbpkit.optim.grouped_newton import GroupedNewton
+from hbpkit.optim.isaac import ISAAC
 from hbpkit.optim.kronecker import KroneckerPreconditioner
+from hbpkit.optim.natural_gradient import SubsampledNaturalGradient
 from hbpkit.optim.newton_cg import NewtonCG
 
 __all__ = [
     "CGInfo",
     "DistributedKroneckerPreconditioner",
     "DistributedNewtonCG",
+    "FOOF",
     "GroupedNewton",
+    "ISAAC",
     "KroneckerPreconditioner",
     "NewtonCG",
+    "SubsampledNaturalGradient",
     "cg",
 ]

@@ -30,6 +30,7 @@ CURVATURES: dict[str, CurvatureSpec] = {
     "kflr": CurvatureSpec("kflr", "KFLR", {}, True),
     "kfra": CurvatureSpec("kfra", "KFRA", {}, True),
     "hbp": CurvatureSpec("hbp", "HBP", {}, True),
+    "empirical": CurvatureSpec("kfac_empirical", "EmpiricalKFAC", {}, True),
 }
 
 KRONECKER_CURVATURES = tuple(name for name, spec in CURVATURES.items() if spec.kronecker)

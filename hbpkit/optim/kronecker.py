@@ -18,6 +18,18 @@ block in ``p.flatten()`` order, the weight matricised as ``[out, rest]``):
    ``G_inv = (G + sqrt(damping) I)^{-1}``: biases are their own blocks in hbpkit
    (not folded into the weight), and this is the weight's rule with ``A = [1]``
    undamped. Inverses are ``torch.linalg.inv`` of the symmetrised damped factors.
+   This is ``damping_mode="factored"`` (the default); two more modes compare the
+   dampings of the FOOF paper (Benzing 2022):
+
+   * ``"heuristic"`` (its eq. 4, Martens and Grosse's pi-damping):
+     ``(A + lambda_A I) kron (G + lambda_G I)`` with ``lambda_A lambda_G = damping``
+     and ``lambda_A / lambda_G = (tr A / dim A) / (tr G / dim G)`` (a bias: ``A = [1]``,
+     damped like any factor). Unlike ``"factored"``, the larger damping goes to the
+     factor with the larger mean eigenvalue, so both get the same relative damping.
+   * ``"correct"`` (its eq. 3): ``(G kron A + damping I)^{-1}`` exactly, through the
+     eigendecompositions ``G = Q_G diag(g) Q_G^T``, ``A = Q_A diag(a) Q_A^T``:
+     ``D = Q_G [(Q_G^T grad Q_A) / (g a^T + damping)] Q_A^T``; ``state[p]["inverses"]``
+     then holds ``[Q_G, Q_A, 1 / (g a^T + damping)]`` (``[Q_G, 1 / (g + damping)]``).
 3. **Direction** ``D = G_inv grad A_inv`` (the weight's gradient matricised as
    ``[out, rest]``), ``D = G_inv grad`` for a bias.
 4. **Momentum** (heavy ball, as ``torch.optim.SGD`` without dampening):
@@ -67,6 +79,71 @@ def damped_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
     return inverses
 
 
+def spd_inverse(matrix: Tensor, shift: float) -> Tensor:
+    """``(sym(matrix) + shift I)^{-1}`` through a Cholesky factorisation (``shift > 0``).
+
+    Falls back to ``torch.linalg.inv`` where rounding makes the factorisation fail
+    (float32 factors with a tiny shift).
+    """
+    sym = 0.5 * (matrix + matrix.T)
+    sym.diagonal().add_(shift)
+    L, info = torch.linalg.cholesky_ex(sym)
+    if int(info) != 0:
+        return torch.linalg.inv(sym)
+    return torch.cholesky_inverse(L)
+
+
+def heuristic_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
+    """FOOF eq. 4: ``(G + lambda_G I)^{-1}, (A + lambda_A I)^{-1}``, pi-damping (module doc).
+
+    ``lambda_A lambda_G = damping``, ``lambda_A / lambda_G = (tr A / dim A) / (tr G / dim G)``.
+    A bias ``(G,)`` is the weight's rule with ``A = [1]``:
+    ``(G + lambda_G I)^{-1} / (1 + lambda_A)``.
+    """
+    if len(factors) not in (1, 2):
+        raise ValueError(f"expected factors (G, A) or (G,), got {len(factors)} factors")
+    G = factors[0]
+    A = factors[1] if len(factors) == 2 else torch.ones(1, 1, dtype=G.dtype, device=G.device)
+    mean_g = (G.diagonal().sum() / G.shape[0]).item()
+    mean_a = (A.diagonal().sum() / A.shape[0]).item()
+    ratio = mean_a / mean_g if mean_g > 0 and mean_a > 0 else 1.0
+    ratio = ratio if math.isfinite(ratio) else 1.0
+    lambda_a, lambda_g = math.sqrt(damping * ratio), math.sqrt(damping / ratio)
+    inverses = [spd_inverse(G, lambda_g), spd_inverse(A, lambda_a)]
+    if len(factors) == 1:
+        return [inverses[0] * inverses[1][0, 0]]
+    return inverses
+
+
+def correct_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
+    """FOOF eq. 3: eigenbases and ``1 / (g a^T + damping)`` of ``(G kron A + damping I)^{-1}``."""
+    if len(factors) not in (1, 2):
+        raise ValueError(f"expected factors (G, A) or (G,), got {len(factors)} factors")
+    eig_g, Q_g = torch.linalg.eigh(0.5 * (factors[0] + factors[0].T))
+    if len(factors) == 1:
+        return [Q_g, 1.0 / (eig_g[:, None] + damping)]
+    eig_a, Q_a = torch.linalg.eigh(0.5 * (factors[1] + factors[1].T))
+    return [Q_g, Q_a, 1.0 / (eig_g[:, None] * eig_a[None, :] + damping)]
+
+
+#: ``damping_mode -> (factors, damping) -> state[p]["inverses"]``
+DAMPING_MODES = {
+    "factored": damped_inverses,
+    "heuristic": heuristic_inverses,
+    "correct": correct_inverses,
+}
+
+
+def precondition_correct(inverses: list[Tensor], grad: Tensor) -> Tensor:
+    """``(G kron A + damping I)^{-1} grad`` from :func:`correct_inverses`, shaped like ``grad``."""
+    Q_g, scale = inverses[0], inverses[-1]
+    V = grad.reshape(Q_g.shape[0], -1)
+    if len(inverses) == 3:
+        Q_a = inverses[1]
+        return (Q_g @ ((Q_g.T @ V @ Q_a) * scale) @ Q_a.T).reshape(grad.shape)
+    return (Q_g @ ((Q_g.T @ V) * scale)).reshape(grad.shape)
+
+
 def precondition(inverses: list[Tensor], grad: Tensor) -> Tensor:
     """``G_inv grad A_inv`` (or ``G_inv grad``), shaped like ``grad``."""
     V = grad.reshape(inverses[0].shape[0], -1)
@@ -91,12 +168,15 @@ class KroneckerPreconditioner(CurvatureOptimizer):
     Args:
         params: parameters or parameter groups (groups may override ``lr``,
             ``damping``, ``momentum``, ``ema``, ``update_every``).
-        curvature: ``"kfac"``, ``"kflr"``, ``"kfra"`` or ``"hbp"``: which factors.
+        curvature: ``"kfac"`` (Monte-Carlo), ``"kflr"`` (exact), ``"empirical"``
+            (empirical Fisher, ``EmpiricalKFAC``), ``"kfra"`` or ``"hbp"``: which factors.
         lr: step size.
         damping: Tikhonov damping ``lambda``, split between the factors as above.
         update_every: recompute the damped inverses every this many steps.
         momentum: heavy-ball momentum on the preconditioned direction.
         ema: decay of the factors' moving averages (0: current factors only).
+        damping_mode: ``"factored"`` (default), ``"heuristic"`` (FOOF eq. 4) or
+            ``"correct"`` (FOOF eq. 3), see the module docstring.
         extension: the hbpkit extension to run instead of the default one for
             ``curvature`` (same savefield), e.g. ``KFAC(mc_samples=4)`` or
             ``HBP("pch-abs", "average", "batch-average")`` with ``curvature="hbp"``.
@@ -115,9 +195,15 @@ class KroneckerPreconditioner(CurvatureOptimizer):
         momentum: float = 0.0,
         ema: float = 0.95,
         extension: Any = None,
+        damping_mode: str = "factored",
     ) -> None:
         defaults = dict(
-            lr=lr, damping=damping, update_every=update_every, momentum=momentum, ema=ema
+            lr=lr,
+            damping=damping,
+            update_every=update_every,
+            momentum=momentum,
+            ema=ema,
+            damping_mode=damping_mode,
         )
         self._setup(params, curvature, KRONECKER_CURVATURES, extension, defaults)
 
@@ -130,6 +216,10 @@ class KroneckerPreconditioner(CurvatureOptimizer):
             raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
         if not 0 <= group["ema"] < 1:
             raise ValueError(f"ema must be in [0, 1), got {group['ema']}")
+        if group.get("damping_mode", "factored") not in DAMPING_MODES:
+            raise ValueError(
+                f"damping_mode={group['damping_mode']!r} is not one of {tuple(DAMPING_MODES)}"
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -185,12 +275,16 @@ class KroneckerPreconditioner(CurvatureOptimizer):
         """
         for group, p in due:
             state = self.state[p]
-            state["inverses"] = damped_inverses(state["factors"], group["damping"])
+            invert = DAMPING_MODES[group.get("damping_mode", "factored")]
+            state["inverses"] = invert(state["factors"], group["damping"])
 
     def _descend(self, group: dict, p: Tensor) -> None:
         """Precondition ``p.grad``, apply momentum, take the step."""
         state = self.state[p]
-        d = precondition(state["inverses"], p.grad.detach())
+        if group.get("damping_mode", "factored") == "correct":
+            d = precondition_correct(state["inverses"], p.grad.detach())
+        else:
+            d = precondition(state["inverses"], p.grad.detach())
         if group["momentum"] != 0:
             buf = state.get("momentum_buffer")
             if buf is None:

@@ -1,0 +1,237 @@
+"""The roots of the Kronecker factors, and the input covariance alone.
+
+* :class:`KroneckerRoots` (``p.kronecker_roots``): per ``Linear`` / ``Conv1d/2d/3d``
+  parameter, the tall matrices whose products are the Kronecker factors, so an
+  optimizer can work in the ``b x b`` sample space (ISAAC eq. 20, the Woodbury
+  natural gradient of the FOOF paper, appendix I) without forming ``n x n`` or
+  ``m x m`` matrices.
+* :class:`InputCovariance` (``p.input_covariance``): ``A = a^T a / b`` only (FOOF).
+* :class:`EmpiricalKFAC` (``p.kfac_empirical``): Kronecker factors with the empirical
+  Fisher's output factor, ``G = g_bar^T g_bar`` from the gradients of the true labels.
+
+Relation to ``KFAC`` / ``KFLR`` (DESIGN sec. 3, tested): with the same ``kfac_approx``
+and, for ``"sampled"``, the same draw (both extensions in one ``backprop(...)`` share
+the backpropagated factors), ``p.kflr == (g_bar^T g_bar, a^T a / b)`` for
+``KroneckerRoots("exact")`` and ``p.kfac == ...`` for ``KroneckerRoots("sampled")``.
+Row layout and the ``"expand"`` / ``"reduce"`` maps: ``hbpkit/modules/kronecker_roots.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+from hbpkit.dispatch import SECOND_ORDER, DispatchTable
+from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
+from hbpkit.extensions.kronecker import KFAC_APPROXES
+from hbpkit.extensions.messages import SqrtMessage
+from hbpkit.kronecker import KroneckerFactors
+from hbpkit.modules.base import LossRules
+from hbpkit.modules.kronecker_roots import ROOT_RULES, reduction_scale
+
+ROOT_LOSS_HESSIANS = ("exact", "sampled", "empirical", None)
+
+
+class _RootsWithCurvature(DispatchTable):
+    """Root rules for the layers with parameters; the curvature rules for everything else.
+
+    Modules without parameters (activations, reshapes, the loss) only pass the
+    backpropagated factors on, which :data:`SECOND_ORDER` does; a module with
+    parameters but without root rules (``ConvTranspose*``, a user's module) is
+    unsupported, and the backward pass refuses it before computing anything.
+    """
+
+    def lookup(self, module: nn.Module) -> object | None:
+        rules = super().lookup(module)
+        if rules is not None:
+            return rules
+        rules = SECOND_ORDER.lookup(module)
+        if isinstance(rules, LossRules) or (rules is not None and not rules.param_names(module)):
+            return rules
+        return None
+
+
+#: layers whose roots need no backpropagated curvature (inputs, output gradients)
+ROOTS = DispatchTable("Kronecker roots")
+#: the same layers, plus what output-side roots are backpropagated through
+ROOTS_WITH_CURVATURE = _RootsWithCurvature("Kronecker roots with curvature")
+for _module_type, _rules in ROOT_RULES.items():
+    ROOTS.register(_module_type, _rules)
+    ROOTS_WITH_CURVATURE.register(_module_type, _rules)
+
+
+@dataclass(frozen=True)
+class EmpiricalMessage:
+    """Backpropagates nothing but the loss's reduction factor ``c`` (``L = c sum_n l_n``)."""
+
+    def initial(self, rules: LossRules, call: ModuleCall) -> float:
+        return reduction_scale(call)
+
+    def propagate(self, rules, call: ModuleCall, grad_output: Tensor, scale: float) -> float:
+        return scale
+
+
+class FactorRoots(NamedTuple):
+    """Roots of one parameter's Kronecker factors (rows: samples, and positions for ``expand``).
+
+    Attributes:
+        a: layer inputs ``[b, n]`` (unfolded patches for a convolution, a trailing
+            column of ones if asked for), ``A = a^T a / b``; ``None`` for a bias.
+        g: gradients of the loss at the layer output, same rows as ``a``, ``[b, m]``;
+            for ``kfac_approx="expand"`` ``g^T a`` is the weight's gradient.
+        g_bar: output-side roots ``[r * b, m]``, ``G = g_bar^T g_bar``; rows
+            ``(v, n[, t])`` for the ``r`` columns ``v`` of the loss-Hessian factor
+            (``r = 1`` for ``"empirical"``); ``None`` without ``loss_hessian``.
+        positions: ``T`` (``P`` for a convolution) rows per sample in ``a`` and ``g``
+            (1 for ``"reduce"``).
+    """
+
+    a: Tensor | None
+    g: Tensor
+    g_bar: Tensor | None
+    positions: int
+
+    def input_factor(self) -> Tensor | None:
+        """``A = a^T a / b`` ``[n, n]`` (``None`` for a bias)."""
+        if self.a is None:
+            return None
+        scaled = self.a / math.sqrt(self.a.shape[0])
+        return scaled.T @ scaled
+
+    def output_factor(self) -> Tensor:
+        """``G = g_bar^T g_bar`` ``[m, m]``."""
+        if self.g_bar is None:
+            raise ValueError("these roots have no g_bar (KroneckerRoots(loss_hessian=None))")
+        return self.g_bar.T @ self.g_bar
+
+
+class KroneckerRoots(Extension):
+    """The roots ``a``, ``g`` and ``g_bar`` of each weight's Kronecker factors, ``kronecker_roots``.
+
+    Args:
+        loss_hessian: what ``g_bar`` roots: ``"exact"`` (KFLR's symmetric factor of
+            the loss Hessian, ``r = C`` outputs), ``"sampled"`` (KFAC's ``mc_samples``
+            Monte-Carlo draws, ``r = mc_samples``), ``"empirical"`` (the gradients
+            of the true labels, ``g / sqrt(c)`` with ``c`` the loss's reduction
+            factor: ``G`` is the empirical Fisher's output factor) or ``None``
+            (no ``g_bar``: ``a`` and ``g`` only).
+        mc_samples: draws for ``"sampled"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight sharing
+            (``hbpkit/modules/kronecker_roots.py``).
+        bias_column: append a column of ones to ``a`` (the bias folded into the weight).
+
+    Result: :class:`FactorRoots` for every weight and bias (a bias gets ``a = None``).
+    ``"exact"`` and ``"sampled"`` backpropagate sqrt factors like ``KFLR`` / ``KFAC``
+    (shared with them when both are active); ``"empirical"`` and ``None``
+    backpropagate nothing: they read the layer's recorded input and the gradient at
+    its output, which the ordinary backward pass computes anyway.
+    """
+
+    savefield = "kronecker_roots"
+
+    def __init__(
+        self,
+        loss_hessian: str | None = "exact",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        bias_column: bool = False,
+    ) -> None:
+        self.loss_hessian = check_choice("loss_hessian", loss_hessian, ROOT_LOSS_HESSIANS)
+        self.mc_samples = check_mc_samples(mc_samples)
+        self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
+        self.bias_column = bool(bias_column)
+        if loss_hessian is None:
+            self.table, self.message = ROOTS, None
+        elif loss_hessian == "empirical":
+            self.table, self.message = ROOTS_WITH_CURVATURE, EmpiricalMessage()
+        else:
+            samples = mc_samples if loss_hessian == "sampled" else 1
+            self.table = ROOTS_WITH_CURVATURE
+            self.message = SqrtMessage(loss_hessian, samples, "ggn")
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> FactorRoots:
+        approx = self.kfac_approx
+        g = rules.output_rows(call, grad_output, 0, approx)
+        a = None if name == "bias" else rules.input_root(call, approx, self.bias_column)
+        if self.loss_hessian is None:
+            g_bar = None
+        elif self.loss_hessian == "empirical":
+            g_bar = g / math.sqrt(message)
+        else:
+            key = ("roots_g_bar", approx, id(message))
+            if key not in call.cache:
+                call.cache[key] = torch.cat([_output_root(rules, call, f, approx) for f in message])
+            g_bar = call.cache[key]
+        positions = 1 if approx == "reduce" else rules.positions(call)
+        return FactorRoots(a, g, g_bar, positions)
+
+    def __repr__(self) -> str:
+        return (
+            f"KroneckerRoots(loss_hessian={self.loss_hessian!r}, mc_samples={self.mc_samples}, "
+            f"kfac_approx={self.kfac_approx!r}, bias_column={self.bias_column})"
+        )
+
+
+def _output_root(rules, call: ModuleCall, factor, approx: str) -> Tensor:
+    if getattr(factor, "sign", None) is not None or not hasattr(factor, "S"):
+        raise NotImplementedError("Kronecker roots need positive sqrt factors (GGN curvature)")
+    return rules.output_rows(call, factor.S, 1, approx)
+
+
+class InputCovariance(Extension):
+    """``A = a^T a / b``, the input factor of each weight alone, ``input_covariance``.
+
+    ``[n, n]`` for a weight (``n = D_in``, or ``C_in prod(k)`` for a convolution),
+    ``[[1]]`` for a bias (its input is the constant 1). Computed from the layer
+    input that the forward pass recorded: nothing is backpropagated, no extra
+    forward or backward pass runs; hbpkit forms the Gram matrix in the layer's hook
+    during the ordinary ``backward()`` (where the input is still held), and shares
+    it with ``KFAC`` / ``KFLR``'s ``A`` when they are active too. Rows follow
+    ``kfac_approx`` as for :class:`KroneckerRoots`.
+    """
+
+    savefield = "input_covariance"
+    table = ROOTS
+
+    def __init__(self, kfac_approx: str = "expand") -> None:
+        self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+        if name == "bias":
+            return torch.ones(1, 1, dtype=param.dtype, device=param.device)
+        return rules.input_factor(call, self.kfac_approx)
+
+    def __repr__(self) -> str:
+        return f"InputCovariance(kfac_approx={self.kfac_approx!r})"
+
+
+class EmpiricalKFAC(KroneckerRoots):
+    """K-FAC with the empirical Fisher's ``G = g_bar^T g_bar`` (true labels), ``kfac_empirical``.
+
+    ``G = (1/c) sum_rows g g^T`` (``c`` the loss's reduction factor, so ``G`` is the
+    output factor of the loss as reduced, like ``p.kfac``), ``A`` as for ``KFAC``.
+    Result: :class:`~hbpkit.kronecker.KroneckerFactors`. Backpropagates nothing.
+    """
+
+    savefield = "kfac_empirical"
+
+    def __init__(self, kfac_approx: str = "expand") -> None:
+        super().__init__("empirical", 1, kfac_approx)
+
+    def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
+        roots = super().param_quantity(rules, call, name, param, grad_output, message)
+        G = roots.output_factor()
+        if name == "bias":
+            return KroneckerFactors([G], param.shape)
+        return KroneckerFactors([G, rules.input_factor(call, self.kfac_approx)], param.shape)
+
+    def __repr__(self) -> str:
+        return f"EmpiricalKFAC(kfac_approx={self.kfac_approx!r})"
+
+
+__all__ = ["EmpiricalKFAC", "FactorRoots", "InputCovariance", "KroneckerRoots"]

@@ -1,0 +1,124 @@
+"""The un-multiplied roots of the Kronecker factors of ``Linear`` and ``Conv1d/2d/3d``.
+
+A weight's Kronecker factors (DESIGN sec. 3, ``kron(G, A)`` in ``p.flatten()``
+order) are products of two tall matrices whose rows are samples (and positions):
+
+* ``A = a^T a / b`` with the layer inputs ``a`` ``[b, n]`` (ISAAC eq. 14, S.8c);
+* ``G = g_bar^T g_bar`` with the output-side roots ``g_bar`` ``[r * b, m]``: the
+  sqrt factors of the output curvature at the layer output (ISAAC eq. 14 up to
+  the loss reduction, which hbpkit keeps inside ``g_bar``).
+
+Rows, for an input ``[N, *, D]`` to ``Linear`` (``T`` positions) or ``[N, C_in,
+*in]`` to a convolution (``P`` output positions, ``a``'s rows the unfolded
+patches ``u_{n,p}`` of eq. S.14), following ``kfac_approx``:
+
+* ``"expand"``: one row per sample and position, ``b = N T`` (or ``N P``);
+  ``a[(n, t)] = x_{n,t}`` and ``g_bar[(v, n, t)] = s_{v,n,t}``;
+* ``"reduce"``: one row per sample, ``b = N``; ``a[n] = mean_t x_{n,t}`` and
+  ``g_bar[(v, n)] = sum_t s_{v,n,t}``.
+
+Multiplied out, these are exactly the factors of ``hbpkit/modules/linear.py`` and
+``hbpkit/modules/conv.py`` for the same sqrt factors. The same row maps applied
+to the gradient at the layer output (``grad_output``) give ``g`` ``[b, m]`` with
+``g^T a = grad_W`` for ``"expand"`` (for ``"reduce"`` with ``T > 1`` that sum is
+not the gradient). A bias column (a trailing 1 in every row of ``a``) folds the
+bias into the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hbpkit.calls import ModuleCall
+from hbpkit.modules.conv import ConvRules
+from hbpkit.modules.linear import LinearRules
+from hbpkit.modules.losses import _scale
+
+#: losses whose reduction factor is per element (else per sample), see ``modules/losses.py``
+_PER_ELEMENT = (nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+def _with_bias_column(a: Tensor) -> Tensor:
+    """``[b, n] -> [b, n + 1]``: a trailing 1 per row (the bias folded into the weight)."""
+    return torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+
+
+def _rows(t: Tensor, approx: str) -> Tensor:
+    """``[*lead, N, T, m] -> [prod(lead) * N * T, m]`` (expand) or ``[prod(lead) * N, m]``."""
+    if approx == "reduce":
+        t = t.sum(-2)
+    return t.reshape(-1, t.shape[-1])
+
+
+def reduction_scale(call: ModuleCall) -> float:
+    """The loss's reduction factor ``c`` (``L = c sum_n l_n``): ``1/N``, ``1/numel`` or ``1``.
+
+    The empirical roots are ``g_bar = g / sqrt(c)``: the per-sample output gradients of
+    ``L`` are ``g_n = c dl_n/dz_n``, and ``c sum_n (dl_n/dz)(dl_n/dz)^T = g^T g / c``.
+    """
+    module = call.module
+    if not isinstance(module, (*_PER_ELEMENT, nn.CrossEntropyLoss)):
+        raise NotImplementedError(
+            f"empirical Kronecker roots need the reduction factor of {type(module).__name__}; "
+            "supported: MSELoss, CrossEntropyLoss, BCEWithLogitsLoss"
+        )
+    return _scale(call, per_element=isinstance(module, _PER_ELEMENT))
+
+
+class LinearRootRules(LinearRules):
+    """Kronecker roots of ``nn.Linear`` on ``[N, *, D_in]`` (S.8c, one row per position)."""
+
+    def positions(self, call: ModuleCall) -> int:
+        """``T``, the positions that share the weight (1 for a ``[N, D_in]`` input)."""
+        return self._x(call).shape[1]
+
+    def input_root(self, call: ModuleCall, approx: str, bias_column: bool = False) -> Tensor:
+        """``a``: ``[N T, D_in]`` (expand) or ``[N, D_in]`` (reduce), ``A = a^T a / b``."""
+        x = self._x(call)  # [N, T, D_in]
+        a = x.mean(1) if approx == "reduce" else x.reshape(-1, x.shape[-1])
+        return _with_bias_column(a) if bias_column else a
+
+    def output_rows(self, call: ModuleCall, t: Tensor, lead: int, approx: str) -> Tensor:
+        """``[*lead, N, *, D_out] -> [rows, D_out]``: rows ``(*lead, n, t)`` or ``(*lead, n)``."""
+        t = t.reshape(*t.shape[: lead + 1], -1, t.shape[-1])  # [*lead, N, T, D_out]
+        return _rows(t, approx)
+
+
+class ConvRootRules(ConvRules):
+    """Kronecker roots of ``nn.Conv1d/2d/3d`` with ``groups=1`` (eq. S.14, one row per patch)."""
+
+    def validate(self, call: ModuleCall) -> None:
+        super().validate(call)
+        if call.module.groups != 1:
+            raise NotImplementedError(
+                f"Kronecker roots of {call.module} (groups={call.module.groups}) are not "
+                "supported: a grouped convolution has one input factor per group"
+            )
+
+    def positions(self, call: ModuleCall) -> int:
+        """``P``, the output positions that share the kernel."""
+        return self.unfold(call).shape[2]
+
+    def input_root(self, call: ModuleCall, approx: str, bias_column: bool = False) -> Tensor:
+        """``a``: the patches ``[N P, C_in prod(k)]`` (expand) or their means ``[N, ...]``."""
+        u = self.unfold(call)  # [N, S, P]
+        a = u.mean(2) if approx == "reduce" else u.transpose(1, 2).reshape(-1, u.shape[1])
+        return _with_bias_column(a) if bias_column else a
+
+    def output_rows(self, call: ModuleCall, t: Tensor, lead: int, approx: str) -> Tensor:
+        """``[*lead, N, C_out, *out] -> [rows, C_out]``, rows ``(*lead, n, p)`` / ``(*lead, n)``."""
+        t = t.flatten(lead + 2).transpose(-1, -2)  # [*lead, N, P, C_out]
+        return _rows(t, approx)
+
+
+LINEAR_ROOTS = LinearRootRules()
+CONV_ROOTS = ConvRootRules()
+
+#: module types whose Kronecker roots hbpkit knows, and their rules
+ROOT_RULES: dict[type, LinearRootRules | ConvRootRules] = {
+    nn.Linear: LINEAR_ROOTS,
+    nn.Conv1d: CONV_ROOTS,
+    nn.Conv2d: CONV_ROOTS,
+    nn.Conv3d: CONV_ROOTS,
+}
