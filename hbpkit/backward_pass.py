@@ -25,6 +25,8 @@ from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.extensions.base import Extension
 from hbpkit.extensions.messages import AverageMessage, SqrtMessage
 from hbpkit.modules.base import LossRules
+from hbpkit.modules.budget import DIAGONAL_ADVICE, check_dense_budget
+from hbpkit.modules.local_factor import accepts_local, parent_accepts_local
 
 
 class BackwardState:
@@ -149,16 +151,36 @@ class BackwardPass:
                     )
 
     def _check_budgets(self) -> None:
-        """Let every module refuse up front what it would densify (see ``modules/budget.py``)."""
+        """Let every module refuse up front what it would densify (see ``modules/budget.py``).
+
+        A diagonal residual factor that enters a module taking local factors
+        (``modules/local_factor.py``) is not densified there: its columns are counted
+        and checked as a dense factor where the next module takes no local factors.
+        """
         keys = [e.message for e in self.second_order]
         averaged = any(isinstance(k, AverageMessage) for k in keys)
         residuals = any(isinstance(k, SqrtMessage) and k.curvature != "ggn" for k in keys)
         diagonal = False  # do diagonal residual factors arrive at this call's output?
+        local_columns = 0  # columns of local factors arriving at this call's output
         for i, call in enumerate(self.chain[1:], start=1):
             if not self._upstream[i]:
                 break
             rules = SECOND_ORDER.lookup(call.module)
-            rules.check_budget(call, averaged, diagonal)
+            local = accepts_local(rules, call) and parent_accepts_local(call)
+            rules.check_budget(call, averaged, diagonal and not local)
+            if diagonal and local and not rules.keeps_diagonal:
+                local_columns += call.output_shape[1:].numel()
+            if local_columns and not local and accepts_local(rules, call):
+                x = call.inputs[0]
+                check_dense_budget(
+                    call,
+                    (local_columns, *x.shape),
+                    x.dtype,
+                    "Densifying local curvature factors",
+                    DIAGONAL_ADVICE,
+                )
+            if not local:
+                local_columns = 0
             if residuals and not rules.linear_in_input:
                 diagonal = True
             elif not rules.keeps_diagonal:
