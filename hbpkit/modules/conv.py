@@ -440,9 +440,9 @@ class ConvRules(_ConvBase):
             chunk.values.shape[0], u.shape[3], u.shape[0], G, -1, u.shape[-1]
         )  # [C_j, A, N, G, C_out/G, P]
         JtV = einsum(v, u, "j a n g o p, n g s a p -> j a n g o s")
-        sq = JtV.square()
+        sq = JtV.square_()  # entries outside the output map meet zeros of the windowed input
         if chunk.sign is not None:
-            sq = sq * chunk.sign.reshape(*v.shape[:3], 1, 1, 1)
+            sq = sq.mul_(chunk.sign.reshape(*v.shape[:3], 1, 1, 1))
         return sq.sum((0, 1, 2)).reshape(call.module.weight.shape)
 
     def _conv_padding(self, call: ModuleCall) -> tuple[int, ...]:

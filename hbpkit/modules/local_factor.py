@@ -117,10 +117,10 @@ class LocalGeometry(NamedTuple):
         return mask
 
 
-def windows(t: Tensor, geom: LocalGeometry) -> Tensor:
+def windows(t: Tensor, geom: LocalGeometry, fill: float = 0) -> Tensor:
     """The patches of ``t`` ``[B, C, *size]`` at every anchor, ``[B, C, *A, *patch]``.
 
-    Positions outside ``[0, size)`` read zero. A strided view where no padding is needed.
+    Positions outside ``[0, size)`` read ``fill``. A strided view where no padding is needed.
     """
     pad, starts = [], []
     for A, s, o, p, n in zip(geom.anchors, geom.stride, geom.offset, geom.patch, geom.size):
@@ -129,7 +129,7 @@ def windows(t: Tensor, geom: LocalGeometry) -> Tensor:
         pad.append((lo, hi))
         starts.append(o + lo)
     if any(lo or hi for lo, hi in pad):
-        t = F.pad(t, [x for side in reversed(pad) for x in side])
+        t = F.pad(t, [x for side in reversed(pad) for x in side], value=fill)
     for i, (A, s, p, start) in enumerate(zip(geom.anchors, geom.stride, geom.patch, starts)):
         t = t.narrow(2 + i, start, (A - 1) * s + p).unfold(2 + i, p, s)
     return t  # unfold appends the patch axes after the anchor axes: [B, C, *A, *patch]
@@ -142,6 +142,8 @@ class LocalValues:
     values: Tensor
     sign: Tensor | None
     geom: LocalGeometry
+    #: whether the entries outside the feature map are known to be zero (see :meth:`mask`)
+    masked: bool = True
 
     @property
     def batch(self) -> int:
@@ -152,27 +154,36 @@ class LocalValues:
         d = len(self.geom.size)
         return self.values.reshape(-1, *self.values.shape[-d - 1 :])
 
-    def from_flat(self, flat: Tensor, geom: LocalGeometry) -> LocalValues:
+    def from_flat(self, flat: Tensor, geom: LocalGeometry, masked: bool) -> LocalValues:
         """New values ``[C_j * prod(A) * N, C', *patch']`` with the same columns."""
         lead = self.values.shape[: 2 + len(self.geom.anchors)]
-        return LocalValues(flat.reshape(*lead, *flat.shape[1:]), self.sign, geom)
+        return LocalValues(flat.reshape(*lead, *flat.shape[1:]), self.sign, geom, masked)
 
     def tidy(self) -> LocalValues:
-        """Crop one-anchor dimensions to the map and zero the entries outside it."""
+        """Crop one-anchor dimensions to the feature map (a view)."""
         geom, crop = self.geom.tidy()
-        values = self.values[(..., *crop)]
-        mask = geom.valid(values.device)
-        if mask is not None:
-            d, A = len(geom.size), len(geom.anchors)
-            mask = mask.reshape(*mask.shape[:A], 1, 1, *mask.shape[A:])
-            values = values * mask.to(values.dtype)
-        return LocalValues(values, self.sign, geom)
+        return LocalValues(self.values[(..., *crop)], self.sign, geom, self.masked)
+
+    def mask(self) -> LocalValues:
+        """The same columns with the entries outside the feature map set to zero.
+
+        Steps and consumers that read those entries call it; most steps make them
+        zero anyway (a scale by zero-padded derivatives, a selection), so it is lazy.
+        """
+        if self.masked:
+            return self
+        valid = self.geom.valid(self.values.device)
+        if valid is None:
+            return LocalValues(self.values, self.sign, self.geom)
+        A = len(self.geom.anchors)
+        valid = valid.reshape(*valid.shape[:A], 1, 1, *valid.shape[A:])
+        return LocalValues(self.values * valid.to(self.values.dtype), self.sign, self.geom)
 
     def columns(self) -> SqrtFactor:
-        """The columns on their patches, ``[C_j * prod(A), N, C, *patch]`` (no copy)."""
-        A = len(self.geom.anchors)
+        """The columns on their patches, ``[C_j * prod(A), N, C, *patch]``, zero outside the map."""
+        masked, A = self.mask(), len(self.geom.anchors)
         sign = None if self.sign is None else self.sign.flatten(0, A)
-        return SqrtFactor(self.values.flatten(0, A), sign)
+        return SqrtFactor(masked.values.flatten(0, A), sign)
 
     def to_sqrt(self) -> SqrtFactor:
         """The dense :class:`SqrtFactor` ``[C_j * prod(A), N, C, *size]`` of these columns."""
@@ -221,7 +232,7 @@ class ScaleStep(LocalStep):
         w = windows(self.d, chunk.geom)  # [N, C, *A, *patch]
         A = len(chunk.geom.anchors)
         order = [*range(2, 2 + A), 0, 1, *range(2 + A, w.dim())]
-        return LocalValues(chunk.values * w.permute(order), chunk.sign, chunk.geom)
+        return LocalValues(chunk.values * w.permute(order), chunk.sign, chunk.geom, True)
 
 
 class ShiftStep(LocalStep):
@@ -235,7 +246,7 @@ class ShiftStep(LocalStep):
         return geom._replace(offset=offset, size=self.size)
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
-        return LocalValues(chunk.values, chunk.sign, self.geometry(chunk.geom))
+        return LocalValues(chunk.values, chunk.sign, self.geometry(chunk.geom), False)
 
 
 class ConvTransposeStep(LocalStep):
@@ -266,10 +277,11 @@ class ConvTransposeStep(LocalStep):
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
         conv_t = _CONV_TRANSPOSE[len(self.size)]
+        chunk = chunk.mask()  # entries outside the output map must not spread
         out = conv_t(
             chunk.flat(), self.weight, None, self.stride, 0, 0, self.groups, self.dilation
         )
-        return chunk.from_flat(out, self.geometry(chunk.geom))
+        return chunk.from_flat(out, self.geometry(chunk.geom), False)
 
 
 class SelectStep(LocalStep):
@@ -296,27 +308,27 @@ class SelectStep(LocalStep):
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
         geom, new = chunk.geom, self.geometry(chunk.geom)
-        d, A = len(self.size), len(geom.anchors)
-        idx = windows(self.index, geom)  # [N, C, *A, *patch], flat input positions
+        P_new = math.prod(new.patch)
+        # flat input positions; -1 outside the output map (those entries go to a dropped slot)
+        idx = windows(self.index, geom, fill=-1)  # [N, C, *A, *patch]
         local = torch.zeros_like(idx)
         rest = math.prod(self.size)
-        for i in range(d):  # the input coordinate relative to the new patch start
+        for i in range(len(self.size)):  # the input coordinate relative to the new patch start
             rest //= self.size[i]
             coord = (idx // rest) % self.size[i]
             anchor = torch.arange(geom.anchors[i], device=idx.device) * new.stride[i] + new.offset[i]
             shape = [1] * idx.dim()
             shape[2 + i] = geom.anchors[i]
-            rel = (coord - anchor.reshape(shape)).clamp(0, new.patch[i] - 1)
-            local = local * new.patch[i] + rel
-        local = rearrange(local, "n c ... -> n c (...)").flatten(2)  # [N, C, A * P_old]
+            local = local * new.patch[i] + (coord - anchor.reshape(shape))
+        local = local.masked_fill_(idx < 0, P_new)
         Aprod, P_old = math.prod(geom.anchors), math.prod(geom.patch)
         local = local.reshape(*local.shape[:2], Aprod, P_old).permute(2, 0, 1, 3)
         Cj = chunk.values.shape[0]
         vals = chunk.values.reshape(Cj, Aprod, *local.shape[1:])  # [C_j, A, N, C, P_old]
-        out = vals.new_zeros(*vals.shape[:-1], math.prod(new.patch))
+        out = vals.new_zeros(*vals.shape[:-1], P_new + 1)
         out.scatter_add_(-1, local.unsqueeze(0).expand_as(vals), vals)
-        values = out.reshape(Cj, *geom.anchors, *vals.shape[2:4], *new.patch)
-        return LocalValues(values, chunk.sign, new)
+        values = out[..., :P_new].reshape(Cj, *geom.anchors, *vals.shape[2:4], *new.patch)
+        return LocalValues(values, chunk.sign, new, True)
 
 
 def _column_chunks(total: int, per_column: int, max_bytes: int, itemsize: int) -> int:
@@ -465,7 +477,7 @@ def _split(src, cols: int) -> Iterator[LocalValues]:
             else:
                 values = src.values[c : c + nc, r : r + nr]
                 sign = None if src.sign is None else src.sign[c : c + nc, r : r + nr]
-                yield LocalValues(values, sign, g)
+                yield LocalValues(values, sign, g, src.masked)
 
 
 def _diagonal_chunk(src: DiagonalFactor, c: int, nc: int, r: int, nr: int, geom) -> LocalValues:
