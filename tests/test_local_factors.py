@@ -124,7 +124,9 @@ def test_diag_hessian_local_equals_dense_and_autograd(case, monkeypatch):
     y = torch.tensor([0, 2, 1])
     params = list(model.parameters())
     H = ref.hessian(nn.CrossEntropyLoss()(model(X), y), params)
-    expected = [block.diagonal().reshape(p.shape) for p, block in zip(params, ref.blocks(H, params))]
+    expected = [
+        block.diagonal().reshape(p.shape) for p, block in zip(params, ref.blocks(H, params))
+    ]
     dense = _run(model, X, y, [DiagHessian()], False, 2**28, 2**27, monkeypatch)["diag_h"]
     for a, b in zip(dense, expected):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
@@ -133,7 +135,9 @@ def test_diag_hessian_local_equals_dense_and_autograd(case, monkeypatch):
         local = _run(model, X, y, [DiagHessian()], True, store, chunk, monkeypatch)["diag_h"]
         assert steps[0] > 0, "the local path was not taken"
         for a, b in zip(local, expected):
-            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{path}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=RTOL, atol=ATOL, msg=lambda m, path=path: f"{path}: {m}"
+            )
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "pch-abs"])

@@ -432,7 +432,7 @@ class ConvRules(_ConvBase):
         if name == "bias":
             per_sample = columns.S.flatten(3).sum(3)  # [J, N, C_out]
             return SqrtFactor(per_sample, columns.sign).signed_square().sum((0, 1))
-        d, G = self._dims(call), call.module.groups
+        G = call.module.groups
         u = self.unfold(call)
         u = windows(u.reshape(*u.shape[:2], *call.output_shape[2:]), chunk.geom)
         u = u.reshape(u.shape[0], G, -1, math.prod(chunk.geom.anchors), math.prod(chunk.geom.patch))

@@ -137,7 +137,10 @@ def windows(t: Tensor, geom: LocalGeometry, fill: float = 0) -> Tensor:
 
 @dataclass
 class LocalValues:
-    """Materialised local columns: ``values`` ``[C_j, *A, N, C, *patch]``, ``sign`` ``[C_j, *A, N]``."""
+    """Materialised local columns.
+
+    ``values`` ``[C_j, *A, N, C, *patch]``, ``sign`` ``[C_j, *A, N]`` (or ``None``: all +1).
+    """
 
     values: Tensor
     sign: Tensor | None
@@ -192,7 +195,10 @@ class LocalValues:
         if geom.is_dense():
             return SqrtFactor(self.values.flatten(0, A), sign)
         lo = [max(0, -o) for o in geom.offset]
-        ends = [(a - 1) * s + o + p for a, s, o, p in zip(geom.anchors, geom.stride, geom.offset, geom.patch)]
+        ends = [
+            (a - 1) * s + o + p
+            for a, s, o, p in zip(geom.anchors, geom.stride, geom.offset, geom.patch)
+        ]
         hi = [max(0, e - n) for e, n in zip(ends, geom.size)]
         lead = self.values.shape[: A + 1 + 2]  # C_j, *A, N, C
         padded = [n + a + b for n, a, b in zip(geom.size, lo, hi)]
@@ -220,7 +226,7 @@ class LocalStep:
 
 
 class ScaleStep(LocalStep):
-    """``J^T = diag(d_n)`` (elementwise modules): multiply by ``d`` ``[N, C, *size]`` on the patches."""
+    """``J^T = diag(d_n)`` (elementwise modules, S.9): multiply by ``d`` ``[N, C, *size]``."""
 
     def __init__(self, d: Tensor) -> None:
         self.d = d
@@ -278,9 +284,7 @@ class ConvTransposeStep(LocalStep):
     def __call__(self, chunk: LocalValues) -> LocalValues:
         conv_t = _CONV_TRANSPOSE[len(self.size)]
         chunk = chunk.mask()  # entries outside the output map must not spread
-        out = conv_t(
-            chunk.flat(), self.weight, None, self.stride, 0, 0, self.groups, self.dilation
-        )
+        out = conv_t(chunk.flat(), self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
         return chunk.from_flat(out, self.geometry(chunk.geom), False)
 
 
@@ -316,7 +320,9 @@ class SelectStep(LocalStep):
         for i in range(len(self.size)):  # the input coordinate relative to the new patch start
             rest //= self.size[i]
             coord = (idx // rest) % self.size[i]
-            anchor = torch.arange(geom.anchors[i], device=idx.device) * new.stride[i] + new.offset[i]
+            anchor = (
+                torch.arange(geom.anchors[i], device=idx.device) * new.stride[i] + new.offset[i]
+            )
             shape = [1] * idx.dim()
             shape[2 + i] = geom.anchors[i]
             local = local * new.patch[i] + (coord - anchor.reshape(shape))
@@ -359,8 +365,10 @@ class LocalFactor:
     @property
     def batch(self) -> int:
         src = self.source
-        return src.s.shape[0] if isinstance(src, DiagonalFactor) else (
-            src.S.shape[1] if isinstance(src, SqrtFactor) else src.batch
+        return (
+            src.s.shape[0]
+            if isinstance(src, DiagonalFactor)
+            else (src.S.shape[1] if isinstance(src, SqrtFactor) else src.batch)
         )
 
     @property
@@ -375,8 +383,10 @@ class LocalFactor:
     @property
     def dtype(self) -> torch.dtype:
         src = self.source
-        t = src.s if isinstance(src, DiagonalFactor) else (
-            src.S if isinstance(src, SqrtFactor) else src.values
+        t = (
+            src.s
+            if isinstance(src, DiagonalFactor)
+            else (src.S if isinstance(src, SqrtFactor) else src.values)
         )
         return t.dtype
 
@@ -420,13 +430,18 @@ class LocalFactor:
         ``call`` is the module whose input the columns live on (for the error message).
         """
         shape = (self.columns, self.batch, self.geom.channels, *self.geom.size)
-        check_dense_budget(call, shape, self.dtype, "Densifying local curvature factors", DIAGONAL_ADVICE)
+        check_dense_budget(
+            call, shape, self.dtype, "Densifying local curvature factors", DIAGONAL_ADVICE
+        )
         parts = [c.to_sqrt() for c in self.chunks()]
         S = torch.cat([p.S for p in parts])
         signs = [p.sign for p in parts]
         if all(s is None for s in signs):
             return SqrtFactor(S)
-        signs = [torch.ones(p.S.shape[:2], dtype=S.dtype) if s is None else s for p, s in zip(parts, signs)]
+        signs = [
+            torch.ones(p.S.shape[:2], dtype=S.dtype) if s is None else s
+            for p, s in zip(parts, signs)
+        ]
         return SqrtFactor(S, torch.cat(signs))
 
 
@@ -530,7 +545,10 @@ def jac_t_local(rules, call: ModuleCall, factor) -> LocalFactor | SqrtFactor | N
             return None
     else:
         in_numel = call.inputs[0][0].numel()
-        if factor.S.shape[0] * factor.S.shape[1] * in_numel * factor.S.element_size() <= STORE_BYTES:
+        if (
+            factor.S.shape[0] * factor.S.shape[1] * in_numel * factor.S.element_size()
+            <= STORE_BYTES
+        ):
             return None
     return finish(LocalFactor(factor).then(rules.local_step(call)), call)
 

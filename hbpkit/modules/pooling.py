@@ -186,7 +186,9 @@ class AvgPoolRules(_AutogradLinearMapRules):
         m = call.module
         return (
             call.inputs[0].dim() == self.d + 2
-            and not isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
+            and not isinstance(
+                m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+            )
             and not m.ceil_mode
             and getattr(m, "divisor_override", None) is None
             and (m.count_include_pad or not any(_tuple(m.padding, self.d)))
