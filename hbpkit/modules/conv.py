@@ -354,12 +354,7 @@ class _ConvBase(ModuleRules):
         result = 0
         for f in factors:
             if isinstance(f, LocalFactor):
-                consumer = self._column_numel(call) if name == "weight" else 0
-                for chunk in f.chunks(consumer_numel=consumer):
-                    if chunk.geom.is_dense():
-                        result = result + self.param_diag(call, name, [chunk.to_sqrt()])
-                    else:
-                        result = result + self._param_diag_local(call, name, chunk)
+                result = result + self._param_diags_local(call, f)[name]
                 continue
             if isinstance(f, DiagonalFactor):
                 d = f.signed_square()  # [N, C_out, *out]
@@ -387,6 +382,25 @@ class _ConvBase(ModuleRules):
                 diag = SqrtFactor(JtS, sign).signed_square().sum((0, 1))
                 result = result + diag.reshape(shape)
         return result
+
+    def _param_diags_local(self, call: ModuleCall, f: LocalFactor) -> dict[str, Tensor]:
+        """``param_diag`` of every parameter from one pass over the chunks of ``f`` (cached).
+
+        A lazy factor recomputes its pending steps per chunk: one pass serves weight and bias.
+        """
+        key = ("conv_local_diag", id(f))  # f lives in the message during this call's hook
+        if key not in call.cache:
+            names = self.param_names(call.module)
+            diags = dict.fromkeys(names, 0)
+            for chunk in f.chunks(consumer_numel=self._column_numel(call)):
+                for name in names:
+                    if chunk.geom.is_dense():
+                        diag = self.param_diag(call, name, [chunk.to_sqrt()])
+                    else:
+                        diag = self._param_diag_local(call, name, chunk)
+                    diags[name] = diags[name] + diag
+            call.cache[key] = diags
+        return call.cache[key]
 
     def _param_diag_local(self, call: ModuleCall, name: str, chunk: LocalValues) -> Tensor:
         """``param_diag`` of local columns ``[C_j, *A, N, C_out, *patch]`` (see ConvRules)."""
@@ -606,8 +620,11 @@ class ConvRules(_ConvBase):
         G = 0
         for f in factors:
             if isinstance(f, LocalFactor):  # the columns on their patches: zero elsewhere
-                for chunk in f.chunks():
-                    G = G + self._output_factor(chunk.columns(), approx)
+                key = ("conv_local_G", id(f), approx)  # one pass for weight and bias
+                if key not in call.cache:
+                    chunks = f.chunks()
+                    call.cache[key] = sum(self._output_factor(c.columns(), approx) for c in chunks)
+                G = G + call.cache[key]
                 continue
             if isinstance(f, DiagonalFactor):
                 # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
