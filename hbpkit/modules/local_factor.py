@@ -457,7 +457,8 @@ def _source_geometry(src) -> LocalGeometry:
 
 
 def _split(src, cols: int) -> Iterator[LocalValues]:
-    """Chunks of at most ``cols`` columns (anchor rows outermost, then channels)."""
+    """Chunks of about ``cols`` columns (anchor rows outermost, then channels; at least
+    one channel of one row of anchors)."""
     if isinstance(src, SqrtFactor):
         S, V = src.S, src.S.shape[0]
         geom = _source_geometry(src)
@@ -474,12 +475,12 @@ def _split(src, cols: int) -> Iterator[LocalValues]:
         Cj = geom.channels
     else:
         Cj = src.values.shape[0]
+    # as many channels as possible per chunk: the consumers' products are batched over
+    # anchors and samples, with the channels in the matrix dimension
     A = geom.anchors
-    per_channel = math.prod(A)
-    if cols >= per_channel:
-        rows, channels = A[0], min(Cj, cols // per_channel)
-    else:
-        rows, channels = max(1, cols // math.prod(A[1:])), 1
+    per_row = math.prod(A[1:])
+    channels = min(Cj, max(1, cols // per_row))
+    rows = min(A[0], max(1, cols // (channels * per_row)))
     for r in range(0, A[0], rows):
         nr = min(rows, A[0] - r)
         g = geom._replace(
