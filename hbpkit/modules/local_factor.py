@@ -364,15 +364,15 @@ class LocalFactor:
 
     @property
     def batch(self) -> int:
+        """``N``."""
         src = self.source
-        return (
-            src.s.shape[0]
-            if isinstance(src, DiagonalFactor)
-            else (src.S.shape[1] if isinstance(src, SqrtFactor) else src.batch)
-        )
+        if isinstance(src, LocalValues):
+            return src.batch
+        return src.s.shape[0] if isinstance(src, DiagonalFactor) else src.S.shape[1]
 
     @property
     def columns(self) -> int:
+        """``J``, the number of columns (``C_j * prod(A)``, or ``V`` of a dense source)."""
         src = self.source
         if isinstance(src, DiagonalFactor):
             return src.s[0].numel()
@@ -383,19 +383,13 @@ class LocalFactor:
     @property
     def dtype(self) -> torch.dtype:
         src = self.source
-        t = (
-            src.s
-            if isinstance(src, DiagonalFactor)
-            else (src.S if isinstance(src, SqrtFactor) else src.values)
-        )
-        return t.dtype
+        if isinstance(src, LocalValues):
+            return src.values.dtype
+        return src.s.dtype if isinstance(src, DiagonalFactor) else src.S.dtype
 
     def max_column_numel(self) -> int:
+        """The largest ``C * prod(patch)`` along the steps (sizes the chunks)."""
         return max(g.column_numel for g in self.geoms)
-
-    def nbytes(self) -> int:
-        """Bytes of all columns materialised after the steps."""
-        return self.columns * self.batch * self.geom.column_numel * self.dtype.itemsize
 
     def then(self, step: LocalStep) -> LocalFactor:
         """This factor followed by ``step``; materialised if it fits :data:`STORE_BYTES`."""
@@ -439,7 +433,7 @@ class LocalFactor:
         if all(s is None for s in signs):
             return SqrtFactor(S)
         signs = [
-            torch.ones(p.S.shape[:2], dtype=S.dtype) if s is None else s
+            torch.ones(p.S.shape[:2], dtype=S.dtype, device=S.device) if s is None else s
             for p, s in zip(parts, signs)
         ]
         return SqrtFactor(S, torch.cat(signs))
