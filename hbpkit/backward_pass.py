@@ -27,6 +27,8 @@ from hbpkit.extensions.base import Extension
 from hbpkit.extensions.messages import AverageMessage, SqrtMessage
 from hbpkit.graph import CallGraph, followed_inputs
 from hbpkit.modules.base import LossRules
+from hbpkit.modules.budget import DIAGONAL_ADVICE, check_dense_budget
+from hbpkit.modules.local_factor import accepts_local, parent_accepts_local
 
 
 class BackwardState:
@@ -192,6 +194,10 @@ class BackwardPass:
         matrix exceeds the budget (``modules/position_blocks.py``); every module
         towards the input must then handle blocks exactly, and weights that receive
         them must take their Kronecker factors from blocks (``expand`` only).
+
+        A diagonal residual factor that enters a module taking local factors
+        (``modules/local_factor.py``) is not densified there: its columns are counted
+        and checked as a dense factor where the next module takes no local factors.
         """
         keys = [e.message for e in self.second_order]
         averaged = any(isinstance(k, AverageMessage) for k in keys)
@@ -201,9 +207,11 @@ class BackwardPass:
             if isinstance(e.message, AverageMessage) and getattr(e, "kfac_approx", "") == "reduce"
         ]
         residuals = any(isinstance(k, SqrtMessage) and k.curvature != "ggn" for k in keys)
-        # do diagonal residual factors / position blocks arrive at a call's output?
+        # what arrives at a call's output: diagonal residual factors, position blocks,
+        # and the columns of local factors
         diagonal_out: dict[int, bool] = {}
         blocks_out: dict[int, bool] = {}
+        columns_out: dict[int, int] = {}
         for call in self.graph.order[1:]:
             rules = SECOND_ORDER.lookup(call.module)
             blocks = blocks_out.get(id(call), False)
@@ -224,7 +232,22 @@ class BackwardPass:
                     rules.check_blocks(call, from_blocks=True)
                 elif rules.ea_needs_blocks(call):
                     blocks = True
-            rules.check_budget(call, averaged and not blocks, diagonal)
+            local = accepts_local(rules, call) and parent_accepts_local(call)
+            rules.check_budget(call, averaged and not blocks, diagonal and not local)
+            local_columns = columns_out.get(id(call), 0)
+            if diagonal and local and not rules.keeps_diagonal:
+                local_columns += call.output_shape[1:].numel()
+            if local_columns and not local and accepts_local(rules, call):
+                x = call.inputs[0]
+                check_dense_budget(
+                    call,
+                    (local_columns, *x.shape),
+                    x.dtype,
+                    "Densifying local curvature factors",
+                    DIAGONAL_ADVICE,
+                )
+            if not local:
+                local_columns = 0
             if residuals and not rules.linear_in_input:
                 diagonal = True
             elif not rules.keeps_diagonal:
@@ -232,6 +255,7 @@ class BackwardPass:
             for parent in self.graph.parents[id(call)]:
                 diagonal_out[id(parent)] = diagonal_out.get(id(parent), False) or diagonal
                 blocks_out[id(parent)] = blocks
+                columns_out[id(parent)] = columns_out.get(id(parent), 0) + local_columns
 
     def _check_call(self, call: ModuleCall, times_called: int) -> None:
         module = call.module

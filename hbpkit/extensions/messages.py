@@ -35,6 +35,7 @@ from hbpkit.calls import ModuleCall
 from hbpkit.extensions.graph_average import DagAverageMessage
 from hbpkit.extensions.graph_curvature import DagProductMessage
 from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.local_factor import LocalFactor
 from hbpkit.modules.position_blocks import PositionBlocks
 
 ProductRules = ModuleRules | LossRules
@@ -67,7 +68,9 @@ def add_factors(a: Factor, b: Factor, where: ModuleCall) -> Factor:
     """The factor of the summed Jacobians: ``(J_a + J_b)^T S`` from ``J_a^T S`` and ``J_b^T S``.
 
     Both come from one origin along two paths, so their columns (and signs) match.
+    Local factors (``modules/local_factor.py``) are made dense first.
     """
+    a, b = (f.to_dense(where) if isinstance(f, LocalFactor) else f for f in (a, b))
     if isinstance(a, DiagonalFactor) and isinstance(b, DiagonalFactor):
         if a.s.shape == b.s.shape and _same_sign(a.sign, b.sign):
             return DiagonalFactor(a.s + b.s, a.sign)

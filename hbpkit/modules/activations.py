@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import ModuleRules
+from hbpkit.modules.local_factor import LocalStep, ScaleStep, ShiftStep
 from hbpkit.modules.position_blocks import PositionBlocks
 
 Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
@@ -76,6 +77,13 @@ class ElementwiseRules(ModuleRules):
 
     jac_mat_prod = jac_t_mat_prod
 
+    # local columns (feature maps [N, C, *spatial]): multiply by phi' on every patch
+    def supports_local(self, call: ModuleCall) -> bool:
+        return call.inputs[0].dim() >= 3
+
+    def local_step(self, call: ModuleCall) -> LocalStep:
+        return ScaleStep(self._d(call)[0])
+
     # residual of eq. S.9: diag[phi''(x) * dz]
     def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
         if self.linear_in_input:
@@ -111,6 +119,13 @@ class IdentityRules(ModuleRules):
         return mat
 
     jac_mat_prod = jac_t_mat_prod
+
+    def supports_local(self, call: ModuleCall) -> bool:
+        return call.inputs[0].dim() >= 3
+
+    def local_step(self, call: ModuleCall) -> LocalStep:
+        size = tuple(call.inputs[0].shape[2:])
+        return ShiftStep((0,) * len(size), size)
 
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         return mat

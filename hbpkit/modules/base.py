@@ -72,7 +72,7 @@ class DiagonalFactor(NamedTuple):
         return SqrtFactor(S, sign)
 
 
-Factor = SqrtFactor | DiagonalFactor
+Factor = SqrtFactor | DiagonalFactor  # and LocalFactor (hbpkit/modules/local_factor.py)
 
 
 def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
@@ -176,6 +176,20 @@ class ModuleRules:
         to densify.
         """
 
+    def supports_local(self, call: ModuleCall) -> bool:
+        """Whether :meth:`local_step` backpropagates local factors through ``call``.
+
+        Rules that do (convolutions, pooling, padding, elementwise modules) may
+        receive a :class:`~hbpkit.modules.local_factor.LocalFactor` in
+        :meth:`jac_t_factor`, :meth:`param_diag` and :meth:`kron_from_sqrt`; all other
+        rules only ever see dense or diagonal factors.
+        """
+        return False
+
+    def local_step(self, call: ModuleCall):
+        """``J^T`` on local columns, a :class:`~hbpkit.modules.local_factor.LocalStep`."""
+        raise self._missing("local_step")
+
     # input derivatives ---------------------------------------------------------------
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[V, N, *out] -> [V, N, *in]``."""
@@ -187,6 +201,11 @@ class ModuleRules:
 
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         """Backpropagate a sqrt factor: ``S -> Dz(x)^T S`` (eq. 7 without residual)."""
+        from hbpkit.modules.local_factor import jac_t_local  # it builds on this file
+
+        local = jac_t_local(self, call, factor)
+        if local is not None:
+            return local
         if isinstance(factor, DiagonalFactor):
             if self.diagonal_jacobian:
                 s = self.jac_t_mat_prod(call, factor.s.unsqueeze(0)).squeeze(0)

@@ -80,6 +80,14 @@ from hbpkit.modules.base import (
     output_factor_from_average,
 )
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.local_factor import (
+    ConvTransposeStep,
+    LocalFactor,
+    LocalStep,
+    LocalValues,
+    jac_t_local,
+    windows,
+)
 from hbpkit.modules.position_blocks import PositionBlocks
 
 #: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
@@ -247,6 +255,9 @@ class _ConvBase(ModuleRules):
         transposed products of basis vectors) and scaled per sample. Refuses
         (:class:`DenseBudgetError`) if that exceeds the budget.
         """
+        local = jac_t_local(self, call, factor)
+        if local is not None:
+            return local
         if not isinstance(factor, DiagonalFactor):
             return super().jac_t_factor(call, factor)
         s = factor.s
@@ -343,6 +354,9 @@ class _ConvBase(ModuleRules):
         shape = call.module.weight.shape if name == "weight" else call.module.bias.shape
         result = 0
         for f in factors:
+            if isinstance(f, LocalFactor):
+                result = result + self._param_diags_local(call, f)[name]
+                continue
             if isinstance(f, DiagonalFactor):
                 d = f.signed_square()  # [N, C_out, *out]
                 if name == "bias":
@@ -370,6 +384,29 @@ class _ConvBase(ModuleRules):
                 result = result + diag.reshape(shape)
         return result
 
+    def _param_diags_local(self, call: ModuleCall, f: LocalFactor) -> dict[str, Tensor]:
+        """``param_diag`` of every parameter from one pass over the chunks of ``f`` (cached).
+
+        A lazy factor recomputes its pending steps per chunk: one pass serves weight and bias.
+        """
+        key = ("conv_local_diag", id(f))  # f lives in the message during this call's hook
+        if key not in call.cache:
+            names = self.param_names(call.module)
+            diags = dict.fromkeys(names, 0)
+            for chunk in f.chunks(consumer_numel=self._column_numel(call)):
+                for name in names:
+                    if chunk.geom.is_dense():
+                        diag = self.param_diag(call, name, [chunk.to_sqrt()])
+                    else:
+                        diag = self._param_diag_local(call, name, chunk)
+                    diags[name] = diags[name] + diag
+            call.cache[key] = diags
+        return call.cache[key]
+
+    def _param_diag_local(self, call: ModuleCall, name: str, chunk: LocalValues) -> Tensor:
+        """``param_diag`` of local columns ``[C_j, *A, N, C_out, *patch]`` (see ConvRules)."""
+        raise NotImplementedError
+
 
 class ConvRules(_ConvBase):
     """HBP rules of ``nn.Conv1d/2d/3d`` (supplement D.3/D.4, eq. S.13/S.14).
@@ -389,6 +426,41 @@ class ConvRules(_ConvBase):
         pad = [p for side in reversed(sides) for p in side]  # F.pad: last dimension first
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         return pad, mode
+
+    # local columns (modules/local_factor.py) ---------------------------------------------------
+    def supports_local(self, call: ModuleCall) -> bool:
+        return call.module.padding_mode == "zeros"
+
+    def local_step(self, call: ModuleCall) -> LocalStep:
+        """``J^T`` (D.4) on patches: a transposed convolution of each patch, no padding."""
+        m = call.module
+        left = [a for a, _ in _padding_sides(m)]
+        size = call.inputs[0].shape[2:]
+        return ConvTransposeStep(m.weight.detach(), m.stride, m.dilation, m.groups, left, size)
+
+    def _param_diag_local(self, call: ModuleCall, name: str, chunk: LocalValues) -> Tensor:
+        """``sum_{j,n} sign (J_p^T v_{j,n})^2`` for local columns ``v`` (D.4, S.14).
+
+        Column ``j`` of sample ``n`` lives on output positions ``start_j + o``; its weight
+        derivative is ``sum_o v[:, o] u[:, start_j + o]^T`` per group, with ``u`` the
+        unfolded input ``[[x_n]]`` ``[S, *out]`` read on the same patch (zero outside).
+        """
+        columns = chunk.columns()  # [J, N, C_out, *patch]
+        if name == "bias":
+            per_sample = columns.S.flatten(3).sum(3)  # [J, N, C_out]
+            return SqrtFactor(per_sample, columns.sign).signed_square().sum((0, 1))
+        G = call.module.groups
+        u = self.unfold(call)
+        u = windows(u.reshape(*u.shape[:2], *call.output_shape[2:]), chunk.geom)
+        u = u.reshape(u.shape[0], G, -1, math.prod(chunk.geom.anchors), math.prod(chunk.geom.patch))
+        v = chunk.values.reshape(
+            chunk.values.shape[0], u.shape[3], u.shape[0], G, -1, u.shape[-1]
+        )  # [C_j, A, N, G, C_out/G, P]
+        JtV = einsum(v, u, "j a n g o p, n g s a p -> j a n g o s")
+        sq = JtV.square_()  # entries outside the output map meet zeros of the windowed input
+        if chunk.sign is not None:
+            sq = sq.mul_(chunk.sign.reshape(*v.shape[:3], 1, 1, 1))
+        return sq.sum((0, 1, 2)).reshape(call.module.weight.shape)
 
     def _conv_padding(self, call: ModuleCall) -> tuple[int, ...]:
         """Zero padding of the convolution that follows the pre-padding."""
@@ -610,16 +682,26 @@ class ConvRules(_ConvBase):
         self._check_kron(call, name)
         G = 0
         for f in factors:
+            if isinstance(f, LocalFactor):  # the columns on their patches: zero elsewhere
+                key = ("conv_local_G", id(f), approx)  # one pass for weight and bias
+                if key not in call.cache:
+                    chunks = f.chunks()
+                    call.cache[key] = sum(self._output_factor(c.columns(), approx) for c in chunks)
+                G = G + call.cache[key]
+                continue
             if isinstance(f, DiagonalFactor):
                 # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
                 G = G + torch.diag(f.signed_square().flatten(2).sum((0, 2)))
                 continue
-            S, Ssigned = f.S.flatten(3), f.signed().flatten(3)  # [V, N, C_out, P]
-            if approx == "reduce":
-                G = G + einsum(Ssigned.sum(3), S.sum(3), "v n o, v n q -> o q")
-            else:
-                G = G + _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
+            G = G + self._output_factor(f, approx)
         return self._kron(call, name, G, approx)
+
+    def _output_factor(self, f: SqrtFactor, approx: str) -> Tensor:
+        """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce)."""
+        S, Ssigned = f.S.flatten(3), f.signed().flatten(3)  # [V, N, C_out, P]
+        if approx == "reduce":
+            return einsum(Ssigned.sum(3), S.sum(3), "v n o, v n q -> o q")
+        return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
 
     def kron_from_average(
         self, call: ModuleCall, name: str, mat: Tensor | PositionBlocks, approx: str

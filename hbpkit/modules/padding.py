@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules
+from hbpkit.modules.local_factor import LocalStep, ShiftStep
 from hbpkit.modules.pooling import _AutogradLinearMapRules, _LinearMapRules
 from hbpkit.modules.position_blocks import PositionBlocks
 
@@ -58,6 +59,16 @@ class ConstantPadRules(_PaddingMixin, _LinearMapRules):
     def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[V, N, *in] -> [V, N, *out]``: pad with zeros (and crop where the layer cropped)."""
         return self._jac(call, mat)
+
+    # local columns: the crop moves every patch by -left (entries in the padding are dropped)
+    def supports_local(self, call: ModuleCall) -> bool:
+        return len(call.module.padding) // 2 <= call.inputs[0].dim() - 2
+
+    def local_step(self, call: ModuleCall) -> LocalStep:
+        size = tuple(call.inputs[0].shape[2:])
+        pad, d = call.module.padding, len(size)
+        left = tuple(pad[2 * (d - 1 - i)] if d - 1 - i < len(pad) // 2 else 0 for i in range(d))
+        return ShiftStep(left, size)
 
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         """``S -> Pi^T S``; ``diag(s^2 sign) -> diag(crop(s)^2 crop(sign))``, exact."""

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
 from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.local_factor import ConvTransposeStep, LocalStep, SelectStep, jac_t_local
 from hbpkit.modules.position_blocks import PositionBlocks
 
 #: measured cost of one random index addition in streamed entries: with ``K`` window
@@ -99,6 +100,9 @@ class _LinearMapRules(ModuleRules):
     # D.2: Hx = Pi^T Hz Pi; a selection keeps diagonals diagonal
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         """``S -> Pi^T S``; a :class:`DiagonalFactor` stays diagonal for selections."""
+        local = jac_t_local(self, call, factor)
+        if local is not None:
+            return local
         if isinstance(factor, DiagonalFactor):
             if self.selection:
                 d = self.jac_t_mat_prod(call, factor.signed_square().unsqueeze(0)).squeeze(0)
@@ -184,6 +188,32 @@ class AvgPoolRules(_AutogradLinearMapRules):
     def _mapped_dims(self, module: nn.Module) -> int:
         return self.d
 
+    # local columns: a depthwise convolution with the kernel 1 / prod(k) (D.2)
+    def supports_local(self, call: ModuleCall) -> bool:
+        m = call.module
+        return (
+            call.inputs[0].dim() == self.d + 2
+            and not isinstance(
+                m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+            )
+            and not m.ceil_mode
+            and getattr(m, "divisor_override", None) is None
+            and (m.count_include_pad or not any(_tuple(m.padding, self.d)))
+        )
+
+    def local_step(self, call: ModuleCall) -> LocalStep:
+        m, x = call.module, call.inputs[0]
+        k = _tuple(m.kernel_size, self.d)
+        weight = x.new_full((x.shape[1], 1, *k), 1.0 / math.prod(k))
+        stride = _tuple(m.stride if m.stride is not None else m.kernel_size, self.d)
+        return ConvTransposeStep(
+            weight, stride, (1,) * self.d, x.shape[1], _tuple(m.padding, self.d), x.shape[2:]
+        )
+
+
+def _tuple(value, d: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
+
 
 class MaxPoolRules(_LinearMapRules):
     """``MaxPool1d/2d/3d`` and ``AdaptiveMaxPool1d/2d/3d`` over the last ``d`` axes.
@@ -225,6 +255,24 @@ class MaxPoolRules(_LinearMapRules):
                 )
             call.cache["maxpool_idx"] = idx.reshape(x.shape[0], -1, idx.shape[-self.d :].numel())
         return call.cache["maxpool_idx"]
+
+    # local columns: every patch entry moves to its sample's argmax
+    def supports_local(self, call: ModuleCall) -> bool:
+        adaptive = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+        return call.inputs[0].dim() == self.d + 2 and not isinstance(call.module, adaptive)
+
+    def local_step(self, call: ModuleCall) -> LocalStep:
+        m, d = call.module, self.d
+        index = self._indices(call).reshape(call.output_shape)
+        stride = m.stride if m.stride is not None else m.kernel_size
+        return SelectStep(
+            index,
+            _tuple(m.kernel_size, d),
+            _tuple(stride, d),
+            _tuple(m.padding, d),
+            _tuple(m.dilation, d),
+            call.inputs[0].shape[2:],
+        )
 
     def _rows(self, call: ModuleCall) -> tuple[int, int]:
         """``(C, P_in)``: unpooled rows and pooled positions of one sample's input."""
