@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 
-def fcnn(in_features: int = 3072, num_classes: int = 10, xavier: bool = True) -> nn.Sequential:
+def fcnn(
+    in_features: int = 3072,
+    num_classes: int = 10,
+    xavier: bool = True,
+    *,
+    hidden: Sequence[int] = (1024, 512, 256, 128, 64, 32, 16),
+) -> nn.Sequential:
     """Table S.2a: the FCNN of Chen et al. (2018) with sigmoids (3 846 810 parameters).
 
     ``Flatten, Linear(in, 1024), Sigmoid, 1024 -> 512 -> 256 -> 128 -> 64 -> 32 -> 16 ->
     num_classes`` with a sigmoid after every hidden layer. Weights are Xavier-initialised
-    and biases zero (supplement section E) unless ``xavier=False``.
+    and biases zero (supplement section E) unless ``xavier=False``. ``hidden`` replaces the
+    hidden widths (default: the table's), e.g. to scale the network for benchmarks.
     """
-    widths = [in_features, 1024, 512, 256, 128, 64, 32, 16]
+    widths = [in_features, *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
     for w_in, w_out in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(w_in, w_out), nn.Sigmoid()]

@@ -12,6 +12,11 @@ w.r.t. any intermediate tensors (parameters, layer outputs), with ``J_k = dx_k/d
 the Jacobian of the k-th activation's input (all paths summed by autograd) and
 ``m`` from :data:`reference.MODIFY`. ``m = id`` is the exact Hessian (checked
 against double backward in :func:`check_reference`), ``m = 0`` the GGN.
+
+Normalization layers that are nonlinear per sample (``LayerNorm``, ``GroupNorm``)
+contribute ``J_k^T m(R_k) J_k`` with the dense ``R_k = d2 <z_k(x), dL/dz_k> / dx2``
+(all samples at once, by double backward) and ``m`` applied to its eigenvalues
+(for a diagonal ``R`` that is the elementwise ``m`` above).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ except ImportError:
 
 PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.ReLU, nn.Softplus, nn.ELU, nn.SiLU)
+DENSE_NONLINEAR = (nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass
@@ -46,7 +52,7 @@ def trace(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Trace:
     for m in model.modules():
         if isinstance(m, PARAMETRIC):
             handles.append(m.register_forward_hook(lambda m, i, o: layer_outputs.__setitem__(m, o)))
-        elif isinstance(m, ELEMENTWISE):
+        elif isinstance(m, ELEMENTWISE + DENSE_NONLINEAR):
             handles.append(
                 m.register_forward_hook(lambda m, i, o: activations.append((m, i[0], o)))
             )
@@ -78,6 +84,13 @@ def curvature_blocks(
     if set(kinds) != {"ggn"}:
         for layer, x, z in t.activations:
             (dL_dz,) = ref._grad(t.loss, [z], retain_graph=True)
+            if isinstance(layer, DENSE_NONLINEAR):
+                R = _dense_residual(layer, x, dL_dz)
+                Jk = ref.jacobian(x, wrt)
+                lam, Q = torch.linalg.eigh(R)
+                for kind in kinds:
+                    full[kind] = full[kind] + Jk.T @ (Q * ref.MODIFY[kind](lam)) @ Q.T @ Jk
+                continue
             r = (ref.elementwise_second_derivative(layer, x) * dL_dz).reshape(-1)
             if not r.any():
                 continue
@@ -93,6 +106,17 @@ def curvature_blocks(
             start += size
         out[kind] = blocks
     return out
+
+
+def _dense_residual(layer: nn.Module, x: Tensor, dL_dz: Tensor) -> Tensor:
+    """``[X, X]``: ``d2 <layer(x), dL/dz> / dx2`` over all entries of ``x``, by autograd."""
+    g = dL_dz.detach()
+
+    def contracted(x_: Tensor) -> Tensor:
+        return (layer(x_) * g).sum()
+
+    x = x.detach()
+    return torch.autograd.functional.hessian(contracted, x).reshape(x.numel(), x.numel())
 
 
 def output_factor(M: Tensor, z: Tensor, layer: nn.Module) -> Tensor:

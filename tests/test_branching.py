@@ -1,9 +1,9 @@
 """Branching graphs (residual blocks, sums; supplement B.3) against autograd, float64.
 
-Every quantity on a small ResNet (convolutions, residual blocks with identity
-and projection shortcuts, pooling), a transformer-style block (Linear on
-``[N, T, D]``, GELU MLP, residual) and an MLP with parallel branches is
-compared with its brute-force definition (:mod:`dag_reference`, dense
+Every quantity on a small ResNet (convolutions, BatchNorm in eval mode, residual
+blocks with identity and projection shortcuts, pooling), a transformer-style block
+(Linear on ``[N, T, D]``, pre-norm LayerNorm, GELU MLP, residual) and an MLP
+with parallel branches is compared with its brute-force definition (:mod:`dag_reference`, dense
 Jacobians through the forward graph of a plain copy of the model), all
 extensions in one backward pass. Tolerances ``rtol=1e-8, atol=1e-10``.
 """
@@ -62,16 +62,28 @@ def close(actual, expected, what):
 
 # ------------------------------------------------------------------------------ models
 def small_resnet() -> nn.Module:
-    """conv -> residual block (identity shortcut) -> residual block (1x1 projection) -> pool."""
-    # TODO(issue 6, part 2): BatchNorm2d (eval) after each convolution, once it has rules
+    """conv -> residual block (identity shortcut) -> residual block (1x1 projection) -> pool.
+
+    BatchNorm2d (eval mode, see :func:`randomize_norms`) after the convolutions.
+    """
     return nn.Sequential(
         nn.Conv2d(1, 3, 3, padding=1),
-        nn.Tanh(),
-        Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Sigmoid(), nn.Conv2d(3, 3, 1))),
+        nn.BatchNorm2d(3),
         nn.Tanh(),
         Residual(
-            nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 1)),
-            shortcut=nn.Conv2d(3, 4, 1, stride=2),
+            nn.Sequential(
+                nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Sigmoid(), nn.Conv2d(3, 3, 1)
+            )
+        ),
+        nn.Tanh(),
+        Residual(
+            nn.Sequential(
+                nn.Conv2d(3, 4, 3, stride=2, padding=1),
+                nn.BatchNorm2d(4),
+                nn.Tanh(),
+                nn.Conv2d(4, 4, 1),
+            ),
+            shortcut=nn.Sequential(nn.Conv2d(3, 4, 1, stride=2), nn.BatchNorm2d(4)),
         ),
         nn.MaxPool2d(2, stride=1),
         nn.Flatten(),
@@ -80,12 +92,13 @@ def small_resnet() -> nn.Module:
 
 
 def transformer_block() -> nn.Module:
-    """``[N, T, D]``: embedding Linear, residual GELU MLP, readout (attention left out)."""
+    """``[N, T, D]``: embedding Linear, pre-norm residual GELU MLP, readout (no attention)."""
     D = 4
-    # TODO(issue 6, part 2): LayerNorm(D) before the MLP (pre-norm), once it has rules
     return nn.Sequential(
         nn.Linear(3, D),
-        Residual(nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))),
+        Residual(
+            nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        ),
         nn.Tanh(),
         nn.Flatten(),
         nn.Linear(3 * D, 3),
@@ -131,10 +144,25 @@ EXTENSIONS = [
 ]
 
 
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Random affine parameters and running statistics for the normalization layers,
+    BatchNorm in eval mode (its train mode is tested in ``test_normalization.py``)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.eval()
+    return model
+
+
 def _setup(name: str, N: int, seed: int = 0):
     torch.manual_seed(seed)
     build, shape = MODELS[name]
-    plain = build().to(DT)
+    plain = randomize_norms(build().to(DT))
     model = extend(copy.deepcopy(plain))
     X = torch.randn(N, *shape, dtype=DT)
     y = torch.randint(0, 3, (N,))

@@ -20,10 +20,10 @@ from hbpkit.nn import Sum
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from .example_scripts import load_example
-    from .test_branching import DT, check_every_extension
+    from .test_branching import DT, check_every_extension, randomize_norms
 except ImportError:
     from example_scripts import load_example
-    from test_branching import DT, check_every_extension
+    from test_branching import DT, check_every_extension, randomize_norms
 
 
 class BasicBlock(nn.Module):
@@ -33,12 +33,12 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        # TODO(issue 6, part 2): nn.BatchNorm2d(c_out) (eval) after each conv
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_out), nn.BatchNorm2d(c_out)
         self.downsample = None if stride == 1 else nn.Conv2d(c_in, c_out, 1, stride=stride)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(torch.tanh(self.conv1(x)))
+        out = self.bn2(self.conv2(torch.tanh(self.bn1(self.conv1(x)))))
         out += identity
         return torch.sigmoid(out)
 
@@ -62,11 +62,11 @@ class MLPBlock(nn.Module):
 
     def __init__(self, d: int) -> None:
         super().__init__()
-        # TODO(issue 6, part 2): self.norm = nn.LayerNorm(d), used as mlp(norm(x))
+        self.norm = nn.LayerNorm(d)
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
 
     def forward(self, x):
-        return x + self.down(F.gelu(self.up(x)))
+        return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
 class TinyTransformer(nn.Module):
@@ -81,7 +81,7 @@ class TinyTransformer(nn.Module):
 
 def _converted(model: nn.Module, shape: tuple[int, ...], N: int = 2):
     torch.manual_seed(0)
-    model = model.to(DT)
+    model = randomize_norms(model.to(DT))
     X = torch.randn(N, *shape, dtype=DT)
     converted = hbpkit.convert(model)
     torch.testing.assert_close(converted(X), model(X), rtol=0, atol=0)
@@ -188,7 +188,7 @@ def test_resnet_against_backpack_converter():
     from hbpkit.extensions import BatchGrad, DiagGGNExact
 
     torch.manual_seed(0)
-    converted = hbpkit.convert(TinyResNet())
+    converted = hbpkit.convert(randomize_norms(TinyResNet()))  # BatchNorm in eval mode
     ours = extend(copy.deepcopy(converted))
     for name, module in list(converted.named_children()):
         if isinstance(module, Sum):

@@ -3,14 +3,10 @@
 float64, references from :mod:`reference` (autograd only) on a plain copy of the
 model. LayerNorm and GroupNorm have a dense second derivative per sample; the
 messages take it through the residual hooks of ``ModuleRules``
-(``residual_factor`` / ``residual_sum`` / ``residual_mat_prod``). Until
-``extensions/messages.py`` calls them, the fixture :func:`residual_hooks` wires them
-in for the duration of each test (the proposed change, the same code).
+(``residual_factor`` / ``residual_sum`` / ``residual_mat_prod``).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import pytest
 import torch
@@ -32,9 +28,7 @@ from hbpkit.extensions import (
     DiagHessian,
     SumGradSquared,
     Variance,
-    messages,
 )
-from hbpkit.modules.normalization import GroupNormalizationRules
 
 try:
     from . import reference as ref
@@ -63,40 +57,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-# ------------------------------------------------------------------- wiring of the residual hooks
-def _sqrt_propagate(self, rules, call, grad_output, factors):
-    out = {origin: rules.jac_t_factor(call, f) for origin, f in factors.items()}
-    residual = rules.residual_factor(call, grad_output, self.curvature)
-    if residual is not None:
-        out[call] = residual
-    return out
-
-
-_average_propagate_diagonal = messages.AverageMessage.propagate
-
-
-def _average_propagate(self, rules, call, grad_output, mat):
-    if not isinstance(rules, GroupNormalizationRules):  # diagonal residuals: unchanged
-        return _average_propagate_diagonal(self, rules, call, grad_output, mat)
-    out = rules.ea_jac_t_mat_jac_prod(call, mat)
-    residual = rules.residual_sum(call, grad_output, self.curvature)
-    return out if residual is None else out + residual
-
-
-def _product_residual(rules, call, grad_output, curvature):
-    return rules.residual_mat_prod(call, grad_output, curvature)
-
-
-@pytest.fixture(autouse=True)
-def residual_hooks(monkeypatch):
-    """Make the messages use the residual hooks (a no-op once messages.py calls them)."""
-    if "residual_factor" in inspect.getsource(messages):
-        return
-    monkeypatch.setattr(messages.SqrtMessage, "propagate", _sqrt_propagate)
-    monkeypatch.setattr(messages.AverageMessage, "propagate", _average_propagate)
-    monkeypatch.setattr(messages, "product_residual", _product_residual)
 
 
 # --------------------------------------------------------------------------------- models

@@ -26,6 +26,7 @@ between paths (``graph_curvature.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,29 +35,21 @@ from torch import Tensor
 from hbpkit.calls import ModuleCall
 from hbpkit.extensions.graph_average import DagAverageMessage
 from hbpkit.extensions.graph_curvature import DagProductMessage
-from hbpkit.modules.base import DiagonalFactor, Factor, LossRules, ModuleRules, SqrtFactor
+from hbpkit.modules.base import (
+    CURVATURE_OPTIONS,
+    DiagonalFactor,
+    Factor,
+    LossRules,
+    ModuleRules,
+    SqrtFactor,
+    modify_eigenvalues,
+)
 from hbpkit.modules.local_factor import LocalFactor
 from hbpkit.modules.position_blocks import PositionBlocks
 
 ProductRules = ModuleRules | LossRules
 
-CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
-
-
-def modify_residual(residual: Tensor, curvature: str) -> Tensor | None:
-    """The residual term as the curvature keeps it: dropped, exact, ``|r|`` or ``max(r, 0)``.
-
-    PCH (Chen et al. 2018) modifies each sample's residual ``diag[phi''(x_n) * dz_n]``.
-    """
-    if curvature == "ggn":
-        return None
-    if curvature == "hessian":
-        return residual
-    if curvature == "pch-abs":
-        return residual.abs()
-    if curvature == "pch-clip":
-        return residual.clamp(min=0)
-    raise ValueError(f"unknown curvature {curvature!r}; choose from {CURVATURES}")
+CURVATURES = CURVATURE_OPTIONS  # how a residual enters (modules/base.py: modify_eigenvalues)
 
 
 LOSS_ORIGIN = "loss"  # origin of the loss Hessian's factor; a residual's origin is its call
@@ -109,9 +102,9 @@ class SqrtMessage:
         self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: Factors
     ) -> Factors:
         out = {origin: rules.jac_t_factor(call, f) for origin, f in factors.items()}
-        if self.curvature != "ggn" and not rules.linear_in_input:
-            residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
-            out[call] = DiagonalFactor.from_values(residual)
+        residual = rules.residual_factor(call, grad_output, self.curvature)  # eq. 7, S.9
+        if residual is not None:
+            out[call] = residual
         return out
 
     def merge(self, messages: list[Factors], call: ModuleCall) -> Factors:
@@ -157,14 +150,13 @@ class AverageMessage:
             out = rules.ea_blocks(call, mat)
         else:
             out = rules.ea_jac_t_mat_jac_prod(call, mat)
-        if self.curvature != "ggn" and not rules.linear_in_input:
-            residual = modify_residual(rules.residual_diag(call, grad_output), self.curvature)
-            summed = residual.sum(0)
-            if isinstance(out, PositionBlocks):
-                out = out.add_diagonal(summed)
-            else:
-                out = out + torch.diag(summed.flatten())
-        return out
+        if isinstance(out, PositionBlocks):  # only modules with diagonal residuals give blocks
+            if self.curvature != "ggn" and not rules.linear_in_input:
+                raw = rules.residual_diag(call, grad_output)
+                out = out.add_diagonal(modify_eigenvalues(raw, self.curvature).sum(0))
+            return out
+        residual = rules.residual_sum(call, grad_output, self.curvature)  # S.11: + sum_n R_n
+        return out if residual is None else out + residual
 
     def merge(self, messages: list[Tensor], call: ModuleCall) -> Tensor:
         raise RuntimeError("chain matrices do not merge: use for_dag() in branching graphs")
@@ -265,13 +257,8 @@ class ProductMessage:
 
 def product_residual(
     rules: ModuleRules, call: ModuleCall, grad_output: Tensor, curvature: str
-) -> Tensor | None:
-    """The residual ``r_n`` of a product link (``None``: dropped or zero), cached per call."""
-    if curvature == "ggn" or rules.linear_in_input:
-        return None
-    if "product_residual" not in call.cache:
-        call.cache["product_residual"] = rules.residual_diag(call, grad_output)
-    residual = modify_residual(call.cache["product_residual"], curvature)
-    if residual is not None and not bool(residual.any()):
-        return None  # e.g. a saturated or piecewise-linear region: GGN link
-    return residual
+) -> Callable[[Tensor], Tensor] | None:
+    """The residual ``m(R_n)`` of a product link as ``residual * mat`` (``None``: dropped
+    or zero, e.g. a saturated or piecewise-linear region: a GGN link); the raw
+    residual is cached per call (see ``ModuleRules.residual_mat_prod``)."""
+    return rules.residual_mat_prod(call, grad_output, curvature)

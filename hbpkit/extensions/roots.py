@@ -75,6 +75,15 @@ class EmpiricalMessage:
     def propagate(self, rules, call: ModuleCall, grad_output: Tensor, scale: float) -> float:
         return scale
 
+    def merge(self, messages: list[float], call: ModuleCall) -> float:
+        return messages[0]  # one loss: every path carries the same factor
+
+    def for_params(self, scale: float, call: ModuleCall) -> float:
+        return scale
+
+    def for_dag(self) -> EmpiricalMessage:
+        return self
+
 
 class FactorRoots(NamedTuple):
     """Roots of one parameter's Kronecker factors (rows: samples, and positions for ``expand``).
