@@ -42,7 +42,7 @@ try:
         first_and_diag_against_plain,
         make_loss,
     )
-    from .test_normalization import modified_hessian_blocks, residual_hooks  # noqa: F401
+    from .test_normalization import modified_hessian_blocks
 except ImportError:
     import reference as ref
     from test_exact_vs_autograd import (
@@ -52,15 +52,10 @@ except ImportError:
         first_and_diag_against_plain,
         make_loss,
     )
-    from test_normalization import modified_hessian_blocks, residual_hooks  # noqa: F401
+    from test_normalization import modified_hessian_blocks
 
 DT = torch.float64
 E, D, T = 7, 4, 3
-
-
-@pytest.fixture(autouse=True)
-def _wire_residual_hooks(residual_hooks):
-    """LayerNorm's residual through the hooks (see ``test_normalization.residual_hooks``)."""
 
 
 def indices(N: int, T: int = T, seed: int = 0) -> torch.Tensor:

@@ -13,11 +13,6 @@ from torch import nn
 
 from hbpkit import backprop, extend
 
-try:
-    from .test_normalization import residual_hooks  # noqa: F401
-except ImportError:
-    from test_normalization import residual_hooks  # noqa: F401
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
