@@ -7,9 +7,11 @@ depends on which extensions exist.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 
 class CurvatureSpec(NamedTuple):
@@ -67,11 +69,47 @@ def build_extension(spec: CurvatureSpec, curvature: str) -> Any:
     return cls(**spec.kwargs)
 
 
+def loss_of(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The loss ``closure()`` returns, with gradients enabled (steps run under ``no_grad``)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def with_quantities(
+    param_groups: list[dict], savefield: str, groups: Callable[[dict], bool] = lambda g: True
+) -> list[tuple[dict, Tensor, Any]]:
+    """``(group, p, p.<savefield>)`` for every parameter with a gradient (in the chosen
+    ``groups``); the :func:`missing_quantity` error, before anything moves, where one lacks it."""
+    found = []
+    for g_idx, group in enumerate(param_groups):
+        if not groups(group):
+            continue
+        for p_idx, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            value = getattr(p, savefield, None)
+            if value is None:
+                name = f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})"
+                raise missing_quantity(name, savefield)
+            found.append((group, p, value))
+    return found
+
+
 def missing_quantity(param_name: str, savefield: str) -> RuntimeError:
     """The error for a parameter with a gradient but without its curvature quantity."""
     return RuntimeError(
         f"parameter {param_name} has a gradient but no p.{savefield}: run the backward pass "
         "inside `with backprop(*opt.extensions): loss.backward()` before opt.step()"
+    )
+
+
+def missing_g_bar(p: Tensor, needed_by: str) -> RuntimeError:
+    """The error for Kronecker roots without ``g_bar`` where ``needed_by`` uses them."""
+    return RuntimeError(
+        f"the parameter of shape {tuple(p.shape)} has p.kronecker_roots without g_bar, which "
+        f"{needed_by} needs: run the backward pass inside `with backprop(*opt.extensions)`"
     )
 
 

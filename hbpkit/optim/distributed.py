@@ -42,7 +42,7 @@ from hbpkit.distributed import (
     shard_weights,
 )
 from hbpkit.kronecker import KroneckerFactors
-from hbpkit.optim.curvatures import missing_quantity
+from hbpkit.optim.curvatures import loss_of, missing_quantity
 from hbpkit.optim.kronecker import KroneckerPreconditioner, damped_inverses
 from hbpkit.optim.newton_cg import NewtonCG, joint_directions
 
@@ -118,10 +118,7 @@ class DistributedKroneckerPreconditioner(KroneckerPreconditioner):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Reduce the factors over ranks, then the single-process step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         if self.reduction is not None:
             savefield = self.curvature_spec.savefield
             _reduce_kronecker_fields(_params_with_grad(self), savefield, self.reduction, self.group)
@@ -200,10 +197,7 @@ class DistributedNewtonCG(NewtonCG):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One damped Newton step per block, all blocks of a group in one batched CG."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         savefield = self.curvature_spec.savefield
         kronecker = self.curvature_spec.kronecker
         # read and check every quantity first: a bad one raises before a collective

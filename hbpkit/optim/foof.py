@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpkit.optim.curvatures import missing_quantity
+from hbpkit.optim.curvatures import loss_of, with_quantities
 from hbpkit.optim.kronecker import spd_inverse
 
 SAVEFIELD = "input_covariance"
@@ -114,21 +114,8 @@ class FOOF(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One FOOF step for every parameter with a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        todo = []
-        for g_idx, group in enumerate(self.param_groups):
-            for p_idx, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                cov = getattr(p, SAVEFIELD, None)
-                if cov is None:
-                    name = f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})"
-                    raise missing_quantity(name, SAVEFIELD)
-                todo.append((group, p, cov))
-        for group, p, cov in todo:
+        loss = loss_of(closure)
+        for group, p, cov in with_quantities(self.param_groups, SAVEFIELD):
             self._update(group, p, cov.detach())
         return loss
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hbpkit.optim.curvatures import missing_quantity
+from hbpkit.optim.curvatures import loss_of, missing_g_bar, with_quantities
 
 SAVEFIELD = "kronecker_roots"
 
@@ -169,27 +169,11 @@ class ISAAC(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Replace each preconditioned ``p.grad`` by ``zeta``, then take the base step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        todo = []
-        for g_idx, group in enumerate(self.param_groups):
-            if not group["precondition"]:
-                continue
-            for p_idx, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                roots = getattr(p, SAVEFIELD, None)
-                name = f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})"
-                if roots is None:
-                    raise missing_quantity(name, SAVEFIELD)
-                if group["lambda_g"] is not None and roots.g_bar is None:
-                    raise RuntimeError(
-                        f"parameter {name} has roots without g_bar, but lambda_g="
-                        f"{group['lambda_g']} needs them: use opt.extensions"
-                    )
-                todo.append((group, p, roots))
+        loss = loss_of(closure)
+        todo = with_quantities(self.param_groups, SAVEFIELD, lambda g: g["precondition"])
+        for group, p, roots in todo:
+            if group["lambda_g"] is not None and roots.g_bar is None:
+                raise missing_g_bar(p, f"lambda_g={group['lambda_g']}")
         directions = [
             isaac_direction(roots, p.grad, group["lambda_a"], group["lambda_g"])
             for group, p, roots in todo

@@ -51,6 +51,7 @@ from torch import Tensor
 from hbpkit.optim.curvatures import (
     KRONECKER_CURVATURES,
     CurvatureOptimizer,
+    loss_of,
     missing_quantity,
 )
 
@@ -224,10 +225,7 @@ class KroneckerPreconditioner(CurvatureOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One preconditioned step per parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         savefield = self.curvature_spec.savefield
         # read every quantity first, so a missing one raises before any parameter moves
         todo = []

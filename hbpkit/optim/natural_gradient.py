@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpkit.optim.curvatures import missing_quantity
+from hbpkit.optim.curvatures import loss_of, missing_g_bar, with_quantities
 
 SAVEFIELD = "kronecker_roots"
 BLOCKS = ("global", "parameter")
@@ -145,20 +145,12 @@ class SubsampledNaturalGradient(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One damped natural-gradient step for every parameter with a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         todo = []
-        for g_idx, group in enumerate(self.param_groups):
-            for p_idx, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                roots = getattr(p, SAVEFIELD, None)
-                if roots is None or roots.g_bar is None:
-                    name = f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})"
-                    raise missing_quantity(name, SAVEFIELD)
-                todo.append((group, p, SampleRows(roots, p.shape)))
+        for group, p, roots in with_quantities(self.param_groups, SAVEFIELD):
+            if roots.g_bar is None:
+                raise missing_g_bar(p, "the natural gradient")
+            todo.append((group, p, SampleRows(roots, p.shape)))
         if not todo:
             return loss
         grads = [p.grad for _, p, _ in todo]

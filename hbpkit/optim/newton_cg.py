@@ -37,6 +37,7 @@ from hbpkit.optim.cg import CGInfo, cg
 from hbpkit.optim.curvatures import (
     CURVATURES,
     CurvatureOptimizer,
+    loss_of,
     missing_quantity,
 )
 
@@ -107,10 +108,7 @@ class NewtonCG(CurvatureOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One damped Newton step per parameter block that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = loss_of(closure)
         savefield = self.curvature_spec.savefield
         for g_idx, group in enumerate(self.param_groups):
             for p_idx, p in enumerate(group["params"]):
