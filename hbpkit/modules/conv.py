@@ -92,9 +92,10 @@ from hbpkit.modules.position_blocks import PositionBlocks
 
 #: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
 CHUNK_BYTES = 2**27
+#: a reused buffer of products that are reduced at once (kept small to stay in cache)
+BUFFER_BYTES = 2**22
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -370,18 +371,23 @@ class _ConvBase(ModuleRules):
                 per_sample = f.S.flatten(3).sum(3)  # [V, N, C_out]
                 result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
                 continue
-            V, N = f.S.shape[:2]
-            per_column = N * self._column_numel(call) * f.S.element_size()
-            chunk = max(1, CHUNK_BYTES // per_column)
-            for start in range(0, V, chunk):
-                left, right = self._weight_factors(call, f.S[start : start + chunk])
-                if self._output_left:
-                    JtS = einsum(left, right, "v n g a p, n g b p -> v n g a b")
-                else:
-                    JtS = einsum(left, right, "n g a p, v n g b p -> v n g a b")
-                sign = None if f.sign is None else f.sign[start : start + chunk]
-                diag = SqrtFactor(JtS, sign).signed_square().sum((0, 1))
-                result = result + diag.reshape(shape)
+            result = result + self._weight_diag(call, f).reshape(shape)
+        return result
+
+    def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """``sum_{v,n} sign (J_W^T s_{v,n})^2`` of a dense sqrt factor, in chunks over ``V``."""
+        V, N = f.S.shape[:2]
+        per_column = N * self._column_numel(call) * f.S.element_size()
+        chunk = max(1, CHUNK_BYTES // per_column)
+        result = 0
+        for start in range(0, V, chunk):
+            left, right = self._weight_factors(call, f.S[start : start + chunk])
+            if self._output_left:
+                JtS = einsum(left, right, "v n g a p, n g b p -> v n g a b")
+            else:
+                JtS = einsum(left, right, "n g a p, v n g b p -> v n g a b")
+            sign = None if f.sign is None else f.sign[start : start + chunk]
+            result = result + SqrtFactor(JtS, sign).signed_square().sum((0, 1))
         return result
 
     def _param_diags_local(self, call: ModuleCall, f: LocalFactor) -> dict[str, Tensor]:
@@ -462,6 +468,84 @@ class ConvRules(_ConvBase):
             sq = sq.mul_(chunk.sign.reshape(*v.shape[:3], 1, 1, 1))
         return sq.sum((0, 1, 2)).reshape(call.module.weight.shape)
 
+    # the weight diagonal from a dense sqrt factor (the hot loop of DiagGGNExact) ------------
+    def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """``sum_{v,n} sign (s_{v,n} [[x_n]]^T)^2`` (S.14), ``[weight.numel()]``.
+
+        Two evaluations of the same sums, picked by shape. With many output positions
+        (``2 P >= S``) the per-sample weight gradients ``s_{v,n} [[x_n]]^T`` are the weight
+        gradient of one grouped convolution of the un-unfolded input (groups ``N_chunk *
+        groups``; oneDNN's kernels, no ``[[x]]``); with few positions and many patch entries,
+        batched products of the cached ``[[x]]`` with the ``V`` columns of a few samples
+        stacked (``[V C_out, P] @ [P, S]`` per sample). Either way the products land in
+        chunks of :data:`BUFFER_BYTES`, squared in place and reduced while still in cache:
+        no ``[V, N, C_out, S]`` tensor.
+        """
+        m = call.module
+        P = math.prod(f.S.shape[3:])
+        if 2 * P >= m.weight[0].numel():
+            return self._weight_diag_grouped(call, f)
+        if m.groups == 1:
+            return self._weight_diag_unfolded(call, f)
+        return super()._weight_diag(call, f)
+
+    def _weight_diag_grouped(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """:meth:`_weight_diag` as weight gradients of convolutions grouped over samples."""
+        m = call.module
+        S, sign = f.S, f.sign
+        V, N, C_out = S.shape[:3]
+        x = self._pad(call, call.input)  # [N, C_in, *in']
+        numel = m.weight.numel()
+        col_bytes = numel * S.element_size()
+        # stack the V columns of a sample as output channels where the kernel is thin
+        fold = m.groups == 1 and C_out < 32 and V * col_bytes <= BUFFER_BYTES
+        cols = V if fold else 1
+        nb = max(1, min(N, BUFFER_BYTES // (cols * col_bytes)))
+        conv_weight = _CONV_WEIGHT[self._dims(call)]
+        kwargs = dict(stride=m.stride, padding=self._conv_padding(call), dilation=m.dilation)
+        result = S.new_zeros(numel)
+        for n0 in range(0, N, nb):
+            n1 = min(N, n0 + nb)
+            b = n1 - n0
+            xs = x[n0:n1].reshape(1, b * x.shape[1], *x.shape[2:])
+            if fold:  # output channels (n, v, c_out), one group per sample
+                go = S[:, n0:n1].transpose(0, 1).reshape(1, b * V * C_out, *S.shape[3:])
+                size = [b * V * C_out, *m.weight.shape[1:]]
+                gw = conv_weight(xs, size, go, groups=b, **kwargs).reshape(b * V, numel)
+                w = None if sign is None else sign[:, n0:n1].T.reshape(-1)
+                result += _square_sum(gw, w)
+                continue
+            size = [b * C_out, *m.weight.shape[1:]]
+            for v in range(V):
+                go = S[v, n0:n1].reshape(1, b * C_out, *S.shape[3:])
+                gw = conv_weight(xs, size, go, groups=b * m.groups, **kwargs)
+                w = None if sign is None else sign[v, n0:n1]
+                result += _square_sum(gw.reshape(b, numel), w)
+        return result
+
+    def _weight_diag_unfolded(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """:meth:`_weight_diag` from the cached ``[[x]]`` (``groups == 1``)."""
+        S, sign = f.S.flatten(3), f.sign  # [V, N, C_out, P]
+        V, N, C_out, P = S.shape
+        ut = self.unfold(call).mT  # [N, P, S], a view
+        K = ut.shape[-1]
+        col_bytes = C_out * K * S.element_size()
+        vb = max(1, min(V, BUFFER_BYTES // col_bytes))
+        nb = max(1, min(N, BUFFER_BYTES // (vb * col_bytes)))
+        buffer = S.new_empty(nb * vb * C_out * K)
+        result = S.new_zeros(C_out * K)
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            for n0 in range(0, N, nb):
+                n1 = min(N, n0 + nb)
+                b, c = n1 - n0, v1 - v0
+                left = S[v0:v1, n0:n1].transpose(0, 1).reshape(b, c * C_out, P)  # (n, (v, o))
+                out = buffer[: b * c * C_out * K].view(b, c * C_out, K)
+                torch.bmm(left, ut[n0:n1], out=out)
+                w = None if sign is None else sign[v0:v1, n0:n1].T.reshape(-1)
+                result += _square_sum(out.view(b * c, C_out * K), w)
+        return result
+
     def _conv_padding(self, call: ModuleCall) -> tuple[int, ...]:
         """Zero padding of the convolution that follows the pre-padding."""
         if self._prepad(call) is not None:
@@ -523,10 +607,28 @@ class ConvRules(_ConvBase):
     # input derivatives (eq. S.14 / D.4: [[X]] -> I_P kron W) ---------------------------------
     def _jac_t(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[B, C_out, *out] -> [B, C_in, *in]``: a transposed convolution (D.4, D.2)."""
-        padded = self._padded_shape(call)
-        weight = call.module.weight.detach()
-        conv_input = _CONV_INPUT[self._dims(call)]
-        out = conv_input([mat.shape[0], *padded[1:]], weight, mat, **self._conv_kwargs(call))
+        m = call.module
+        padded = self._padded_shape(call)[2:]
+        padding = self._conv_padding(call)
+        # the trailing input positions a strided kernel never reaches (fewer than the stride)
+        extra = [
+            n + 2 * p - ((o - 1) * s + dil * (k - 1) + 1)
+            for n, o, p, s, dil, k in zip(
+                padded, mat.shape[2:], padding, m.stride, m.dilation, m.kernel_size
+            )
+        ]
+        # conv_transpose runs oneDNN's backward-data kernel directly: cheaper than
+        # torch.nn.grad.conv*_input (convolution_backward) for the V * N columns
+        out = _CONV_TRANSPOSE[self._dims(call)](
+            mat,
+            m.weight.detach(),
+            None,
+            stride=m.stride,
+            padding=padding,
+            output_padding=extra,
+            groups=m.groups,
+            dilation=m.dilation,
+        )
         return self._pad_t(call, out)
 
     def _jac(self, call: ModuleCall, mat: Tensor) -> Tensor:
@@ -666,8 +768,18 @@ class ConvRules(_ConvBase):
                 call.cache[key] = ubar.T @ ubar / ubar.shape[0]
             else:
                 u = self.unfold(call)
-                N, _, P = u.shape
-                call.cache[key] = _gram(u) / (N * P)
+                N, K, P = u.shape
+                if 2 * K >= P and call.module.groups == 1:
+                    # sum_{n,p} u u^T is the weight gradient of the convolution of x with
+                    # the patches as output: one oneDNN call, no permuted copy of [[x]]
+                    m, d = call.module, self._dims(call)
+                    x = self._x_full(call)
+                    patches = u.reshape(N, K, *call.output_shape[2:])
+                    size = [K, *m.weight.shape[1:]]
+                    A = _CONV_WEIGHT[d](x, size, patches, stride=m.stride, dilation=m.dilation)
+                    call.cache[key] = A.reshape(K, K) / (N * P)
+                else:
+                    call.cache[key] = _gram(u) / (N * P)
         return call.cache[key]
 
     def _kron(self, call: ModuleCall, name: str, G: Tensor, approx: str) -> list[Tensor]:
@@ -701,6 +813,10 @@ class ConvRules(_ConvBase):
         S, Ssigned = f.S.flatten(3), f.signed().flatten(3)  # [V, N, C_out, P]
         if approx == "reduce":
             return einsum(Ssigned.sum(3), S.sum(3), "v n o, v n q -> o q")
+        V, N, C_out, P = S.shape
+        if C_out > P:  # sum_{r,p} a b^T as the weight gradient of a 1x1 convolution
+            a, b = Ssigned.reshape(V * N, C_out, P), S.reshape(V * N, C_out, P)
+            return _CONV_WEIGHT[1](b, [C_out, C_out, 1], a).reshape(C_out, C_out)
         return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
 
     def kron_from_average(
@@ -836,6 +952,12 @@ def _dense_kernel(weight: Tensor, groups: int) -> Tensor:
     for g in range(groups):
         dense[g, :, g] = flat[g]
     return dense.reshape(C_out, groups * C_in_g, -1)
+
+
+def _square_sum(t: Tensor, weights: Tensor | None) -> Tensor:
+    """``sum_r weights[r] t[r]**2`` of ``[R, M]`` (``weights`` all 1 if ``None``); squares ``t``."""
+    t = t.square_()
+    return t.sum(0) if weights is None else weights.to(t.dtype) @ t
 
 
 def _gram(a: Tensor, b: Tensor | None = None) -> Tensor:
