@@ -400,9 +400,11 @@ class _ConvBase(ModuleRules):
             names = self.param_names(call.module)
             diags = dict.fromkeys(names, 0)
             for chunk in f.chunks(consumer_numel=self._column_numel(call)):
+                # one patch: a dense factor (cropped to the map) for the dense kernels
+                dense = chunk.tidy().to_sqrt() if math.prod(chunk.geom.anchors) == 1 else None
                 for name in names:
-                    if chunk.geom.is_dense():
-                        diag = self.param_diag(call, name, [chunk.to_sqrt()])
+                    if dense is not None:
+                        diag = self.param_diag(call, name, [dense])
                     else:
                         diag = self._param_diag_local(call, name, chunk)
                     diags[name] = diags[name] + diag
@@ -805,7 +807,11 @@ class ConvRules(_ConvBase):
                 # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
                 G = G + torch.diag(f.signed_square().flatten(2).sum((0, 2)))
                 continue
-            G = G + self._output_factor(f, approx)
+            key = ("conv_G", id(f.S), approx)  # one product for weight and bias
+            cached = call.cache.get(key)
+            if cached is None or cached[0] is not f.S:
+                cached = call.cache[key] = (f.S, self._output_factor(f, approx))
+            G = G + cached[1]
         return self._kron(call, name, G, approx)
 
     def _output_factor(self, f: SqrtFactor, approx: str) -> Tensor:
