@@ -474,56 +474,16 @@ class ConvRules(_ConvBase):
     def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
         """``sum_{v,n} sign (s_{v,n} [[x_n]]^T)^2`` (S.14), ``[weight.numel()]``.
 
-        Two evaluations of the same sums, picked by shape. With many output positions
-        (``2 P >= S``) the per-sample weight gradients ``s_{v,n} [[x_n]]^T`` are the weight
-        gradient of one grouped convolution of the un-unfolded input (groups ``N_chunk *
-        groups``; oneDNN's kernels, no ``[[x]]``); with few positions and many patch entries,
-        batched products of the cached ``[[x]]`` with the ``V`` columns of a few samples
-        stacked (``[V C_out, P] @ [P, S]`` per sample). Either way the products land in
-        chunks of :data:`BUFFER_BYTES`, squared in place and reduced while still in cache:
-        no ``[V, N, C_out, S]`` tensor.
+        Batched products of the cached ``[[x]]`` with the ``V`` columns of a few samples
+        stacked (``[V C_out, P] @ [P, S]`` per sample), landing in a reused buffer of
+        :data:`BUFFER_BYTES` that is squared in place and reduced while still in cache: no
+        ``[V, N, C_out, S]`` tensor. (Per-sample weight gradients as one convolution
+        grouped over samples avoid ``[[x]]`` and are faster on one thread, but oneDNN runs
+        grouped weight gradients single-threaded and about 50x slower with 2 threads.)
         """
-        m = call.module
-        P = math.prod(f.S.shape[3:])
-        if 2 * P >= m.weight[0].numel():
-            return self._weight_diag_grouped(call, f)
-        if m.groups == 1:
+        if call.module.groups == 1:
             return self._weight_diag_unfolded(call, f)
         return super()._weight_diag(call, f)
-
-    def _weight_diag_grouped(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
-        """:meth:`_weight_diag` as weight gradients of convolutions grouped over samples."""
-        m = call.module
-        S, sign = f.S, f.sign
-        V, N, C_out = S.shape[:3]
-        x = self._pad(call, call.input)  # [N, C_in, *in']
-        numel = m.weight.numel()
-        col_bytes = numel * S.element_size()
-        # stack the V columns of a sample as output channels where the kernel is thin
-        fold = m.groups == 1 and C_out < 32 and V * col_bytes <= BUFFER_BYTES
-        cols = V if fold else 1
-        nb = max(1, min(N, BUFFER_BYTES // (cols * col_bytes)))
-        conv_weight = _CONV_WEIGHT[self._dims(call)]
-        kwargs = dict(stride=m.stride, padding=self._conv_padding(call), dilation=m.dilation)
-        result = S.new_zeros(numel)
-        for n0 in range(0, N, nb):
-            n1 = min(N, n0 + nb)
-            b = n1 - n0
-            xs = x[n0:n1].reshape(1, b * x.shape[1], *x.shape[2:])
-            if fold:  # output channels (n, v, c_out), one group per sample
-                go = S[:, n0:n1].transpose(0, 1).reshape(1, b * V * C_out, *S.shape[3:])
-                size = [b * V * C_out, *m.weight.shape[1:]]
-                gw = conv_weight(xs, size, go, groups=b, **kwargs).reshape(b * V, numel)
-                w = None if sign is None else sign[:, n0:n1].T.reshape(-1)
-                result += _square_sum(gw, w)
-                continue
-            size = [b * C_out, *m.weight.shape[1:]]
-            for v in range(V):
-                go = S[v, n0:n1].reshape(1, b * C_out, *S.shape[3:])
-                gw = conv_weight(xs, size, go, groups=b * m.groups, **kwargs)
-                w = None if sign is None else sign[v, n0:n1]
-                result += _square_sum(gw.reshape(b, numel), w)
-        return result
 
     def _weight_diag_unfolded(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
         """:meth:`_weight_diag` from the cached ``[[x]]`` (``groups == 1``)."""
