@@ -457,6 +457,23 @@ def memory_phase(args, archs, names) -> dict:
         return dict(pool.map(one, todo))
 
 
+def collect_times(records: list[dict], jobs: list, problem: str | None) -> dict:
+    """(lib, ext) -> {"times": [...], "slow": bool} or {"status", "reason"} from a time worker."""
+    results: dict = {("plain", None): {"times": []}}
+    results.update({job: {"times": []} for job in jobs})
+    for r in records:
+        job = (r["lib"], r["ext"])
+        if "status" in r:
+            results[job] = {"status": r["status"], "reason": r["reason"]}
+        else:
+            results[job]["times"].append(r["seconds"])
+            results[job]["slow"] = r.get("slow", False)
+    for job, res in results.items():
+        if "status" not in res and not res["times"]:
+            results[job] = {"status": "failed", "reason": problem or "no timing"}
+    return results
+
+
 def time_phase(args, arch, names, memory) -> dict:
     """(lib, ext) -> {"times": [...], "slow": bool} or {"status", "reason"} for one arch."""
     jobs = [(lib, ext) for ext in names for lib in LIBS if memory[arch, lib, ext]["status"] == "ok"]
@@ -470,18 +487,7 @@ def time_phase(args, arch, names, memory) -> dict:
         file=sys.stderr,
         flush=True,
     )
-    results: dict = {("plain", None): {"times": []}}
-    results.update({job: {"times": []} for job in jobs})
-    for r in records:
-        job = (r["lib"], r["ext"])
-        if "status" in r:
-            results[job] = {"status": r["status"], "reason": r["reason"]}
-        else:
-            results[job]["times"].append(r["seconds"])
-            results[job]["slow"] = r.get("slow", False)
-    for job, res in results.items():
-        if "status" not in res and not res["times"]:
-            results[job] = {"status": "failed", "reason": problem or "no timing"}
+    results = collect_times(records, jobs, problem)
     results["problem"] = problem
     return results
 

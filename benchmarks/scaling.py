@@ -182,18 +182,7 @@ def time_phase(args, config, memory) -> dict:
         file=sys.stderr,
         flush=True,
     )
-    results: dict = {("plain", None): {"times": []}}
-    results.update({job: {"times": []} for job in jobs})
-    for r in records:
-        job = (r["lib"], r["ext"])
-        if "status" in r:
-            results[job] = {"status": r["status"], "reason": r["reason"]}
-        else:
-            results[job]["times"].append(r["seconds"])
-            results[job]["slow"] = r.get("slow", False)
-    for job, res in results.items():
-        if "status" not in res and not res["times"]:
-            results[job] = {"status": "failed", "reason": problem or "no timing"}
+    results = bench.collect_times(records, jobs, problem)
     return results
 
 
