@@ -257,6 +257,22 @@ def test_loss_sqrt_hessian(name, reduction):
     torch.testing.assert_close(rules.sum_hessian(call), blocks.sum(0))
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+@pytest.mark.parametrize("classes", [1, 2, 5])
+def test_cross_entropy_sqrt_hessian_has_rank_c_minus_1(classes, scale):
+    """The exact CE factor has ``C - 1`` columns (one for ``C = 1``) and stays exact when
+    the softmax is nearly one-hot (``scale = 40``: ``1 - p_max`` about ``1e-17``)."""
+    torch.manual_seed(2)
+    module = nn.CrossEntropyLoss()
+    x = torch.randn(6, classes, dtype=torch.float64) * scale
+    target = torch.randint(classes, (6,))
+    call, x, _ = _record(module, x, target)
+    S = SECOND_ORDER.lookup(module).sqrt_hessian(call)
+    assert S.shape == (max(classes - 1, 1), 6, classes)
+    blocks = _loss_hessian_blocks(module, x, target)
+    torch.testing.assert_close(torch.einsum("vni,vnj->nij", S, S), blocks, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_loss_sqrt_hessian_sampled(name):
     """The Monte-Carlo factor is unbiased: its average over many draws approaches the Hessian."""

@@ -124,7 +124,8 @@ class KroneckerRoots(Extension):
 
     Args:
         loss_hessian: what ``g_bar`` roots: ``"exact"`` (KFLR's symmetric factor of
-            the loss Hessian, ``r = C`` outputs), ``"sampled"`` (KFAC's ``mc_samples``
+            the loss Hessian, ``r = C - 1`` columns for a
+            C-class cross-entropy, ``r = C`` for MSE), ``"sampled"`` (KFAC's ``mc_samples``
             Monte-Carlo draws, ``r = mc_samples``), ``"empirical"`` (the gradients
             of the true labels, ``g / sqrt(c)`` with ``c`` the loss's reduction
             factor: ``G`` is the empirical Fisher's output factor) or ``None``

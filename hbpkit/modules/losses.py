@@ -96,12 +96,32 @@ class CrossEntropyLossRules(LossRules):
         return p, mass * _scale(call, per_element=False)
 
     def sqrt_hessian(self, call: ModuleCall) -> Tensor:
-        # diag p - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T (uses sum_k p_k = 1)
+        """``S`` ``[C - 1, N, C]`` with ``S_n S_n^T = mass_n (diag p_n - p_n p_n^T)`` (C.2).
+
+        ``R = diag(sqrt p) - p sqrt(p)^T`` (``C`` columns) satisfies ``R R^T = diag p -
+        p p^T`` because ``sum_k p_k = 1``, and ``R sqrt(p) = 0``: the Hessian has rank
+        ``C - 1``. The Householder reflection ``Q = I - 2 u u^T / u^T u`` with ``u =
+        sqrt(p) + e_k`` (``k`` the most likely class, so ``u^T u >= 2``) maps ``sqrt(p)`` to
+        ``-e_k``, so column ``k`` of ``R Q`` is zero and the other ``C - 1`` columns are a
+        factor of the same Hessian: every extension backpropagates one column fewer.
+        """
         p, mass = self._probs_and_mass(call)
+        N, C = p.shape
         sqrt_p = p.sqrt()
-        S = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)  # [N, C(feature), C(v)]
-        S = S * mass.sqrt()[:, None, None]
-        return rearrange(S, "n c v -> v n c")
+        R = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)  # [N, C(feature), C(v)]
+        R = R * mass.sqrt()[:, None, None]
+        if C == 1:  # p = 1: the Hessian is 0, keep one (zero) column
+            return rearrange(R, "n c v -> v n c")
+        k = p.argmax(1)  # [N]
+        u = sqrt_p.clone()
+        u[torch.arange(N, device=p.device), k] += 1.0
+        # R Q = R - 2 (R u) u^T / u^T u, and R u = R e_k (as R sqrt(p) = 0)
+        R_u = R.gather(2, k[:, None, None].expand(N, C, 1))  # [N, C, 1]
+        S = R - (2.0 / (u * u).sum(1))[:, None, None] * R_u * u.unsqueeze(1)
+        keep = torch.ones(N, C, dtype=torch.bool, device=p.device)
+        keep[torch.arange(N, device=p.device), k] = False
+        S = S.transpose(1, 2)[keep].reshape(N, C - 1, C)  # drop the zero column k
+        return rearrange(S, "n v c -> v n c")
 
     def sqrt_hessian_sampled(self, call: ModuleCall, mc_samples: int) -> Tensor:
         # g = p - onehot(y~), y~ ~ Categorical(p): E[g g^T] = diag p - p p^T
