@@ -172,6 +172,22 @@ def test_jac_t_mat_prod(case):
     _assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("name", [n for n in CASES if "MaxPool" in n])
+def test_max_pool_reuses_the_forward_indices(name):
+    """2d/3d max pooling keeps the argmax indices autograd saved (no second pooling);
+    they equal a recomputation with ``return_indices=True``."""
+    factory, shape = CASES[name]
+    module = factory().double()
+    call, x, out = _record(module, torch.randn(*shape, dtype=DT))
+    if isinstance(module, (nn.MaxPool1d, nn.AdaptiveMaxPool1d)):
+        assert call.captured is None  # autograd pools 1d as a squeezed 2d pool
+        return
+    assert isinstance(call.captured, torch.Tensor)
+    recomputed = copy.deepcopy(module)
+    recomputed.return_indices = True
+    torch.testing.assert_close(call.captured, recomputed(x.detach())[1], rtol=0, atol=0)
+
+
 def test_jac_mat_prod(case):
     """``[V, N, *in] -> [V, N, *out]`` equals ``J_n m`` with dense per-sample Jacobians."""
     rules, call, x, out = case

@@ -94,6 +94,9 @@ from hbpkit.modules.position_blocks import PositionBlocks
 CHUNK_BYTES = 2**27
 #: a reused buffer of products that are reduced at once (kept small to stay in cache)
 BUFFER_BYTES = 2**22
+#: stacking the ``V`` columns of a sample into one product copies the factor; measured on
+#: the table S.2 convolutions, that pays off only for patches of at least this many entries
+STACK_MIN_PATCH = 128
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
@@ -475,7 +478,8 @@ class ConvRules(_ConvBase):
         """``sum_{v,n} sign (s_{v,n} [[x_n]]^T)^2`` (S.14), ``[weight.numel()]``.
 
         Batched products of the cached ``[[x]]`` with the ``V`` columns of a few samples
-        stacked (``[V C_out, P] @ [P, S]`` per sample), landing in a reused buffer of
+        stacked (``[V C_out, P] @ [P, S]`` per sample; one column at a time, without the
+        copy, for short patches ``S`` < :data:`STACK_MIN_PATCH`), landing in a reused buffer of
         :data:`BUFFER_BYTES` that is squared in place and reduced while still in cache: no
         ``[V, N, C_out, S]`` tensor. (Per-sample weight gradients as one convolution
         grouped over samples avoid ``[[x]]`` and are faster on one thread, but oneDNN runs
@@ -492,7 +496,7 @@ class ConvRules(_ConvBase):
         ut = self.unfold(call).mT  # [N, P, S], a view
         K = ut.shape[-1]
         col_bytes = C_out * K * S.element_size()
-        vb = max(1, min(V, BUFFER_BYTES // col_bytes))
+        vb = max(1, min(V, BUFFER_BYTES // col_bytes)) if K >= STACK_MIN_PATCH else 1
         nb = max(1, min(N, BUFFER_BYTES // (vb * col_bytes)))
         buffer = S.new_empty(nb * vb * C_out * K)
         result = S.new_zeros(C_out * K)

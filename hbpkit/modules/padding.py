@@ -50,7 +50,15 @@ class ConstantPadRules(_PaddingMixin, _LinearMapRules):
         return F.pad(mat, tuple(call.module.padding))
 
     def _jac_t(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return F.pad(mat, tuple(-p for p in call.module.padding))
+        pad = call.module.padding
+        if any(p < 0 for p in pad):  # the layer crops: its adjoint pads
+            return F.pad(mat, tuple(-p for p in pad))
+        # a pure padding: its adjoint is a crop, returned as a view (no copy of the factor)
+        crop = [
+            slice(left, mat.shape[-1 - i] - right)
+            for i, (left, right) in enumerate(zip(pad[::2], pad[1::2]))
+        ]
+        return mat[(..., *reversed(crop))]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[V, N, *out] -> [V, N, *in]``: crop (and zero-pad where the layer cropped)."""

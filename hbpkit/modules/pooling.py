@@ -233,11 +233,22 @@ class MaxPoolRules(_LinearMapRules):
     def _mapped_dims(self, module: nn.Module) -> int:
         return self.d
 
+    def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        """The argmax indices autograd saved in the forward pass, ``None`` where it saved
+        none of the output's shape (``MaxPool1d`` squeezes a 2d pool): then
+        :meth:`_indices` recomputes them."""
+        idx = getattr(output.grad_fn, "_saved_result1", None)  # MaxPool{2,3}DWithIndicesBackward0
+        if isinstance(idx, Tensor) and idx.shape == output.shape and idx.dtype == torch.int64:
+            return idx
+        return None
+
     def _indices(self, call: ModuleCall) -> Tensor:
         """``[N, C, P_out]`` argmax positions, ``C`` the product of the unpooled feature axes."""
         if "maxpool_idx" not in call.cache:
             module, x = call.module, call.input
-            if isinstance(
+            if isinstance(call.captured, Tensor):
+                idx = call.captured
+            elif isinstance(
                 module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
             ):
                 pool = getattr(F, f"adaptive_max_pool{self.d}d")
