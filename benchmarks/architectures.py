@@ -42,6 +42,12 @@ started with ``sys.executable`` and the hidden ``--worker`` flag):
    limit still leaves the repeats it finished. Timing runs one case at a time, never in
    parallel with anything this script starts.
 
+``--reuse-freed-memory`` starts every child (plain, hbpkit and BackPACK alike) with the
+glibc tunables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 2^34: freed
+tensors stay in the heap and are reused, where by default every tensor above 32 MB is
+fresh memory from the kernel, and touching it the first time (a page fault per 4 KiB)
+costs about as much as the arithmetic of the curvature extensions on a virtual machine.
+
 The command also prints a cost model per extension: the floating-point work the
 extension cannot avoid (extra backward passes of vectors, Gram products, per-sample
 products), counted from the layer shapes, relative to the plain forward + backward flops,
@@ -97,6 +103,8 @@ EXTENSIONS: dict[str, list[tuple[str, str, str]]] = {
 SAVEFIELDS = sorted({field for specs in EXTENSIONS.values() for _, _, field in specs})
 LABELS = {"none": "(extended, no extension)"}
 PREFIX = "BENCH "  # marks the JSON lines a worker writes to stdout
+#: glibc tunables that keep freed memory in the heap for reuse (``--reuse-freed-memory``)
+REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 
 
 # --------------------------------------------------------------------------------------
@@ -332,13 +340,14 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
       the cheaper of per-sample gradients and the position Gram trick ``2 N P^2 (K + O)``.
     * SumGradSquared, Variance: ``(g^2)^T (x^2)``, one GEMM ``2 N K O`` for ``P = 1``,
       else per-sample gradients ``W`` plus their squares ``N K O``.
-    * DiagGGNExact (``V = C`` columns of the loss Hessian's square root), DiagGGNMC
+    * DiagGGNExact (``V = C - 1`` columns of the cross-entropy Hessian's square root,
+      whose rank is ``C - 1``), DiagGGNMC
       (``V = 1`` sample): ``V`` backward passes, plus for ``P = 1`` ``N V O`` to reduce the
       squared columns and ``2 N K O`` for the GEMM with ``x^2``; otherwise ``V W`` for
       per-(sample, column) gradients and ``N V K O`` to square and sum them.
     * DiagHessian: at least DiagGGNExact (the residual terms of the activations add more
       columns, dense behind a convolution), so a lower bound.
-    * KFAC (``V = 1``), KFLR (``V = C``): ``V`` backward passes plus the Gram products of
+    * KFAC (``V = 1``), KFLR (``V = C - 1``): ``V`` backward passes plus the Gram products of
       the factors, ``G``: ``N P V O^2``, ``A``: ``N P K^2`` (K-FAC-expand).
     * KFRA: one dense ``[D, D]`` matrix instead of per-sample vectors. Start: the summed
       loss Hessian, ``N C^2``. Through a weight layer: ``J^T H J`` costs ``D_out + D_in``
@@ -370,13 +379,13 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
             total += 2 * N * K * O if P == 1 else W + N * K * O
             what = "(g^2)^T (x^2) / per-sample gradients squared"
         elif ext in ("DiagGGNExact", "DiagGGNMC", "DiagHessian"):
-            V = 1 if ext == "DiagGGNMC" else C
+            V = 1 if ext == "DiagGGNMC" else C - 1
             total += N * V * O + 2 * N * K * O if P == 1 else V * W + N * V * K * O
             what = f"{V} backward pass(es), squared Jacobian columns"
             if ext == "DiagHessian":
                 what = "at least DiagGGNExact (residuals add columns)"
         elif ext in ("KFAC", "KFLR"):
-            V = 1 if ext == "KFAC" else C
+            V = 1 if ext == "KFAC" else C - 1
             total += N * P * V * O * O + N * P * K * K
             what = f"{V} backward pass(es), Gram products of G and A"
         elif ext == "KFRA":
@@ -387,7 +396,7 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
         else:
             raise ValueError(ext)
     if ext in ("DiagGGNExact", "DiagGGNMC", "DiagHessian", "KFAC", "KFLR"):
-        total += backward(1 if ext in ("DiagGGNMC", "KFAC") else C)
+        total += backward(1 if ext in ("DiagGGNMC", "KFAC") else C - 1)
     if ext == "KFRA":
         first = next(i for i, L in enumerate(layers) if L["kind"] == "param")
         total += N * C * C + sum(N * L["D_in"] ** 2 for L in layers[first:] if L["kind"] == "act")
@@ -401,6 +410,8 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
 
 def worker_command(args, mode: str, arch: str, **extra) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--arch", arch]
+    if args.reuse_freed_memory:
+        cmd.append("--reuse-freed-memory")
     cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
     cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
     cmd += ["--timeout", str(args.timeout), "--mem-limit", str(args.mem_limit)]
@@ -412,6 +423,8 @@ def worker_command(args, mode: str, arch: str, **extra) -> list[str]:
 def run_worker(cmd: list[str], timeout: float) -> tuple[list[dict], str | None]:
     """The JSON records a worker wrote, and why it ended early (None: it finished)."""
     env = dict(os.environ, OMP_NUM_THREADS=cmd[cmd.index("--threads") + 1])
+    if "--reuse-freed-memory" in cmd:  # read by glibc when the child starts
+        env.update(REUSE_FREED_MEMORY)
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     problem = None
@@ -531,7 +544,14 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
         f"python {platform.python_version()}",
         f"- batch {args.batch}, {args.threads} thread(s), float32, CrossEntropyLoss, "
         f"random [B, 3, 32, 32] inputs; median of {args.repeats} interleaved repeats after "
-        "one warm-up; memory: peak RSS above the built model and data, one fresh process "
+        "one warm-up; "
+        + (
+            "glibc keeps freed memory for reuse (MALLOC_MMAP_THRESHOLD_ and "
+            "MALLOC_TRIM_THRESHOLD_ 2^34, in plain, hbpkit and BackPACK alike); "
+            if args.reuse_freed_memory
+            else "default glibc allocator (large tensors are fresh pages); "
+        )
+        + "memory: peak RSS above the built model and data, one fresh process "
         f"per case (limits: {args.mem_limit:g} GB address space, {args.timeout:g} s)",
         "- time ratio: forward + backward with the extension / plain forward + backward "
         "(same process); peak MB includes the plain backward's own peak",
@@ -711,6 +731,12 @@ def parse_args(argv=None):
         help="memory-phase workers run side by side (RSS is per process; timing always runs alone)",
     )
     parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="run every case with glibc keeping freed memory for reuse "
+        "(MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_): no page faults on large tensors",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: batch 8, 1 repeat, fcnn and cnn, 10 s timeout",
@@ -755,6 +781,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.md").write_text(report + "\n")
     title = f"time / plain forward+backward, batch {args.batch}, {args.threads} thread(s)"
+    if args.reuse_freed_memory:
+        title += ", freed memory reused (glibc tunables)"
     plot(chart, args.out / "benchmark.png", title)
     raw = {
         "args": {k: str(v) for k, v in vars(args).items()},
