@@ -327,6 +327,8 @@ class BackwardPass:
             for name, param in _trainable(module, rules.param_names(module)):
                 value = ext.param_quantity(rules, call, name, param, grad_output, message)
                 self.staged.append((param, ext.savefield, value))
+        for key in getattr(second_rules, "param_only_cache", ()):
+            call.cache.pop(key, None)
         if messages and self._needs[id(call)]:
             self._send(
                 call,

@@ -150,6 +150,10 @@ class ModuleRules:
     support_note: str = ""
     #: whether :meth:`kron_from_average` takes position blocks (``kfac_approx="expand"``)
     kron_from_blocks: bool = False
+    #: ``call.cache`` keys that only parameter quantities read: dropped before the
+    #: curvature is backpropagated, so they and the backpropagated factors are not
+    #: alive together (e.g. a convolution's unfolded input)
+    param_only_cache: tuple[str, ...] = ()
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""

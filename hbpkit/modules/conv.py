@@ -427,6 +427,7 @@ class ConvRules(_ConvBase):
     """
 
     kron_from_blocks = True
+    param_only_cache = ("conv_unfold",)
 
     def _prepad(self, call: ModuleCall) -> tuple[list[int], str] | None:
         """``(F.pad's pad list, mode)`` of the index map in front of the convolution, if any."""
