@@ -22,16 +22,16 @@ from hbpkit.modules.position_blocks import PositionBlocks
 Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
-def _sigmoid(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor]:
+def _sigmoid(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     s = torch.sigmoid(x)
-    d1 = s * (1 - s)
-    return d1, d1 * (1 - 2 * s)
+    d1 = (1 - s).mul_(s)
+    return d1, d1 * (1 - 2 * s) if second else None
 
 
-def _tanh(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor]:
+def _tanh(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     t = torch.tanh(x)
     d1 = 1 - t.square()
-    return d1, -2 * t * d1
+    return d1, -2 * t * d1 if second else None
 
 
 def _relu(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, None]:
@@ -66,9 +66,12 @@ class ElementwiseRules(ModuleRules):
         self.linear_in_input = piecewise_linear
         self.diagonal_jacobian = True
 
-    def _d(self, call: ModuleCall) -> tuple[Tensor, Tensor | None]:
-        if "phi" not in call.cache:
-            second = not self.linear_in_input
+    def _d(self, call: ModuleCall, second: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(phi'(x), phi''(x))``; ``phi''`` only if ``second`` (the residual needs it,
+        the Jacobian does not) and the activation is not piecewise linear."""
+        second = second and not self.linear_in_input
+        cached = call.cache.get("phi")
+        if cached is None or (second and cached[1] is None):
             call.cache["phi"] = self._derivatives(call.module, call.input, second)
         return call.cache["phi"]
 
@@ -88,7 +91,7 @@ class ElementwiseRules(ModuleRules):
     def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
         if self.linear_in_input:
             return None
-        return self._d(call)[1] * grad_output
+        return self._d(call, second=True)[1] * grad_output
 
     # mean_n diag[phi'_n] H diag[phi'_n] = H * mean_n phi'_n phi'_n^T
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
