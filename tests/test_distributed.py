@@ -346,6 +346,9 @@ def test_joint_cg_equals_the_per_parameter_solves(block_split):
 
 
 # ------------------------------------------------------------------------------ the example
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 def test_distributed_digits_example_under_torchrun(tmp_path):
     """``torchrun --nproc_per_node=2`` trains the digits model; the ranks stay in sync."""
@@ -353,9 +356,17 @@ def test_distributed_digits_example_under_torchrun(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += [str(root / "examples" / "distributed_digits.py"), "--epochs", "3"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    for _ in range(3):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        lines = done.stdout.splitlines()
+        # Rank 0 prints this line after a collective that needs every rank, so the training
+        # is done. gloo (torch 2.13) sometimes aborts one rank while it is torn down
+        # afterwards ("terminate called without an active exception"). Retry that case
+        # only: any other failure fails the test.
+        finished = "parameters identical on all 2 ranks: True" in lines
+        if done.returncode == 0 or not (finished and TEARDOWN_ABORT in done.stderr):
+            break
     assert done.returncode == 0, done.stderr[:3000]
-    lines = done.stdout.splitlines()
     assert "parameters identical on all 2 ranks: True" in lines, done.stdout
     accuracy = float(next(line for line in lines if line.startswith("test accuracy")).split()[-2])
     assert accuracy > 80.0, done.stdout
