@@ -197,6 +197,13 @@ class Case:
         return elapsed
 
 
+def build_model(args):
+    """The network of ``--arch`` (``benchmarks/scaling.py`` replaces this in its workers)."""
+    from hbpkit import architectures
+
+    return getattr(architectures, args.arch[0])()
+
+
 def setup(args):
     """Limit the address space, then build the seeded model and data."""
     limit = int(args.mem_limit * 1e9)
@@ -205,13 +212,11 @@ def setup(args):
 
     import torch
 
-    from hbpkit import architectures
-
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="backpack")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.manual_seed(args.seed)
-    base = getattr(architectures, args.arch[0])()
+    base = build_model(args)
     X = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, NUM_CLASSES, (args.batch,))
     return base, X, y

@@ -78,30 +78,15 @@ def num_params(factor: float) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def setup_scaled(args):
-    """Replaces ``architectures.setup`` in a worker: the FCNN at ``args.width``."""
-    import resource
-
-    limit = int(args.mem_limit * 1e9)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    import warnings
-
-    import torch
-
+def build_scaled(args):
+    """Replaces ``architectures.build_model`` in a worker: the FCNN at ``args.width``."""
     from hbpkit.architectures import fcnn
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", module="backpack")
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    torch.manual_seed(args.seed)
-    base = fcnn(hidden=hidden_widths(args.width))
-    X = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, bench.NUM_CLASSES, (args.batch,))
-    return base, X, y
+    return fcnn(hidden=hidden_widths(args.width))
 
 
 def run_as_worker(args) -> None:
-    bench.setup = setup_scaled  # the workers look their ``setup`` up at call time
+    bench.build_model = build_scaled  # ``setup`` looks ``build_model`` up at call time
     if args.worker == "memory":
         bench.worker_memory(args)
     else:
