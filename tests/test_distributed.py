@@ -209,8 +209,7 @@ def test_training_matches_the_single_process_full_batch_run(ranks, case):
 
 # ------------------------------------------------------------------------------ one process
 def test_calls_without_a_process_group_say_what_to_do():
-    if dist.is_initialized():
-        pytest.skip("a default process group exists in this test process")
+    assert not dist.is_initialized(), "an earlier test left a default process group behind"
     p = nn.Parameter(torch.zeros(2))
     with pytest.raises(RuntimeError, match="init_process_group"):
         all_reduce_quantities([p])
@@ -221,8 +220,7 @@ def test_calls_without_a_process_group_say_what_to_do():
 @pytest.fixture
 def group_of_one():
     """A ``gloo`` process group with this process as its only rank."""
-    if dist.is_initialized():
-        pytest.skip("a default process group exists in this test process")
+    assert not dist.is_initialized(), "an earlier test left a default process group behind"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
