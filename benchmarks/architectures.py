@@ -702,14 +702,9 @@ def plot(chart: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="See the module docstring for how time and memory are measured.",
-    )
-    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
-    parser.add_argument("--batch", type=int, default=128)
+def add_run_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """Options of a measurement run shared with ``benchmarks/scaling.py``, and the hidden
+    ones its parent passes to the worker processes."""
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--threads",
@@ -719,15 +714,8 @@ def parse_args(argv=None):
         "--quick: 1, since spinning OpenMP threads on a busy machine crawl)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--extensions",
-        nargs="+",
-        choices=list(EXTENSIONS),
-        default=list(EXTENSIONS),
-        help="rows to run ('none': extended model, no extension)",
-    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per case")
     parser.add_argument("--mem-limit", type=float, default=12.0, help="GB address space")
     parser.add_argument(
         "--jobs",
@@ -735,6 +723,28 @@ def parse_args(argv=None):
         default=2,
         help="memory-phase workers run side by side (RSS is per process; timing always runs alone)",
     )
+    parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
+    parser.add_argument("--lib", help=argparse.SUPPRESS)
+    parser.add_argument("--ext", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help=argparse.SUPPRESS)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for how time and memory are measured.",
+    )
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--extensions",
+        nargs="+",
+        choices=list(EXTENSIONS),
+        default=list(EXTENSIONS),
+        help="rows to run ('none': extended model, no extension)",
+    )
+    add_run_arguments(parser, timeout=300.0)
     parser.add_argument(
         "--reuse-freed-memory",
         action="store_true",
@@ -746,10 +756,6 @@ def parse_args(argv=None):
         action="store_true",
         help="smoke test: batch 8, 1 repeat, fcnn and cnn, 10 s timeout",
     )
-    parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
-    parser.add_argument("--lib", help=argparse.SUPPRESS)
-    parser.add_argument("--ext", help=argparse.SUPPRESS)
-    parser.add_argument("--cases", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return args

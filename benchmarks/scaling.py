@@ -403,19 +403,8 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--width-batch", type=int, default=128, help="batch of the width sweep")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default 2; --quick: 1)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extensions", nargs="+", choices=NAMES, default=NAMES, help="rows to run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per case")
-    parser.add_argument("--mem-limit", type=float, default=12.0, help="GB address space")
-    parser.add_argument("--jobs", type=int, default=2, help="memory-phase workers side by side")
+    bench.add_run_arguments(parser, timeout=120.0)
     parser.add_argument(
         "--heavy-gb",
         type=float,
@@ -427,12 +416,8 @@ def parse_args(argv=None):
         action="store_true",
         help="smoke test: batches 4 8, widths 0.25 1 at batch 8, 1 repeat, 20 s timeout",
     )
-    parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=float, default=1.0, help=argparse.SUPPRESS)
-    parser.add_argument("--lib", help=argparse.SUPPRESS)
-    parser.add_argument("--ext", help=argparse.SUPPRESS)
-    parser.add_argument("--cases", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return args
