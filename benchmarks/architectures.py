@@ -28,7 +28,7 @@ started with ``sys.executable`` and the hidden ``--worker`` flag):
    address-space limit (``RLIMIT_AS``, ``--mem-limit``, default 12 GB), so a case that
    asks for tens of GB fails at once, and a wall-clock limit (``--timeout``). A failure
    (exception, out of memory, timeout, crash) becomes ``failed: <reason>`` in the table;
-   hbpkit's up-front :class:`~hbpkit.modules.budget.DenseBudgetError` becomes
+   hbpkit's up-front :class:`~hbpkit.curvature.memory.DenseBudgetError` becomes
    ``refused: <size>``.
 2. **Time.** One child per architecture holds the plain, the hbpkit and the BackPACK
    model and, in every repeat, runs the plain baseline and every case that passed phase 1,
@@ -128,7 +128,7 @@ def emit(**record) -> None:
 def describe(exc: BaseException) -> tuple[str, str]:
     """(status, short reason) of a failed case."""
     try:
-        from hbpkit.modules.budget import DenseBudgetError
+        from hbpkit.curvature.memory import DenseBudgetError
     except ImportError:  # pragma: no cover - hbpkit always importable here
         DenseBudgetError = ()  # noqa: N806
     msg = " ".join(str(exc).split())

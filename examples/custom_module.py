@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 import hbpkit
 from hbpkit import backprop, extend
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import DiagonalFactor, Factor
 from hbpkit.extensions import DiagGGNExact, DiagHessian
 from hbpkit.modules import ElementwiseRules, ModuleRules
-from hbpkit.modules.base import DiagonalFactor, Factor
 
 
 class Cube(nn.Module):

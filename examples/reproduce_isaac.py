@@ -154,7 +154,9 @@ def plot_grids(grids: dict, grid, path: Path, title: str, lrs: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(max(6.6, 5.2 * len(grids)), 4.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(grids), figsize=(max(6.6, 5.2 * len(grids)), 4.6), squeeze=False
+    )
     for ax, (width, cells) in zip(axes[0], grids.items()):
         cols = (*grid, None)  # lambda_g, then the zeta* column
         M = torch.full((len(grid), len(cols)), math.nan)

@@ -3,7 +3,7 @@
 Runs offline on scikit-learn's digits in a few seconds:
 
 1. ``hbpkit.convert`` rewrites the ``+`` of the residual blocks and ``torch.flatten``
-   into modules (``hbpkit.nn.Sum``, ``nn.Flatten``) with ``torch.fx``;
+   into modules (``hbpkit.branching.Sum``, ``nn.Flatten``) with ``torch.fx``;
 2. one backward pass computes KFAC, KFLR, the exact GGN diagonal and exact GGN
    products for every parameter, through the skip connections (supplement B.3);
 3. the GGN diagonal of the smallest parameter is checked against autograd (float64),

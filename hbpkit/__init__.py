@@ -5,14 +5,15 @@
 """
 
 from hbpkit import distributed, extensions
-from hbpkit.context import backprop
-from hbpkit.dispatch import register
-from hbpkit.extend import extend
-from hbpkit.fx import convert
-from hbpkit.kronecker import KroneckerFactors
+from hbpkit.branching import Parallel, Residual, Sum
+from hbpkit.core.dispatch import register
+from hbpkit.curvature.kronecker import KroneckerFactors
+from hbpkit.engine.context import backprop
+from hbpkit.engine.convert import convert
+from hbpkit.engine.extend import extend
 
 __version__ = "0.1.0"
 
 __all__ = ["KroneckerFactors", "backprop", "extend", "extensions", "register", "__version__"]
-__all__ += ["convert"]  # branching models (hbpkit.nn: Sum, Residual, Parallel)
+__all__ += ["Parallel", "Residual", "Sum", "convert"]  # branching models
 __all__ += ["distributed"]

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hbpkit.kronecker import KroneckerFactors
+from hbpkit.curvature.kronecker import KroneckerFactors
 
 REDUCTIONS = ("mean", "sum")
 GRADS = ("ddp", "local")

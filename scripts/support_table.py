@@ -2,7 +2,7 @@
 
 Rows are module types (grouped when a family's types have the same cells),
 columns are extensions. A cell follows from the rules registered for the type
-(``hbpkit.dispatch.FIRST_ORDER`` / ``SECOND_ORDER``): which rules an extension
+(``hbpkit.core.dispatch.FIRST_ORDER`` / ``SECOND_ORDER``): which rules an extension
 needs (its parameter rule, and the rules that carry its message through the
 module, see ``hbpkit/extensions/messages.py``) and whether the rules object
 implements them (``ModuleRules.implements``).
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hbpkit import extensions as ext  # noqa: E402  (fills the dispatch tables)
-from hbpkit.dispatch import FIRST_ORDER, SECOND_ORDER  # noqa: E402
+from hbpkit.core.dispatch import FIRST_ORDER, SECOND_ORDER  # noqa: E402
 from hbpkit.extensions.curvmatprod import _CurvMatProd  # noqa: E402
 from hbpkit.extensions.diagonal import _Diagonal  # noqa: E402
 from hbpkit.extensions.messages import AverageMessage, ProductMessage, SqrtMessage  # noqa: E402
@@ -151,10 +151,11 @@ def family(rules: object) -> str:
 
 def rows() -> list[tuple[str, list[str], list[str], str]]:
     """``(family, module names, cells, note)`` in registration order, grouped."""
-    types = [  # what hbpkit registers itself: torch.nn and hbpkit.nn modules (not users' types)
+    # what hbpkit registers itself: torch.nn and hbpkit.branching modules (not users' types)
+    types = [
         t
         for t in dict.fromkeys([*FIRST_ORDER.types(), *SECOND_ORDER.types()])
-        if t.__module__.startswith(("torch.nn", "hbpkit.nn"))
+        if t.__module__.startswith(("torch.nn", "hbpkit.branching"))
     ]
     types.sort(key=lambda t: isinstance(SECOND_ORDER.lookup(_Instance(t)), UnsupportedRules))
     grouped: dict[tuple, list[str]] = {}

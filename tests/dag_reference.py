@@ -1,6 +1,6 @@
 """Brute-force references for models that branch (residual blocks, sums), autograd only.
 
-Nothing here imports hbpkit's computations (only the plain ``hbpkit.nn`` modules
+Nothing here imports hbpkit's computations (only the plain ``hbpkit.branching`` modules
 the models are built of). The model is any ``nn.Module``; forward hooks keep the
 output ``z`` of every layer with parameters and the input/output of every
 elementwise activation, and every curvature is formed from dense Jacobians

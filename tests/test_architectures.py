@@ -2,7 +2,7 @@
 
 Where a dense residual factor or batch-averaged matrix behind a convolution would
 exceed the memory budget, hbpkit uses structured forms instead: residual factors
-of DiagHessian are local (``hbpkit/modules/local_factor.py``), KFRA carries exact
+of DiagHessian are local (``hbpkit/curvature/local.py``), KFRA carries exact
 position blocks (``test_position_blocks.py``). Every extension runs on all three.
 """
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
+from hbpkit.branching import Parallel, Residual, Sum
 from hbpkit.extensions import (
     GGNMP,
     HBP,
@@ -33,7 +34,6 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
-from hbpkit.nn import Parallel, Residual, Sum
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import dag_reference as dag

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import hbpkit.modules.budget as budget
+import hbpkit.curvature.memory as budget
 import hbpkit.modules.conv as conv_module
 from hbpkit import backprop, extend
-from hbpkit.dispatch import SECOND_ORDER
+from hbpkit.core.dispatch import SECOND_ORDER
+from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
+from hbpkit.curvature.memory import DenseBudgetError
 from hbpkit.extensions import (
     HBP,
     KFLR,
@@ -36,8 +38,6 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
-from hbpkit.modules.base import DiagonalFactor, SqrtFactor
-from hbpkit.modules.budget import DenseBudgetError
 
 DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}

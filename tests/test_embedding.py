@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.dispatch import SECOND_ORDER
+from hbpkit.core.dispatch import SECOND_ORDER
+from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.extensions import (
     GGNMP,
     HBP,
@@ -31,7 +32,6 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
-from hbpkit.modules.base import DiagonalFactor, SqrtFactor
 
 try:
     from . import reference as ref

@@ -11,7 +11,7 @@ from torch import nn
 
 import hbpkit
 from hbpkit import backprop, extend
-from hbpkit.context import current
+from hbpkit.engine.context import current
 from hbpkit.extensions import KFLR, BatchGrad, DiagGGNExact, DiagHessian
 from hbpkit.modules import ElementwiseRules
 
@@ -195,7 +195,10 @@ def test_scaled_loss_is_refused():
 
 
 def test_shared_module_and_functional_branching_are_refused():
-    """A shared module is refused; a branch merged by a functional ``+`` too (use hbpkit.nn.Sum)."""
+    """A shared module is refused; so is a branch merged by a functional ``+``.
+
+    (Use hbpkit.branching.Sum.)
+    """
     lin = nn.Linear(3, 3).double()
     shared = extend(nn.Sequential(lin, nn.Tanh(), lin))
     X, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])

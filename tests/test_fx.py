@@ -16,7 +16,7 @@ from torch import nn
 
 import hbpkit
 from hbpkit import extend
-from hbpkit.nn import Sum
+from hbpkit.branching import Sum
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from .example_scripts import load_example

@@ -1,4 +1,4 @@
-"""Local residual factors (``hbpkit/modules/local_factor.py``) against the dense path and autograd.
+"""Local residual factors (``hbpkit/curvature/local.py``) against the dense path and autograd.
 
 In float64 on small CNNs with every module that takes local factors (Conv1d/2d/3d with
 random stride, padding, dilation and groups; zero / constant padding; overlapping max
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
+from hbpkit.curvature import local as local_factor
+from hbpkit.curvature.memory import DenseBudgetError
 from hbpkit.extensions import HBP, DiagHessian
-from hbpkit.modules import local_factor
-from hbpkit.modules.budget import DenseBudgetError
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference as ref

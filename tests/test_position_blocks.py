@@ -1,4 +1,4 @@
-"""Batch-averaged curvature in position blocks (``modules/position_blocks.py``), float64.
+"""Batch-averaged curvature in position blocks (``curvature/blocks.py``), float64.
 
 Rule level: every ``ea_blocks`` equals the position blocks of the dense
 ``mean_n J_n^T H J_n`` (itself checked against autograd Jacobians in
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.dispatch import SECOND_ORDER
+from hbpkit.core.dispatch import SECOND_ORDER
+from hbpkit.curvature import memory as budget
+from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.extensions import HBP, KFRA
-from hbpkit.modules import budget
-from hbpkit.modules.position_blocks import PositionBlocks
 
 DT = torch.float64
 N = 3

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.dispatch import DispatchTable
+from hbpkit.core.calls import ModuleCall
+from hbpkit.core.dispatch import DispatchTable
 
 
 class Extension:

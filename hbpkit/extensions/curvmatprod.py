@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
 from hbpkit.extensions.base import check_choice
 from hbpkit.extensions.messages import OutputCurvature, ProductMessage
 from hbpkit.extensions.second_order import SecondOrder

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hbpkit.dispatch import FIRST_ORDER
+from hbpkit.core.dispatch import FIRST_ORDER
 from hbpkit.extensions.base import Extension
 from hbpkit.modules import PARAMETRIC
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
 from hbpkit.modules.base import ModuleRules
 
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from hbpkit.calls import ModuleCall
-from hbpkit.graph import input_parents
+from hbpkit.core.calls import ModuleCall
+from hbpkit.core.graph import input_parents
 from hbpkit.modules.base import LossRules, ModuleRules
 
 

@@ -9,10 +9,10 @@ weights over positions follow ``kfac_approx`` (see the module rules).
 
 from __future__ import annotations
 
+from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import check_choice, check_mc_samples
 from hbpkit.extensions.messages import CURVATURES, AverageMessage, SqrtMessage
 from hbpkit.extensions.second_order import SecondOrder
-from hbpkit.kronecker import KroneckerFactors
 
 LOSS_HESSIANS = ("exact", "sampled", "average")
 BACKPROPS = ("sqrt", "batch-average")
@@ -34,7 +34,7 @@ class HBP(SecondOrder):
         mc_samples: draws for ``loss_hessian="sampled"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight sharing.
 
-    Result ``p.hbp``: :class:`~hbpkit.kronecker.KroneckerFactors`.
+    Result ``p.hbp``: :class:`~hbpkit.curvature.kronecker.KroneckerFactors`.
     """
 
     savefield = "hbp"

@@ -16,7 +16,7 @@ between paths (``graph_curvature.py``).
 * :class:`AverageMessage`: one batch-averaged ``[D, D]`` matrix
   (``backprop="batch-average"``, approximation (9)),
   ``H_x = mean_n J_n^T H_z J_n + sum_n R_n``, or its exact position blocks where
-  the dense matrix would exceed the memory budget (``modules/position_blocks.py``;
+  the dense matrix would exceed the memory budget (``curvature/blocks.py``;
   cross blocks between the branches of a branching graph: ``graph_average.py``).
 * :class:`ProductMessage`: an operator, :class:`OutputCurvature`, that applies the
   exact per-sample output curvature to ``[K, N, *features]`` tensors (the
@@ -32,57 +32,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hbpkit.calls import ModuleCall
-from hbpkit.extensions.graph_average import DagAverageMessage
-from hbpkit.extensions.graph_curvature import DagProductMessage
-from hbpkit.modules.base import (
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.factors import (
     CURVATURE_OPTIONS,
-    DiagonalFactor,
     Factor,
-    LossRules,
-    ModuleRules,
     SqrtFactor,
+    add_factors,
     modify_eigenvalues,
 )
-from hbpkit.modules.local_factor import LocalFactor
-from hbpkit.modules.position_blocks import PositionBlocks
+from hbpkit.extensions.graph_average import DagAverageMessage
+from hbpkit.extensions.graph_curvature import DagProductMessage
+from hbpkit.modules.base import LossRules, ModuleRules
 
 ProductRules = ModuleRules | LossRules
 
-CURVATURES = CURVATURE_OPTIONS  # how a residual enters (modules/base.py: modify_eigenvalues)
+CURVATURES = CURVATURE_OPTIONS  # how a residual enters (curvature/factors.py: modify_eigenvalues)
 
 
 LOSS_ORIGIN = "loss"  # origin of the loss Hessian's factor; a residual's origin is its call
 
 Factors = dict  # origin -> Factor, in order of creation
-
-
-def add_factors(a: Factor, b: Factor, where: ModuleCall) -> Factor:
-    """The factor of the summed Jacobians: ``(J_a + J_b)^T S`` from ``J_a^T S`` and ``J_b^T S``.
-
-    Both come from one origin along two paths, so their columns (and signs) match.
-    Local factors (``modules/local_factor.py``) are made dense first.
-    """
-    a, b = (f.to_dense(where) if isinstance(f, LocalFactor) else f for f in (a, b))
-    if isinstance(a, DiagonalFactor) and isinstance(b, DiagonalFactor):
-        if a.s.shape == b.s.shape and _same_sign(a.sign, b.sign):
-            return DiagonalFactor(a.s + b.s, a.sign)
-    a = a.dense() if isinstance(a, DiagonalFactor) else a
-    b = b.dense() if isinstance(b, DiagonalFactor) else b
-    if a.S.shape != b.S.shape or not _same_sign(a.sign, b.sign):
-        raise NotImplementedError(
-            f"the curvature factors that reach the output of {type(where.module).__name__} along "
-            f"two paths do not line up (shapes {tuple(a.S.shape)} and {tuple(b.S.shape)}): "
-            "a padding or pooling layer inside one branch of a residual block changes the "
-            "diagonal factors' layout; use DiagGGNExact/KFLR (no residual factors) there"
-        )
-    return SqrtFactor(a.S + b.S, a.sign)
-
-
-def _same_sign(a: Tensor | None, b: Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a is b or torch.equal(a, b)
 
 
 @dataclass(frozen=True)
@@ -145,7 +115,7 @@ class AverageMessage:
         mat: Tensor | PositionBlocks,
     ) -> Tensor | PositionBlocks:
         """Dense while it fits the memory budget, then exact position blocks (see
-        ``modules/position_blocks.py``)."""
+        ``curvature/blocks.py``)."""
         if isinstance(mat, PositionBlocks) or rules.ea_needs_blocks(call):
             out = rules.ea_blocks(call, mat)
         else:

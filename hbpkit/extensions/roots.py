@@ -25,12 +25,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.dispatch import SECOND_ORDER, DispatchTable
+from hbpkit.core.calls import ModuleCall
+from hbpkit.core.dispatch import SECOND_ORDER, DispatchTable
+from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
 from hbpkit.extensions.kronecker import KFAC_APPROXES
 from hbpkit.extensions.messages import SqrtMessage
-from hbpkit.kronecker import KroneckerFactors
 from hbpkit.modules.base import LossRules
 from hbpkit.modules.kronecker_roots import ROOT_RULES, reduction_scale
 
@@ -225,7 +225,7 @@ class EmpiricalKFAC(KroneckerRoots):
 
     ``G = (1/c) sum_rows g g^T`` (``c`` the loss's reduction factor, so ``G`` is the
     output factor of the loss as reduced, like ``p.kfac``), ``A`` as for ``KFAC``.
-    Result: :class:`~hbpkit.kronecker.KroneckerFactors`. Backpropagates nothing.
+    Result: :class:`~hbpkit.curvature.kronecker.KroneckerFactors`. Backpropagates nothing.
     """
 
     savefield = "kfac_empirical"

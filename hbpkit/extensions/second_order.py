@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hbpkit.dispatch import SECOND_ORDER
+from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.extensions.base import Extension
 from hbpkit.modules import BACKPROPAGATABLE
 

@@ -7,8 +7,10 @@ families map module types to these objects (``hbpkit/extensions``).
 
 from torch import nn
 
+from hbpkit.branching import Sum
+from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.modules.activations import ACTIVATIONS, ElementwiseRules, IdentityRules
-from hbpkit.modules.base import DiagonalFactor, LossRules, ModuleRules, SqrtFactor, UnsupportedRules
+from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.embedding import EmbeddingRules
 from hbpkit.modules.linear import LinearRules
@@ -18,7 +20,6 @@ from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
 from hbpkit.modules.sum import SumRules
-from hbpkit.nn import Sum
 
 LINEAR = LinearRules()
 

@@ -14,10 +14,10 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.local import LocalStep, ScaleStep, ShiftStep
 from hbpkit.modules.base import ModuleRules
-from hbpkit.modules.local_factor import LocalStep, ScaleStep, ShiftStep
-from hbpkit.modules.position_blocks import PositionBlocks
 
 Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
 

@@ -10,69 +10,20 @@ represents the per-sample output curvature ``sum_v sign[v, n] S[v, n] S[v, n]^T`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.budget import DenseBudgetError
-from hbpkit.modules.position_blocks import PositionBlocks
-
-
-class SqrtFactor(NamedTuple):
-    """Per-sample curvature ``sum_v sign[v,n] S[v,n] S[v,n]^T``.
-
-    ``S``: ``[V, N, *features]``; ``sign``: ``[V, N]`` of ``+-1`` or ``None`` (all +1).
-    """
-
-    S: Tensor
-    sign: Tensor | None = None
-
-    def signed_square(self) -> Tensor:
-        """``sign * S**2``, shape ``[V, N, *features]``."""
-        sq = self.S.square()
-        return sq if self.sign is None else sq * _expand_like(self.sign, sq)
-
-    def signed(self) -> Tensor:
-        """``sign * S``, shape ``[V, N, *features]``."""
-        return self.S if self.sign is None else self.S * _expand_like(self.sign, self.S)
-
-
-class DiagonalFactor(NamedTuple):
-    """Per-sample curvature ``diag[sign[n] * s[n]**2]``, a sqrt factor kept diagonal.
-
-    The residual of an elementwise module (S.9) enters the backward pass in this
-    form; it stays diagonal through elementwise modules and reshapes and is
-    expanded to a dense :class:`SqrtFactor` only where a module mixes features.
-    ``s``: ``[N, *features]``; ``sign``: ``[N, *features]`` of ``+-1`` or ``None`` (all +1).
-    """
-
-    s: Tensor
-    sign: Tensor | None = None
-
-    @staticmethod
-    def from_values(diag: Tensor) -> DiagonalFactor:
-        """The factor of ``diag[diag[n]]``; ``diag``: ``[N, *features]``."""
-        sign = None if bool((diag >= 0).all()) else torch.sign(diag)
-        return DiagonalFactor(diag.abs().sqrt(), sign)
-
-    def signed_square(self) -> Tensor:
-        """``sign * s**2``, the diagonal per sample, ``[N, *features]``."""
-        sq = self.s.square()
-        return sq if self.sign is None else sq * self.sign
-
-    def dense(self) -> SqrtFactor:
-        """The same curvature as a dense factor, ``S``: ``[D, N, *features]``."""
-        N, features = self.s.shape[0], self.s.shape[1:]
-        flat = self.s.reshape(N, -1)
-        D = flat.shape[1]
-        S = torch.diag_embed(flat).permute(2, 0, 1).reshape(D, N, *features)
-        sign = None if self.sign is None else self.sign.reshape(N, D).T
-        return SqrtFactor(S, sign)
-
-
-Factor = SqrtFactor | DiagonalFactor  # and LocalFactor (hbpkit/modules/local_factor.py)
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.factors import (
+    DiagonalFactor,
+    DiagonalResidual,
+    Factor,
+    SqrtFactor,
+    modify_eigenvalues,
+)
+from hbpkit.curvature.memory import DenseBudgetError
 
 
 def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
@@ -84,45 +35,6 @@ def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
     if approx == "reduce":
         return H.sum((1, 3))
     return torch.diagonal(H, dim1=1, dim2=3).sum(-1)
-
-
-CURVATURE_OPTIONS = ("ggn", "hessian", "pch-abs", "pch-clip")
-
-
-def modify_eigenvalues(values: Tensor, curvature: str) -> Tensor | None:
-    """Eigenvalues of a residual as the curvature option keeps them (PCH: Chen et al. 2018).
-
-    ``None`` (dropped, the GGN), unchanged (Hessian), ``|l|`` (``"pch-abs"``) or
-    ``max(l, 0)`` (``"pch-clip"``). For a diagonal residual the eigenvalues are its
-    entries, so this is also the elementwise modification of S.9's ``phi''(x) * dz``.
-    """
-    if curvature == "ggn":
-        return None
-    if curvature == "hessian":
-        return values
-    if curvature == "pch-abs":
-        return values.abs()
-    if curvature == "pch-clip":
-        return values.clamp(min=0)
-    raise ValueError(f"unknown curvature {curvature!r}; choose from {CURVATURE_OPTIONS}")
-
-
-class DiagonalResidual:
-    """``[K, N, *in] -> [K, N, *in]``: a per-sample diagonal residual ``r * m`` (S.9)."""
-
-    __slots__ = ("r",)
-
-    def __init__(self, r: Tensor) -> None:
-        self.r = r
-
-    def __call__(self, mat: Tensor) -> Tensor:
-        return self.r * mat
-
-    __mul__ = __call__  # ``residual * m``, as code written for residual tensors applies it
-
-
-def _expand_like(sign: Tensor, t: Tensor) -> Tensor:
-    return sign.reshape(*sign.shape, *([1] * (t.dim() - 2)))
 
 
 class ModuleRules:
@@ -176,7 +88,7 @@ class ModuleRules:
 
         Called for every module curvature is backpropagated through, with whether a
         batch-averaged matrix and whether diagonal residual factors arrive at its
-        output; raises :class:`~hbpkit.modules.budget.DenseBudgetError`. Default: nothing
+        output; raises :class:`~hbpkit.curvature.memory.DenseBudgetError`. Default: nothing
         to densify.
         """
 
@@ -184,14 +96,14 @@ class ModuleRules:
         """Whether :meth:`local_step` backpropagates local factors through ``call``.
 
         Rules that do (convolutions, pooling, padding, elementwise modules) may
-        receive a :class:`~hbpkit.modules.local_factor.LocalFactor` in
+        receive a :class:`~hbpkit.curvature.local.LocalFactor` in
         :meth:`jac_t_factor`, :meth:`param_diag` and :meth:`kron_from_sqrt`; all other
         rules only ever see dense or diagonal factors.
         """
         return False
 
     def local_step(self, call: ModuleCall):
-        """``J^T`` on local columns, a :class:`~hbpkit.modules.local_factor.LocalStep`."""
+        """``J^T`` on local columns, a :class:`~hbpkit.curvature.local.LocalStep`."""
         raise self._missing("local_step")
 
     # input derivatives ---------------------------------------------------------------
@@ -205,7 +117,7 @@ class ModuleRules:
 
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         """Backpropagate a sqrt factor: ``S -> Dz(x)^T S`` (eq. 7 without residual)."""
-        from hbpkit.modules.local_factor import jac_t_local  # it builds on this file
+        from hbpkit.curvature.local import jac_t_local  # it builds on this file
 
         local = jac_t_local(self, call, factor)
         if local is not None:
@@ -270,7 +182,7 @@ class ModuleRules:
             return None
         return DiagonalResidual(r)
 
-    # batch-averaged position blocks (modules/position_blocks.py) ------------------------
+    # batch-averaged position blocks (curvature/blocks.py) ------------------------
     def ea_needs_blocks(self, call: ModuleCall) -> bool:
         """Whether batch-averaged backpropagation through ``call`` switches to position blocks.
 
@@ -299,7 +211,7 @@ class ModuleRules:
         raise DenseBudgetError(
             f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
             f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
-            "hbpkit.modules.budget.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
+            "hbpkit.curvature.memory.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
             "or raise the budget"
         )
 

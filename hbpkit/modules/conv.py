@@ -71,16 +71,10 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 from torch.nn import grad as nn_grad
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import (
-    DiagonalFactor,
-    Factor,
-    ModuleRules,
-    SqrtFactor,
-    output_factor_from_average,
-)
-from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
-from hbpkit.modules.local_factor import (
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.curvature.local import (
     ConvTransposeStep,
     LocalFactor,
     LocalStep,
@@ -88,7 +82,8 @@ from hbpkit.modules.local_factor import (
     jac_t_local,
     windows,
 )
-from hbpkit.modules.position_blocks import PositionBlocks
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.base import ModuleRules, output_factor_from_average
 
 #: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
 CHUNK_BYTES = 2**27
@@ -439,7 +434,7 @@ class ConvRules(_ConvBase):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         return pad, mode
 
-    # local columns (modules/local_factor.py) ---------------------------------------------------
+    # local columns (curvature/local.py) ---------------------------------------------------
     def supports_local(self, call: ModuleCall) -> bool:
         return call.module.padding_mode == "zeros"
 
@@ -623,7 +618,7 @@ class ConvRules(_ConvBase):
         stacked = conv_weight(x, size, grad_out, **self._conv_kwargs(call))
         return stacked.unflatten(0, (G, K, -1)).transpose(0, 1).reshape(K, *W.shape)
 
-    # exact position blocks of J^T H J from a dense H (modules/position_blocks.py) ----------
+    # exact position blocks of J^T H J from a dense H (curvature/blocks.py) ----------
     def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
         """Exact only from a dense ``H`` and with zero padding (an injective pre-padding)."""
         if from_blocks or call.module.padding_mode != "zeros":
@@ -795,7 +790,7 @@ class ConvRules(_ConvBase):
     ) -> list[Tensor]:
         """From ``H`` ``[C_out P, C_out P]``: sum of its diagonal position blocks / all blocks.
 
-        Position blocks (``modules/position_blocks.py``) give the expand factor exactly.
+        Position blocks (``curvature/blocks.py``) give the expand factor exactly.
         """
         self._check_kron(call, name)
         if isinstance(mat, PositionBlocks):
@@ -910,7 +905,7 @@ class ConvTransposeRules(_ConvBase):
 _REDUCE_NEEDS_DENSE = (
     "KFRA / HBP(backprop='batch-average') with kfac_approx='reduce' needs all position blocks "
     "of the batch-averaged curvature at the output of {module}, whose dense form exceeds the "
-    "memory budget (hbpkit.modules.budget.MAX_DENSE_BYTES); use kfac_approx='expand' (exact "
+    "memory budget (hbpkit.curvature.memory.MAX_DENSE_BYTES); use kfac_approx='expand' (exact "
     "from the diagonal position blocks) or raise the budget"
 )
 

@@ -27,14 +27,9 @@ from __future__ import annotations
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import (
-    DiagonalFactor,
-    Factor,
-    ModuleRules,
-    SqrtFactor,
-    output_factor_from_average,
-)
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.modules.base import ModuleRules, output_factor_from_average
 
 NOT_BACKPROPAGATED = (
     "the input of Embedding is integer indices: nothing is backpropagated to it, so "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
 from hbpkit.modules.conv import ConvRules
 from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import _scale

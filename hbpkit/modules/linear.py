@@ -23,14 +23,9 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import (
-    DiagonalFactor,
-    Factor,
-    ModuleRules,
-    SqrtFactor,
-    output_factor_from_average,
-)
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.modules.base import ModuleRules, output_factor_from_average
 
 
 def _positions(t: Tensor, batch_dims: int) -> Tensor:

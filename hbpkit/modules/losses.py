@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
 from hbpkit.modules.base import LossRules
 
 

@@ -52,15 +52,10 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import (
-    DiagonalFactor,
-    Factor,
-    ModuleRules,
-    SqrtFactor,
-    modify_eigenvalues,
-)
-from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor, modify_eigenvalues
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.base import ModuleRules
 
 
 class AffineParamRules(ModuleRules):

@@ -17,7 +17,7 @@ constant), linear in ``x``, so ``Hx = Pi^T Hz Pi`` (D.2) and no residual.
   diagonal factor stays diagonal (its signed squares are scatter-added).
 
 Batch-averaged backpropagation (approximation (9)) crops / maps the rows and
-columns of the dense matrix, within :data:`hbpkit.modules.budget.MAX_DENSE_BYTES`.
+columns of the dense matrix, within :data:`hbpkit.curvature.memory.MAX_DENSE_BYTES`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules
-from hbpkit.modules.local_factor import LocalStep, ShiftStep
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.factors import DiagonalFactor, Factor
+from hbpkit.curvature.local import LocalStep, ShiftStep
+from hbpkit.modules.base import ModuleRules
 from hbpkit.modules.pooling import _AutogradLinearMapRules, _LinearMapRules
-from hbpkit.modules.position_blocks import PositionBlocks
 
 
 class _PaddingMixin:

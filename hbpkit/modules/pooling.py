@@ -23,7 +23,7 @@ Two kinds of maps, both linear in the input (Hessian ``0`` a.e., no residual in 
 Batch-averaged backpropagation (approximation (9), ``KFRA``) and densified
 diagonal factors allocate dense ``[D_in, D_in]`` / ``[D_out, N, *in]`` tensors: both
 are refused with :class:`DenseBudgetError` *before* allocating when they would
-exceed :data:`hbpkit.modules.budget.MAX_DENSE_BYTES`.
+exceed :data:`hbpkit.curvature.memory.MAX_DENSE_BYTES`.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import DiagonalFactor, Factor, ModuleRules, SqrtFactor
-from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
-from hbpkit.modules.local_factor import ConvTransposeStep, LocalStep, SelectStep, jac_t_local
-from hbpkit.modules.position_blocks import PositionBlocks
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.curvature.local import ConvTransposeStep, LocalStep, SelectStep, jac_t_local
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.modules.base import ModuleRules
 
 #: measured cost of one random index addition in streamed entries: with ``K`` window
 #: entries the strided form of ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams
@@ -378,7 +379,7 @@ class MaxPoolRules(_LinearMapRules):
             result.index_add_(0, (pos.unsqueeze(1) * d_in + pos).reshape(-1), flat)
         return result.reshape(d_in, d_in) / N
 
-    # position blocks of mean_n Pi_n^T H Pi_n (modules/position_blocks.py)
+    # position blocks of mean_n Pi_n^T H Pi_n (curvature/blocks.py)
     def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
         """Exact from a dense ``H`` for ``MaxPool1d/2d/3d`` on ``[N, C, *spatial]``."""
         module = call.module

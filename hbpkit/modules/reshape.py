@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
 from hbpkit.modules.base import ModuleRules
 
 

@@ -1,4 +1,4 @@
-"""Rules of :class:`hbpkit.nn.Sum`, ``z = x_1 + ... + x_k`` (supplement B.3).
+"""Rules of :class:`hbpkit.branching.Sum`, ``z = x_1 + ... + x_k`` (supplement B.3).
 
 The Jacobian w.r.t. every input is the identity and the module is linear, so
 eq. (7) gives ``Hx_i = Hz`` for each input: the sum passes its output curvature
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import Factor, ModuleRules
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import Factor
+from hbpkit.modules.base import ModuleRules
 
 
 class SumRules(ModuleRules):

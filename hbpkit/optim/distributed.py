@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.distributed import (
     AllReducedProduct,
     all_reduce_kronecker,
@@ -41,7 +42,6 @@ from hbpkit.distributed import (
     check_initialized,
     shard_weights,
 )
-from hbpkit.kronecker import KroneckerFactors
 from hbpkit.optim.curvatures import loss_of, missing_quantity
 from hbpkit.optim.kronecker import KroneckerPreconditioner, damped_inverses
 from hbpkit.optim.newton_cg import NewtonCG, joint_directions

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from hbpkit.calls import ModuleCall
-from hbpkit.modules.base import DiagonalFactor, SqrtFactor
-from hbpkit.modules.budget import DIAGONAL_ADVICE, check_dense_budget
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, check_dense_budget
 
 #: the largest intermediate (bytes) one chunk of columns may need; read at call time
 CHUNK_BYTES = 2**27
@@ -514,7 +514,7 @@ def accepts_local(rules: object, call: ModuleCall) -> bool:
 
 def parent_accepts_local(call: ModuleCall) -> bool:
     """Whether the module that produced ``call``'s input takes local factors."""
-    from hbpkit.dispatch import SECOND_ORDER  # the tables are built on these rules
+    from hbpkit.core.dispatch import SECOND_ORDER  # the tables are built on these rules
 
     parent = call.parent
     return parent is not None and accepts_local(SECOND_ORDER.lookup(parent.module), parent)

@@ -6,7 +6,7 @@ parameters it reaches, and checks, before computing anything, that every
 module is supported by every active extension, that no trainable parameter
 hides outside extended modules and, for curvature, that the calls are linked
 through extended modules (a chain, or a DAG with residual blocks and sums,
-:mod:`hbpkit.graph`). Each hook then computes its module's parameter
+:mod:`hbpkit.core.graph`). Each hook then computes its module's parameter
 quantities from the messages its consumers sent (merged where its output
 feeds several) and sends the backpropagated messages (sqrt factors,
 batch-averaged matrices, output-curvature operators) to the producers of its
@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import NODE_KEY, ModuleCall
-from hbpkit.dispatch import SECOND_ORDER
+from hbpkit.core.calls import NODE_KEY, ModuleCall
+from hbpkit.core.dispatch import SECOND_ORDER
+from hbpkit.core.graph import CallGraph, followed_inputs
+from hbpkit.curvature.local import accepts_local, parent_accepts_local
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, check_dense_budget
 from hbpkit.extensions.base import Extension
 from hbpkit.extensions.messages import AverageMessage, SqrtMessage
-from hbpkit.graph import CallGraph, followed_inputs
 from hbpkit.modules.base import LossRules
-from hbpkit.modules.budget import DIAGONAL_ADVICE, check_dense_budget
-from hbpkit.modules.local_factor import accepts_local, parent_accepts_local
 
 
 class BackwardState:
@@ -79,7 +79,7 @@ class BackwardPass:
     """All extended calls one backward pass reaches from ``root``, processed hook by hook.
 
     Curvature extensions need the calls that feed the loss to be connected through
-    extended modules (a chain, or a DAG of residual blocks and :class:`hbpkit.nn.Sum`):
+    extended modules (a chain, or a DAG of residual blocks and :class:`hbpkit.branching.Sum`):
     messages flow along the links, and where a tensor feeds several consumers the
     messages they send are merged before its producer uses them. First-order
     extensions process every call on its own.
@@ -175,8 +175,8 @@ class BackwardPass:
     def _refuse_hidden(self, call: ModuleCall, origin: Any) -> None:
         name = type(origin).__name__
         hint = (
-            "Write the addition as a module (hbpkit.nn.Sum, or hbpkit.nn.Residual / "
-            "hbpkit.nn.Parallel), or convert the model with hbpkit.convert(model)"
+            "Write the addition as a module (hbpkit.branching.Sum, or hbpkit.branching.Residual / "
+            "hbpkit.branching.Parallel), or convert the model with hbpkit.convert(model)"
             if name.startswith("Add")
             else "Write it as a module (e.g. nn.Flatten instead of .view, nn.Sigmoid instead "
             "of torch.sigmoid; hbpkit.convert(model) rewrites + and flatten) and extend() the model"
@@ -188,15 +188,15 @@ class BackwardPass:
         )
 
     def _check_budgets(self) -> None:
-        """Let every module refuse up front what it would densify (see ``modules/budget.py``).
+        """Let every module refuse up front what it would densify (see ``curvature/memory.py``).
 
         Batch-averaged messages switch to exact position blocks where the dense
-        matrix exceeds the budget (``modules/position_blocks.py``); every module
+        matrix exceeds the budget (``curvature/blocks.py``); every module
         towards the input must then handle blocks exactly, and weights that receive
         them must take their Kronecker factors from blocks (``expand`` only).
 
         A diagonal residual factor that enters a module taking local factors
-        (``modules/local_factor.py``) is not densified there: its columns are counted
+        (``curvature/local.py``) is not densified there: its columns are counted
         and checked as a dense factor where the next module takes no local factors.
         """
         keys = [e.message for e in self.second_order]
@@ -219,7 +219,7 @@ class BackwardPass:
                 raise NotImplementedError(
                     f"the batch-averaged curvature at the output of {call.module} is carried as "
                     "position blocks (its dense form exceeds the memory budget, "
-                    "hbpkit.modules.budget.MAX_DENSE_BYTES), from which "
+                    "hbpkit.curvature.memory.MAX_DENSE_BYTES), from which "
                     f"{reduce[0] if reduce else type(call.module).__name__} cannot form "
                     "Kronecker factors; use kfac_approx='expand', a per-sample extension "
                     "(KFLR, KFAC), or raise the budget"

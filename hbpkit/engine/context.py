@@ -1,6 +1,6 @@
 """The ``backprop(*extensions)`` context manager.
 
-Entering pushes a :class:`~hbpkit.backward_pass.BackwardState` on a stack that
+Entering pushes a :class:`~hbpkit.engine.backward_pass.BackwardState` on a stack that
 the tensor hooks consult; leaving pops it, also after an exception, so nothing
 outlives the ``with`` block. The stack is process-wide (not thread-local)
 because autograd may run hooks on its own worker threads.
@@ -50,7 +50,7 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
         self._state = None
 
     def __enter__(self) -> backprop:
-        from hbpkit.backward_pass import BackwardState
+        from hbpkit.engine.backward_pass import BackwardState
 
         if self._state is not None:
             raise RuntimeError("this backprop(...) context is already active")

@@ -4,7 +4,8 @@ hbpkit sees modules, not functional operations. A model written with ``+`` in
 ``forward`` (a ResNet's ``out += identity``), ``torch.flatten(x, 1)`` or
 ``torch.relu(x)`` is traced symbolically with ``torch.fx`` and rewritten:
 
-* ``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)`` of two tensors -> :class:`hbpkit.nn.Sum`;
+* ``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)`` of two tensors ->
+  :class:`hbpkit.branching.Sum`;
 * ``torch.flatten(x, s, e)``, ``x.flatten(s, e)`` -> ``nn.Flatten(s, e)``;
   ``x.view(x.size(0), -1)``, ``x.reshape(x.size(0), -1)`` -> ``nn.Flatten()``;
 * ``torch.relu / sigmoid / tanh``, ``F.relu / gelu / silu / ...`` (elementwise,
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hbpkit.dispatch import is_registered
-from hbpkit.nn import Sum
+from hbpkit.branching import Sum
+from hbpkit.core.dispatch import is_registered
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -48,7 +49,7 @@ SHAPE_METHODS = ("size", "dim")
 
 
 class _Tracer(fx.Tracer):
-    """Keeps modules hbpkit has rules for (e.g. :class:`hbpkit.nn.Sum`) as leaves."""
+    """Keeps modules hbpkit has rules for (e.g. :class:`hbpkit.branching.Sum`) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_registered(m) or super().is_leaf_module(m, module_qualified_name)

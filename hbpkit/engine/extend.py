@@ -1,7 +1,7 @@
 """``extend(module)``: install the forward hooks that record module calls.
 
 The hook of a module runs in every forward pass while autograd records a graph.
-It creates a :class:`~hbpkit.calls.ModuleCall` and attaches a tensor hook to
+It creates a :class:`~hbpkit.core.calls.ModuleCall` and attaches a tensor hook to
 the output; the tensor hook does nothing unless a ``backprop(...)`` context is
 active during the backward pass. Activations and dropout layers created with
 ``inplace=True`` are switched to ``inplace=False``: their values are the same,
@@ -15,9 +15,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from hbpkit.calls import ModuleCall, link_output
-from hbpkit.context import current
-from hbpkit.dispatch import SECOND_ORDER, is_registered
+from hbpkit.core.calls import ModuleCall, link_output
+from hbpkit.core.dispatch import SECOND_ORDER, is_registered
+from hbpkit.engine.context import current
 
 _HANDLE = "_hbpkit_hook_handle"
 

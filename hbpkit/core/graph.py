@@ -2,15 +2,15 @@
 
 Calls are linked through their inputs (:attr:`ModuleCall.parents`). A call's
 output may feed several consumers (a residual block's input feeds the block and
-the skip connection) and a multi-input module (:class:`hbpkit.nn.Sum`) has one
+the skip connection) and a multi-input module (:class:`hbpkit.branching.Sum`) has one
 parent per input. Curvature flows from the loss along these links; the messages
 that reach a tensor from its consumers are merged there (``messages.py``).
 """
 
 from __future__ import annotations
 
-from hbpkit.calls import ModuleCall
-from hbpkit.dispatch import SECOND_ORDER
+from hbpkit.core.calls import ModuleCall
+from hbpkit.core.dispatch import SECOND_ORDER
 
 
 def followed_inputs(call: ModuleCall) -> tuple[int, ...]:

@@ -13,10 +13,10 @@ import math
 
 import torch
 
-from hbpkit.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall
 
 #: the largest dense tensor (bytes) a rule may allocate; read at call time, so it can be
-#: changed with ``hbpkit.modules.budget.MAX_DENSE_BYTES = ...``
+#: changed with ``hbpkit.curvature.memory.MAX_DENSE_BYTES = ...``
 MAX_DENSE_BYTES = 2**31
 
 EA_ADVICE = (
@@ -49,6 +49,6 @@ def check_dense_budget(
         raise DenseBudgetError(
             f"{what} through {call.module} needs a dense{described} tensor "
             f"({nbytes / 1e9:.3g} GB), above the budget of {MAX_DENSE_BYTES / 1e9:.3g} GB "
-            f"(hbpkit.modules.budget.MAX_DENSE_BYTES). {advice}, shrink the layer, or raise "
+            f"(hbpkit.curvature.memory.MAX_DENSE_BYTES). {advice}, shrink the layer, or raise "
             "the budget"
         )
