@@ -6,11 +6,11 @@
 
 from hbpkit import distributed, extensions
 from hbpkit.branching import Parallel, Residual, Sum
-from hbpkit.core.dispatch import register
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.engine.context import backprop
 from hbpkit.engine.convert import convert
 from hbpkit.engine.extend import extend
+from hbpkit.modules.tables import register
 
 __version__ = "0.1.0"
 

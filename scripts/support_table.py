@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hbpkit import extensions as ext  # noqa: E402  (fills the dispatch tables)
-from hbpkit.core.dispatch import FIRST_ORDER, SECOND_ORDER  # noqa: E402
 from hbpkit.extensions.curvmatprod import _CurvMatProd  # noqa: E402
 from hbpkit.extensions.diagonal import _Diagonal  # noqa: E402
 from hbpkit.extensions.messages import AverageMessage, ProductMessage, SqrtMessage  # noqa: E402
 from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules  # noqa: E402
+from hbpkit.modules.tables import FIRST_ORDER, SECOND_ORDER  # noqa: E402
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 

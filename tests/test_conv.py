@@ -24,7 +24,6 @@ from torch import nn
 import hbpkit.curvature.memory as budget
 import hbpkit.modules.conv as conv_module
 from hbpkit import backprop, extend
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.curvature.memory import DenseBudgetError
 from hbpkit.extensions import (
@@ -38,6 +37,7 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
+from hbpkit.modules.tables import SECOND_ORDER
 
 DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}

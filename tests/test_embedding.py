@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.extensions import (
     GGNMP,
@@ -32,6 +31,7 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
+from hbpkit.modules.tables import SECOND_ORDER
 
 try:
     from . import reference as ref

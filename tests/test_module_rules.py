@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from hbpkit import extend
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.curvature.factors import DiagonalFactor
 from hbpkit.modules import ACTIVATIONS
+from hbpkit.modules.tables import SECOND_ORDER
 
 N, V = 3, 2
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from hbpkit import extend
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
+from hbpkit.modules.tables import SECOND_ORDER
 
 DT = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}

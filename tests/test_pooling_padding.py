@@ -28,12 +28,12 @@ from backpack.extensions.secondorder.hbp.flatten import HBPFlatten
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.curvature import memory as budget
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.curvature.memory import DenseBudgetError
 from hbpkit.extensions import HBP, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHessian
 from hbpkit.modules import pooling
+from hbpkit.modules.tables import SECOND_ORDER
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import reference as ref

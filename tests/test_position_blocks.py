@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.curvature import memory as budget
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.extensions import HBP, KFRA
+from hbpkit.modules.tables import SECOND_ORDER
 
 DT = torch.float64
 N = 3

@@ -12,12 +12,34 @@ released after the first backward pass that reaches it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 _LINK = "_hbpkit_call"
 NODE_KEY = "hbpkit_call"  # key of the call in its output's autograd node's metadata
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How curvature leaves a call towards its input, decided once per backward pass.
+
+    Set on every call of the graph by the pass's plan (:mod:`hbpkit.engine.plan`)
+    before anything is computed; rules and messages read it instead of deciding again.
+
+    Attributes:
+        position_blocks: batch-averaged curvature leaves as exact position blocks
+            (``hbpkit.curvature.blocks``), not as a dense matrix.
+        takes_local: the module's rules backpropagate local sqrt factors
+            (``hbpkit.curvature.local``).
+        local_out: sqrt factors may leave as local factors (this module and the one
+            that produced its input take them).
+    """
+
+    position_blocks: bool = False
+    takes_local: bool = False
+    local_out: bool = False
 
 
 class ModuleCall:
@@ -32,6 +54,9 @@ class ModuleCall:
         origins: per input, the autograd node that produced it if it is not an
             extended module's output (used in checks and error messages), else ``None``.
         parent, input_origin: ``parents[0]`` and ``origins[0]`` (the input ``x``).
+        rules: the module's curvature rules (``SECOND_ORDER``'s entry), resolved once when the
+            call is recorded (``None``: no rules).
+        plan: how curvature leaves the call (:class:`CallPlan`), set by a backward pass.
         captured: whatever the module's rules captured during the forward pass
             (for instance the mask of a ``Dropout`` layer).
         cache: quantities shared by several extensions during one backward pass
@@ -40,6 +65,8 @@ class ModuleCall:
 
     __slots__ = (
         "module",
+        "rules",
+        "plan",
         "inputs",
         "parents",
         "origins",
@@ -51,8 +78,12 @@ class ModuleCall:
         "__weakref__",
     )
 
-    def __init__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def __init__(
+        self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor, rules: Any = None
+    ) -> None:
         self.module = module
+        self.rules = rules
+        self.plan: CallPlan | None = None
         self.inputs = inputs
         self.output_shape = output.shape
         self.captured: Any = None

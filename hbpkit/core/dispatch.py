@@ -1,9 +1,9 @@
 """Dispatch tables: which derivative rules serve which module type.
 
-Every extension family (first-order, diagonal, Kronecker) owns one
-:class:`DispatchTable`. A lookup walks the module's method resolution order, so a
-subclass of ``nn.Linear`` is served by the ``nn.Linear`` rules unless it registers
-rules of its own.
+Every extension family (first-order, second-order) owns one
+:class:`DispatchTable`, built in :mod:`hbpkit.modules.tables`. A lookup walks the
+module's method resolution order, so a subclass of ``nn.Linear`` is served by the
+``nn.Linear`` rules unless it registers rules of its own.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ class DispatchTable:
 
     Args:
         family: human-readable family name, used in error messages.
+        rules: the initial ``module type -> rules`` entries.
     """
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, rules: dict[type, object] | None = None) -> None:
         self.family = family
         self._rules: dict[type, object] = {}
+        for module_type, module_rules in (rules or {}).items():
+            self.register(module_type, module_rules)
 
     def register(self, module_type: type, rules: object) -> None:
         """Serve ``module_type`` (and its subclasses) with ``rules``."""
@@ -38,32 +41,3 @@ class DispatchTable:
     def types(self) -> list[type]:
         """The module types registered here (not their subclasses)."""
         return list(self._rules)
-
-
-FIRST_ORDER = DispatchTable("first-order")
-"""Rules for per-sample gradients (BatchGrad, BatchL2, SumGradSquared, Variance)."""
-
-SECOND_ORDER = DispatchTable("second-order")
-"""Rules that backpropagate curvature (diagonals, Kronecker factors, HBP)."""
-
-FAMILIES = {"first_order": FIRST_ORDER, "second_order": SECOND_ORDER}
-
-
-def register(module_type: type, rules: object, families: tuple[str, ...] | None = None) -> None:
-    """Teach hbpkit a module type: ``rules`` implements its derivatives.
-
-    ``rules`` is an instance of a subclass of :class:`hbpkit.modules.ModuleRules`
-    (or :class:`hbpkit.modules.LossRules` for a loss). ``families`` picks the
-    extension families (``"first_order"``, ``"second_order"``); default all.
-    See ``examples/custom_module.py``.
-    """
-    names = tuple(FAMILIES) if families is None else families
-    for name in names:
-        if name not in FAMILIES:
-            raise ValueError(f"unknown extension family {name!r}; choose from {sorted(FAMILIES)}")
-        FAMILIES[name].register(module_type, rules)
-
-
-def is_registered(module: nn.Module) -> bool:
-    """Whether any family has rules for ``module``."""
-    return any(table.lookup(module) is not None for table in FAMILIES.values())

@@ -10,7 +10,6 @@ that reach a tensor from its consumers are merged there (``messages.py``).
 from __future__ import annotations
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.core.dispatch import SECOND_ORDER
 
 
 def followed_inputs(call: ModuleCall) -> tuple[int, ...]:
@@ -18,7 +17,7 @@ def followed_inputs(call: ModuleCall) -> tuple[int, ...]:
 
     A loss's target (``inputs[1]``) is data, never followed.
     """
-    if len(call.inputs) > 1 and getattr(SECOND_ORDER.lookup(call.module), "multi_input", False):
+    if len(call.inputs) > 1 and getattr(call.rules, "multi_input", False):
         return tuple(range(len(call.inputs)))
     return (0,)
 

@@ -514,10 +514,15 @@ def accepts_local(rules: object, call: ModuleCall) -> bool:
 
 def parent_accepts_local(call: ModuleCall) -> bool:
     """Whether the module that produced ``call``'s input takes local factors."""
-    from hbpkit.core.dispatch import SECOND_ORDER  # the tables are built on these rules
-
     parent = call.parent
-    return parent is not None and accepts_local(SECOND_ORDER.lookup(parent.module), parent)
+    if parent is None:
+        return False
+    return parent.plan.takes_local if parent.plan else accepts_local(parent.rules, parent)
+
+
+def _takes_local(rules: object, call: ModuleCall) -> bool:
+    """The pass's decision (``call.plan``), or ``rules``' capability outside a pass."""
+    return call.plan.takes_local if call.plan else accepts_local(rules, call)
 
 
 def jac_t_local(rules, call: ModuleCall, factor) -> LocalFactor | SqrtFactor | None:
@@ -528,7 +533,7 @@ def jac_t_local(rules, call: ModuleCall, factor) -> LocalFactor | SqrtFactor | N
     :class:`SqrtFactor` whose result exceeds :data:`STORE_BYTES`, enters it when this
     module and the one before it take local factors.
     """
-    local = accepts_local(rules, call)
+    local = _takes_local(rules, call)
     if isinstance(factor, LocalFactor):
         if not local:
             return rules.jac_t_factor(call, factor.to_dense(call))

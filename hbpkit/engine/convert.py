@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hbpkit.branching import Sum
-from hbpkit.core.dispatch import is_registered
+from hbpkit.modules.tables import is_registered
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 FLATTEN_FUNCTIONS = (torch.flatten,)

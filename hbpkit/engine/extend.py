@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall, link_output
-from hbpkit.core.dispatch import SECOND_ORDER, is_registered
 from hbpkit.engine.context import current
+from hbpkit.modules.tables import SECOND_ORDER, is_registered
 
 _HANDLE = "_hbpkit_hook_handle"
 
@@ -63,8 +63,8 @@ def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | 
         output = replaced = output.view_as(output)  # its own autograd node and tensor hook
     if not isinstance(output, Tensor) or not output.requires_grad or output.grad_fn is None:
         return None
-    call = ModuleCall(module, inputs, output)
     rules = SECOND_ORDER.lookup(module)
+    call = ModuleCall(module, inputs, output, rules)
     if rules is not None:
         try:
             call.captured = rules.capture(module, inputs, output)

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hbpkit.core.dispatch import FIRST_ORDER
 from hbpkit.extensions.base import Extension
-from hbpkit.modules import PARAMETRIC
-
-for _module_type, _rules in PARAMETRIC.items():
-    FIRST_ORDER.register(_module_type, _rules)
+from hbpkit.modules.tables import FIRST_ORDER
 
 
 class _FirstOrder(Extension):

@@ -115,8 +115,8 @@ class AverageMessage:
         mat: Tensor | PositionBlocks,
     ) -> Tensor | PositionBlocks:
         """Dense while it fits the memory budget, then exact position blocks (see
-        ``curvature/blocks.py``)."""
-        if isinstance(mat, PositionBlocks) or rules.ea_needs_blocks(call):
+        ``curvature/blocks.py``), as the pass's plan decided (``call.plan``)."""
+        if call.plan.position_blocks:  # decided by the pass's plan (engine/plan.py)
             out = rules.ea_blocks(call, mat)
         else:
             out = rules.ea_jac_t_mat_jac_prod(call, mat)

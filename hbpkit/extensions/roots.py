@@ -26,13 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.core.dispatch import SECOND_ORDER, DispatchTable
+from hbpkit.core.dispatch import DispatchTable
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
 from hbpkit.extensions.kronecker import KFAC_APPROXES
 from hbpkit.extensions.messages import SqrtMessage
 from hbpkit.modules.base import LossRules
 from hbpkit.modules.kronecker_roots import ROOT_RULES, reduction_scale
+from hbpkit.modules.tables import SECOND_ORDER
 
 ROOT_LOSS_HESSIANS = ("exact", "sampled", "empirical", None)
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from hbpkit.core.dispatch import SECOND_ORDER
 from hbpkit.extensions.base import Extension
-from hbpkit.modules import BACKPROPAGATABLE
-
-for _module_type, _rules in BACKPROPAGATABLE.items():
-    SECOND_ORDER.register(_module_type, _rules)
+from hbpkit.modules.tables import SECOND_ORDER
 
 
 class SecondOrder(Extension):

@@ -1,0 +1,305 @@
+"""The plan of one backward pass: checked and decided before anything is computed.
+
+The first tensor hook that fires (the loss's, for curvature) walks the autograd
+graph back to the input and collects the recorded module calls and trainable
+parameters it reaches. :class:`PassPlan` then, once for the whole pass:
+
+* resolves each call's rules for every active extension;
+* checks that every module is supported by every active extension, that no
+  trainable parameter hides outside extended modules and, for curvature, that the
+  calls are linked through extended modules (a chain, or a DAG with residual blocks
+  and sums, :mod:`hbpkit.core.graph`);
+* decides how curvature leaves each call towards its input (:class:`CallPlan`: dense
+  or position blocks for batch averages, dense or local sqrt factors) and checks
+  every dense tensor a rule will form against the memory budget.
+
+The pass (:mod:`hbpkit.engine.backward_pass`) and the rules read these decisions
+from ``call.plan``; an error here leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from hbpkit.core.calls import NODE_KEY, CallPlan, ModuleCall
+from hbpkit.core.graph import CallGraph, followed_inputs
+from hbpkit.curvature.local import accepts_local, parent_accepts_local
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, check_dense_budget
+from hbpkit.extensions.base import Extension
+from hbpkit.extensions.messages import AverageMessage, SqrtMessage
+from hbpkit.modules.base import LossRules
+
+
+def trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of ``module``'s parameters ``names`` that require gradients."""
+    params = [(name, getattr(module, name, None)) for name in names]
+    return [(name, p) for name, p in params if p is not None and p.requires_grad]
+
+
+def _own_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class PassPlan:
+    """The calls one backward pass from ``root`` reaches, their rules and representations.
+
+    Attributes:
+        graph: the calls curvature flows through (:class:`~hbpkit.core.graph.CallGraph`).
+        calls: every extended call the pass reaches (first-order extensions process
+            calls outside the graph too).
+        second_order: the active extensions that backpropagate curvature.
+    """
+
+    def __init__(self, extensions: tuple[Extension, ...], root: ModuleCall) -> None:
+        self.extensions = extensions
+        self.second_order = [e for e in extensions if e.needs_backprop]
+        self.root = root
+        self.graph = graph = CallGraph(root)
+        self.calls, params = reachable(root)
+        self._rules = {
+            id(c): tuple((ext, ext.table.lookup(c.module)) for ext in extensions)
+            for c in self.calls
+        }
+        # does any call upstream of a call have trainable parameters (needs messages)?
+        self._needs: dict[int, bool] = {}
+        for call in reversed(graph.order):
+            self._needs[id(call)] = any(
+                self._needs[id(p)] or _own_trainable(p.module) for p in graph.parents[id(call)]
+            )
+        self._check(self.calls, params)
+
+    def rules(self, call: ModuleCall) -> tuple[tuple[Extension, Any], ...]:
+        """``(extension, rules or None)`` for every active extension, resolved once."""
+        return self._rules[id(call)]
+
+    def needs_messages(self, call: ModuleCall) -> bool:
+        """Whether a call towards the input has trainable parameters (needs curvature)."""
+        return self._needs[id(call)]
+
+    def receives(self, call: ModuleCall) -> bool:
+        """Whether ``call`` needs the curvature at its output (its own or upstream parameters)."""
+        return self._needs[id(call)] or _own_trainable(call.module)
+
+    # the checks --------------------------------------------------------------------------
+    def _check(self, calls: list[ModuleCall], params: list[nn.Parameter]) -> None:
+        root = self.root
+        if self.second_order and not isinstance(root.rules, LossRules):
+            raise RuntimeError(
+                f"backward() started at the output of {type(root.module).__name__}, not at an "
+                f"extended loss module; {self.second_order[0]!r} backpropagates curvature from "
+                "the loss: extend() the loss module (e.g. extend(nn.CrossEntropyLoss())) and "
+                "call backward() on its output"
+            )
+        modules = [id(c.module) for c in calls]
+        owned: set[int] = set()
+        for call in calls:
+            self._check_call(call, modules.count(id(call.module)))
+            owned.update(id(p) for p in call.module.parameters())
+        stray = [p for p in params if id(p) not in owned]
+        outside = [c for c in calls if c not in self.graph] if self.second_order else []
+        if stray or outside:
+            self._refuse_outside(stray, outside)
+        if self.second_order:
+            self._check_hidden_paths()
+            self._decide_representations()
+
+    def _check_hidden_paths(self) -> None:
+        """Refuse inputs of graph calls computed by operations that depend on the network.
+
+        Such an input (``h * 2`` or ``h + x`` written functionally) carries curvature
+        that hbpkit cannot see, even when every module and parameter is in the graph.
+        """
+        for call in self.graph.order:
+            if call is self.root:
+                continue
+            origins = call.origins
+            slots = followed_inputs(call) if len(origins) > 1 else (0,)
+            for i in slots:
+                origin = origins[i]
+                if origin is not None and _depends_on_network(origin):
+                    self._refuse_hidden(call, origin)
+
+    def _refuse_hidden(self, call: ModuleCall, origin: Any) -> None:
+        name = type(origin).__name__
+        hint = (
+            "Write the addition as a module (hbpkit.branching.Sum, or hbpkit.branching.Residual / "
+            "hbpkit.branching.Parallel), or convert the model with hbpkit.convert(model)"
+            if name.startswith("Add")
+            else "Write it as a module (e.g. nn.Flatten instead of .view, nn.Sigmoid instead "
+            "of torch.sigmoid; hbpkit.convert(model) rewrites + and flatten) and extend() the model"
+        )
+        raise NotImplementedError(
+            f"the input of {type(call.module).__name__} comes from {name}, an operation outside "
+            "extended modules that depends on parameters; hbpkit cannot backpropagate "
+            f"curvature through it. {hint}"
+        )
+
+    def _decide_representations(self) -> None:
+        """Decide how curvature leaves each call (:class:`CallPlan`) and check the memory budget.
+
+        Batch-averaged messages switch to exact position blocks where the dense
+        matrix exceeds the budget (``curvature/blocks.py``); every module
+        towards the input must then handle blocks exactly, and weights that receive
+        them must take their Kronecker factors from blocks (``expand`` only).
+
+        A diagonal residual factor that enters a module taking local factors
+        (``curvature/local.py``) is not densified there: its columns are counted
+        and checked as a dense factor where the next module takes no local factors.
+        Every module refuses up front what it would densify (``curvature/memory.py``).
+        The pass reads the decisions from ``call.plan``; nothing decides them again.
+        """
+        for call in self.graph.order:  # what parent_accepts_local reads
+            call.plan = CallPlan(takes_local=accepts_local(call.rules, call))
+        keys = [e.message for e in self.second_order]
+        averaged = any(isinstance(k, AverageMessage) for k in keys)
+        reduce = [
+            e
+            for e in self.second_order
+            if isinstance(e.message, AverageMessage) and getattr(e, "kfac_approx", "") == "reduce"
+        ]
+        residuals = any(isinstance(k, SqrtMessage) and k.curvature != "ggn" for k in keys)
+        # what arrives at a call's output: diagonal residual factors, position blocks,
+        # and the columns of local factors
+        diagonal_out: dict[int, bool] = {}
+        blocks_out: dict[int, bool] = {}
+        columns_out: dict[int, int] = {}
+        for call in self.graph.order[1:]:
+            rules = call.rules
+            blocks = blocks_out.get(id(call), False)
+            if blocks and _own_trainable(call.module) and (reduce or not rules.kron_from_blocks):
+                raise NotImplementedError(
+                    f"the batch-averaged curvature at the output of {call.module} is carried as "
+                    "position blocks (its dense form exceeds the memory budget, "
+                    "hbpkit.curvature.memory.MAX_DENSE_BYTES), from which "
+                    f"{reduce[0] if reduce else type(call.module).__name__} cannot form "
+                    "Kronecker factors; use kfac_approx='expand', a per-sample extension "
+                    "(KFLR, KFAC), or raise the budget"
+                )
+            if not self.needs_messages(call):
+                continue
+            diagonal = diagonal_out.get(id(call), False)
+            if averaged and self.graph.is_chain:  # blocks on chains only
+                if blocks:
+                    rules.check_blocks(call, from_blocks=True)
+                elif rules.ea_needs_blocks(call):
+                    blocks = True
+            takes_local = call.plan.takes_local
+            local = takes_local and parent_accepts_local(call)
+            call.plan = CallPlan(blocks, takes_local, local)
+            rules.check_budget(call, averaged and not blocks, diagonal and not local)
+            local_columns = columns_out.get(id(call), 0)
+            if diagonal and local and not rules.keeps_diagonal:
+                local_columns += call.output_shape[1:].numel()
+            if local_columns and not local and takes_local:
+                x = call.inputs[0]
+                check_dense_budget(
+                    call,
+                    (local_columns, *x.shape),
+                    x.dtype,
+                    "Densifying local curvature factors",
+                    DIAGONAL_ADVICE,
+                )
+            if not local:
+                local_columns = 0
+            if residuals and not rules.linear_in_input:
+                diagonal = True
+            elif not rules.keeps_diagonal:
+                diagonal = False
+            for parent in self.graph.parents[id(call)]:
+                diagonal_out[id(parent)] = diagonal_out.get(id(parent), False) or diagonal
+                blocks_out[id(parent)] = blocks
+                columns_out[id(parent)] = columns_out.get(id(parent), 0) + local_columns
+
+    def _check_call(self, call: ModuleCall, times_called: int) -> None:
+        module = call.module
+        name = type(module).__name__
+        if times_called > 1:
+            raise NotImplementedError(
+                f"{name} is called {times_called} times in one forward pass; shared modules "
+                "are not supported yet"
+            )
+        if call is not self.root and isinstance(call.rules, LossRules):
+            raise NotImplementedError(f"{name} is used inside the network, not as its loss")
+        validated = set()
+        for ext, rules in self.rules(call):
+            if rules is None:
+                if ext.needs_backprop or _own_trainable(module):
+                    raise NotImplementedError(
+                        f"{name} is not supported by {ext!r}; register rules for it with "
+                        "hbpkit.register(...)"
+                    )
+                continue
+            if id(rules) not in validated:
+                rules.validate(call)
+                validated.add(id(rules))
+
+    def _refuse_outside(self, stray: list[nn.Parameter], outside: list[ModuleCall]) -> None:
+        """Parameters or modules the loss reaches outside the graph of extended modules."""
+        if self.second_order:
+            for call in self.graph.order:
+                for origin in call.origins[:1] if call is self.root else call.origins:
+                    if origin is not None:
+                        self._refuse_hidden(call, origin)
+        if outside:
+            raise NotImplementedError(
+                f"{type(outside[0].module).__name__} is reached from the loss outside the graph "
+                "of extended modules (through an operation hbpkit does not see); curvature "
+                "extensions need extended modules linked tensor to tensor"
+            )
+        shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3])
+        raise NotImplementedError(
+            f"the loss depends on {len(stray)} trainable parameter(s) of shape {shapes}"
+            f"{', ...' if len(stray) > 3 else ''} that no extended module owns: extend() the "
+            "whole model (or set requires_grad=False on parameters hbpkit should ignore)"
+        )
+
+
+def _depends_on_network(node: Any) -> bool:
+    """Whether the autograd graph below ``node`` reaches an extended call or a trainable leaf."""
+    stack, seen, visited = [node], set(), []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        visited.append(node)  # keep the wrappers (and their ids) alive during the walk
+        if node.metadata.get(NODE_KEY) is not None:
+            return True
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, nn.Parameter) and variable.requires_grad:
+            return True
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
+def reachable(root: ModuleCall) -> tuple[list[ModuleCall], list[nn.Parameter]]:
+    """The extended calls and trainable parameters the backward pass from ``root`` reaches.
+
+    Walks the autograd graph from ``root``'s inputs; a call is found through the
+    metadata of its output's autograd node, a parameter through its
+    ``AccumulateGrad`` node.
+    """
+    calls, params = [root], []
+    stack, visited, seen = [], [], set()
+    for t in root.inputs:
+        if isinstance(t, Tensor) and t.requires_grad:
+            if t.grad_fn is not None:
+                stack.append(t.grad_fn)
+            elif isinstance(t, nn.Parameter):
+                params.append(t)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        visited.append(node)  # keep the Python wrapper (and its id) alive during the walk
+        call = node.metadata.get(NODE_KEY)
+        if call is not None and not call.released:
+            calls.append(call)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, nn.Parameter) and variable.requires_grad:
+            params.append(variable)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return calls, params
