@@ -28,7 +28,6 @@ from hbpkit.core.graph import CallGraph, followed_inputs
 from hbpkit.curvature.local import accepts_local, parent_accepts_local
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, check_dense_budget
 from hbpkit.extensions.base import Extension
-from hbpkit.extensions.messages import AverageMessage, SqrtMessage
 from hbpkit.modules.base import LossRules
 
 
@@ -153,13 +152,9 @@ class PassPlan:
         for call in self.graph.order:  # what parent_accepts_local reads
             call.plan = CallPlan(takes_local=accepts_local(call.rules, call))
         keys = [e.message for e in self.second_order]
-        averaged = any(isinstance(k, AverageMessage) for k in keys)
-        reduce = [
-            e
-            for e in self.second_order
-            if isinstance(e.message, AverageMessage) and getattr(e, "kfac_approx", "") == "reduce"
-        ]
-        residuals = any(isinstance(k, SqrtMessage) and k.curvature != "ggn" for k in keys)
+        averaged = any(k.batch_averaged for k in keys)
+        dense = [e for e in self.second_order if not e.accepts_position_blocks]
+        residuals = any(k.residual_factors for k in keys)
         # what arrives at a call's output: diagonal residual factors, position blocks,
         # and the columns of local factors
         diagonal_out: dict[int, bool] = {}
@@ -168,13 +163,13 @@ class PassPlan:
         for call in self.graph.order[1:]:
             rules = call.rules
             blocks = blocks_out.get(id(call), False)
-            if blocks and _own_trainable(call.module) and (reduce or not rules.kron_from_blocks):
+            if blocks and _own_trainable(call.module) and (dense or not rules.kron_from_blocks):
                 raise NotImplementedError(
                     f"the batch-averaged curvature at the output of {call.module} is carried as "
                     "position blocks (its dense form exceeds the memory budget, "
                     "hbpkit.curvature.memory.MAX_DENSE_BYTES), from which "
-                    f"{reduce[0] if reduce else type(call.module).__name__} cannot form "
-                    "Kronecker factors; use kfac_approx='expand', a per-sample extension "
+                    f"{dense[0] if dense else type(call.module).__name__} cannot form "
+                    "its quantity; use kfac_approx='expand', a per-sample extension "
                     "(KFLR, KFAC), or raise the budget"
                 )
             if not self.needs_messages(call):

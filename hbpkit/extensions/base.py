@@ -23,6 +23,16 @@ class Extension:
     message: Any = None
 
     @property
+    def accepts_position_blocks(self) -> bool:
+        """Whether the parameter quantity can be formed from position blocks.
+
+        Batch-averaged curvature over a large feature map arrives as its exact
+        position-diagonal blocks (``hbpkit.curvature.blocks``); an extension that needs
+        the dense matrix says so here, and the pass refuses it up front.
+        """
+        return True
+
+    @property
     def needs_backprop(self) -> bool:
         """Whether the extension backpropagates curvature from the loss."""
         return self.message is not None

@@ -69,6 +69,11 @@ class HBP(SecondOrder):
         else:
             self.message = AverageMessage(loss_hessian, samples, curvature)
 
+    @property
+    def accepts_position_blocks(self) -> bool:
+        """``kfac_approx="reduce"`` sums over all pairs of positions: it needs the dense matrix."""
+        return self.kfac_approx == "expand"
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
         if self.backprop == "sqrt":
             factors = rules.kron_from_sqrt(call, name, message, self.kfac_approx)

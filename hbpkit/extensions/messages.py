@@ -55,13 +55,30 @@ LOSS_ORIGIN = "loss"  # origin of the loss Hessian's factor; a residual's origin
 Factors = dict  # origin -> Factor, in order of creation
 
 
+class Message:
+    """What a second-order extension backpropagates; the flags the pass's plan reads.
+
+    Subclasses implement ``initial`` (at the loss), ``propagate`` (through a module),
+    ``merge`` (where a tensor feeds several consumers), ``for_params`` (what the
+    parameter rules receive) and ``for_dag`` (the variant for branching graphs).
+    """
+
+    batch_averaged = False  # one [D, D] matrix per tensor instead of per-sample factors
+    residual_factors = False  # modules add (diagonal) residual factors to the message
+
+
 @dataclass(frozen=True)
-class SqrtMessage:
+class SqrtMessage(Message):
     """Per-sample symmetric factors of the output curvature, keyed by their origin."""
 
     loss_hessian: str  # "exact" | "sampled"
     mc_samples: int
     curvature: str
+
+    @property
+    def residual_factors(self) -> bool:
+        """Whether modules add (diagonal) residual factors: every curvature but the GGN."""
+        return self.curvature != "ggn"
 
     def initial(self, rules: LossRules, call: ModuleCall) -> Factors:
         if self.loss_hessian == "exact":
@@ -94,12 +111,14 @@ class SqrtMessage:
 
 
 @dataclass(frozen=True)
-class AverageMessage:
+class AverageMessage(Message):
     """One batch-averaged ``[D, D]`` output curvature (approximation (9), S.11)."""
 
     loss_hessian: str  # "average" | "sampled"
     mc_samples: int
     curvature: str
+
+    batch_averaged = True  # residuals are summed into the matrix: no residual factors
 
     def initial(self, rules: LossRules, call: ModuleCall) -> Tensor:
         if self.loss_hessian == "average":
@@ -183,7 +202,7 @@ class OutputCurvature:
 
 
 @dataclass(frozen=True)
-class ProductMessage:
+class ProductMessage(Message):
     """The exact output curvature as an operator (:class:`OutputCurvature`), no factors.
 
     Messages of different curvatures share their links where they coincide: the

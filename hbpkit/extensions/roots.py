@@ -30,7 +30,7 @@ from hbpkit.core.dispatch import DispatchTable
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
 from hbpkit.extensions.kronecker import KFAC_APPROXES
-from hbpkit.extensions.messages import SqrtMessage
+from hbpkit.extensions.messages import Message, SqrtMessage
 from hbpkit.modules.base import LossRules
 from hbpkit.modules.kronecker_roots import ROOT_RULES, reduction_scale
 from hbpkit.modules.tables import SECOND_ORDER
@@ -67,7 +67,7 @@ for _module_type, _rules in ROOT_RULES.items():
 
 
 @dataclass(frozen=True)
-class EmpiricalMessage:
+class EmpiricalMessage(Message):
     """Backpropagates nothing but the loss's reduction factor ``c`` (``L = c sum_n l_n``)."""
 
     def initial(self, rules: LossRules, call: ModuleCall) -> float:
