@@ -1,14 +1,20 @@
-"""The README's support table, generated from the dispatch tables.
+"""The docs' generated tables: supported modules, and the rules each extension needs.
 
-Rows are module types (grouped when a family's types have the same cells),
-columns are extensions. A cell follows from the rules registered for the type
-(``hbpkit.core.dispatch.FIRST_ORDER`` / ``SECOND_ORDER``): which rules an extension
-needs (its parameter rule, and the rules that carry its message through the
-module, see ``hbpkit/extensions/messages.py``) and whether the rules object
-implements them (``ModuleRules.implements``).
+Both come from one piece of logic: which rules an extension needs
+(:func:`param_rules`, its per-parameter rule; :func:`message_rules`, the rules
+that carry its message through a module, see ``hbpkit/extensions/messages.py``;
+:func:`loss_rule`, what the loss must provide).
 
-    python3 scripts/support_table.py           # rewrite the table in README.md
-    python3 scripts/support_table.py --check   # exit 1 if README.md is out of date
+* ``docs/supported-modules.md``: rows are module types (grouped when a family's
+  types have the same cells), columns are extensions. A cell follows from the
+  rules registered for the type (``hbpkit.core.dispatch.FIRST_ORDER`` /
+  ``SECOND_ORDER``) and whether the rules object implements what the extension
+  needs (``ModuleRules.implements``).
+* ``docs/own-module.md``: rows are extensions, columns are rule methods: what a
+  user's rules class must implement for each extension (``hbpkit.register``).
+
+    python3 scripts/support_table.py           # rewrite both tables in docs/
+    python3 scripts/support_table.py --check   # exit 1 if a page is out of date
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import inspect
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,7 +38,13 @@ from hbpkit.extensions.messages import AverageMessage, ProductMessage, SqrtMessa
 from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules  # noqa: E402
 from hbpkit.modules.tables import FIRST_ORDER, SECOND_ORDER  # noqa: E402
 
-START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+#: (page, start marker, end marker) of each generated table
+SUPPORT_PAGE = (
+    "docs/supported-modules.md",
+    "<!-- support-table:start -->",
+    "<!-- support-table:end -->",
+)
+MATRIX_PAGE = ("docs/own-module.md", "<!-- rule-matrix:start -->", "<!-- rule-matrix:end -->")
 
 #: the columns: (header, extension instance, label of a supported cell)
 COLUMNS = [
@@ -80,14 +93,30 @@ def message_rules(extension, rules: ModuleRules) -> list[str]:
     message = extension.message
     if message is None:
         return []
-    needed = {
-        SqrtMessage: ["jac_t_mat_prod"],
-        AverageMessage: ["ea_jac_t_mat_jac_prod"],
-        ProductMessage: ["jac_mat_prod", "jac_t_mat_prod"],
+    needed, residual = {
+        SqrtMessage: (["jac_t_mat_prod"], "residual_factor"),
+        AverageMessage: (["ea_jac_t_mat_jac_prod"], "residual_sum"),
+        ProductMessage: (["jac_mat_prod", "jac_t_mat_prod"], "residual_mat_prod"),
     }[type(message)]
     if message.curvature != "ggn" and not rules.linear_in_input:
-        needed = [*needed, "residual_factor"]
+        needed = [*needed, residual]
     return needed
+
+
+def loss_rule(extension) -> str | None:
+    """The ``LossRules`` method that starts ``extension``'s message, or ``None``."""
+    message = extension.message
+    if message is None:
+        return None
+    if isinstance(message, ProductMessage):
+        return "hessian_mat_prod"
+    if message.loss_hessian == "sampled":
+        return "sqrt_hessian_sampled"
+    return {"exact": "sqrt_hessian", "average": "sum_hessian"}[message.loss_hessian]
+
+
+#: the three forms of a module's residual (eq. 7); their defaults build on ``residual_diag``
+RESIDUAL_RULES = ("residual_factor", "residual_sum", "residual_mat_prod")
 
 
 @functools.cache
@@ -103,21 +132,15 @@ def only_raises(function) -> bool:
 def implements(rules: ModuleRules, name: str) -> bool:
     """``rules.implements(name)``, not counting overrides that only refuse."""
     names = [name]
-    if name == "residual_factor":  # the diagonal default builds on residual_diag
+    if name in RESIDUAL_RULES:  # the diagonal defaults build on residual_diag
         names.append("residual_diag")
     return any(rules.implements(n) and not only_raises(getattr(type(rules), n)) for n in names)
 
 
 def loss_cell(extension, rules: LossRules) -> str:
-    message = extension.message
-    if message is None:
+    needed = loss_rule(extension)
+    if needed is None:
         return "–"
-    if isinstance(message, ProductMessage):
-        needed = "hessian_mat_prod"
-    elif message.loss_hessian == "sampled":
-        needed = "sqrt_hessian_sampled"
-    else:
-        needed = {"exact": "sqrt_hessian", "average": "sum_hessian"}[message.loss_hessian]
     return "✓" if getattr(type(rules), needed) is not getattr(LossRules, needed) else "✗"
 
 
@@ -168,7 +191,7 @@ def rows() -> list[tuple[str, list[str], list[str], str]]:
 
 
 def build_table() -> str:
-    """The Markdown table with its legend, between the README markers (markers excluded)."""
+    """The support table with its legend, between the page's markers (markers excluded)."""
     header = ["family", "modules", *[h for h, _, _ in COLUMNS], "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for fam, names, cells, note in rows():
@@ -177,27 +200,113 @@ def build_table() -> str:
     return "\n".join(["", *lines, "", LEGEND, ""])
 
 
-def replace_in(text: str, table: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the markers {START} / {END}")
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    return before + START + table + END + after
+#: the rows of the rule matrix: the support table's columns and the batch-averaged Hessian
+MATRIX_ROWS = [(h, e) for h, e, _ in COLUMNS] + [
+    ("HBP hessian, batch-average", ext.HBP("hessian", "average", "batch-average"))
+]
+
+#: the columns of the rule matrix: the rule methods users implement, by kind
+MATRIX_COLUMNS = {
+    "parameter rules": ["batch_grad", "param_diag", "kron_from_sqrt", "kron_from_average"]
+    + ["param_jac_mat_prod", "param_jac_t_mat_prod_sum", "param_residual_mat_prod"],
+    "message rules": ["jac_t_mat_prod", "jac_mat_prod", "ea_jac_t_mat_jac_prod"]
+    + list(RESIDUAL_RULES),
+    "loss rules": ["sqrt_hessian", "sqrt_hessian_sampled", "sum_hessian", "hessian_mat_prod"],
+}
+
+MATRIX_LEGEND = (
+    "✓: needed from every module the extension meets; ⁱ: only from modules nonlinear in "
+    "their input (`linear_in_input = False`: activations, normalization); ᵖ: only from "
+    "modules nonlinear in their parameters (`linear_in_params = False`). Parameter rules are "
+    "needed from modules with trainable parameters, message rules from every module the "
+    "message passes on its way from the loss to the first module with parameters (that "
+    "module excluded), loss rules from the loss. An extension missing from a table needs "
+    "nothing from that kind of rules. `residual_factor`, `residual_sum` and "
+    "`residual_mat_prod` have defaults built on `residual_diag` (elementwise second "
+    "derivatives); first-order rules other than `batch_grad` (`batch_l2`, "
+    "`sum_grad_squared`, ...) have defaults built on it."
+)
+
+
+def _flags(linear_in_input: bool, linear_in_params: bool) -> SimpleNamespace:
+    """A stand-in rules object: what :func:`param_rules` / :func:`message_rules` read."""
+    return SimpleNamespace(linear_in_input=linear_in_input, linear_in_params=linear_in_params)
+
+
+def rule_needs(extension) -> dict[str, str]:
+    """``{rule method: "✓" | "ⁱ" | "ᵖ"}``: what a rules class implements for ``extension``."""
+    needs: dict[str, str] = {}
+    linear, nonlinear = _flags(True, True), _flags(False, False)
+    for name in message_rules(extension, nonlinear):
+        needs[name] = "✓" if name in message_rules(extension, linear) else "ⁱ"
+    for name in param_rules(extension, nonlinear):
+        needs[name] = "✓" if name in param_rules(extension, linear) else "ᵖ"
+    loss = loss_rule(extension)
+    if loss is not None:
+        needs[loss] = "✓"
+    return needs
+
+
+def build_matrix() -> str:
+    """The rule matrix with its legend, between the page's markers (markers excluded)."""
+    needs = {header: rule_needs(e) for header, e in MATRIX_ROWS}
+    named = {m for ms in MATRIX_COLUMNS.values() for m in ms}
+    unnamed = {m for n in needs.values() for m in n} - named
+    if unnamed:
+        raise SystemExit(f"rules {sorted(unnamed)} have no column in the rule matrix")
+    for title, columns in MATRIX_COLUMNS.items():  # every column is a method users can override
+        base = LossRules if title == "loss rules" else ModuleRules
+        missing = [m for m in columns if not hasattr(base, m)]
+        if missing:
+            raise SystemExit(f"{base.__name__} has no method(s) {missing}")
+    blocks = []
+    for title, columns in MATRIX_COLUMNS.items():
+        header = ["extension", *[f"`{m}`" for m in columns]]
+        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "---|" * len(header))
+        for row, need in needs.items():
+            if not any(m in need for m in columns):
+                continue  # e.g. first-order extensions: no message, no loss rule
+            lines.append("| " + " | ".join([row, *[need.get(m, "") for m in columns]]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n".join(["", "\n\n".join(blocks), "", MATRIX_LEGEND, ""])
+
+
+def replace_in(text: str, table: str, start: str, end: str, page: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{page} lacks the markers {start} / {end}")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return before + start + table + end + after
+
+
+def generated() -> dict[Path, tuple[str, str]]:
+    """``{page: (current text, text with fresh tables)}``."""
+    out = {}
+    for (page, start, end), build in [(SUPPORT_PAGE, build_table), (MATRIX_PAGE, build_matrix)]:
+        path = ROOT / page
+        text = path.read_text()
+        out[path] = (text, replace_in(text, build(), start, end, page))
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if README.md is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a page is stale")
     args = parser.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = replace_in(text, build_table())
-    if args.check:
-        if new != text:
-            print("README.md's support table is out of date: run python3 scripts/support_table.py")
-            return 1
-        return 0
-    readme.write_text(new)
+    stale = []
+    for path, (text, new) in generated().items():
+        if new == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(new)
+    if args.check and stale:
+        names = ", ".join(map(str, stale))
+        print(
+            f"the generated tables in {names} are out of date: run python3 scripts/support_table.py"
+        )
+        return 1
     return 0
 
 

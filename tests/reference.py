@@ -343,7 +343,7 @@ def kron_factors_batch_average(
     curvature: str = "ggn",
     xs: list[Tensor] | None = None,
 ) -> dict[nn.Parameter, tuple[Tensor, ...]]:
-    """The batch-average recursion of DESIGN.md sec. 2 (KFRA, ``HBP(., "average", ...)``).
+    """The batch-average recursion of approximation (9), S.11 (KFRA, ``HBP(., "average", ...)``).
 
     Start at the output with ``H_z = sum_n d2L / dz_n dz_n``; through every layer
     ``H_x = mean_n(J_n^T H_z J_n) + sum_n m(diag(phi''(x_n) * dL/dz_n))``

@@ -28,7 +28,7 @@ residual ``sum_n phi''(x_n) * dL/dz_n`` (``hessian_diagonal(...).sum(0)``)
 modified by the curvature type (dropped for ``"ggn"``, kept for
 ``"hessian"``, ``abs`` / ``clamp(min=0)`` of the *summed* residual for the
 PCH variants). Linear weight blocks are ``[H_z, 1/N sum_n x_n x_n^T]``, bias
-blocks ``[H_z]``. That is DESIGN.md section 2's batch-average recursion, so
+blocks ``[H_z]``. That is the batch-average recursion of approximation (9), so
 ``HBP(c, "average", "batch-average")`` is compared with BackPACK's
 ``HBP(c, SUM, BATCH_AVERAGE, BOTEV_MARTENS)`` (``KFRA`` for ``c="ggn"``).
 

@@ -571,7 +571,7 @@ def _kflr_reference(model, loss_fn, X, y, k: int, approx: str) -> torch.Tensor:
 
 
 def _kfra_reference(model, loss_fn, X, y, k: int, approx: str) -> torch.Tensor:
-    """``G`` of KFRA for ``model[k]``: the batch-average recursion (DESIGN sec. 2), then blocks."""
+    """``G`` of KFRA for ``model[k]``: the batch-average recursion (approx. (9)), then blocks."""
     xs = _trace(model, X)
     out = xs[-1].detach()
     H = torch.autograd.functional.hessian(lambda o: loss_fn(o, y), out)

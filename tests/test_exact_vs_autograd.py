@@ -385,7 +385,7 @@ def check_factor_shapes(p, factors):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("act", activation_params())
 def test_kflr_kfra_batch_one_equal_ggn_block(act, loss, reduction):
-    """DESIGN sec. 3: KFLR and KFRA at batch size 1 (no weight sharing) == exact GGN block."""
+    """docs/user-guide.md, Exactness: KFLR, KFRA at N = 1 (no weight sharing) == exact GGN block."""
     case = Case(lambda: mlp(act), loss, reduction, (1, 5))
     case.run(KFLR(), KFRA())
     qs = case.plain_params()
@@ -416,7 +416,7 @@ def test_kflr_any_batch_equals_definition(act, loss, reduction):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("act", activation_params(["Sigmoid", "Tanh", "ReLU", "Softplus"]))
 def test_batch_average_any_batch_equals_definition(act, loss, curvature):
-    """KFRA, HBP(curvature, "average", "batch-average") at N=4 == the recursion of DESIGN sec. 2."""
+    """KFRA, HBP(curvature, "average", "batch-average") at N=4 == the recursion of approx. (9)."""
     case = Case(lambda: mlp(act), loss, "mean", (4, 5))
     field = "kfra" if curvature == "ggn" else "hbp"
     ext = KFRA() if curvature == "ggn" else HBP(curvature, "average", "batch-average")
@@ -802,7 +802,7 @@ def test_unsupported_lstm_raises_before_writing(ext):
 def test_lstm_parameters_are_not_silently_skipped(ext):
     """LSTM -> Linear: the LSTM's parameters require grad and feed the loss, so either the
     whole backward raises NotImplementedError (nothing written) or every one of them gets
-    its quantity (DESIGN sec. 1: no half-written results)."""
+    its quantity (docs/design.md, Principles: no half-written results)."""
     ext = ext()
     case = Case(lambda: nn.Sequential(LastStepLSTM(), nn.Linear(3, 3)), "ce", "mean", (3, 2, 4))
     field = SAVEFIELDS[type(ext)]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from example_scripts import load_example
+import re
+from pathlib import Path
+
+from example_scripts import EXAMPLES, load_example
 
 
 def test_custom_module_example_matches_autograd():
@@ -13,3 +16,14 @@ def test_digits_demo_kronecker_step_beats_gradient_descent():
     results = load_example("digits_demo").main()
     assert results["kflr"][0] < 0.5 * results["gd"][0]
     assert results["kflr"][1] > 0.9
+
+
+def test_every_example_runs_in_a_test():
+    """Each script in ``examples/`` (helpers start with ``_``) is named, as a string, by a
+    test that runs it (``load_example("name")``, a parametrised list, or ``"name.py"``)."""
+    tests = Path(__file__).resolve().parent
+    sources = "\n".join(p.read_text() for p in sorted(tests.rglob("test_*.py")))
+    scripts = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_"))
+    assert scripts, f"no examples found in {EXAMPLES}"
+    untested = [n for n in scripts if not re.search(rf"[\"']{n}(\.py)?[\"']", sources)]
+    assert not untested, f"examples that no test runs: {untested}"

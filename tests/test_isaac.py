@@ -73,7 +73,7 @@ def test_isaac_step_equals_explicit_zeta_with_kflr_factors():
 
 
 def test_zeta_star_equals_foof_without_average_and_amortisation():
-    """DESIGN sec. 7: FOOF(ema=0, T=1) moves by lr * zeta* with lambda_a = damping."""
+    """ISAAC eq. 21: FOOF(ema=0, T=1) moves by lr * zeta* with lambda_a = damping."""
     model, X, y = _mlp()
     twin = extend(nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 4)).to(DT))
     twin.load_state_dict(model.state_dict())

@@ -1,7 +1,12 @@
-"""The README's support table comes from the code, and its cells hold when run."""
+"""The docs' generated tables come from the code, and their cells hold when run.
+
+``docs/supported-modules.md``: which module supports which extension;
+``docs/own-module.md``: which rule methods each extension needs (the rule matrix).
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -11,7 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+import hbpkit
 from hbpkit import backprop, extend
+from hbpkit.modules.base import ModuleRules
+from hbpkit.modules.tables import SECOND_ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,9 +33,9 @@ def _script():
     return module
 
 
-def test_readme_table_is_up_to_date():
-    """``python3 scripts/support_table.py`` would not change README.md (a fresh interpreter:
-    other tests register module types of their own)."""
+def test_generated_tables_are_up_to_date():
+    """``python3 scripts/support_table.py`` would not change the docs pages (a fresh
+    interpreter: other tests register module types of their own)."""
     script = ROOT / "scripts" / "support_table.py"
     done = subprocess.run(
         [sys.executable, str(script), "--check"], capture_output=True, text=True, cwd=ROOT
@@ -94,3 +102,79 @@ def test_cells_hold(name):
         else:
             with backprop(extension):
                 loss.backward()
+
+
+# ------------------------------------------------------------------------- the rule matrix
+#: rules with defaults built on ``batch_grad``: reset in the restricted classes below, so
+#: that a class keeping only ``batch_grad`` behaves like a user's class that implements it
+FIRST_ORDER_DEFAULTS = ("batch_l2", "sum_grad_squared", "summed_grad", "cached_batch_grad")
+
+
+class _MatrixLinear(nn.Linear):
+    """Served by a copy of the Linear rules that keeps only the matrix's rules."""
+
+
+class _MatrixSigmoid(nn.Sigmoid):
+    """Served by a copy of the Sigmoid rules that keeps only the matrix's rules."""
+
+
+def _matrix_methods() -> list[str]:
+    """The matrix's ``ModuleRules`` columns (parameter and message rules)."""
+    columns = _script().MATRIX_COLUMNS
+    return columns["parameter rules"] + columns["message rules"]
+
+
+def _restricted(rules: ModuleRules, keep: set[str]) -> ModuleRules:
+    """A copy of ``rules`` whose matrix methods outside ``keep`` are ``ModuleRules``' own."""
+    reset = [m for m in _matrix_methods() if m not in keep] + list(FIRST_ORDER_DEFAULTS)
+    cls = type(
+        f"Only{type(rules).__name__}", (type(rules),), {m: getattr(ModuleRules, m) for m in reset}
+    )
+    copied = copy.copy(rules)
+    copied.__class__ = cls
+    return copied
+
+
+def _run(extension, linear: type, sigmoid: type) -> list:
+    """``extension``'s results on ``Linear -> Sigmoid -> Linear -> CrossEntropyLoss``."""
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(linear(3, 4), sigmoid(), linear(4, 2)).double())
+    X = torch.randn(5, 3, dtype=torch.float64)
+    loss = extend(nn.CrossEntropyLoss())(model(X), torch.tensor([0, 1, 0, 1, 1]))
+    torch.manual_seed(1)  # the same Monte-Carlo draws
+    with backprop(extension):
+        loss.backward()
+    results = []
+    for p in model.parameters():
+        value = getattr(p, extension.savefield)
+        if callable(value):  # a curvature-matrix product: apply it
+            value = value(torch.randn(2, *p.shape, dtype=torch.float64, generator=_gen()))
+        results.append(value)
+    return results
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(2)
+
+
+@pytest.mark.parametrize("row", [h for h, _ in _script().MATRIX_ROWS])
+def test_rule_matrix_rows_hold(row):
+    """Rules that implement exactly a row's methods compute the extension (same values as
+    the full rules), and dropping any method the row marks ✓ makes it refuse."""
+    script = _script()
+    extension = dict(script.MATRIX_ROWS)[row]
+    needs = script.rule_needs(extension)
+    linear_rules = SECOND_ORDER.lookup(nn.Linear(1, 1))  # linear in input and parameters
+    sigmoid_rules = SECOND_ORDER.lookup(nn.Sigmoid())  # nonlinear in its input
+    keep_linear = {m for m, c in needs.items() if c == "✓"}
+    keep_sigmoid = {m for m, c in needs.items() if c in ("✓", "ⁱ")}
+    hbpkit.register(_MatrixSigmoid, _restricted(sigmoid_rules, keep_sigmoid))
+    hbpkit.register(_MatrixLinear, _restricted(linear_rules, keep_linear))
+    got = _run(extension, _MatrixLinear, _MatrixSigmoid)
+    expected = _run(extension, nn.Linear, nn.Sigmoid)
+    for g, e in zip(got, expected, strict=True):  # tensors, or KroneckerFactors (tuples)
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    for method in sorted(keep_linear & set(_matrix_methods())):
+        hbpkit.register(_MatrixLinear, _restricted(linear_rules, keep_linear - {method}))
+        with pytest.raises(NotImplementedError):
+            _run(extension, _MatrixLinear, _MatrixSigmoid)

@@ -9,7 +9,7 @@
 * :class:`EmpiricalKFAC` (``p.kfac_empirical``): Kronecker factors with the empirical
   Fisher's output factor, ``G = g_bar^T g_bar`` from the gradients of the true labels.
 
-Relation to ``KFAC`` / ``KFLR`` (DESIGN sec. 3, tested): with the same ``kfac_approx``
+Relation to ``KFAC`` / ``KFLR`` (docs/user-guide.md, Conventions; tested): same ``kfac_approx``
 and, for ``"sampled"``, the same draw (both extensions in one ``backprop(...)`` share
 the backpropagated factors), ``p.kflr == (g_bar^T g_bar, a^T a / b)`` for
 ``KroneckerRoots("exact")`` and ``p.kfac == ...`` for ``KroneckerRoots("sampled")``.

@@ -58,7 +58,7 @@ class ModuleRules:
     diagonal_jacobian: bool = False
     #: whether ``z`` is linear in every parameter (no parameter residual ``sum_k d2z_k/dp2 dz_k``)
     linear_in_params: bool = True
-    #: a short remark for the README's support table (``scripts/support_table.py``)
+    #: a short remark for the support table (docs/supported-modules.md)
     support_note: str = ""
     #: whether :meth:`kron_from_average` takes position blocks (``kfac_approx="expand"``)
     kron_from_blocks: bool = False

@@ -19,7 +19,7 @@ Notation in this file: ``u_{n,p}`` ``[S]`` is the ``p``-th patch of sample ``n``
 (a column of ``[[x_n]]``), ``s_{v,n,p}`` ``[C_out]`` the sqrt factor ``v`` at output
 position ``p``, ``D = C * prod(spatial)`` the number of features.
 
-Kronecker factors of the weight (``[G C_out x C_out, A S x S]``, DESIGN sec. 3).
+Kronecker factors of the weight (``[G C_out x C_out, A S x S]``, docs/user-guide.md, Conventions).
 The weight is shared over the ``P`` output positions; the exact block of one
 sample is ``sum_{v,p,q} (s_p s_q^T) kron (u_p u_q^T)`` (D.4), and ``kfac_approx``
 picks its Kronecker approximation:
@@ -44,7 +44,7 @@ an input entry ``1``, so it gets ``[G]`` of the chosen approximation; with
 D.4 for any ``N`` and ``P``.
 
 BackPACK 1.7.1 pairs the reduce ``G`` with ``P`` times the expand ``A`` (neither
-approximation; DESIGN sec. 6). With ``groups > 1`` the weight block is a
+approximation; docs/user-guide.md, Weight sharing). With ``groups > 1`` the weight block is a
 different Kronecker product per group (each group has its own ``A``), which does
 not fit one ``[G, A]``: Kronecker factors of grouped weights raise
 ``NotImplementedError`` (the bias is fine).

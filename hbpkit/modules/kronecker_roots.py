@@ -1,6 +1,6 @@
 """The un-multiplied roots of the Kronecker factors of ``Linear`` and ``Conv1d/2d/3d``.
 
-A weight's Kronecker factors (DESIGN sec. 3, ``kron(G, A)`` in ``p.flatten()``
+A weight's Kronecker factors (docs/user-guide.md, Conventions: ``kron(G, A)`` in ``p.flatten()``
 order) are products of two tall matrices whose rows are samples (and positions):
 
 * ``A = a^T a / b`` with the layer inputs ``a`` ``[b, n]`` (ISAAC eq. 14, S.8c);

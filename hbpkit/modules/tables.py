@@ -28,8 +28,8 @@ LINEAR = LinearRules()
 
 ATTENTION_REASON = (
     "attention multiplies two linear maps of its input (queries and keys) inside a softmax "
-    "over positions, and hbpkit has no rules for it yet; the support table in the README "
-    "lists what is supported"
+    "over positions, and hbpkit has no rules for it yet; the supported-modules page of the "
+    "docs (docs/supported-modules.md) lists what is supported"
 )
 
 #: rules of every module with parameters (per-sample gradients need only these)

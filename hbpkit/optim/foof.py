@@ -17,7 +17,7 @@ from :class:`~hbpkit.extensions.InputCovariance`, computed without extra passes)
        buf <- momentum * buf + D;   p <- p - lr * lambda * buf - lr * weight_decay * p
 
 Step size: the paper suggests ``alpha / lambda``; here the step is ``lr * lambda * D``
-(DESIGN sec. 7), so ``lambda -> infinity`` is SGD with rate ``lr``, and with
+(docs/optimizers.md, ISAAC, FOOF), so ``lambda -> infinity`` is SGD with rate ``lr``, and with
 ``ema=0, update_every=1`` the step is exactly ``lr`` times ISAAC's ``zeta*`` with
 ``lambda_a = lambda`` (both tested).
 """

@@ -1,7 +1,7 @@
 """GroupedNewton: one learning rate per subset of parameters from summarised derivatives.
 
 Wolinski, "Adapting Newton's Method to Neural Networks through a Summary of
-Higher-Order Derivatives" (``papers/grouped-newton_*``): Method 1 with the training
+Higher-Order Derivatives": Method 1 with the training
 loop of its algorithm 4 (appendix G). With a partition ``I_{S:P}`` of the parameters
 into ``S`` subsets and a direction ``u_t``:
 
