@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hbpkit.modules.budget as budget
-import hbpkit.modules.conv as conv_module
+import hbpkit.modules.conv.diagonal as conv_module
 from hbpkit import backprop, extend
 from hbpkit.dispatch import SECOND_ORDER
 from hbpkit.extensions import (

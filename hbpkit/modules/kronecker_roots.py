@@ -18,7 +18,7 @@ patches ``u_{n,p}`` of eq. S.14), following ``kfac_approx``:
   ``g_bar[(v, n)] = sum_t s_{v,n,t}``.
 
 Multiplied out, these are exactly the factors of ``hbpkit/modules/linear.py`` and
-``hbpkit/modules/conv.py`` for the same sqrt factors. The same row maps applied
+``hbpkit/modules/conv/kronecker.py`` for the same sqrt factors. The same row maps applied
 to the gradient at the layer output (``grad_output``) give ``g`` ``[b, m]`` with
 ``g^T a = grad_W`` for ``"expand"`` (for ``"reduce"`` with ``T > 1`` that sum is
 not the gradient). A bias column (a trailing 1 in every row of ``a``) folds the
