@@ -27,15 +27,24 @@ from hbpkit.extensions.base import Extension
 from hbpkit.extensions.messages import AverageMessage, SqrtMessage
 from hbpkit.graph import CallGraph, followed_inputs
 from hbpkit.modules.base import LossRules
-from hbpkit.modules.budget import DIAGONAL_ADVICE, check_dense_budget
+from hbpkit.modules.budget import (
+    DEFAULT_POLICY,
+    DIAGONAL_ADVICE,
+    RAISE_BUDGET,
+    MemoryPolicy,
+    check_dense_budget,
+)
 from hbpkit.modules.local_factor import accepts_local, parent_accepts_local
 
 
 class BackwardState:
     """The per-context state: at most one unfinished :class:`BackwardPass`."""
 
-    def __init__(self, extensions: tuple[Extension, ...]) -> None:
+    def __init__(
+        self, extensions: tuple[Extension, ...], memory: MemoryPolicy = DEFAULT_POLICY
+    ) -> None:
         self.extensions = extensions
+        self.memory = memory
         self.pass_: BackwardPass | None = None
 
     def process(self, call: ModuleCall, grad_output: Tensor) -> None:
@@ -55,7 +64,7 @@ class BackwardState:
                         "pass started: several losses or forward passes per backward are not "
                         "supported yet"
                     )
-                self.pass_ = BackwardPass(self.extensions, call)
+                self.pass_ = BackwardPass(self.extensions, call, self.memory)
             with torch.no_grad():
                 self.pass_.process(call, grad_output.detach())
             if self.pass_.finished:
@@ -85,8 +94,14 @@ class BackwardPass:
     extensions process every call on its own.
     """
 
-    def __init__(self, extensions: tuple[Extension, ...], root: ModuleCall) -> None:
+    def __init__(
+        self,
+        extensions: tuple[Extension, ...],
+        root: ModuleCall,
+        memory: MemoryPolicy = DEFAULT_POLICY,
+    ) -> None:
         self.extensions = extensions
+        self.memory = memory
         self.second_order = [e for e in extensions if e.needs_backprop]
         self.root = root
         self.graph = graph = CallGraph(root)
@@ -97,6 +112,8 @@ class BackwardPass:
                 self._needs[id(p)] or _own_trainable(p.module) for p in graph.parents[id(call)]
             )
         calls, params = reachable(root)
+        for call in (*calls, *graph.order):  # the rules read the policy from their call
+            call.memory = memory
         self._check(calls, params)
         keys = dict.fromkeys(e.message for e in self.second_order)
         self._handlers = {k: k if graph.is_chain else k.for_dag() for k in keys}
@@ -198,6 +215,8 @@ class BackwardPass:
         A diagonal residual factor that enters a module taking local factors
         (``modules/local_factor.py``) is not densified there: its columns are counted
         and checked as a dense factor where the next module takes no local factors.
+
+        The checks read the pass's ``MemoryPolicy`` from the calls, as the rules do.
         """
         keys = [e.message for e in self.second_order]
         averaged = any(isinstance(k, AverageMessage) for k in keys)
@@ -219,10 +238,10 @@ class BackwardPass:
                 raise NotImplementedError(
                     f"the batch-averaged curvature at the output of {call.module} is carried as "
                     "position blocks (its dense form exceeds the memory budget, "
-                    "hbpkit.modules.budget.MAX_DENSE_BYTES), from which "
+                    "MemoryPolicy.max_dense_bytes), from which "
                     f"{reduce[0] if reduce else type(call.module).__name__} cannot form "
                     "Kronecker factors; use kfac_approx='expand', a per-sample extension "
-                    "(KFLR, KFAC), or raise the budget"
+                    f"(KFLR, KFAC), or raise the budget with {RAISE_BUDGET}"
                 )
             if not self._needs[id(call)]:
                 continue

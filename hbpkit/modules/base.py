@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
-from hbpkit.modules.budget import DenseBudgetError
+from hbpkit.modules.budget import RAISE_BUDGET, DenseBudgetError
 from hbpkit.modules.position_blocks import PositionBlocks
 
 
@@ -299,8 +299,8 @@ class ModuleRules:
         raise DenseBudgetError(
             f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
             f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
-            "hbpkit.modules.budget.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
-            "or raise the budget"
+            "MemoryPolicy.max_dense_bytes); use a per-sample extension (KFLR, KFAC) "
+            f"or raise the budget with {RAISE_BUDGET}"
         )
 
     def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:

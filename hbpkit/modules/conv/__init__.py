@@ -28,7 +28,7 @@ rules except Kronecker factors.
 Dense matrices over the features of a convolution grow like ``D^2`` (the
 batch-averaged matrix of KFRA; a diagonal factor backpropagated through the
 convolution, ``[D_out, N, *in]``). Such products check their size against
-:data:`MAX_DENSE_BYTES` before allocating and raise :class:`DenseBudgetError`.
+``MemoryPolicy.max_dense_bytes`` before allocating and raise :class:`DenseBudgetError`.
 
 The rules are split by concern: :mod:`.geometry` (padding, windows, ``unfold``),
 :mod:`.base` (input Jacobians and parameter Jacobian products shared with the

@@ -9,8 +9,9 @@ from einops import rearrange
 from torch import Tensor
 
 from hbpkit.calls import ModuleCall
+from hbpkit.modules.budget import policy_of
 from hbpkit.modules.conv.base import _ConvBase
-from hbpkit.modules.conv.diagonal import CHUNK_BYTES, UnfoldedDiagonal
+from hbpkit.modules.conv.diagonal import UnfoldedDiagonal
 from hbpkit.modules.conv.geometry import (
     _CONV,
     _CONV_TRANSPOSE,
@@ -121,7 +122,8 @@ class ConvRules(ConvKronecker, UnfoldedDiagonal, ConvGeometry, _ConvBase):
         Wk = rearrange(W, "c a k -> (k c) a")
         chans = torch.arange(C_out, device=H.device)
         c1, c2 = chans.reshape(1, 1, -1, 1, 1), chans.reshape(1, 1, 1, 1, -1)
-        chunk = max(1, CHUNK_BYTES // (K * K * C_out * C_out * H.element_size()))
+        block_bytes = K * K * C_out * C_out * H.element_size()
+        chunk = max(1, policy_of(call).chunk_bytes // block_bytes)
         blocks = []
         for start in range(0, P_in, chunk):
             o, v = out_pos[start : start + chunk], valid[start : start + chunk].to(H.dtype)

@@ -12,15 +12,8 @@ from torch import Tensor
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.modules.budget import policy_of
 from hbpkit.modules.local_factor import LocalFactor, LocalValues, windows
-
-#: memory (in bytes) of one chunk of per-sample, per-column parameter derivatives
-CHUNK_BYTES = 2**27
-#: a reused buffer of products that are reduced at once (kept small to stay in cache)
-BUFFER_BYTES = 2**22
-#: stacking the ``V`` columns of a sample into one product copies the factor; measured on
-#: the table S.2 convolutions, that pays off only for patches of at least this many entries
-STACK_MIN_PATCH = 128
 
 
 class ConvDiagonal:
@@ -30,7 +23,7 @@ class ConvDiagonal:
         """``diag(sum_{v,n} sign (J_p^T s)(J_p^T s)^T)``, shape ``param.shape``.
 
         Sqrt factors ``[V, N, C_out, *out]`` are processed in chunks over ``V``
-        (``CHUNK_BYTES``); a :class:`DiagonalFactor` ``diag(d_n)`` needs no
+        (``MemoryPolicy.chunk_bytes``); a :class:`DiagonalFactor` ``diag(d_n)`` needs no
         per-column work: for Conv ``sum_{n,p} d_{n,o,p} u_{n,s,p}^2``.
         """
         shape = call.module.weight.shape if name == "weight" else call.module.bias.shape
@@ -59,7 +52,7 @@ class ConvDiagonal:
         """``sum_{v,n} sign (J_W^T s_{v,n})^2`` of a dense sqrt factor, in chunks over ``V``."""
         V, N = f.S.shape[:2]
         per_column = N * self._column_numel(call) * f.S.element_size()
-        chunk = max(1, CHUNK_BYTES // per_column)
+        chunk = max(1, policy_of(call).chunk_bytes // per_column)
         result = 0
         for start in range(0, V, chunk):
             left, right = self._weight_factors(call, f.S[start : start + chunk])
@@ -131,11 +124,12 @@ class UnfoldedDiagonal:
 
         Batched products of the cached ``[[x]]`` with the ``V`` columns of a few samples
         stacked (``[V C_out, P] @ [P, S]`` per sample; one column at a time, without the
-        copy, for short patches ``S`` < :data:`STACK_MIN_PATCH`), landing in a reused buffer of
-        :data:`BUFFER_BYTES` that is squared in place and reduced while still in cache: no
-        ``[V, N, C_out, S]`` tensor. (Per-sample weight gradients as one convolution
-        grouped over samples avoid ``[[x]]`` and are faster on one thread, but oneDNN runs
-        grouped weight gradients single-threaded and about 50x slower with 2 threads.)
+        copy, for short patches ``S`` < ``MemoryPolicy.stack_min_patch``), landing in a
+        reused buffer of ``MemoryPolicy.buffer_bytes`` that is squared in place and reduced
+        while still in cache: no ``[V, N, C_out, S]`` tensor. (Per-sample weight gradients
+        as one convolution grouped over samples avoid ``[[x]]`` and are faster on one thread,
+        but oneDNN runs grouped weight gradients single-threaded and about 50x slower with
+        2 threads.)
         """
         if call.module.groups == 1:
             return self._weight_diag_unfolded(call, f)
@@ -148,8 +142,10 @@ class UnfoldedDiagonal:
         ut = self.unfold(call).mT  # [N, P, S], a view
         K = ut.shape[-1]
         col_bytes = C_out * K * S.element_size()
-        vb = max(1, min(V, BUFFER_BYTES // col_bytes)) if K >= STACK_MIN_PATCH else 1
-        nb = max(1, min(N, BUFFER_BYTES // (vb * col_bytes)))
+        memory = policy_of(call)
+        buffer_bytes = memory.buffer_bytes
+        vb = max(1, min(V, buffer_bytes // col_bytes)) if K >= memory.stack_min_patch else 1
+        nb = max(1, min(N, buffer_bytes // (vb * col_bytes)))
         buffer = S.new_empty(nb * vb * C_out * K)
         result = S.new_zeros(C_out * K)
         for v0 in range(0, V, vb):

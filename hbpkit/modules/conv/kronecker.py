@@ -37,6 +37,7 @@ from torch import Tensor
 
 from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, SqrtFactor, output_factor_from_average
+from hbpkit.modules.budget import RAISE_BUDGET
 from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _windows
 from hbpkit.modules.local_factor import LocalFactor
 from hbpkit.modules.position_blocks import PositionBlocks
@@ -143,8 +144,8 @@ class ConvKronecker:
 _REDUCE_NEEDS_DENSE = (
     "KFRA / HBP(backprop='batch-average') with kfac_approx='reduce' needs all position blocks "
     "of the batch-averaged curvature at the output of {module}, whose dense form exceeds the "
-    "memory budget (hbpkit.modules.budget.MAX_DENSE_BYTES); use kfac_approx='expand' (exact "
-    "from the diagonal position blocks) or raise the budget"
+    "memory budget (MemoryPolicy.max_dense_bytes); use kfac_approx='expand' (exact "
+    "from the diagonal position blocks) or raise the budget with " + RAISE_BUDGET
 )
 
 
