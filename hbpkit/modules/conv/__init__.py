@@ -45,6 +45,9 @@ from hbpkit.modules.base import ModuleRules
 from hbpkit.modules.conv.convolution import ConvRules
 from hbpkit.modules.conv.transpose import ConvTransposeRules
 
+# the rule classes' public home (``hbpkit.modules.conv``: their family in the support table)
+ConvRules.__module__ = ConvTransposeRules.__module__ = __name__
+
 CONV = ConvRules()
 CONV_TRANSPOSE = ConvTransposeRules()
 
