@@ -16,6 +16,7 @@ from hbpkit.modules.budget import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.conv.diagonal import ConvDiagonal
 from hbpkit.modules.conv.geometry import _PADDING_MODES
 from hbpkit.modules.local_factor import jac_t_local
+from hbpkit.modules.roles import per_role
 
 
 class _ConvBase(ConvDiagonal, ModuleRules):
@@ -169,25 +170,29 @@ class _ConvBase(ConvDiagonal, ModuleRules):
         # [K, C_in, C_out/G, *k] -> [C_in, K * C_out/G, *k]
         return mat.transpose(0, 1).flatten(1, 2)
 
-    def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        """``[K, *S] -> [K, N, C_out, *out]``: ``V_k [[x_n]]`` (weight, S.14) or ``v_k 1_P^T``.
+    param_jac_mat_prod = per_role("param_jac_mat_prod")
+    param_jac_t_mat_prod_sum = per_role("param_jac_t_mat_prod_sum")
+
+    def param_jac_mat_prod_weight(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, *W.shape] -> [K, N, C_out, *out]``: ``V_k [[x_n]]`` (S.14).
 
         The ``K`` kernels are stacked into one weight with ``K`` times the output
         channels: one convolution of the input for all ``K``.
         """
         K, out_shape = mat.shape[0], call.output_shape
-        if name == "bias":
-            return mat.reshape(K, 1, -1, *([1] * self._dims(call))).expand(K, *out_shape)
         G = call.module.groups
         z = self._apply_weight(call, call.input, self._stack(call, mat))  # [N, G K C_out/G, *out]
         z = z.unflatten(1, (G, K, -1)).movedim(2, 0)  # [K, N, G, C_out/G, *out]
         return z.reshape(K, *out_shape)
 
-    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        """``[K, N, C_out, *out] -> [K, *S]``: ``sum_n M_{k,n} [[x_n]]^T`` or ``sum_{n,p} m``."""
+    def param_jac_mat_prod_bias(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, C_out] -> [K, N, C_out, *out]``: ``v_k 1_P^T``."""
+        K, out_shape = mat.shape[0], call.output_shape
+        return mat.reshape(K, 1, -1, *([1] * self._dims(call))).expand(K, *out_shape)
+
+    def param_jac_t_mat_prod_sum_weight(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, N, C_out, *out] -> [K, *W.shape]``: ``sum_n M_{k,n} [[x_n]]^T``."""
         K = mat.shape[0]
-        if name == "bias":
-            return mat.flatten(3).sum((1, 3))
         left, right = self._weight_factors(call, mat)
         if self._output_left:
             JtM = einsum(left, right, "k n g a p, n g b p -> k g a b")
@@ -195,34 +200,48 @@ class _ConvBase(ConvDiagonal, ModuleRules):
             JtM = einsum(left, right, "n g a p, k n g b p -> k g a b")
         return JtM.reshape(K, *call.module.weight.shape)
 
-    # first-order quantities -----------------------------------------------------------------
-    def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
-        """``[N, *weight.shape]`` or ``[N, C_out]`` (bias); for Conv ``g [[x]]^T`` (S.14)."""
-        if name == "bias":
-            return grad_output.flatten(2).sum(2)
+    def param_jac_t_mat_prod_sum_bias(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, N, C_out, *out] -> [K, C_out]``: ``sum_{n,p} m``."""
+        return mat.flatten(3).sum((1, 3))
+
+    # first-order quantities (S.14: g [[x]]^T per sample for Conv, g 1_P for the bias) -------
+    batch_grad = per_role("batch_grad")
+    batch_l2 = per_role("batch_l2")
+    sum_grad_squared = per_role("sum_grad_squared")
+    summed_grad = per_role("summed_grad")
+
+    def batch_grad_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        """``[N, *weight.shape]``; for Conv ``g [[x]]^T`` (S.14)."""
         left, right = self._weight_factors(call, grad_output, grad=True)
         per_sample = einsum(left, right, "n g a p, n g b p -> n g a b")
         return per_sample.reshape(grad_output.shape[0], *call.module.weight.shape)
 
-    def batch_l2(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
-        """``[N]``; for the weight ``sum_{p,q} (a_p . a_q)(b_p . b_q)`` where that is cheaper."""
-        if name == "bias":
-            return grad_output.flatten(2).sum(2).square().sum(1)
-        if ("batch_grad", name) not in call.cache:
+    def batch_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        """``[N, C_out]``."""
+        return grad_output.flatten(2).sum(2)
+
+    def batch_l2_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        """``[N]``: ``sum_{p,q} (a_p . a_q)(b_p . b_q)`` where that is cheaper."""
+        if ("batch_grad", "weight") not in call.cache:
             left, right = self._weight_factors(call, grad_output, grad=True)
             P, A, B = left.shape[-1], left.shape[-2], right.shape[-2]
             if P * P * (A + B) < A * B:
                 gram = einsum(left, left, "n g a p, n g a q -> n g p q")
                 return (gram * einsum(right, right, "n g b p, n g b q -> n g p q")).sum((1, 2, 3))
-        return super().batch_l2(call, name, grad_output)
+        return super().batch_l2(call, "weight", grad_output)
 
-    def sum_grad_squared(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
-        if name == "bias":
-            return grad_output.flatten(2).sum(2).square().sum(0)
-        return super().sum_grad_squared(call, name, grad_output)
+    def batch_l2_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return grad_output.flatten(2).sum(2).square().sum(1)
 
-    def summed_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
-        if name == "bias":
-            return grad_output.flatten(2).sum((0, 2))
+    def sum_grad_squared_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return super().sum_grad_squared(call, "weight", grad_output)
+
+    def sum_grad_squared_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return grad_output.flatten(2).sum(2).square().sum(0)
+
+    def summed_grad_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         left, right = self._weight_factors(call, grad_output, grad=True)
         return einsum(left, right, "n g a p, n g b p -> g a b").reshape(call.module.weight.shape)
+
+    def summed_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return grad_output.flatten(2).sum((0, 2))

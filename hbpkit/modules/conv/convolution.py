@@ -81,14 +81,12 @@ class ConvRules(ConvKronecker, UnfoldedDiagonal, ConvGeometry, _ConvBase):
         conv = _CONV[self._dims(call)]
         return conv(self._pad(call, x), weight, None, **self._conv_kwargs(call))
 
-    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        """``[K, N, C_out, *out] -> [K, *S]``: ``sum_n M_{k,n} [[x_n]]^T`` (S.14) or ``sum m``.
+    def param_jac_t_mat_prod_sum_weight(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, N, C_out, *out] -> [K, *W.shape]``: ``sum_n M_{k,n} [[x_n]]^T`` (S.14).
 
-        The weight part is the weight gradient of one convolution with the ``K``
-        kernels stacked (as in :meth:`param_jac_mat_prod`), without unfolding ``x``.
+        The weight gradient of one convolution with the ``K`` kernels stacked (as in
+        :meth:`param_jac_mat_prod_weight`), without unfolding ``x``.
         """
-        if name == "bias":
-            return super().param_jac_t_mat_prod_sum(call, name, mat)
         K, G = mat.shape[0], call.module.groups
         W = call.module.weight
         grad_out = mat.unflatten(2, (G, -1)).movedim(0, 2).flatten(1, 3)  # [N, G K C_out/G, *out]

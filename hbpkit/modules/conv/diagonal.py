@@ -14,38 +14,49 @@ from hbpkit.calls import ModuleCall
 from hbpkit.modules.base import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.modules.budget import policy_of
 from hbpkit.modules.local_factor import LocalFactor, LocalValues, windows
+from hbpkit.modules.roles import per_role
 
 
 class ConvDiagonal:
     """``param_diag`` of convolutions and transposed convolutions (a mixin of the base)."""
 
-    def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
-        """``diag(sum_{v,n} sign (J_p^T s)(J_p^T s)^T)``, shape ``param.shape``.
+    param_diag = per_role("param_diag")
+    _param_diag_local = per_role("_param_diag_local")  # local columns, see ConvRules
+
+    def param_diag_weight(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
+        """``diag(sum_{v,n} sign (J_W^T s)(J_W^T s)^T)``, shape ``weight.shape``.
 
         Sqrt factors ``[V, N, C_out, *out]`` are processed in chunks over ``V``
         (``MemoryPolicy.chunk_bytes``); a :class:`DiagonalFactor` ``diag(d_n)`` needs no
         per-column work: for Conv ``sum_{n,p} d_{n,o,p} u_{n,s,p}^2``.
         """
-        shape = call.module.weight.shape if name == "weight" else call.module.bias.shape
+        shape = call.module.weight.shape
         result = 0
         for f in factors:
             if isinstance(f, LocalFactor):
-                result = result + self._param_diags_local(call, f)[name]
+                result = result + self._param_diags_local(call, f)["weight"]
                 continue
             if isinstance(f, DiagonalFactor):
                 d = f.signed_square()  # [N, C_out, *out]
-                if name == "bias":
-                    result = result + d.flatten(2).sum((0, 2))
-                else:
-                    left, right = self._weight_factors(call, d, square_input=True)
-                    diag = einsum(left, right, "n g a p, n g b p -> g a b")
-                    result = result + diag.reshape(shape)
-                continue
-            if name == "bias":
-                per_sample = f.S.flatten(3).sum(3)  # [V, N, C_out]
-                result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
+                left, right = self._weight_factors(call, d, square_input=True)
+                diag = einsum(left, right, "n g a p, n g b p -> g a b")
+                result = result + diag.reshape(shape)
                 continue
             result = result + self._weight_diag(call, f).reshape(shape)
+        return result
+
+    def param_diag_bias(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
+        """``diag(sum_{v,n} sign (1_P^T s)(1_P^T s)^T)``, ``[C_out]``."""
+        result = 0
+        for f in factors:
+            if isinstance(f, LocalFactor):
+                result = result + self._param_diags_local(call, f)["bias"]
+                continue
+            if isinstance(f, DiagonalFactor):
+                result = result + f.signed_square().flatten(2).sum((0, 2))
+                continue
+            per_sample = f.S.flatten(3).sum(3)  # [V, N, C_out]
+            result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
         return result
 
     def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
@@ -85,26 +96,18 @@ class ConvDiagonal:
             call.cache[key] = diags
         return call.cache[key]
 
-    def _param_diag_local(self, call: ModuleCall, name: str, chunk: LocalValues) -> Tensor:
-        """``param_diag`` of local columns ``[C_j, *A, N, C_out, *patch]`` (see ConvRules)."""
-        raise NotImplementedError
-
 
 class UnfoldedDiagonal:
     """The weight diagonal of ``nn.Conv1d/2d/3d`` from the cached ``[[x]]`` (a mixin of
     :class:`ConvRules`)."""
 
-    def _param_diag_local(self, call: ModuleCall, name: str, chunk: LocalValues) -> Tensor:
-        """``sum_{j,n} sign (J_p^T v_{j,n})^2`` for local columns ``v`` (D.4, S.14).
+    def _param_diag_local_weight(self, call: ModuleCall, chunk: LocalValues) -> Tensor:
+        """``sum_{j,n} sign (J_W^T v_{j,n})^2`` for local columns ``v`` (D.4, S.14).
 
         Column ``j`` of sample ``n`` lives on output positions ``start_j + o``; its weight
         derivative is ``sum_o v[:, o] u[:, start_j + o]^T`` per group, with ``u`` the
         unfolded input ``[[x_n]]`` ``[S, *out]`` read on the same patch (zero outside).
         """
-        columns = chunk.columns()  # [J, N, C_out, *patch]
-        if name == "bias":
-            per_sample = columns.S.flatten(3).sum(3)  # [J, N, C_out]
-            return SqrtFactor(per_sample, columns.sign).signed_square().sum((0, 1))
         G = call.module.groups
         u = self.unfold(call)
         u = windows(u.reshape(*u.shape[:2], *call.output_shape[2:]), chunk.geom)
@@ -117,6 +120,12 @@ class UnfoldedDiagonal:
         if chunk.sign is not None:
             sq = sq.mul_(chunk.sign.reshape(*v.shape[:3], 1, 1, 1))
         return sq.sum((0, 1, 2)).reshape(call.module.weight.shape)
+
+    def _param_diag_local_bias(self, call: ModuleCall, chunk: LocalValues) -> Tensor:
+        """``sum_{j,n} sign (1^T v_{j,n})^2`` for local columns ``v``, ``[C_out]``."""
+        columns = chunk.columns()  # [J, N, C_out, *patch]
+        per_sample = columns.S.flatten(3).sum(3)  # [J, N, C_out]
+        return SqrtFactor(per_sample, columns.sign).signed_square().sum((0, 1))
 
     # the weight diagonal from a dense sqrt factor (the hot loop of DiagGGNExact) ------------
     def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:

@@ -41,13 +41,14 @@ from hbpkit.modules.budget import RAISE_BUDGET
 from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _windows
 from hbpkit.modules.local_factor import LocalFactor
 from hbpkit.modules.position_blocks import PositionBlocks
+from hbpkit.modules.roles import per_role
 
 
 class ConvKronecker:
     """Kronecker factors of ``nn.Conv1d/2d/3d`` (a mixin of :class:`ConvRules`)."""
 
-    def _check_kron(self, call: ModuleCall, name: str) -> None:
-        if name == "weight" and call.module.groups != 1:
+    def _check_ungrouped(self, call: ModuleCall) -> None:
+        if call.module.groups != 1:
             raise NotImplementedError(
                 f"Kronecker factors of the weight of {call.module} (groups="
                 f"{call.module.groups}) are not supported: the block of a grouped convolution "
@@ -83,16 +84,23 @@ class ConvKronecker:
                     call.cache[key] = _gram(u) / (N * P)
         return call.cache[key]
 
-    def _kron(self, call: ModuleCall, name: str, G: Tensor, approx: str) -> list[Tensor]:
-        if name == "bias":
-            return [G]
-        return [G, self.input_factor(call, approx)]
+    # [G, A] for the weight, [G] for the bias (folded into the weight as an input 1)
+    kron_from_sqrt = per_role("kron_from_sqrt")
+    kron_from_average = per_role("kron_from_average")
 
-    def kron_from_sqrt(
-        self, call: ModuleCall, name: str, factors: list[Factor], approx: str
+    def kron_from_sqrt_weight(
+        self, call: ModuleCall, factors: list[Factor], approx: str
     ) -> list[Tensor]:
+        self._check_ungrouped(call)
+        return [self._sqrt_output_factor(call, factors, approx), self.input_factor(call, approx)]
+
+    def kron_from_sqrt_bias(
+        self, call: ModuleCall, factors: list[Factor], approx: str
+    ) -> list[Tensor]:
+        return [self._sqrt_output_factor(call, factors, approx)]
+
+    def _sqrt_output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
         """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``."""
-        self._check_kron(call, name)
         G = 0
         for f in factors:
             if isinstance(f, LocalFactor):  # the columns on their patches: zero elsewhere
@@ -111,7 +119,7 @@ class ConvKronecker:
             if cached is None or cached[0] is not f.S:
                 cached = call.cache[key] = (f.S, self._output_factor(f, approx))
             G = G + cached[1]
-        return self._kron(call, name, G, approx)
+        return G
 
     def _output_factor(self, f: SqrtFactor, approx: str) -> Tensor:
         """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce)."""
@@ -124,21 +132,31 @@ class ConvKronecker:
             return _CONV_WEIGHT[1](b, [C_out, C_out, 1], a).reshape(C_out, C_out)
         return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
 
-    def kron_from_average(
-        self, call: ModuleCall, name: str, mat: Tensor | PositionBlocks, approx: str
+    def kron_from_average_weight(
+        self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
     ) -> list[Tensor]:
+        self._check_ungrouped(call)
+        return [self._average_output_factor(call, mat, approx), self.input_factor(call, approx)]
+
+    def kron_from_average_bias(
+        self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
+    ) -> list[Tensor]:
+        return [self._average_output_factor(call, mat, approx)]
+
+    def _average_output_factor(
+        self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
+    ) -> Tensor:
         """From ``H`` ``[C_out P, C_out P]``: sum of its diagonal position blocks / all blocks.
 
         Position blocks (``modules/position_blocks.py``) give the expand factor exactly.
         """
-        self._check_kron(call, name)
         if isinstance(mat, PositionBlocks):
             if approx != "expand":
                 raise NotImplementedError(_REDUCE_NEEDS_DENSE.format(module=call.module))
-            return self._kron(call, name, mat.sum_blocks(), approx)
+            return mat.sum_blocks()
         C_out = call.output_shape[1]
         H = rearrange(mat, "(o p) (q r) -> o p q r", o=C_out, q=C_out)
-        return self._kron(call, name, output_factor_from_average(H, approx), approx)
+        return output_factor_from_average(H, approx)
 
 
 _REDUCE_NEEDS_DENSE = (
