@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import hbpkit.curvature.memory as budget
-import hbpkit.modules.conv as conv_module
 from hbpkit import backprop, extend
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
-from hbpkit.curvature.memory import DenseBudgetError
+from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
 from hbpkit.extensions import (
     HBP,
     KFLR,
@@ -259,12 +258,12 @@ def _random_factors(out: torch.Tensor):
     return [SqrtFactor(S, sign), SqrtFactor(S[:2]), diagonal]
 
 
-def test_param_diag(case, monkeypatch):
+def test_param_diag(case):
     """``diag(sum_{v,n} sign (J_n^T s)(J_n^T s)^T)`` for sqrt and diagonal factors, chunked."""
     name, rules, call, x, out = case
     factors = _random_factors(out)
     actual = {p: rules.param_diag(call, p, factors) for p in _params(call.module)}
-    monkeypatch.setattr(conv_module, "CHUNK_BYTES", 1)  # one column of V at a time
+    call.memory = MemoryPolicy(chunk_bytes=1)  # one column of V at a time
     chunked = {p: rules.param_diag(call, p, factors) for p in _params(call.module)}
     for p in _params(call.module):
         J = _param_jacobian(call.module, x, p, FORWARD_KWARGS.get(name))  # [N, D_out, numel]
@@ -461,10 +460,10 @@ def _data(shape, n=N, classes=3, seed=1):
     return 1.5 * torch.randn(n, *shape, dtype=DT), torch.randint(0, classes, (n,))
 
 
-def _run(plain: nn.Module, loss_fn: nn.Module, X, y, *extensions) -> nn.Module:
+def _run(plain: nn.Module, loss_fn: nn.Module, X, y, *extensions, memory=None) -> nn.Module:
     model = extend(copy.deepcopy(plain))
     loss = extend(copy.deepcopy(loss_fn))(model(X), y)
-    with backprop(*extensions):
+    with backprop(*extensions, memory=memory):
         loss.backward()
     return model
 
@@ -694,30 +693,30 @@ def test_kron_of_conv_transpose_refused():
 
 
 # --------------------------------------------------------------------------- memory budget
-def test_dense_budget_refusal_kfra(monkeypatch):
+def test_dense_budget_refusal_kfra():
     """The batch-averaged product through a convolution refuses before allocating."""
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", 10_000)
+    memory = MemoryPolicy(max_dense_bytes=10_000)
     plain, shape = _two_conv_model()
     X, y = _data(shape)
     model = extend(copy.deepcopy(plain))
     loss = extend(nn.CrossEntropyLoss())(model(X), y)
     with pytest.raises(DenseBudgetError, match=r"Conv2d\(3, 2.*needs a dense.*0.0.* GB") as info:
-        with backprop(KFRA(), BatchGrad()):
+        with backprop(KFRA(), BatchGrad(), memory=memory):
             loss.backward()
     assert isinstance(info.value, MemoryError) and isinstance(info.value, NotImplementedError)
     assert "J^T H J ([18, 18] -> [75, 75])" in str(info.value)
     assert not any(hasattr(p, f) for p in model.parameters() for f in ("kfra", "grad_batch"))
 
 
-def test_dense_budget_refusal_diagonal_factor(monkeypatch):
+def test_dense_budget_refusal_diagonal_factor():
     """A diagonal residual factor through a convolution checks the budget too."""
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", 10_000)
+    memory = MemoryPolicy(max_dense_bytes=10_000)
     plain, shape = _two_conv_model()
     X, y = _data(shape)
     with pytest.raises(DenseBudgetError, match=r"diagonal curvature factor.*GB"):
-        _run(plain, nn.CrossEntropyLoss(), X, y, DiagHessian())
+        _run(plain, nn.CrossEntropyLoss(), X, y, DiagHessian(), memory=memory)
     # the GGN needs no diagonal factor: within the budget
-    model = _run(plain, nn.CrossEntropyLoss(), X, y, DiagGGNExact())
+    model = _run(plain, nn.CrossEntropyLoss(), X, y, DiagGGNExact(), memory=memory)
     assert model[0].weight.diag_ggn_exact.shape == model[0].weight.shape
 
 

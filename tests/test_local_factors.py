@@ -5,8 +5,8 @@ random stride, padding, dilation and groups; zero / constant padding; overlappin
 and average pooling; smooth activations) and some that do not (Flatten, Linear,
 Dropout, reflect padding): ``DiagHessian`` and the Kronecker factors of
 ``HBP("hessian" / "pch-abs", "exact", "sqrt")`` through the local path, materialised
-or lazy in tiny chunks, equal those of the dense path (``local_factor.ENABLED =
-False``), and ``diag_h`` equals the diagonal of the autograd Hessian.
+or lazy in tiny chunks, equal those of the dense path (``MemoryPolicy(local_factors=
+False)``), and ``diag_h`` equals the diagonal of the autograd Hessian.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from hbpkit import backprop, extend
 from hbpkit.curvature import local as local_factor
-from hbpkit.curvature.memory import DenseBudgetError
+from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
 from hbpkit.extensions import HBP, DiagHessian
 
 try:  # tests/ as a package or as a plain directory on sys.path
@@ -87,11 +87,9 @@ IDS = [f"{d}d-{'grouped' if g else 'dense'}-{s}" for s, d, g in CASES]
 
 
 def _run(model, X, y, extensions, enabled: bool, store: int, chunk: int, monkeypatch):
-    monkeypatch.setattr(local_factor, "ENABLED", enabled)
-    monkeypatch.setattr(local_factor, "STORE_BYTES", store)
-    monkeypatch.setattr(local_factor, "CHUNK_BYTES", chunk)
+    memory = MemoryPolicy(local_factors=enabled, local_store_bytes=store, local_chunk_bytes=chunk)
     loss_fn = extend(nn.CrossEntropyLoss())
-    with backprop(*extensions):
+    with backprop(*extensions, memory=memory):
         loss_fn(model(X), y).backward()
     results = {}
     for ext in extensions:

@@ -28,11 +28,9 @@ from backpack.extensions.secondorder.hbp.flatten import HBPFlatten
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.curvature import memory as budget
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
-from hbpkit.curvature.memory import DenseBudgetError
+from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
 from hbpkit.extensions import HBP, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHessian
-from hbpkit.modules import pooling
 from hbpkit.modules.tables import SECOND_ORDER
 
 try:  # tests/ as a package or as a plain directory on sys.path
@@ -199,15 +197,15 @@ def test_jac_mat_prod(case):
     _assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("scatter_cost", [pooling.SCATTER_COST, 10**9, 0])
-def test_ea_jac_t_mat_jac_prod(case, scatter_cost, monkeypatch):
+@pytest.mark.parametrize("scatter_cost", [MemoryPolicy().scatter_cost, 10**9, 0])
+def test_ea_jac_t_mat_jac_prod(case, scatter_cost):
     """``mean_n J_n^T H J_n`` (approximation (9)) for a general (non-symmetric) ``H``.
 
     Max-pooling has two ways (strided placement per pair of window entries, or a
     loop over samples): ``scatter_cost`` forces each.
     """
-    monkeypatch.setattr(pooling, "SCATTER_COST", scatter_cost)
     rules, call, x, out = case
+    call.memory = MemoryPolicy(scatter_cost=scatter_cost)
     d_out = out[0].numel()
     H = torch.randn(d_out, d_out, dtype=DT)
     actual = rules.ea_jac_t_mat_jac_prod(call, H)
@@ -278,7 +276,7 @@ def test_validate_rejects_padding_the_batch_axis():
     ],
     ids=["AvgPool2d", "MaxPool2d", "ReflectionPad1d", "ZeroPad2d"],
 )
-def test_budget_ea(monkeypatch, factory, shape):
+def test_budget_ea(factory, shape):
     """Batch-averaged backprop is refused one byte above the budget, and works at it."""
     module = factory().double()
     call, x, out = _record(module, torch.randn(*shape, dtype=DT))
@@ -286,10 +284,10 @@ def test_budget_ea(monkeypatch, factory, shape):
     d_in, d_out = x[0].numel(), out[0].numel()
     needed = d_in * max(d_in, d_out) * 8
     H = torch.randn(d_out, d_out, dtype=DT)
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed - 1)
-    with pytest.raises(DenseBudgetError, match=rf"{type(module).__name__}.*GB.*MAX_DENSE_BYTES"):
+    call.memory = MemoryPolicy(max_dense_bytes=needed - 1)
+    with pytest.raises(DenseBudgetError, match=rf"{type(module).__name__}.*GB.*max_dense_bytes"):
         rules.ea_jac_t_mat_jac_prod(call, H)
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed)
+    call.memory = MemoryPolicy(max_dense_bytes=needed)
     assert rules.ea_jac_t_mat_jac_prod(call, H).shape == (d_in, d_in)
 
 
@@ -302,26 +300,29 @@ def test_budget_refuses_before_allocating():
         SECOND_ORDER.lookup(module).ea_jac_t_mat_jac_prod(call, H)
 
 
-def test_budget_densified_diagonal_factor(monkeypatch):
+def test_budget_densified_diagonal_factor():
     """Average pooling densifies a diagonal factor ``[D_out, N, *in]``: within the budget only."""
     module = nn.AvgPool2d(2).double()
     call, x, out = _record(module, torch.randn(N, 2, 4, 4, dtype=DT))
     factor = DiagonalFactor.from_values(torch.randn_like(out))
     needed = out[0].numel() * N * x[0].numel() * 8
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed - 1)
+    call.memory = MemoryPolicy(max_dense_bytes=needed - 1)
     with pytest.raises(DenseBudgetError, match="AvgPool2d.*GB"):
         SECOND_ORDER.lookup(module).jac_t_factor(call, factor)
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", needed)
+    call.memory = MemoryPolicy(max_dense_bytes=needed)
     assert SECOND_ORDER.lookup(module).jac_t_factor(call, factor).S.shape == (8, *x.shape)
 
 
-def test_budget_model_level(monkeypatch):
+def test_budget_model_level():
     """KFRA through an over-budget ``AvgPool2d`` raises and writes nothing on any parameter."""
     # the paddings' [D_in, D_out] fit (39 200 B at most), the pooling's [98, 98] does not
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", 50_000)
+    memory = MemoryPolicy(max_dense_bytes=50_000)
     model, X, y, loss_fn = _problem("avg2d", 2)
     loss = loss_fn(model(X), y)
-    with pytest.raises(DenseBudgetError, match="AvgPool2d"), backprop(KFRA(), DiagGGNExact()):
+    with (
+        pytest.raises(DenseBudgetError, match="AvgPool2d"),
+        backprop(KFRA(), DiagGGNExact(), memory=memory),
+    ):
         loss.backward()
     for p in model.parameters():
         assert not hasattr(p, "kfra") and not hasattr(p, "diag_ggn_exact")

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.curvature import memory as budget
 from hbpkit.curvature.blocks import PositionBlocks
+from hbpkit.curvature.memory import MemoryPolicy
 from hbpkit.extensions import HBP, KFRA
 from hbpkit.modules.tables import SECOND_ORDER
 
@@ -163,10 +163,9 @@ def _factors(net_factory, extension, budget_bytes, monkeypatch, seed=0):
     loss_fn = extend(nn.CrossEntropyLoss())
     X = torch.randn(4, *shape, dtype=DT)
     y = torch.randint(0, model[-1].out_features, (4,))
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", budget_bytes)
     loss = loss_fn(model(X), y)
     torch.manual_seed(seed + 1)  # the same MC draw in both runs
-    with backprop(extension):
+    with backprop(extension, memory=MemoryPolicy(max_dense_bytes=budget_bytes)):
         loss.backward()
     return [tuple(getattr(p, extension.savefield)) for p in model.parameters()]
 
@@ -194,21 +193,20 @@ def test_structured_equals_dense(net_name, ext_name, monkeypatch):
             torch.testing.assert_close(fa, fb, rtol=1e-10, atol=1e-12)
 
 
-def test_refusals_before_writing(monkeypatch):
+def test_refusals_before_writing():
     """Blocks that cannot stay exact are refused up front, nothing written."""
     net, shape, budget_bytes = _pool_transition_net()
     model = extend(net.double())
     loss_fn = extend(nn.CrossEntropyLoss())
     X, y = torch.randn(2, *shape, dtype=DT), torch.tensor([0, 1])
     # reduce needs all position blocks
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", budget_bytes)
+    memory = MemoryPolicy(max_dense_bytes=budget_bytes)
     with pytest.raises(NotImplementedError, match="kfac_approx='expand'"):
-        with backprop(KFRA(kfac_approx="reduce")):
+        with backprop(KFRA(kfac_approx="reduce"), memory=memory):
             loss_fn(model(X), y).backward()
     # with no budget at all the last convolution switches to blocks, and the max-pool
     # in front of it cannot take blocks exactly
-    monkeypatch.setattr(budget, "MAX_DENSE_BYTES", 0)
     with pytest.raises(NotImplementedError, match="MaxPool2d.*position blocks"):
-        with backprop(KFRA()):
+        with backprop(KFRA(), memory=MemoryPolicy(max_dense_bytes=0)):
             loss_fn(model(X), y).backward()
     assert not any(hasattr(p, "kfra") for p in model.parameters())

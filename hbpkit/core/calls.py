@@ -61,6 +61,9 @@ class ModuleCall:
             (for instance the mask of a ``Dropout`` layer).
         cache: quantities shared by several extensions during one backward pass
             (cleared on release).
+        memory: the memory policy (``hbpkit.curvature.memory.MemoryPolicy``) of the
+            backward pass that takes the call, set by that pass; ``None`` before (rules
+            then use the default policy).
     """
 
     __slots__ = (
@@ -75,6 +78,7 @@ class ModuleCall:
         "released",
         "kept",
         "output_shape",
+        "memory",
         "__weakref__",
     )
 
@@ -90,6 +94,7 @@ class ModuleCall:
         self.cache: dict[Any, Any] = {}
         self.released = False
         self.kept = False
+        self.memory: Any = None
         if len(inputs) == 1:
             parent, origin = _producer(inputs[0])
             self.parents, self.origins = (parent,), (origin,)

@@ -5,7 +5,7 @@ dense ``[D, D]`` matrix ``H`` per layer output. On a convolutional feature map
 ``[C, *spatial]`` (``D = C P``, ``P = prod(spatial)``) that is ``C^2 P^2`` entries:
 11.6 GB in float32 at the first max-pool of c3d3. The Kronecker factor ``G`` of
 a convolution with ``kfac_approx="expand"`` needs only the ``P`` diagonal
-position blocks ``H[(:, p), (:, p)]`` (``C x C`` each, see ``modules/conv.py``),
+position blocks ``H[(:, p), (:, p)]`` (``C x C`` each, see ``modules/conv/``),
 and those blocks stay exact through the modules between two weight layers:
 
 * an elementwise module (``J_n = diag(d_n)``):

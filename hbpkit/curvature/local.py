@@ -21,9 +21,9 @@ Even local, all columns of a CNN's residuals are several GB at batch 128 (e.g.
 at the first layer of the table S.2b CNN). A :class:`LocalFactor` therefore keeps
 a small materialised *source* and the pending ``J^T`` products (:class:`LocalStep`,
 holding only what they need of the forward pass) and produces its columns in
-chunks of at most :data:`CHUNK_BYTES` (:meth:`LocalFactor.chunks`): the consumers
+chunks of at most ``MemoryPolicy.local_chunk_bytes`` (:meth:`LocalFactor.chunks`): the consumers
 (``param_diag``, ``kron_from_sqrt`` of a convolution) sum over chunks. A factor is
-materialised again as soon as it fits :data:`STORE_BYTES`. Later consumers
+materialised again as soon as it fits ``MemoryPolicy.local_store_bytes``. Later consumers
 recompute the early steps of their chunks, which are the cheap ones (patches
 grow along the chain).
 
@@ -47,14 +47,13 @@ from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
-from hbpkit.curvature.memory import DIAGONAL_ADVICE, check_dense_budget
-
-#: the largest intermediate (bytes) one chunk of columns may need; read at call time
-CHUNK_BYTES = 2**27
-#: a lazily backpropagated factor is materialised when all its columns fit in this many bytes
-STORE_BYTES = 2**28
-#: use local factors at all (``False``: diagonal factors are densified behind convolutions)
-ENABLED = True
+from hbpkit.curvature.memory import (
+    DEFAULT_POLICY,
+    DIAGONAL_ADVICE,
+    MemoryPolicy,
+    check_dense_budget,
+    policy_of,
+)
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -348,11 +347,13 @@ class LocalFactor:
     ``source``: a :class:`DiagonalFactor` (columns ``(c, a)`` of a residual, ``[N, C, *size]``),
     a :class:`SqrtFactor` ``[V, N, C, *size]`` or :class:`LocalValues`; ``steps`` are applied
     in order to every chunk of columns. ``geoms[i]`` is the geometry after ``i`` steps.
+    ``memory``: the policy of the backward pass (chunk and store sizes).
     """
 
     source: DiagonalFactor | SqrtFactor | LocalValues
     steps: list[LocalStep] = field(default_factory=list)
     geoms: list[LocalGeometry] = field(default_factory=list)
+    memory: MemoryPolicy = DEFAULT_POLICY
 
     def __post_init__(self) -> None:
         if not self.geoms:
@@ -392,22 +393,24 @@ class LocalFactor:
         return max(g.column_numel for g in self.geoms)
 
     def then(self, step: LocalStep) -> LocalFactor:
-        """This factor followed by ``step``; materialised if it fits :data:`STORE_BYTES`."""
+        """This factor followed by ``step``; materialised if it fits ``local_store_bytes``."""
         geom, _ = step.geometry(self.geom).tidy()
-        out = LocalFactor(self.source, [*self.steps, step], [*self.geoms, geom])
-        if out.columns * out.batch * out.max_column_numel() * out.dtype.itemsize <= STORE_BYTES:
+        memory = self.memory
+        out = LocalFactor(self.source, [*self.steps, step], [*self.geoms, geom], memory)
+        nbytes = out.columns * out.batch * out.max_column_numel() * out.dtype.itemsize
+        if nbytes <= memory.local_store_bytes:
             (values,) = out.chunks(max_bytes=None)
-            return LocalFactor(values)
+            return LocalFactor(values, memory=memory)
         return out
 
     def chunks(self, max_bytes: int | None = -1, consumer_numel: int = 0) -> Iterator[LocalValues]:
         """The columns after all steps, in chunks whose intermediates stay below ``max_bytes``.
 
-        ``-1`` (default): :data:`CHUNK_BYTES`; ``None``: one chunk. ``consumer_numel``:
-        entries per column and sample of the consumer's own intermediates.
+        ``-1`` (default): ``MemoryPolicy.local_chunk_bytes``; ``None``: one chunk.
+        ``consumer_numel``: entries per column and sample of the consumer's own intermediates.
         """
         if max_bytes == -1:
-            max_bytes = CHUNK_BYTES
+            max_bytes = self.memory.local_chunk_bytes
         per_column = self.batch * max(self.max_column_numel(), consumer_numel)
         if max_bytes is None:
             cols = self.columns
@@ -509,7 +512,9 @@ def _diagonal_chunk(src: DiagonalFactor, c: int, nc: int, r: int, nr: int, geom)
 def accepts_local(rules: object, call: ModuleCall) -> bool:
     """Whether ``rules`` backpropagate :class:`LocalFactor` columns through ``call``."""
     supports = getattr(rules, "supports_local", None)
-    return ENABLED and supports is not None and bool(supports(call))
+    if not policy_of(call).local_factors:
+        return False
+    return supports is not None and bool(supports(call))
 
 
 def parent_accepts_local(call: ModuleCall) -> bool:
@@ -530,8 +535,8 @@ def jac_t_local(rules, call: ModuleCall, factor) -> LocalFactor | SqrtFactor | N
 
     A :class:`LocalFactor` always stays on this path (made dense where the next
     module needs that); a :class:`DiagonalFactor` that would be densified, or a
-    :class:`SqrtFactor` whose result exceeds :data:`STORE_BYTES`, enters it when this
-    module and the one before it take local factors.
+    :class:`SqrtFactor` whose result exceeds ``MemoryPolicy.local_store_bytes``, enters it
+    when this module and the one before it take local factors.
     """
     local = _takes_local(rules, call)
     if isinstance(factor, LocalFactor):
@@ -547,10 +552,11 @@ def jac_t_local(rules, call: ModuleCall, factor) -> LocalFactor | SqrtFactor | N
         in_numel = call.inputs[0][0].numel()
         if (
             factor.S.shape[0] * factor.S.shape[1] * in_numel * factor.S.element_size()
-            <= STORE_BYTES
+            <= policy_of(call).local_store_bytes
         ):
             return None
-    return finish(LocalFactor(factor).then(rules.local_step(call)), call)
+    local_factor = LocalFactor(factor, memory=policy_of(call))
+    return finish(local_factor.then(rules.local_step(call)), call)
 
 
 def finish(factor: LocalFactor, call: ModuleCall) -> LocalFactor | SqrtFactor:

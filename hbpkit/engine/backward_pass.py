@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import LossRules
@@ -25,8 +26,11 @@ from hbpkit.modules.base import LossRules
 class BackwardState:
     """The per-context state: at most one unfinished :class:`BackwardPass`."""
 
-    def __init__(self, extensions: tuple[Extension, ...]) -> None:
+    def __init__(
+        self, extensions: tuple[Extension, ...], memory: MemoryPolicy = DEFAULT_POLICY
+    ) -> None:
         self.extensions = extensions
+        self.memory = memory
         self.pass_: BackwardPass | None = None
 
     def process(self, call: ModuleCall, grad_output: Tensor) -> None:
@@ -46,7 +50,7 @@ class BackwardState:
                         "pass started: several losses or forward passes per backward are not "
                         "supported yet"
                     )
-                self.pass_ = BackwardPass(self.extensions, call)
+                self.pass_ = BackwardPass(self.extensions, call, self.memory)
             with torch.no_grad():
                 self.pass_.process(call, grad_output.detach())
             if self.pass_.finished:
@@ -67,8 +71,13 @@ class BackwardPass:
     extensions process every call on its own.
     """
 
-    def __init__(self, extensions: tuple[Extension, ...], root: ModuleCall) -> None:
-        self.plan = plan = PassPlan(extensions, root)  # raises before anything is computed
+    def __init__(
+        self,
+        extensions: tuple[Extension, ...],
+        root: ModuleCall,
+        memory: MemoryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.plan = plan = PassPlan(extensions, root, memory)  # raises before computing
         self.extensions = extensions
         self.second_order = plan.second_order
         self.root = root

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
+from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.extensions.base import Extension
 
 _STACK: list = []
@@ -33,9 +34,11 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
     Args:
         *extensions: instances of :class:`hbpkit.extensions.Extension`, each with
             its own savefield.
+        memory: the :class:`~hbpkit.curvature.memory.MemoryPolicy` of the backward
+            passes in the block (dense budget, chunk sizes; default ``MemoryPolicy()``).
     """
 
-    def __init__(self, *extensions: Extension) -> None:
+    def __init__(self, *extensions: Extension, memory: MemoryPolicy | None = None) -> None:
         for ext in extensions:
             if not isinstance(ext, Extension):
                 raise TypeError(
@@ -46,7 +49,15 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
         duplicates = sorted({f for f in fields if fields.count(f) > 1})
         if duplicates:
             raise ValueError(f"two extensions write the same savefield(s) {duplicates}")
+        if memory is None:
+            memory = DEFAULT_POLICY
+        elif not isinstance(memory, MemoryPolicy):
+            raise TypeError(
+                "backprop(..., memory=...) expects a MemoryPolicy (e.g. "
+                f"MemoryPolicy(max_dense_bytes=2**32)), got {type(memory).__name__} {memory!r}"
+            )
         self.extensions = tuple(extensions)
+        self.memory = memory
         self._state = None
 
     def __enter__(self) -> backprop:
@@ -54,7 +65,7 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
 
         if self._state is not None:
             raise RuntimeError("this backprop(...) context is already active")
-        self._state = BackwardState(self.extensions)
+        self._state = BackwardState(self.extensions, self.memory)
         with _LOCK:
             _STACK.append(self._state)
         return self

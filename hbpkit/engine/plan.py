@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from hbpkit.core.calls import NODE_KEY, CallPlan, ModuleCall
 from hbpkit.core.graph import CallGraph, followed_inputs
 from hbpkit.curvature.local import accepts_local, parent_accepts_local
-from hbpkit.curvature.memory import DIAGONAL_ADVICE, check_dense_budget
+from hbpkit.curvature.memory import (
+    DEFAULT_POLICY,
+    DIAGONAL_ADVICE,
+    RAISE_BUDGET,
+    MemoryPolicy,
+    check_dense_budget,
+)
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import LossRules
 
@@ -51,12 +57,20 @@ class PassPlan:
         second_order: the active extensions that backpropagate curvature.
     """
 
-    def __init__(self, extensions: tuple[Extension, ...], root: ModuleCall) -> None:
+    def __init__(
+        self,
+        extensions: tuple[Extension, ...],
+        root: ModuleCall,
+        memory: MemoryPolicy = DEFAULT_POLICY,
+    ) -> None:
         self.extensions = extensions
+        self.memory = memory
         self.second_order = [e for e in extensions if e.needs_backprop]
         self.root = root
         self.graph = graph = CallGraph(root)
         self.calls, params = reachable(root)
+        for call in (*self.calls, *graph.order):  # the rules read the policy from their call
+            call.memory = memory
         self._rules = {
             id(c): tuple((ext, ext.table.lookup(c.module)) for ext in extensions)
             for c in self.calls
@@ -147,7 +161,8 @@ class PassPlan:
         (``curvature/local.py``) is not densified there: its columns are counted
         and checked as a dense factor where the next module takes no local factors.
         Every module refuses up front what it would densify (``curvature/memory.py``).
-        The pass reads the decisions from ``call.plan``; nothing decides them again.
+        The pass reads the decisions from ``call.plan``; nothing decides them again. The
+        checks read the pass's ``MemoryPolicy`` from the calls, as the rules do.
         """
         for call in self.graph.order:  # what parent_accepts_local reads
             call.plan = CallPlan(takes_local=accepts_local(call.rules, call))
@@ -167,10 +182,10 @@ class PassPlan:
                 raise NotImplementedError(
                     f"the batch-averaged curvature at the output of {call.module} is carried as "
                     "position blocks (its dense form exceeds the memory budget, "
-                    "hbpkit.curvature.memory.MAX_DENSE_BYTES), from which "
+                    "MemoryPolicy.max_dense_bytes), from which "
                     f"{dense[0] if dense else type(call.module).__name__} cannot form "
                     "its quantity; use kfac_approx='expand', a per-sample extension "
-                    "(KFLR, KFAC), or raise the budget"
+                    f"(KFLR, KFAC), or raise the budget with {RAISE_BUDGET}"
                 )
             if not self.needs_messages(call):
                 continue

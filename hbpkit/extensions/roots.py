@@ -168,7 +168,7 @@ class KroneckerRoots(Extension):
     def param_quantity(self, rules, call, name, param, grad_output, message) -> FactorRoots:
         approx = self.kfac_approx
         g = rules.output_rows(call, grad_output, 0, approx)
-        a = None if name == "bias" else rules.input_root(call, approx, self.bias_column)
+        a = rules.param_input_root(call, name, approx, self.bias_column)
         if self.loss_hessian is None:
             g_bar = None
         elif self.loss_hessian == "empirical":
@@ -213,9 +213,7 @@ class InputCovariance(Extension):
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        if name == "bias":
-            return torch.ones(1, 1, dtype=param.dtype, device=param.device)
-        return rules.input_factor(call, self.kfac_approx)
+        return rules.param_input_factor(call, name, self.kfac_approx, param)
 
     def __repr__(self) -> str:
         return f"InputCovariance(kfac_approx={self.kfac_approx!r})"
@@ -236,10 +234,8 @@ class EmpiricalKFAC(KroneckerRoots):
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
         roots = super().param_quantity(rules, call, name, param, grad_output, message)
-        G = roots.output_factor()
-        if name == "bias":
-            return KroneckerFactors([G], param.shape)
-        return KroneckerFactors([G, rules.input_factor(call, self.kfac_approx)], param.shape)
+        factors = rules.kron_of_output_factor(call, name, roots.output_factor(), self.kfac_approx)
+        return KroneckerFactors(factors, param.shape)
 
     def __repr__(self) -> str:
         return f"EmpiricalKFAC(kfac_approx={self.kfac_approx!r})"

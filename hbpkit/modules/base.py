@@ -23,7 +23,7 @@ from hbpkit.curvature.factors import (
     SqrtFactor,
     modify_eigenvalues,
 )
-from hbpkit.curvature.memory import DenseBudgetError
+from hbpkit.curvature.memory import RAISE_BUDGET, DenseBudgetError
 
 
 def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
@@ -211,8 +211,8 @@ class ModuleRules:
         raise DenseBudgetError(
             f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
             f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
-            "hbpkit.curvature.memory.MAX_DENSE_BYTES); use a per-sample extension (KFLR, KFAC) "
-            "or raise the budget"
+            "MemoryPolicy.max_dense_bytes); use a per-sample extension (KFLR, KFAC) "
+            f"or raise the budget with {RAISE_BUDGET}"
         )
 
     def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:

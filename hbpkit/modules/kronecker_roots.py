@@ -18,7 +18,7 @@ patches ``u_{n,p}`` of eq. S.14), following ``kfac_approx``:
   ``g_bar[(v, n)] = sum_t s_{v,n,t}``.
 
 Multiplied out, these are exactly the factors of ``hbpkit/modules/linear.py`` and
-``hbpkit/modules/conv.py`` for the same sqrt factors. The same row maps applied
+``hbpkit/modules/conv/kronecker.py`` for the same sqrt factors. The same row maps applied
 to the gradient at the layer output (``grad_output``) give ``g`` ``[b, m]`` with
 ``g^T a = grad_W`` for ``"expand"`` (for ``"reduce"`` with ``T > 1`` that sum is
 not the gradient). A bias column (a trailing 1 in every row of ``a``) folds the
@@ -34,6 +34,7 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.modules.conv import ConvRules
 from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import _scale
+from hbpkit.modules.roles import per_role
 
 #: losses whose reduction factor is per element (else per sample), see ``modules/losses.py``
 _PER_ELEMENT = (nn.MSELoss, nn.BCEWithLogitsLoss)
@@ -66,7 +67,36 @@ def reduction_scale(call: ModuleCall) -> float:
     return _scale(call, per_element=isinstance(module, _PER_ELEMENT))
 
 
-class LinearRootRules(LinearRules):
+class _RootRoles:
+    """What the root extensions take per parameter role (a mixin of the root rules):
+    the weight's input root and input factor, the bias's constant input ``1``."""
+
+    param_input_root = per_role("param_input_root")
+    param_input_factor = per_role("param_input_factor")
+    kron_of_output_factor = per_role("kron_of_output_factor")
+
+    def param_input_root_weight(self, call: ModuleCall, approx: str, bias_column: bool) -> Tensor:
+        return self.input_root(call, approx, bias_column)
+
+    def param_input_root_bias(self, call: ModuleCall, approx: str, bias_column: bool) -> None:
+        return None  # the bias's input is the constant 1: no root
+
+    def param_input_factor_weight(self, call: ModuleCall, approx: str, param: Tensor) -> Tensor:
+        return self.input_factor(call, approx)
+
+    def param_input_factor_bias(self, call: ModuleCall, approx: str, param: Tensor) -> Tensor:
+        return torch.ones(1, 1, dtype=param.dtype, device=param.device)  # [[1]]
+
+    def kron_of_output_factor_weight(self, call: ModuleCall, G: Tensor, approx: str) -> list:
+        """``[G, A]`` (S.8c, S.14)."""
+        return [G, self.input_factor(call, approx)]
+
+    def kron_of_output_factor_bias(self, call: ModuleCall, G: Tensor, approx: str) -> list:
+        """``[G]`` (the bias folded into the weight as an input 1)."""
+        return [G]
+
+
+class LinearRootRules(_RootRoles, LinearRules):
     """Kronecker roots of ``nn.Linear`` on ``[N, *, D_in]`` (S.8c, one row per position)."""
 
     def positions(self, call: ModuleCall) -> int:
@@ -85,7 +115,7 @@ class LinearRootRules(LinearRules):
         return _rows(t, approx)
 
 
-class ConvRootRules(ConvRules):
+class ConvRootRules(_RootRoles, ConvRules):
     """Kronecker roots of ``nn.Conv1d/2d/3d`` with ``groups=1`` (eq. S.14, one row per patch)."""
 
     def validate(self, call: ModuleCall) -> None:

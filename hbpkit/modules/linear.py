@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.modules.base import ModuleRules, output_factor_from_average
+from hbpkit.modules.roles import per_role
 
 
 def _positions(t: Tensor, batch_dims: int) -> Tensor:
@@ -64,18 +65,23 @@ class LinearRules(ModuleRules):
         out = einsum(W, H, W, "o i, t o s p, p j -> t i s j")
         return rearrange(out, "t i s j -> (t i) (s j)")
 
-    def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+    # first-order quantities (S.8: g x^T per sample, or g for the bias) ---------------------
+    batch_grad = per_role("batch_grad")
+    batch_l2 = per_role("batch_l2")
+    sum_grad_squared = per_role("sum_grad_squared")
+    summed_grad = per_role("summed_grad")
+
+    def batch_grad_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         g = _positions(grad_output, 0)
-        if name == "bias":
-            return g.sum(1)
         return einsum(g, self._x(call), "n t o, n t i -> n o i")
 
-    # first-order quantities without per-sample gradients where there is no weight sharing:
+    def batch_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return _positions(grad_output, 0).sum(1)
+
+    # without per-sample gradients where there is no weight sharing:
     # ||g x^T||^2 = ||g||^2 ||x||^2, sum_n (g_n x_n^T)^2 = (g^2)^T x^2
-    def batch_l2(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+    def batch_l2_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         g, x = _positions(grad_output, 0), self._x(call)
-        if name == "bias":
-            return g.sum(1).square().sum(1)
         if x.shape[1] == 1:
             return g[:, 0].square().sum(1) * x[:, 0].square().sum(1)
         # sum_{t,s} (g_t . g_s)(x_t . x_s): cheaper than [N, out, in] while T^2 < out*in/(out+in)
@@ -83,21 +89,29 @@ class LinearRules(ModuleRules):
         if T * T * (O + I) < O * I:
             gram_g = einsum(g, g, "n t o, n s o -> n t s")
             return (gram_g * einsum(x, x, "n t i, n s i -> n t s")).sum((1, 2))
-        return super().batch_l2(call, name, grad_output)
+        return super().batch_l2(call, "weight", grad_output)
 
-    def sum_grad_squared(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+    def batch_l2_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return _positions(grad_output, 0).sum(1).square().sum(1)
+
+    def sum_grad_squared_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         g, x = _positions(grad_output, 0), self._x(call)
         if x.shape[1] > 1:
-            return super().sum_grad_squared(call, name, grad_output)
-        if name == "bias":
-            return g[:, 0].square().sum(0)
+            return super().sum_grad_squared(call, "weight", grad_output)
         return g[:, 0].square().T @ x[:, 0].square()
 
-    def summed_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
+    def sum_grad_squared_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        g = _positions(grad_output, 0)
+        if self._x(call).shape[1] > 1:
+            return super().sum_grad_squared(call, "bias", grad_output)
+        return g[:, 0].square().sum(0)
+
+    def summed_grad_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         g, x = _positions(grad_output, 0), self._x(call)
-        if name == "bias":
-            return g.sum((0, 1))
         return einsum(g, x, "n t o, n t i -> o i")
+
+    def summed_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
+        return _positions(grad_output, 0).sum((0, 1))
 
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         # a diagonal factor diag(s_n) becomes W^T diag(s_n): rows of W scaled, no matmul
@@ -107,29 +121,29 @@ class LinearRules(ModuleRules):
         return super().jac_t_factor(call, factor)
 
     # diagonal of eq. S.8c / S.8b summed over samples and factor columns
-    def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
+    param_diag = per_role("param_diag")
+
+    def param_diag_weight(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
+        x = self._x(call)
+        result = 0
+        for f in factors:
+            if x.shape[1] == 1:  # sum_v sign S^2 first: the diagonal is then one matmul
+                result = result + _sample_squares(f).T @ x[:, 0].square()
+                continue
+            S, sign = _position_columns(f)
+            per_sample = einsum(S, x, "v n t o, n t i -> v n o i")
+            result = result + SqrtFactor(per_sample, sign).signed_square().sum((0, 1))
+        return result
+
+    def param_diag_bias(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
         x = self._x(call)
         result = 0
         for f in factors:
             if x.shape[1] == 1:
-                # sum_v sign S^2 first: [N, out]; the weight diagonal is then one matmul
-                if isinstance(f, DiagonalFactor):
-                    sq = f.signed_square()
-                else:
-                    sq = f.signed_square().sum(0)
-                sq = sq.reshape(sq.shape[0], -1)
-                if name == "bias":
-                    result = result + sq.sum(0)
-                else:
-                    result = result + sq.T @ x[:, 0].square()
+                result = result + _sample_squares(f).sum(0)
                 continue
-            f = f.dense() if isinstance(f, DiagonalFactor) else f
-            S = _positions(f.S, 1)  # [V, N, T, out]
-            if name == "bias":
-                per_sample = S.sum(2)
-            else:
-                per_sample = einsum(S, x, "v n t o, n t i -> v n o i")
-            result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
+            S, sign = _position_columns(f)
+            result = result + SqrtFactor(S.sum(2), sign).signed_square().sum((0, 1))
         return result
 
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
@@ -144,9 +158,23 @@ class LinearRules(ModuleRules):
             call.cache[key] = flat.T @ flat
         return call.cache[key]
 
-    def kron_from_sqrt(
-        self, call: ModuleCall, name: str, factors: list[Factor], approx: str
+    # Kronecker factors (S.8c): [G, A] for the weight, [G] for the bias (folded as a 1)
+    kron_from_sqrt = per_role("kron_from_sqrt")
+    kron_from_average = per_role("kron_from_average")
+
+    def kron_from_sqrt_weight(
+        self, call: ModuleCall, factors: list[Factor], approx: str
     ) -> list[Tensor]:
+        return [self._output_factor(call, factors, approx), self.input_factor(call, approx)]
+
+    def kron_from_sqrt_bias(
+        self, call: ModuleCall, factors: list[Factor], approx: str
+    ) -> list[Tensor]:
+        return [self._output_factor(call, factors, approx)]
+
+    def _output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
+        """``G`` ``[D_out, D_out]`` from sqrt factors: ``sum_{v,n,t} s s^T`` (expand) or
+        ``sum_{v,n} (sum_t s)(sum_t s)^T`` (reduce)."""
         T = self._x(call).shape[1]
         G = 0
         for f in factors:
@@ -158,35 +186,53 @@ class LinearRules(ModuleRules):
             if approx == "reduce":
                 S, Ssigned = S.sum(2), Ssigned.sum(2)
             G = G + einsum(Ssigned.flatten(0, -2), S.flatten(0, -2), "r o, r p -> o p")
-        return self._kron(call, name, G, approx)
+        return G
 
-    def kron_from_average(
-        self, call: ModuleCall, name: str, mat: Tensor, approx: str
-    ) -> list[Tensor]:
+    def kron_from_average_weight(self, call: ModuleCall, mat: Tensor, approx: str) -> list[Tensor]:
+        return [self._average_output_factor(call, mat, approx), self.input_factor(call, approx)]
+
+    def kron_from_average_bias(self, call: ModuleCall, mat: Tensor, approx: str) -> list[Tensor]:
+        return [self._average_output_factor(call, mat, approx)]
+
+    def _average_output_factor(self, call: ModuleCall, mat: Tensor, approx: str) -> Tensor:
+        """``G`` from the batch-averaged ``[T D_out, T D_out]`` (S.11)."""
         T = self._x(call).shape[1]
         H = rearrange(mat, "(t o) (s p) -> o t p s", t=T, s=T)
-        return self._kron(call, name, output_factor_from_average(H, approx), approx)
-
-    def _kron(self, call: ModuleCall, name: str, G: Tensor, approx: str) -> list[Tensor]:
-        if name == "bias":
-            return [G]
-        return [G, self.input_factor(call, approx)]
+        return output_factor_from_average(H, approx)
 
     # parameter Jacobian products (S.8: z_{n,t} = W x_{n,t} + b), for curvature-matrix products
-    def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        """``[K, *S] -> [K, N, *, D_out]``: ``V_k x_{n,t}`` (weight) or ``v_k`` (bias)."""
-        out_shape = call.output_shape
-        if name == "bias":
-            K = mat.shape[0]
-            return mat.reshape(K, *([1] * (len(out_shape) - 1)), -1).expand(K, *out_shape)
-        x = call.input
-        return (x.reshape(-1, x.shape[-1]) @ mat.mT).reshape(mat.shape[0], *out_shape)
+    param_jac_mat_prod = per_role("param_jac_mat_prod")
+    param_jac_t_mat_prod_sum = per_role("param_jac_t_mat_prod_sum")
 
-    def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
-        """``[K, N, *, D_out] -> [K, *S]``: ``sum_{n,t} m_{k,n,t} x_{n,t}^T`` or ``sum_{n,t} m``."""
-        K, D_out = mat.shape[0], mat.shape[-1]
-        flat = mat.reshape(K, -1, D_out)  # [K, N T, D_out]
-        if name == "bias":
-            return flat.sum(1)
+    def param_jac_mat_prod_weight(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, *W.shape] -> [K, N, *, D_out]``: ``V_k x_{n,t}``."""
         x = call.input
-        return flat.mT @ x.reshape(-1, x.shape[-1])
+        return (x.reshape(-1, x.shape[-1]) @ mat.mT).reshape(mat.shape[0], *call.output_shape)
+
+    def param_jac_mat_prod_bias(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, D_out] -> [K, N, *, D_out]``: ``v_k`` at every sample and position."""
+        out_shape, K = call.output_shape, mat.shape[0]
+        return mat.reshape(K, *([1] * (len(out_shape) - 1)), -1).expand(K, *out_shape)
+
+    def param_jac_t_mat_prod_sum_weight(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, N, *, D_out] -> [K, *W.shape]``: ``sum_{n,t} m_{k,n,t} x_{n,t}^T``."""
+        K, D_out = mat.shape[0], mat.shape[-1]
+        x = call.input
+        return mat.reshape(K, -1, D_out).mT @ x.reshape(-1, x.shape[-1])
+
+    def param_jac_t_mat_prod_sum_bias(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        """``[K, N, *, D_out] -> [K, D_out]``: ``sum_{n,t} m_{k,n,t}``."""
+        K, D_out = mat.shape[0], mat.shape[-1]
+        return mat.reshape(K, -1, D_out).sum(1)
+
+
+def _sample_squares(f: Factor) -> Tensor:
+    """``sum_v sign S^2`` of a factor at a ``[N, D_out]`` output, ``[N, D_out]``."""
+    sq = f.signed_square() if isinstance(f, DiagonalFactor) else f.signed_square().sum(0)
+    return sq.reshape(sq.shape[0], -1)
+
+
+def _position_columns(f: Factor) -> tuple[Tensor, Tensor | None]:
+    """The columns ``[V, N, T, D_out]`` of a factor (a diagonal one made dense) and signs."""
+    f = f.dense() if isinstance(f, DiagonalFactor) else f
+    return _positions(f.S, 1), f.sign

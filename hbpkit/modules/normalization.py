@@ -98,9 +98,15 @@ class AffineParamRules(ModuleRules):
             return v.reshape(K, 1, *([1] * (n_in - d)), *v.shape[1:])
         return v.reshape(K, 1, v.shape[1], *([1] * (n_in - 1)))
 
+    def _role_scale(self, call: ModuleCall, name: str) -> Tensor | None:
+        """What multiplies ``v`` in ``J_p v`` (S.8b): ``xh`` for the weight (the scale
+        ``gamma``), nothing (``None``) for the bias (the shift ``beta``)."""
+        return _ROLE_SCALES[name](self, call)
+
     def _param_derivative(self, call: ModuleCall, name: str, t: Tensor) -> Tensor:
         """``J_p^T t`` per position: ``[*, N, *out] -> [*, N, T, P]``."""
-        return self.positions(call, t * self.xh(call) if name == "weight" else t)
+        scale = self._role_scale(call, name)
+        return self.positions(call, t if scale is None else t * scale)
 
     def _to_param(self, call: ModuleCall, name: str, q: Tensor) -> Tensor:
         """``[*, P] -> [*, *param.shape]``."""
@@ -116,8 +122,9 @@ class AffineParamRules(ModuleRules):
         for f in factors:
             if isinstance(f, DiagonalFactor):  # diag(s_n): entry i adds sign_i (J_p[i] s_i)^2
                 sq = f.signed_square()
-                if name == "weight":
-                    sq = sq * self.xh(call).square()
+                scale = self._role_scale(call, name)
+                if scale is not None:
+                    sq = sq * scale.square()
                 result = result + self.positions(call, sq).sum((0, 1))
                 continue
             q = self._param_derivative(call, name, f.S).sum(-2)  # [V, N, P]
@@ -140,8 +147,8 @@ class AffineParamRules(ModuleRules):
     def kron_from_average(
         self, call: ModuleCall, name: str, mat: Tensor, approx: str
     ) -> list[Tensor]:
-        xh = self.xh(call)
-        J = self.positions(call, torch.ones_like(xh) if name == "bias" else xh)  # [N, T, P]
+        scale = self._role_scale(call, name)
+        J = self.positions(call, torch.ones_like(self.xh(call)) if scale is None else scale)
         N, T, P = J.shape
         features = torch.arange(mat.shape[0], device=mat.device).reshape(call.output_shape[1:])
         index = self.positions(call, features.unsqueeze(0))[0].reshape(-1)  # (t, p) -> feature
@@ -155,12 +162,20 @@ class AffineParamRules(ModuleRules):
     def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         """``[K, *param] -> [K, N, *out]``: ``v * xh`` (weight) or ``v`` (bias), broadcast."""
         v = self._broadcast(call, mat)
-        out = v * self.xh(call) if name == "weight" else v
+        scale = self._role_scale(call, name)
+        out = v if scale is None else v * scale
         return out.expand(mat.shape[0], *call.output_shape)
 
     def param_jac_t_mat_prod_sum(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         """``[K, N, *out] -> [K, *param]``: ``sum_{n,t} m * xh`` (weight) or ``sum_{n,t} m``."""
         return self._to_param(call, name, self._param_derivative(call, name, mat).sum((1, 2)))
+
+
+#: per parameter role, what multiplies ``v`` in ``J_p v`` (``None``: nothing)
+_ROLE_SCALES: dict[str, Callable[[AffineParamRules, ModuleCall], Tensor | None]] = {
+    "weight": lambda rules, call: rules.xh(call),
+    "bias": lambda rules, call: None,
+}
 
 
 # ------------------------------------------------------------------------ LayerNorm, GroupNorm

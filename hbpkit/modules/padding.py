@@ -17,7 +17,7 @@ constant), linear in ``x``, so ``Hx = Pi^T Hz Pi`` (D.2) and no residual.
   diagonal factor stays diagonal (its signed squares are scatter-added).
 
 Batch-averaged backpropagation (approximation (9)) crops / maps the rows and
-columns of the dense matrix, within :data:`hbpkit.curvature.memory.MAX_DENSE_BYTES`.
+columns of the dense matrix, within the ``max_dense_bytes`` of the pass's ``MemoryPolicy``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Two kinds of maps, both linear in the input (Hessian ``0`` a.e., no residual in 
 Batch-averaged backpropagation (approximation (9), ``KFRA``) and densified
 diagonal factors allocate dense ``[D_in, D_in]`` / ``[D_out, N, *in]`` tensors: both
 are refused with :class:`DenseBudgetError` *before* allocating when they would
-exceed :data:`hbpkit.curvature.memory.MAX_DENSE_BYTES`.
+exceed the ``max_dense_bytes`` of the pass's ``MemoryPolicy``.
 """
 
 from __future__ import annotations
@@ -39,13 +39,8 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.curvature.local import ConvTransposeStep, LocalStep, SelectStep, jac_t_local
-from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
+from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget, policy_of
 from hbpkit.modules.base import ModuleRules
-
-#: measured cost of one random index addition in streamed entries: with ``K`` window
-#: entries the strided form of ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams
-#: ``K^2 (N + 3)`` entries per pair of outputs, the sample loop ``N`` random additions
-SCATTER_COST = 40
 
 
 def _features(call: ModuleCall) -> tuple[torch.Size, torch.Size]:
@@ -332,7 +327,7 @@ class MaxPoolRules(_LinearMapRules):
         H = mat.reshape(C, *outs, C, *outs)
         result = mat.new_zeros(C, *ins, C, *ins)
         used = [t for t in range(window.shape[1]) if bool(masks[t].any())]
-        if len(used) ** 2 * (N + 3) > SCATTER_COST * N:
+        if len(used) ** 2 * (N + 3) > policy_of(call).scatter_cost * N:
             return self._ea_by_samples(call, mat)
         places = [self._placement(axes, t) for t in range(window.shape[1])]
         for t in used:

@@ -1,0 +1,176 @@
+"""The diagonal of the weight / bias block of a convolution (D.4), the hot loop of
+DiagGGNExact: ``H_W = ([[X]]^T kron I)^T H_Z ([[X]]^T kron I)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.curvature.local import LocalFactor, LocalValues, windows
+from hbpkit.curvature.memory import policy_of
+from hbpkit.modules.roles import per_role
+
+
+class ConvDiagonal:
+    """``param_diag`` of convolutions and transposed convolutions (a mixin of the base)."""
+
+    param_diag = per_role("param_diag")
+    _param_diag_local = per_role("_param_diag_local")  # local columns, see ConvRules
+
+    def param_diag_weight(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
+        """``diag(sum_{v,n} sign (J_W^T s)(J_W^T s)^T)``, shape ``weight.shape``.
+
+        Sqrt factors ``[V, N, C_out, *out]`` are processed in chunks over ``V``
+        (``MemoryPolicy.chunk_bytes``); a :class:`DiagonalFactor` ``diag(d_n)`` needs no
+        per-column work: for Conv ``sum_{n,p} d_{n,o,p} u_{n,s,p}^2``.
+        """
+        shape = call.module.weight.shape
+        result = 0
+        for f in factors:
+            if isinstance(f, LocalFactor):
+                result = result + self._param_diags_local(call, f)["weight"]
+                continue
+            if isinstance(f, DiagonalFactor):
+                d = f.signed_square()  # [N, C_out, *out]
+                left, right = self._weight_factors(call, d, square_input=True)
+                diag = einsum(left, right, "n g a p, n g b p -> g a b")
+                result = result + diag.reshape(shape)
+                continue
+            result = result + self._weight_diag(call, f).reshape(shape)
+        return result
+
+    def param_diag_bias(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
+        """``diag(sum_{v,n} sign (1_P^T s)(1_P^T s)^T)``, ``[C_out]``."""
+        result = 0
+        for f in factors:
+            if isinstance(f, LocalFactor):
+                result = result + self._param_diags_local(call, f)["bias"]
+                continue
+            if isinstance(f, DiagonalFactor):
+                result = result + f.signed_square().flatten(2).sum((0, 2))
+                continue
+            per_sample = f.S.flatten(3).sum(3)  # [V, N, C_out]
+            result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
+        return result
+
+    def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """``sum_{v,n} sign (J_W^T s_{v,n})^2`` of a dense sqrt factor, in chunks over ``V``."""
+        V, N = f.S.shape[:2]
+        per_column = N * self._column_numel(call) * f.S.element_size()
+        chunk = max(1, policy_of(call).chunk_bytes // per_column)
+        result = 0
+        for start in range(0, V, chunk):
+            left, right = self._weight_factors(call, f.S[start : start + chunk])
+            if self._output_left:
+                JtS = einsum(left, right, "v n g a p, n g b p -> v n g a b")
+            else:
+                JtS = einsum(left, right, "n g a p, v n g b p -> v n g a b")
+            sign = None if f.sign is None else f.sign[start : start + chunk]
+            result = result + SqrtFactor(JtS, sign).signed_square().sum((0, 1))
+        return result
+
+    def _param_diags_local(self, call: ModuleCall, f: LocalFactor) -> dict[str, Tensor]:
+        """``param_diag`` of every parameter from one pass over the chunks of ``f`` (cached).
+
+        A lazy factor recomputes its pending steps per chunk: one pass serves weight and bias.
+        """
+        key = ("conv_local_diag", id(f))  # f lives in the message during this call's hook
+        if key not in call.cache:
+            names = self.param_names(call.module)
+            diags = dict.fromkeys(names, 0)
+            for chunk in f.chunks(consumer_numel=self._column_numel(call)):
+                # one patch: a dense factor (cropped to the map) for the dense kernels
+                dense = chunk.tidy().to_sqrt() if math.prod(chunk.geom.anchors) == 1 else None
+                for name in names:
+                    if dense is not None:
+                        diag = self.param_diag(call, name, [dense])
+                    else:
+                        diag = self._param_diag_local(call, name, chunk)
+                    diags[name] = diags[name] + diag
+            call.cache[key] = diags
+        return call.cache[key]
+
+
+class UnfoldedDiagonal:
+    """The weight diagonal of ``nn.Conv1d/2d/3d`` from the cached ``[[x]]`` (a mixin of
+    :class:`ConvRules`)."""
+
+    def _param_diag_local_weight(self, call: ModuleCall, chunk: LocalValues) -> Tensor:
+        """``sum_{j,n} sign (J_W^T v_{j,n})^2`` for local columns ``v`` (D.4, S.14).
+
+        Column ``j`` of sample ``n`` lives on output positions ``start_j + o``; its weight
+        derivative is ``sum_o v[:, o] u[:, start_j + o]^T`` per group, with ``u`` the
+        unfolded input ``[[x_n]]`` ``[S, *out]`` read on the same patch (zero outside).
+        """
+        G = call.module.groups
+        u = self.unfold(call)
+        u = windows(u.reshape(*u.shape[:2], *call.output_shape[2:]), chunk.geom)
+        u = u.reshape(u.shape[0], G, -1, math.prod(chunk.geom.anchors), math.prod(chunk.geom.patch))
+        v = chunk.values.reshape(
+            chunk.values.shape[0], u.shape[3], u.shape[0], G, -1, u.shape[-1]
+        )  # [C_j, A, N, G, C_out/G, P]
+        JtV = einsum(v, u, "j a n g o p, n g s a p -> j a n g o s")
+        sq = JtV.square_()  # entries outside the output map meet zeros of the windowed input
+        if chunk.sign is not None:
+            sq = sq.mul_(chunk.sign.reshape(*v.shape[:3], 1, 1, 1))
+        return sq.sum((0, 1, 2)).reshape(call.module.weight.shape)
+
+    def _param_diag_local_bias(self, call: ModuleCall, chunk: LocalValues) -> Tensor:
+        """``sum_{j,n} sign (1^T v_{j,n})^2`` for local columns ``v``, ``[C_out]``."""
+        columns = chunk.columns()  # [J, N, C_out, *patch]
+        per_sample = columns.S.flatten(3).sum(3)  # [J, N, C_out]
+        return SqrtFactor(per_sample, columns.sign).signed_square().sum((0, 1))
+
+    # the weight diagonal from a dense sqrt factor (the hot loop of DiagGGNExact) ------------
+    def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """``sum_{v,n} sign (s_{v,n} [[x_n]]^T)^2`` (S.14), ``[weight.numel()]``.
+
+        Batched products of the cached ``[[x]]`` with the ``V`` columns of a few samples
+        stacked (``[V C_out, P] @ [P, S]`` per sample; one column at a time, without the
+        copy, for short patches ``S`` < ``MemoryPolicy.stack_min_patch``), landing in a
+        reused buffer of ``MemoryPolicy.buffer_bytes`` that is squared in place and reduced
+        while still in cache: no ``[V, N, C_out, S]`` tensor. (Per-sample weight gradients
+        as one convolution grouped over samples avoid ``[[x]]`` and are faster on one thread,
+        but oneDNN runs grouped weight gradients single-threaded and about 50x slower with
+        2 threads.)
+        """
+        if call.module.groups == 1:
+            return self._weight_diag_unfolded(call, f)
+        return super()._weight_diag(call, f)
+
+    def _weight_diag_unfolded(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """:meth:`_weight_diag` from the cached ``[[x]]`` (``groups == 1``)."""
+        S, sign = f.S.flatten(3), f.sign  # [V, N, C_out, P]
+        V, N, C_out, P = S.shape
+        ut = self.unfold(call).mT  # [N, P, S], a view
+        K = ut.shape[-1]
+        col_bytes = C_out * K * S.element_size()
+        memory = policy_of(call)
+        buffer_bytes = memory.buffer_bytes
+        vb = max(1, min(V, buffer_bytes // col_bytes)) if K >= memory.stack_min_patch else 1
+        nb = max(1, min(N, buffer_bytes // (vb * col_bytes)))
+        buffer = S.new_empty(nb * vb * C_out * K)
+        result = S.new_zeros(C_out * K)
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            for n0 in range(0, N, nb):
+                n1 = min(N, n0 + nb)
+                b, c = n1 - n0, v1 - v0
+                left = S[v0:v1, n0:n1].transpose(0, 1).reshape(b, c * C_out, P)  # (n, (v, o))
+                out = buffer[: b * c * C_out * K].view(b, c * C_out, K)
+                torch.bmm(left, ut[n0:n1], out=out)
+                w = None if sign is None else sign[v0:v1, n0:n1].T.reshape(-1)
+                result += _square_sum(out.view(b * c, C_out * K), w)
+        return result
+
+
+def _square_sum(t: Tensor, weights: Tensor | None) -> Tensor:
+    """``sum_r weights[r] t[r]**2`` of ``[R, M]`` (``weights`` all 1 if ``None``); squares ``t``."""
+    t = t.square_()
+    return t.sum(0) if weights is None else weights.to(t.dtype) @ t
