@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 
+import dag_reference as dag
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
@@ -34,13 +36,6 @@ from hbpkit.extensions import (
     Variance,
 )
 from hbpkit.nn import Parallel, Residual, Sum
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import dag_reference as dag
-    from . import reference as ref
-except ImportError:
-    import dag_reference as dag
-    import reference as ref
 
 DT = torch.float64
 TOL = {"rtol": 1e-8, "atol": 1e-10}

@@ -18,6 +18,7 @@ import weakref
 
 import backpack.extensions as bpext
 import pytest
+import reference as ref
 import torch
 from backpack import backpack as bp_backpack
 from backpack import extend as bp_extend
@@ -28,11 +29,6 @@ import hbpkit
 from hbpkit import backprop, extend
 from hbpkit.extensions import GGNMP, HMP, PCHMP, DiagHessian
 from hbpkit.modules import ModuleRules
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
@@ -46,12 +42,7 @@ FIELDS = {"ggn": "ggnmp", "hessian": "hmp", "pch-abs": "pchmp", "pch-clip": "pch
 MAX_ERR: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def teardown_module(module):
     if MAX_ERR:
         print("\nmax abs errors:", {k: f"{v:.1e}" for k, v in sorted(MAX_ERR.items())})
 

@@ -12,7 +12,16 @@ import copy
 import warnings
 
 import pytest
+import reference as ref
 import torch
+from quantities import (
+    Case,
+    assert_nothing_attached,
+    close,
+    first_and_diag_against_plain,
+    make_loss,
+)
+from test_normalization import modified_hessian_blocks
 from torch import nn
 
 from hbpkit import backprop, extend
@@ -32,27 +41,6 @@ from hbpkit.extensions import (
     Variance,
 )
 from hbpkit.modules.base import DiagonalFactor, SqrtFactor
-
-try:
-    from . import reference as ref
-    from .test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-        make_loss,
-    )
-    from .test_normalization import modified_hessian_blocks
-except ImportError:
-    import reference as ref
-    from test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-        make_loss,
-    )
-    from test_normalization import modified_hessian_blocks
 
 DT = torch.float64
 E, D, T = 7, 4, 3

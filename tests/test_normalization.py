@@ -9,7 +9,14 @@ messages take it through the residual hooks of ``ModuleRules``
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
+from quantities import (
+    Case,
+    assert_nothing_attached,
+    close,
+    first_and_diag_against_plain,
+)
 from torch import nn
 
 from hbpkit import backprop
@@ -30,33 +37,7 @@ from hbpkit.extensions import (
     Variance,
 )
 
-try:
-    from . import reference as ref
-    from .test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-    )
-except ImportError:
-    import reference as ref
-    from test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-    )
-
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------- models

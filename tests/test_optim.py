@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
@@ -19,11 +20,6 @@ from hbpkit import backprop, extend
 from hbpkit.extensions import KFAC, KFLR
 from hbpkit.optim import KroneckerPreconditioner, NewtonCG, cg
 from hbpkit.optim.kronecker import damped_inverses
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 DT = torch.float64
 

@@ -19,6 +19,7 @@ import random
 
 import backpack.extensions as bpext
 import pytest
+import reference as ref
 import torch
 from backpack import backpack as bp_backpack
 from backpack import extend as bp_extend
@@ -33,11 +34,6 @@ from hbpkit.extensions import HBP, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHess
 from hbpkit.modules import budget, pooling
 from hbpkit.modules.base import DiagonalFactor, SqrtFactor
 from hbpkit.modules.budget import DenseBudgetError
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 DT = torch.float64
 N, V = 3, 2
