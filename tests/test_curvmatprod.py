@@ -22,6 +22,7 @@ import reference as ref
 import torch
 from backpack import backpack as bp_backpack
 from backpack import extend as bp_extend
+from records import record
 from torch import nn
 from torch.func import functional_call
 
@@ -328,8 +329,8 @@ def test_stock_backpack_pchmp_squares_the_gradient():
 
 # --------------------------------------------------------------------------- lifetime, errors
 def _kept_calls(out: torch.Tensor, loss: torch.Tensor) -> list:
-    calls = [loss._hbpkit_call[0]]
-    call = out._hbpkit_call[0]
+    calls = [record(loss)]
+    call = record(out)
     while call is not None:
         calls.append(call)
         call = call.parent

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from records import record
 from torch import nn
 
 from hbpkit import backprop, extend
@@ -28,7 +29,7 @@ def _record(module: nn.Module, x: torch.Tensor):
     extend(module)
     x = x.clone().requires_grad_(True)
     out = module(x)
-    return SECOND_ORDER.lookup(module), out._hbpkit_call[0], out
+    return SECOND_ORDER.lookup(module), record(out), out
 
 
 def _dense_blocks(rules, call, H: torch.Tensor) -> torch.Tensor:
