@@ -185,7 +185,7 @@ def test_curvature_products(name, loss):
 # ---------------------------------------------------------------------------- Kronecker
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_kronecker_batch_one_is_exact(name, loss):
+def test_kronecker_batch_one_is_exact(name, loss, kflr_kfra_batch_one):
     """N = 1: KFLR, KFRA == GGN block; HBP hessian (sqrt, batch-average) == Hessian block;
     HBP pch-abs / pch-clip == the PCH block. ``kfac_approx="reduce"``: GroupNorm's parameters
     are shared over positions (the Linear layers here have none, both approximations agree)."""
@@ -201,7 +201,7 @@ def test_kronecker_batch_one_is_exact(name, loss):
         fresh = make_case(name, loss, 1)
         fresh.run(ext)
         results[key] = [p.hbp for p, _ in fresh.params()]
-    case.run(KFLR(kfac_approx="reduce"), KFRA(kfac_approx="reduce"))
+    case.run(*kflr_kfra_batch_one.extensions(kfac_approx="reduce"))
     params = case.plain_params()
     out = case.plain(case.X)
     G = ref.blocks(ref.ggn(out, case.lf_plain, case.y, params), params)
@@ -212,9 +212,8 @@ def test_kronecker_batch_one_is_exact(name, loss):
         "pch-abs": modified_hessian_blocks(case, "pch-abs"),
         "pch-clip": modified_hessian_blocks(case, "pch-clip"),
     }
-    for i, (p, _) in enumerate(case.params()):
-        close(kron(p.kflr), G[i], f"kflr {i}")
-        close(kron(p.kfra), G[i], f"kfra {i}")
+    kflr_kfra_batch_one.check([p for p, _ in case.params()], G, close)
+    for i in range(len(case.params())):
         for key in hbp:
             close(kron(results[key][i]), expected[key][i], f"{key} {i}")
 
