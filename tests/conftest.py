@@ -17,6 +17,7 @@ import pytest
 import torch
 from exact_limits import (
     HBP_HESSIAN_BATCH_ONE,
+    HBP_HESSIAN_SQRT_BATCH_ONE,
     KFAC_MEAN_TO_KFLR,
     KFLR_DEEP_LINEAR_MSE,
     KFLR_KFRA_BATCH_ONE,
@@ -58,6 +59,12 @@ def kflr_deep_linear_mse() -> ExactLimit:
 def hbp_hessian_batch_one() -> ExactLimit:
     """HBP("hessian", "average", "batch-average") at batch size 1: the exact Hessian block."""
     return HBP_HESSIAN_BATCH_ONE
+
+
+@pytest.fixture
+def hbp_hessian_sqrt_batch_one() -> ExactLimit:
+    """HBP("hessian", "exact", "sqrt") at batch size 1: the exact Hessian block."""
+    return HBP_HESSIAN_SQRT_BATCH_ONE
 
 
 @pytest.fixture

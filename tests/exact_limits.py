@@ -12,7 +12,8 @@ every parameter's dense block must equal. The tests take them as fixtures
   the Jacobians of the later layers do not depend on the sample, so the block factorises
   exactly (KFRA backpropagates the same matrix).
 * ``HBP_HESSIAN_BATCH_ONE``: ``HBP("hessian", "average", "batch-average")`` at batch size 1
-  is the exact Hessian block of each Linear weight (eq. 7 with one sample).
+  is the exact Hessian block of each Linear weight (eq. 7 with one sample);
+  ``HBP_HESSIAN_SQRT_BATCH_ONE`` the same for the per-sample ``HBP("hessian", "exact", "sqrt")``.
 * ``KFAC_MEAN_TO_KFLR``: KFAC's Monte-Carlo loss-Hessian factor is unbiased, so the mean of
   many draws tends to KFLR's output factor; the input factor does not depend on the draws.
 """
@@ -123,6 +124,13 @@ HBP_HESSIAN_BATCH_ONE = ExactLimit(
     ("hbp",),
     "hessian",
 )
+HBP_HESSIAN_SQRT_BATCH_ONE = ExactLimit(
+    "hbp-hessian-sqrt-batch-one",
+    "batch size 1, no weight sharing",
+    lambda **o: (HBP("hessian", "exact", "sqrt", **o),),
+    ("hbp",),
+    "hessian",
+)
 KFAC_MEAN_TO_KFLR = MonteCarloLimit(
     "kfac-mean-to-kflr",
     lambda mc: (KFLR(), KFAC(mc_samples=mc)),
@@ -131,4 +139,9 @@ KFAC_MEAN_TO_KFLR = MonteCarloLimit(
     10_000,
     0.05,
 )
-EXACT_LIMITS = (KFLR_KFRA_BATCH_ONE, KFLR_DEEP_LINEAR_MSE, HBP_HESSIAN_BATCH_ONE)
+EXACT_LIMITS = (
+    KFLR_KFRA_BATCH_ONE,
+    KFLR_DEEP_LINEAR_MSE,
+    HBP_HESSIAN_BATCH_ONE,
+    HBP_HESSIAN_SQRT_BATCH_ONE,
+)

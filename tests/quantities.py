@@ -161,6 +161,20 @@ class Case:
         return out, loss
 
 
+#: one factory per extension that writes a savefield (HBP: the Hessian, batch-averaged)
+ALL_EXTENSIONS = (
+    BatchGrad,
+    BatchL2,
+    SumGradSquared,
+    Variance,
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    KFAC,
+    KFLR,
+    KFRA,
+    lambda: HBP("hessian", "average", "batch-average"),
+)
 FIRST_AND_DIAG = (BatchGrad, BatchL2, SumGradSquared, Variance, DiagGGNExact, DiagHessian)
 
 

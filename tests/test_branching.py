@@ -218,18 +218,21 @@ def check_every_extension(plain: nn.Module, model: nn.Module, X, y, name: str) -
         assert q_layer.weight.kfac[0].shape == q_layer.weight.kfra[0].shape == G.shape
 
 
-def test_kflr_is_exact_through_residual_blocks_at_batch_size_one():
-    """KFLR of a Linear weight = its exact GGN block at N = 1 (no weight sharing), B.3."""
-    plain, model, X, y = _setup("parallel", 1, seed=3)
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize(
+    "limit", ["kflr_kfra_batch_one", "hbp_hessian_batch_one", "hbp_hessian_sqrt_batch_one"]
+)
+def test_exact_limits_through_residual_blocks(limit, seed, request):
+    """N = 1, no weight sharing: the Kronecker factors of every Linear are its exact blocks,
+    per sample and batch-averaged (with the cross blocks between branches), B.3."""
+    limit = request.getfixturevalue(limit)
+    plain, model, X, y = _setup("parallel", 1, seed=seed)
     loss_fn = nn.CrossEntropyLoss()
-    with backprop(KFLR(), HBP("hessian", "exact", "sqrt")):
-        extend(loss_fn)(model(X), y).backward()
-    t = dag.trace(plain, loss_fn, X, y)
-    for layer, q in zip(_layers(plain), _layers(model)):
-        G, A = q.weight.kflr
-        close(torch.kron(G, A), ref.ggn(t.out, loss_fn, y, [layer.weight]), "kflr N=1")
-        G, A = q.weight.hbp
-        close(torch.kron(G, A), ref.hessian(t.loss, [layer.weight]), "hbp hessian N=1")
+    limit.backward(extend(loss_fn)(model(X), y))
+    params = [p for layer in _layers(plain) for p in (layer.weight, layer.bias)]
+    blocks = limit.exact_blocks(plain, loss_fn, X, y, params)
+    ours = [p for layer in _layers(model) for p in (layer.weight, layer.bias)]
+    limit.check(ours, blocks, close, f"seed {seed}")
 
 
 def test_kfac_converges_to_kflr_on_a_residual_model():
@@ -294,21 +297,6 @@ def test_sum_of_a_tensor_with_itself():
         close(q.diag_h, H.diagonal().reshape(p.shape), "sum(h, h) diag_h")
         V = torch.randn(1, *p.shape, dtype=DT)
         close(q.hmp(V).reshape(-1), H @ V.reshape(-1), "sum(h, h) hmp")
-
-
-def test_batch_averaged_backprop_is_exact_at_batch_size_one():
-    """KFRA / ``HBP(..., "batch-average")`` with the cross blocks between branches, N = 1."""
-    plain, model, X, y = _setup("parallel", 1, seed=4)
-    loss_fn = nn.CrossEntropyLoss()
-    with backprop(KFRA(), HBP("hessian", "average", "batch-average")):
-        extend(loss_fn)(model(X), y).backward()
-    t = dag.trace(plain, loss_fn, X, y)
-    for layer, q in zip(_layers(plain), _layers(model)):
-        G, A = q.weight.kfra
-        close(torch.kron(G, A), ref.ggn(t.out, loss_fn, y, [layer.weight]), "kfra N=1")
-        G, A = q.weight.hbp
-        close(torch.kron(G, A), ref.hessian(t.loss, [layer.weight]), "hbp batch-average N=1")
-        close(q.bias.kfra[0], ref.ggn(t.out, loss_fn, y, [layer.bias]), "kfra bias N=1")
 
 
 def test_batch_averaged_equals_per_sample_on_a_linear_dag():

@@ -12,6 +12,7 @@ import pytest
 import reference as ref
 import torch
 from quantities import (
+    ALL_EXTENSIONS,
     DT,
     SAVEFIELDS,
     Case,
@@ -26,29 +27,10 @@ from hbpkit.extensions import (
     HBP,
     KFAC,
     KFLR,
-    KFRA,
-    BatchGrad,
-    BatchL2,
     DiagGGNExact,
     DiagGGNMC,
-    DiagHessian,
-    SumGradSquared,
-    Variance,
 )
 
-ALL_EXTENSIONS = [
-    BatchGrad,
-    BatchL2,
-    SumGradSquared,
-    Variance,
-    DiagGGNExact,
-    DiagGGNMC,
-    DiagHessian,
-    KFAC,
-    KFLR,
-    KFRA,
-    lambda: HBP("hessian", "average", "batch-average"),
-]
 SECOND_ORDER = ALL_EXTENSIONS[4:]
 FIRST_ORDER = ALL_EXTENSIONS[:4]
 

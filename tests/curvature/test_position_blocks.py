@@ -1,9 +1,9 @@
 """Batch-averaged curvature in position blocks (``modules/position_blocks.py``), float64.
 
 Rule level: every ``ea_blocks`` equals the position blocks of the dense
-``mean_n J_n^T H J_n`` (itself checked against autograd Jacobians in
-``test_conv.py`` / ``test_pooling_padding.py``). End to end: with a memory budget
-that forces the structured path, ``KFRA`` / ``HBP(..., "batch-average")`` give the
+``mean_n J_n^T H J_n`` (itself checked against autograd Jacobians by the rule contract,
+``tests/modules/test_rule_contract.py``, and ``test_conv.py``). End to end: with a memory
+budget that forces the structured path, ``KFRA`` / ``HBP(..., "batch-average")`` give the
 same Kronecker factors as the dense path, and what blocks cannot give exactly is
 refused before anything is written.
 """

@@ -14,6 +14,7 @@ import pytest
 import reference as ref
 import torch
 from torch import nn
+from training import train
 
 import hbpkit.extensions
 from hbpkit import backprop, extend
@@ -385,15 +386,7 @@ def _train(opt_factory, digits, steps=5):
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 10)).to(DT))
     loss_fn = extend(nn.CrossEntropyLoss())
-    opt = opt_factory(model.parameters())
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        with backprop(*opt.extensions):
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, loss_fn, opt_factory(model.parameters()), X, y, steps)
     with torch.no_grad():
         losses.append(loss_fn(model(X), y).item())
     return losses
