@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from dag_checks import DT, check_every_extension, randomize_norms
 from example_scripts import load_example
-from test_branching import DT, check_every_extension, randomize_norms
 from torch import nn
 
 import hbpkit
