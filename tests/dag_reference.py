@@ -23,13 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import reference as ref
 import torch
 from torch import Tensor, nn
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 PARAMETRIC = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ELEMENTWISE = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.ReLU, nn.Softplus, nn.ELU, nn.SiLU)

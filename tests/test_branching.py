@@ -13,38 +13,30 @@ from __future__ import annotations
 import copy
 
 import pytest
+import reference as ref
 import torch
+from dag_checks import (
+    DT,
+    MAX_ERR,
+    check_every_extension,
+    close,
+    layers,
+    randomize_norms,
+)
 from torch import nn
 
 from hbpkit import backprop, extend
 from hbpkit.branching import Parallel, Residual, Sum
 from hbpkit.extensions import (
-    GGNMP,
     HBP,
     HMP,
     KFAC,
     KFLR,
     KFRA,
-    PCHMP,
     BatchGrad,
-    BatchL2,
     DiagGGNExact,
-    DiagGGNMC,
     DiagHessian,
-    SumGradSquared,
-    Variance,
 )
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import dag_reference as dag
-    from . import reference as ref
-except ImportError:
-    import dag_reference as dag
-    import reference as ref
-
-DT = torch.float64
-TOL = {"rtol": 1e-8, "atol": 1e-10}
-MAX_ERR: dict[str, float] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,12 +44,6 @@ def _report():
     yield
     if MAX_ERR:
         print("\nmax abs errors:", {k: f"{v:.1e}" for k, v in sorted(MAX_ERR.items())})
-
-
-def close(actual, expected, what):
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    MAX_ERR[what] = max(MAX_ERR.get(what, 0.0), err)
-    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
 
 
 # ------------------------------------------------------------------------------ models
@@ -126,38 +112,6 @@ MODELS = {
     "parallel": (parallel_mlp, (4,)),
 }
 
-EXTENSIONS = [
-    BatchGrad(),
-    BatchL2(),
-    SumGradSquared(),
-    Variance(),
-    DiagGGNExact(),
-    DiagHessian(),
-    DiagGGNMC(mc_samples=2),
-    KFLR(),
-    KFAC(),
-    KFRA(),  # exact only at N = 1 (test below); here: it runs, shapes
-    HBP("hessian", "exact", "sqrt"),
-    GGNMP(),
-    HMP(),
-    PCHMP("abs"),
-]
-
-
-def randomize_norms(model: nn.Module) -> nn.Module:
-    """Random affine parameters and running statistics for the normalization layers,
-    BatchNorm in eval mode (its train mode is tested in ``test_normalization.py``)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.eval()
-    return model
-
 
 def _setup(name: str, N: int, seed: int = 0):
     torch.manual_seed(seed)
@@ -169,10 +123,6 @@ def _setup(name: str, N: int, seed: int = 0):
     return plain, model, X, y
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, dag.PARAMETRIC)]
-
-
 @pytest.mark.parametrize(
     "name", [pytest.param("resnet", marks=pytest.mark.slow), "transformer", "parallel"]
 )
@@ -181,60 +131,21 @@ def test_every_extension_against_autograd(name):
     check_every_extension(plain, model, X, y, name)
 
 
-def check_every_extension(plain: nn.Module, model: nn.Module, X, y, name: str) -> None:
-    """All of :data:`EXTENSIONS` in one backward pass of ``model`` against autograd on ``plain``.
-
-    ``plain``: a non-extended copy of ``model`` (same parameters); cross-entropy loss.
-    """
-    N = X.shape[0]
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize(
+    "limit", ["kflr_kfra_batch_one", "hbp_hessian_batch_one", "hbp_hessian_sqrt_batch_one"]
+)
+def test_exact_limits_through_residual_blocks(limit, seed, request):
+    """N = 1, no weight sharing: the Kronecker factors of every Linear are its exact blocks,
+    per sample and batch-averaged (with the cross blocks between branches), B.3."""
+    limit = request.getfixturevalue(limit)
+    plain, model, X, y = _setup("parallel", 1, seed=seed)
     loss_fn = nn.CrossEntropyLoss()
-    with backprop(*EXTENSIONS):
-        extend(loss_fn)(model(X), y).backward()
-
-    t = dag.trace(plain, loss_fn, X, y)
-    dag.check_reference(t, loss_fn, y)
-    grads = ref.per_sample_grads_loop(plain, loss_fn, X, y, t.params)
-    V = {p: torch.randn(2, *p.shape, dtype=DT) for p in t.params}
-    blocks = dag.curvature_blocks(t, loss_fn, y, t.params, ("ggn", "hessian", "pch-abs"))
-    for i, (p, q, g) in enumerate(zip(t.params, model.parameters(), grads)):
-        P = p.numel()
-        ggn, hess, pch = blocks["ggn"][i], blocks["hessian"][i], blocks["pch-abs"][i]
-        close(q.grad_batch, g, "grad_batch")
-        close(q.batch_l2, g.flatten(1).square().sum(1), "batch_l2")
-        close(q.sum_grad_squared, g.square().sum(0), "sum_grad_squared")
-        close(q.variance, g.square().sum(0) / N - (g.sum(0) / N).square(), "variance")
-        close(q.diag_ggn_exact, ggn.diagonal().reshape(p.shape), "diag_ggn_exact")
-        close(q.diag_h, hess.diagonal().reshape(p.shape), "diag_h")
-        assert q.diag_ggn_mc.shape == p.shape
-        v = V[p].reshape(2, P)
-        close(q.ggnmp(V[p]).reshape(2, P), v @ ggn, "ggnmp")
-        close(q.hmp(V[p]).reshape(2, P), v @ hess, "hmp")
-        close(q.pchmp(V[p]).reshape(2, P), v @ pch, "pchmp")
-
-    layers = _layers(plain)
-    zs = [t.layer_outputs[layer] for layer in layers]
-    at_z = dag.curvature_blocks(t, loss_fn, y, zs, ("ggn", "hessian"))
-    for i, (layer, q_layer) in enumerate(zip(layers, _layers(model))):
-        z = zs[i]
-        for kind, field in (("ggn", "kflr"), ("hessian", "hbp")):
-            G = dag.output_factor(at_z[kind][i], z, layer)
-            close(getattr(q_layer.weight, field)[0], G, f"{field} G ({name})")
-            close(getattr(q_layer.bias, field)[0], G, f"{field} bias G ({name})")
-        assert q_layer.weight.kfac[0].shape == q_layer.weight.kfra[0].shape == G.shape
-
-
-def test_kflr_is_exact_through_residual_blocks_at_batch_size_one():
-    """KFLR of a Linear weight = its exact GGN block at N = 1 (no weight sharing), B.3."""
-    plain, model, X, y = _setup("parallel", 1, seed=3)
-    loss_fn = nn.CrossEntropyLoss()
-    with backprop(KFLR(), HBP("hessian", "exact", "sqrt")):
-        extend(loss_fn)(model(X), y).backward()
-    t = dag.trace(plain, loss_fn, X, y)
-    for layer, q in zip(_layers(plain), _layers(model)):
-        G, A = q.weight.kflr
-        close(torch.kron(G, A), ref.ggn(t.out, loss_fn, y, [layer.weight]), "kflr N=1")
-        G, A = q.weight.hbp
-        close(torch.kron(G, A), ref.hessian(t.loss, [layer.weight]), "hbp hessian N=1")
+    limit.backward(extend(loss_fn)(model(X), y))
+    params = [p for layer in layers(plain) for p in (layer.weight, layer.bias)]
+    blocks = limit.exact_blocks(plain, loss_fn, X, y, params)
+    ours = [p for layer in layers(model) for p in (layer.weight, layer.bias)]
+    limit.check(ours, blocks, close, f"seed {seed}")
 
 
 def test_kfac_converges_to_kflr_on_a_residual_model():
@@ -299,21 +210,6 @@ def test_sum_of_a_tensor_with_itself():
         close(q.diag_h, H.diagonal().reshape(p.shape), "sum(h, h) diag_h")
         V = torch.randn(1, *p.shape, dtype=DT)
         close(q.hmp(V).reshape(-1), H @ V.reshape(-1), "sum(h, h) hmp")
-
-
-def test_batch_averaged_backprop_is_exact_at_batch_size_one():
-    """KFRA / ``HBP(..., "batch-average")`` with the cross blocks between branches, N = 1."""
-    plain, model, X, y = _setup("parallel", 1, seed=4)
-    loss_fn = nn.CrossEntropyLoss()
-    with backprop(KFRA(), HBP("hessian", "average", "batch-average")):
-        extend(loss_fn)(model(X), y).backward()
-    t = dag.trace(plain, loss_fn, X, y)
-    for layer, q in zip(_layers(plain), _layers(model)):
-        G, A = q.weight.kfra
-        close(torch.kron(G, A), ref.ggn(t.out, loss_fn, y, [layer.weight]), "kfra N=1")
-        G, A = q.weight.hbp
-        close(torch.kron(G, A), ref.hessian(t.loss, [layer.weight]), "hbp batch-average N=1")
-        close(q.bias.kfra[0], ref.ggn(t.out, loss_fn, y, [layer.bias]), "kfra bias N=1")
 
 
 def test_batch_averaged_equals_per_sample_on_a_linear_dag():

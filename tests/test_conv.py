@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from records import record
 from torch import nn
 
 import hbpkit.curvature.memory as budget
@@ -114,7 +115,7 @@ def _record(module: nn.Module, x: torch.Tensor, **kwargs):
     extend(module)
     x = x.clone().requires_grad_(True)
     out = module(x, **kwargs)
-    return out._hbpkit_call[0], x, out
+    return record(out), x, out
 
 
 def _case(name: str):

@@ -159,6 +159,12 @@ def _producer(x: Any) -> tuple[ModuleCall | None, Any]:
     return None, x.grad_fn
 
 
+def call_of(output: Tensor) -> ModuleCall | None:
+    """The record of the extended module call that returned ``output``, or ``None``."""
+    node = output.grad_fn
+    return None if node is None else node.metadata.get(NODE_KEY)
+
+
 def link_output(output: Tensor, call: ModuleCall) -> None:
     """Mark ``output`` as produced by ``call`` (valid until it is modified in place).
 

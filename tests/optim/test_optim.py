@@ -11,19 +11,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference as ref
 import torch
 from torch import nn
+from training import train
 
 import hbpkit.extensions
 from hbpkit import backprop, extend
 from hbpkit.extensions import KFAC, KFLR
 from hbpkit.optim import KroneckerPreconditioner, NewtonCG, cg
 from hbpkit.optim.kronecker import damped_inverses
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 DT = torch.float64
 
@@ -171,20 +168,36 @@ def test_newton_cg_cg_maxiter_truncates_the_solve():
     assert not opt.state[p]["cg_converged"].any()
 
 
-@pytest.mark.parametrize("block_split", [1, 4])
-def test_newton_cg_kflr_matches_the_kronecker_solve(block_split):
-    model, loss_fn = _mlp(), extend(nn.CrossEntropyLoss())
-    X, y = _data()
-    damping = 0.1
-    opt = NewtonCG(
-        model.parameters(),
-        curvature="kflr",
+def _exact_newton_cg(params, curvature: str, damping: float, block_split: int) -> NewtonCG:
+    """A Newton-CG step (lr 1) whose CG runs to convergence: the damped solve itself."""
+    return NewtonCG(
+        params,
+        curvature=curvature,
         lr=1.0,
         damping=damping,
         cg_maxiter=200,
         cg_tol=1e-13,
         block_split=block_split,
     )
+
+
+def _split_newton_step(p, C: torch.Tensor, damping: float, block_split: int) -> torch.Tensor:
+    """``p - (C_b + damping I)^{-1} g_b`` on each of ``block_split`` diagonal sub-blocks of
+    the dense block ``C`` (``g`` the gradient of ``p``)."""
+    n = p.numel()
+    d = torch.zeros(n, dtype=DT)
+    for idx in torch.arange(n).tensor_split(min(block_split, n)):
+        sub = C[idx][:, idx] + damping * torch.eye(len(idx), dtype=DT)
+        d[idx] = torch.linalg.solve(sub, -p.grad.reshape(-1)[idx])
+    return p.detach() + d.reshape(p.shape)
+
+
+@pytest.mark.parametrize("block_split", [1, 4])
+def test_newton_cg_kflr_matches_the_kronecker_solve(block_split):
+    model, loss_fn = _mlp(), extend(nn.CrossEntropyLoss())
+    X, y = _data()
+    damping = 0.1
+    opt = _exact_newton_cg(model.parameters(), "kflr", damping, block_split)
     assert type(opt.extensions[0]) is KFLR
     with backprop(*opt.extensions):
         loss_fn(model(X), y).backward()
@@ -193,12 +206,7 @@ def test_newton_cg_kflr_matches_the_kronecker_solve(block_split):
         if block_split == 1:
             expected[p] = p.detach() + p.kflr.solve(-p.grad, damping)
         else:  # solve the diagonal sub-blocks of the dense Kronecker block
-            n, C = p.numel(), p.kflr.to_dense()
-            d = torch.zeros(n, dtype=DT)
-            for idx in torch.arange(n).tensor_split(min(block_split, n)):
-                sub = C[idx][:, idx] + damping * torch.eye(len(idx), dtype=DT)
-                d[idx] = torch.linalg.solve(sub, -p.grad.reshape(-1)[idx])
-            expected[p] = p.detach() + d.reshape(p.shape)
+            expected[p] = _split_newton_step(p, p.kflr.to_dense(), damping, block_split)
     opt.step()
     for p in model.parameters():
         assert opt.state[p]["cg_converged"].all()
@@ -211,25 +219,10 @@ def test_newton_cg_with_ggnmp_matches_the_dense_ggn_solve(block_split):
     X, y = _data()
     params, damping = list(model.parameters()), 0.1
     dense = ref.blocks(ref.ggn(model(X), loss_fn, y, params), params)
-    opt = NewtonCG(
-        params,
-        curvature="ggn",
-        lr=1.0,
-        damping=damping,
-        cg_maxiter=200,
-        cg_tol=1e-13,
-        block_split=block_split,
-    )
+    opt = _exact_newton_cg(params, "ggn", damping, block_split)
     with backprop(*opt.extensions):
         loss_fn(model(X), y).backward()
-    expected = {}
-    for p, C in zip(params, dense):
-        n = p.numel()
-        d = torch.zeros(n, dtype=DT)
-        for idx in torch.arange(n).tensor_split(min(block_split, n)):
-            sub = C[idx][:, idx] + damping * torch.eye(len(idx), dtype=DT)
-            d[idx] = torch.linalg.solve(sub, -p.grad.reshape(-1)[idx])
-        expected[p] = p.detach() + d.reshape(p.shape)
+    expected = {p: _split_newton_step(p, C, damping, block_split) for p, C in zip(params, dense)}
     opt.step()
     for p in params:
         torch.testing.assert_close(p.detach(), expected[p], atol=1e-9, rtol=1e-9)
@@ -389,15 +382,7 @@ def _train(opt_factory, digits, steps=5):
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(64, 16), nn.Sigmoid(), nn.Linear(16, 10)).to(DT))
     loss_fn = extend(nn.CrossEntropyLoss())
-    opt = opt_factory(model.parameters())
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        with backprop(*opt.extensions):
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, loss_fn, opt_factory(model.parameters()), X, y, steps)
     with torch.no_grad():
         losses.append(loss_fn(model(X), y).item())
     return losses

@@ -12,18 +12,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from dag_checks import DT, check_every_extension, randomize_norms
+from example_scripts import load_example
 from torch import nn
 
 import hbpkit
 from hbpkit import extend
 from hbpkit.branching import Sum
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from .example_scripts import load_example
-    from .test_branching import DT, check_every_extension, randomize_norms
-except ImportError:
-    from example_scripts import load_example
-    from test_branching import DT, check_every_extension, randomize_norms
 
 
 class BasicBlock(nn.Module):

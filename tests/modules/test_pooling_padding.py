@@ -1,42 +1,37 @@
 """Pooling and padding rules (supplement D.2) against autograd and BackPACK 1.7.1, in float64.
 
-Rule level: the rules are called on the record of a forward pass before any
-autograd backward through it (a backward releases the record) and compared with
-autograd's vector-Jacobian products through the same graph and with dense
-per-sample Jacobians ``J_n`` (``[D_out, D_in]``), over random pooling
-configurations (kernel, stride, padding, dilation, ``ceil_mode``, ...) in 1d/2d/3d
-and every padding mode. Model level: tiny networks through the public API against
-the autograd Hessian / dense GGN, the exactness of KFLR / KFRA at batch size 1,
-and BackPACK where it supports the modules.
+Rule level: the rule contract (``test_rule_contract.py``) runs every pooling and padding
+case of the table (random pooling configurations -- kernel, stride, padding, dilation,
+``ceil_mode``, ... -- in 1d/2d/3d, and every padding mode) against autograd; here what is
+particular to the family (registration, diagonal factors, the forward's argmax indices,
+both ways of max pooling's batch-averaged product, the dense budget). Model level: tiny
+networks through the public API against the autograd Hessian / dense GGN, the exactness
+of KFLR / KFRA at batch size 1, and BackPACK where it supports the modules.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import random
 
 import backpack.extensions as bpext
 import pytest
+import reference as ref
 import torch
 from backpack import backpack as bp_backpack
 from backpack import extend as bp_extend
 from backpack.extensions.secondorder.diag_ggn.flatten import DiagGGNFlatten
 from backpack.extensions.secondorder.diag_hessian.flatten import DiagHFlatten
 from backpack.extensions.secondorder.hbp.flatten import HBPFlatten
+from records import record
+from rule_cases import PADDING, POOLING, recorded
+from rule_references import input_jacobians
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
+from hbpkit.curvature.factors import DiagonalFactor
 from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
-from hbpkit.extensions import HBP, KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHessian
+from hbpkit.extensions import KFLR, KFRA, BatchGrad, DiagGGNExact, DiagHessian
 from hbpkit.modules.tables import SECOND_ORDER
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 DT = torch.float64
 N, V = 3, 2
@@ -47,75 +42,13 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
-# --------------------------------------------------------------------------- rule-level cases
-def _random_pool(rng: random.Random, kind: str, d: int):
-    """A valid random ``MaxPool{d}d`` / ``AvgPool{d}d`` and an input shape ``[N, 2, *spatial]``."""
-    lo, hi = {1: (5, 9), 2: (4, 7), 3: (3, 5)}[d]
-    while True:
-        k = [rng.randint(1, 3) for _ in range(d)]
-        kwargs = dict(
-            kernel_size=k,
-            stride=[rng.randint(1, 3) for _ in range(d)],
-            padding=[rng.randint(0, ki // 2) for ki in k],
-            ceil_mode=rng.random() < 0.5,
-        )
-        if kind == "Max":
-            kwargs["dilation"] = [rng.randint(1, 2) for _ in range(d)]
-        else:
-            kwargs["count_include_pad"] = rng.random() < 0.5
-            if d > 1 and rng.random() < 0.4:
-                kwargs["divisor_override"] = rng.randint(1, 5)
-        cls = getattr(nn, f"{kind}Pool{d}d")
-        shape = (N, 2, *[rng.randint(lo, hi) for _ in range(d)])
-        try:
-            out = cls(**kwargs)(torch.zeros(shape))
-        except RuntimeError:
-            continue
-        if out.numel():
-            return functools.partial(cls, **kwargs), shape
-
-
-def _random_cases() -> dict:
-    rng = random.Random(0)
-    cases = {}
-    for d in (1, 2, 3):
-        for kind, count in (("Max", 4), ("Avg", 3)):
-            for i in range(count):
-                cases[f"{kind}Pool{d}d-random{i}"] = _random_pool(rng, kind, d)
-    return cases
-
-
-CASES = {
-    **_random_cases(),
-    # pooling: fixed configurations
-    "MaxPool2d-overlap-dilation": (lambda: nn.MaxPool2d(3, 1, 1, dilation=2), (N, 2, 5, 6)),
-    "MaxPool1d-no-channels": (lambda: nn.MaxPool1d(2, 1), (N, 7)),  # [N, L]: N plays C
-    "MaxPool2d-ties": (lambda: nn.MaxPool2d(2, 1), (N, 2, 4, 4)),  # integer input, many ties
-    "AdaptiveMaxPool1d": (lambda: nn.AdaptiveMaxPool1d(3), (N, 2, 7)),
-    "AdaptiveMaxPool2d": (lambda: nn.AdaptiveMaxPool2d((2, None)), (N, 2, 5, 3)),
-    "AdaptiveMaxPool3d": (lambda: nn.AdaptiveMaxPool3d((2, 1, 3)), (N, 2, 3, 3, 4)),
-    "AvgPool2d-no-channels": (lambda: nn.AvgPool2d(2, 1, ceil_mode=True), (N, 3, 5)),
-    "AdaptiveAvgPool1d": (lambda: nn.AdaptiveAvgPool1d(3), (N, 2, 7)),
-    "AdaptiveAvgPool2d": (lambda: nn.AdaptiveAvgPool2d((2, None)), (N, 2, 5, 3)),
-    "AdaptiveAvgPool3d": (lambda: nn.AdaptiveAvgPool3d((2, 1, 3)), (N, 2, 3, 3, 4)),
-    # padding
-    "ZeroPad1d": (lambda: nn.ZeroPad1d(2), (N, 2, 5)),
-    "ZeroPad2d": (lambda: nn.ZeroPad2d((0, 1, 2, 0)), (N, 2, 3, 4)),
-    "ZeroPad3d": (lambda: nn.ZeroPad3d((1, 0, 0, 1, 1, 0)), (N, 2, 2, 3, 3)),
-    "ConstantPad1d-crop": (lambda: nn.ConstantPad1d((-1, -2), 3.0), (N, 2, 6)),
-    "ConstantPad1d-extra-axes": (lambda: nn.ConstantPad1d((1, 2), 0.5), (N, 2, 2, 4)),
-    "ConstantPad2d-mixed": (lambda: nn.ConstantPad2d((1, -1, -2, 1), 0.7), (N, 2, 4, 4)),
-    "ConstantPad3d": (lambda: nn.ConstantPad3d(1, -2.0), (N, 1, 2, 2, 3)),
-    "ReflectionPad1d": (lambda: nn.ReflectionPad1d((2, 1)), (N, 2, 5)),
-    "ReflectionPad2d": (lambda: nn.ReflectionPad2d((1, 0, 2, 1)), (N, 2, 4, 3)),
-    "ReflectionPad3d": (lambda: nn.ReflectionPad3d(1), (N, 1, 2, 3, 3)),
-    "ReplicationPad1d": (lambda: nn.ReplicationPad1d((3, 1)), (N, 2, 4)),
-    "ReplicationPad2d": (lambda: nn.ReplicationPad2d((1, 2, 0, 1)), (N, 2, 3, 3)),
-    "ReplicationPad3d": (lambda: nn.ReplicationPad3d((1, 0, 1, 0, 0, 1)), (N, 1, 2, 3, 3)),
-    "CircularPad1d": (lambda: nn.CircularPad1d((2, 3)), (N, 2, 4)),
-    "CircularPad2d": (lambda: nn.CircularPad2d((1, 1, 2, 0)), (N, 2, 3, 3)),
-    "CircularPad3d": (lambda: nn.CircularPad3d(1), (N, 1, 2, 3, 3)),
-}
+# --------------------------------------------------------------------------- rule level
+# Every rule method of every pooling / padding case of the table (rule_cases.POOLING and
+# rule_cases.PADDING: random pooling configurations in 1d/2d/3d, fixed ones, every padding
+# mode) is checked against autograd by test_rule_contract.py; here what is particular to
+# the family.
+TABLE = {**POOLING, **PADDING}
+MAX_POOLS = [name for name in TABLE if name.startswith("MaxPool")]
 
 
 def _record(module: nn.Module, x: torch.Tensor):
@@ -123,31 +56,7 @@ def _record(module: nn.Module, x: torch.Tensor):
     extend(module)
     x = x.clone().requires_grad_(True)
     out = module(x)
-    return out._hbpkit_call[0], x, out
-
-
-def _dense_jacobians(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample Jacobians ``[N, D_out, D_in]`` by autograd on a fresh forward (no hooks)."""
-    jacs = []
-    for n in range(x.shape[0]):
-        jac = torch.autograd.functional.jacobian(
-            lambda xn: type(module).forward(module, xn.unsqueeze(0)), x[n].detach()
-        )
-        jacs.append(jac.reshape(-1, x[n].numel()))
-    return torch.stack(jacs)
-
-
-@pytest.fixture(params=list(CASES), name="case")
-def fixture_case(request):
-    torch.manual_seed(0)
-    factory, shape = CASES[request.param]
-    module = factory().double()
-    if request.param.endswith("ties"):
-        x = torch.randint(0, 2, shape).to(DT)
-    else:
-        x = torch.randn(*shape, dtype=DT)
-    call, x, out = _record(module, x)
-    return SECOND_ORDER.lookup(module), call, x, out
+    return record(out), x, out
 
 
 def test_registered():
@@ -162,100 +71,52 @@ def test_registered():
             assert rules is not None and rules.linear_in_input
 
 
-def test_jac_t_mat_prod(case):
-    """``[V, N, *out] -> [V, N, *in]`` equals autograd's vector-Jacobian products."""
-    rules, call, x, out = case
-    mat = torch.randn(V, *out.shape, dtype=DT)
-    actual = rules.jac_t_mat_prod(call, mat)  # before autograd's backward releases the record
-    expected = torch.stack([torch.autograd.grad(out, x, m, retain_graph=True)[0] for m in mat])
-    _assert_close(actual, expected)
-
-
-@pytest.mark.parametrize("name", [n for n in CASES if "MaxPool" in n])
-def test_max_pool_reuses_the_forward_indices(name):
-    """2d/3d max pooling keeps the argmax indices autograd saved (no second pooling);
-    they equal a recomputation with ``return_indices=True``."""
-    factory, shape = CASES[name]
-    module = factory().double()
-    call, x, out = _record(module, torch.randn(*shape, dtype=DT))
-    if isinstance(module, (nn.MaxPool1d, nn.AdaptiveMaxPool1d)):
-        assert call.captured is None  # autograd pools 1d as a squeezed 2d pool
-        return
-    assert isinstance(call.captured, torch.Tensor)
-    recomputed = copy.deepcopy(module)
-    recomputed.return_indices = True
-    torch.testing.assert_close(call.captured, recomputed(x.detach())[1], rtol=0, atol=0)
-
-
-def test_jac_mat_prod(case):
-    """``[V, N, *in] -> [V, N, *out]`` equals ``J_n m`` with dense per-sample Jacobians."""
-    rules, call, x, out = case
-    mat = torch.randn(V, *x.shape, dtype=DT)
-    actual = rules.jac_mat_prod(call, mat)
-    jacs = _dense_jacobians(call.module, x)
-    expected = torch.einsum("noi,vni->vno", jacs, mat.flatten(2)).reshape(V, *out.shape)
-    _assert_close(actual, expected)
-
-
-@pytest.mark.parametrize("scatter_cost", [MemoryPolicy().scatter_cost, 10**9, 0])
-def test_ea_jac_t_mat_jac_prod(case, scatter_cost):
-    """``mean_n J_n^T H J_n`` (approximation (9)) for a general (non-symmetric) ``H``.
-
-    Max-pooling has two ways (strided placement per pair of window entries, or a
-    loop over samples): ``scatter_cost`` forces each.
-    """
-    rules, call, x, out = case
-    call.memory = MemoryPolicy(scatter_cost=scatter_cost)
-    d_out = out[0].numel()
-    H = torch.randn(d_out, d_out, dtype=DT)
-    actual = rules.ea_jac_t_mat_jac_prod(call, H)
-    jacs = _dense_jacobians(call.module, x)
-    _assert_close(actual, torch.einsum("noi,op,npj->ij", jacs, H, jacs) / N)
-
-
 _AVERAGING = tuple(
     getattr(nn, f"{name}{d}d") for name in ("AvgPool", "AdaptiveAvgPool") for d in (1, 2, 3)
 )
 
 
-def _curvature(factor) -> torch.Tensor:
-    """Per-sample ``sum_v sign S S^T`` of a factor, ``[N, D, D]``."""
-    if isinstance(factor, DiagonalFactor):
-        return torch.diag_embed(factor.signed_square().flatten(1))
-    return torch.einsum("vni,vnj->nij", factor.signed().flatten(2), factor.S.flatten(2))
+@pytest.mark.parametrize("name", list(TABLE))
+def test_selections_keep_diagonal_factors(name):
+    """Selections (max pooling, every padding) keep a diagonal factor diagonal, averages do not.
 
-
-def test_jac_t_factor_of_diagonal(case):
-    """``J_n^T diag(d_n) J_n``: diagonal again for selections (max pooling, every padding).
-
-    For zero / constant padding this checks that cropping the diagonal factor is exact;
-    for reflection / replication / circular padding and max pooling with overlapping
-    windows, that the scatter-added signed squares are (copies never share a row of J).
+    For zero / constant padding, cropping the diagonal factor is exact; for reflection /
+    replication / circular padding and max pooling with overlapping windows, the
+    scatter-added signed squares are (copies never share a row of J). The contract checks
+    ``jac_t_factor`` against autograd and its type against ``keeps_diagonal``.
     """
-    rules, call, x, out = case
-    d = torch.randn_like(out)
-    result = rules.jac_t_factor(call, DiagonalFactor.from_values(d))
-    selection = not isinstance(call.module, _AVERAGING)
-    assert isinstance(result, DiagonalFactor) == selection
-    if isinstance(result, DiagonalFactor):
-        assert result.s.shape == x.shape
-        assert result.sign is None or result.sign.shape == x.shape
-    jacs = _dense_jacobians(call.module, x)
-    expected = torch.einsum("noi,no,noj->nij", jacs, d.flatten(1), jacs)
-    _assert_close(_curvature(result), expected)
+    module = TABLE[name].factory()
+    assert SECOND_ORDER.lookup(module).keeps_diagonal == (not isinstance(module, _AVERAGING))
 
 
-def test_jac_t_factor_of_sqrt(case):
-    """A dense signed sqrt factor: ``sum_v sign (J^T S)(J^T S)^T = J^T (sum_v sign S S^T) J``."""
-    rules, call, x, out = case
-    S = torch.randn(V, *out.shape, dtype=DT)
-    sign = torch.tensor([[1.0] * N, [-1.0] * N], dtype=DT)
-    factor = SqrtFactor(S, sign)
-    result = rules.jac_t_factor(call, factor)
-    assert isinstance(result, SqrtFactor) and result.S.shape == (V, *x.shape)
-    jacs = _dense_jacobians(call.module, x)
-    expected = torch.einsum("noi,nop,npj->nij", jacs, _curvature(factor), jacs)
-    _assert_close(_curvature(result), expected)
+@pytest.mark.parametrize("name", MAX_POOLS + [n for n in TABLE if "AdaptiveMaxPool" in n])
+def test_max_pool_reuses_the_forward_indices(name):
+    """2d/3d max pooling keeps the argmax indices autograd saved (no second pooling);
+    they equal a recomputation with ``return_indices=True``."""
+    r = recorded(TABLE[name])
+    module = r.module
+    if isinstance(module, (nn.MaxPool1d, nn.AdaptiveMaxPool1d)):
+        assert r.call.captured is None  # autograd pools 1d as a squeezed 2d pool
+        return
+    assert isinstance(r.call.captured, torch.Tensor)
+    recomputed = copy.deepcopy(module)
+    recomputed.return_indices = True
+    torch.testing.assert_close(r.call.captured, recomputed(r.x)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scatter_cost", [10**9, 0])
+@pytest.mark.parametrize("name", MAX_POOLS)
+def test_max_pool_ea_both_ways(name, scatter_cost):
+    """``mean_n J_n^T H J_n`` for a general ``H`` both ways max pooling has (strided placement
+    per pair of window entries, or a loop over samples): ``scatter_cost`` forces each (the
+    contract runs the default choice)."""
+    r = recorded(TABLE[name])
+    r.call.memory = MemoryPolicy(scatter_cost=scatter_cost)
+    d_out = r.out_ref[0].numel()
+    H = torch.randn(d_out, d_out, dtype=DT)
+    actual = r.rules.ea_jac_t_mat_jac_prod(r.call, H)
+    J = input_jacobians(r)
+    _assert_close(actual, torch.einsum("noi,op,npj->ij", J, H, J) / N)
 
 
 def test_validate_rejects_padding_the_batch_axis():
@@ -476,40 +337,18 @@ def test_diagonals_against_autograd(name):
         _assert_close(p.grad_batch, g)
 
 
-def _kron(factors) -> torch.Tensor:
-    result = factors[0]
-    for f in factors[1:]:
-        result = torch.kron(result, f)
-    return result
-
-
 @pytest.mark.parametrize("name", ["max2d", "avg2d", "1d", "3d"])
-def test_kronecker_exact_at_batch_size_one(name):
+def test_kronecker_exact_at_batch_size_one(name, kflr_kfra_batch_one, hbp_hessian_batch_one):
     """N = 1: KFLR and KFRA are the exact GGN blocks, batch-averaged HBP the Hessian blocks."""
-    model, X, y, loss_fn = _problem(name, 1, seed=1)
-    params = list(model.parameters())
-    ggn, hess = _exact(model, X, y, loss_fn, params)
-    loss = loss_fn(model(X), y)
-    with backprop(KFLR(), KFRA(), HBP("hessian", "average", "batch-average")):
-        loss.backward()
-    for p, g_block, h_block in zip(params, ref.blocks(ggn, params), ref.blocks(hess, params)):
-        _assert_close(_kron(p.kflr), g_block)
-        _assert_close(_kron(p.kfra), g_block)
-        _assert_close(_kron(p.hbp), h_block)
+    for limit in (kflr_kfra_batch_one, hbp_hessian_batch_one):
+        model, X, y, loss_fn = _problem(name, 1, seed=1)
+        params = list(model.parameters())
+        blocks = limit.exact_blocks(model, loss_fn, X, y, params)
+        limit.backward(loss_fn(model(X), y))
+        limit.check(params, blocks, lambda a, b, what: _assert_close(a, b))
 
 
 # --------------------------------------------------------------------------- BackPACK 1.7.1
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    # BackPACK's MaxPool ea_jac_t_mat_jac_prod allocates with the default dtype
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 BACKPACK = {  # savefield: (hbpkit extension, BackPACK extension, BackPACK rules of Unflatten)
     "diag_ggn_exact": (DiagGGNExact, bpext.DiagGGNExact, DiagGGNFlatten),
     "diag_h": (DiagHessian, bpext.DiagHessian, DiagHFlatten),
@@ -523,8 +362,9 @@ BACKPACK = {  # savefield: (hbpkit extension, BackPACK extension, BackPACK rules
     "name, field",
     [("bp2d", f) for f in BACKPACK] + [("bp1d3d", f) for f in ("diag_ggn_exact", "diag_h")],
 )
-def test_against_backpack(name, field):
-    """Same numbers as BackPACK 1.7.1 on the modules it supports."""
+def test_against_backpack(name, field, default_float64):
+    """Same numbers as BackPACK 1.7.1 on the modules it supports (its MaxPool
+    ``ea_jac_t_mat_jac_prod`` allocates with the default dtype: float64 here)."""
     hb_ext, bp_ext, unflatten_rules = BACKPACK[field]
     model, X, y, loss_fn = _problem(name, N)
     bp_model = bp_extend(copy.deepcopy(model))
@@ -535,7 +375,7 @@ def test_against_backpack(name, field):
     with backprop(hb_ext()):
         loss.backward()
     bp_loss = bp_loss_fn(bp_model(X), y)
-    with _default_dtype(DT), bp_backpack(bp_extension):
+    with bp_backpack(bp_extension):
         bp_loss.backward()
     for p, q in zip(model.parameters(), bp_model.parameters()):
         actual, expected = getattr(p, field), getattr(q, field)

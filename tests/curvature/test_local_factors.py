@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
@@ -21,11 +22,6 @@ from hbpkit import backprop, extend
 from hbpkit.curvature import local as local_factor
 from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
 from hbpkit.extensions import HBP, DiagHessian
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 DT = torch.float64
 RTOL, ATOL = 1e-9, 1e-13

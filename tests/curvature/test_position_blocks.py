@@ -1,9 +1,9 @@
 """Batch-averaged curvature in position blocks (``curvature/blocks.py``), float64.
 
 Rule level: every ``ea_blocks`` equals the position blocks of the dense
-``mean_n J_n^T H J_n`` (itself checked against autograd Jacobians in
-``test_conv.py`` / ``test_pooling_padding.py``). End to end: with a memory budget
-that forces the structured path, ``KFRA`` / ``HBP(..., "batch-average")`` give the
+``mean_n J_n^T H J_n`` (itself checked against autograd Jacobians by the rule contract,
+``tests/modules/test_rule_contract.py``, and ``test_conv.py``). End to end: with a memory
+budget that forces the structured path, ``KFRA`` / ``HBP(..., "batch-average")`` give the
 same Kronecker factors as the dense path, and what blocks cannot give exactly is
 refused before anything is written.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from records import record
 from torch import nn
 
 from hbpkit import backprop, extend
@@ -28,7 +29,7 @@ def _record(module: nn.Module, x: torch.Tensor):
     extend(module)
     x = x.clone().requires_grad_(True)
     out = module(x)
-    return SECOND_ORDER.lookup(module), out._hbpkit_call[0], out
+    return SECOND_ORDER.lookup(module), record(out), out
 
 
 def _dense_blocks(rules, call, H: torch.Tensor) -> torch.Tensor:

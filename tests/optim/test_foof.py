@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from training import train
 
 from hbpkit import backprop, extend
 from hbpkit.optim import FOOF, KroneckerPreconditioner
@@ -86,14 +87,7 @@ def test_foof_trains_with_its_extension_and_errors():
     X, y = torch.randn(32, 5), torch.randint(3, (32,))
     loss_fn = extend(nn.CrossEntropyLoss())
     opt = FOOF(model.parameters(), lr=1.0, damping=1.0, update_every=5, momentum=0.5)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        with backprop(*opt.extensions):
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(model, loss_fn, opt, X, y, 30)
     assert losses[-1] < 0.8 * losses[0]
     for p in model.parameters():
         del p.input_covariance

@@ -9,7 +9,17 @@ messages take it through the residual hooks of ``ModuleRules``
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
+from quantities import (
+    ALL_EXTENSIONS as QUANTITIES,
+)
+from quantities import (
+    Case,
+    assert_nothing_attached,
+    close,
+    first_and_diag_against_plain,
+)
 from torch import nn
 
 from hbpkit import backprop
@@ -19,44 +29,15 @@ from hbpkit.extensions import (
     HMP,
     KFAC,
     KFLR,
-    KFRA,
     PCHMP,
     BatchGrad,
     BatchL2,
     DiagGGNExact,
     DiagGGNMC,
     DiagHessian,
-    SumGradSquared,
-    Variance,
 )
 
-try:
-    from . import reference as ref
-    from .test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-    )
-except ImportError:
-    import reference as ref
-    from test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-    )
-
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------- models
@@ -204,7 +185,7 @@ def test_curvature_products(name, loss):
 # ---------------------------------------------------------------------------- Kronecker
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_kronecker_batch_one_is_exact(name, loss):
+def test_kronecker_batch_one_is_exact(name, loss, kflr_kfra_batch_one):
     """N = 1: KFLR, KFRA == GGN block; HBP hessian (sqrt, batch-average) == Hessian block;
     HBP pch-abs / pch-clip == the PCH block. ``kfac_approx="reduce"``: GroupNorm's parameters
     are shared over positions (the Linear layers here have none, both approximations agree)."""
@@ -220,7 +201,7 @@ def test_kronecker_batch_one_is_exact(name, loss):
         fresh = make_case(name, loss, 1)
         fresh.run(ext)
         results[key] = [p.hbp for p, _ in fresh.params()]
-    case.run(KFLR(kfac_approx="reduce"), KFRA(kfac_approx="reduce"))
+    case.run(*kflr_kfra_batch_one.extensions(kfac_approx="reduce"))
     params = case.plain_params()
     out = case.plain(case.X)
     G = ref.blocks(ref.ggn(out, case.lf_plain, case.y, params), params)
@@ -231,9 +212,8 @@ def test_kronecker_batch_one_is_exact(name, loss):
         "pch-abs": modified_hessian_blocks(case, "pch-abs"),
         "pch-clip": modified_hessian_blocks(case, "pch-clip"),
     }
-    for i, (p, _) in enumerate(case.params()):
-        close(kron(p.kflr), G[i], f"kflr {i}")
-        close(kron(p.kfra), G[i], f"kfra {i}")
+    kflr_kfra_batch_one.check([p for p, _ in case.params()], G, close)
+    for i in range(len(case.params())):
         for key in hbp:
             close(kron(results[key][i]), expected[key][i], f"{key} {i}")
 
@@ -290,21 +270,8 @@ def _train_bn_after_linear():
     return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
 
 
-ALL_EXTENSIONS = [
-    BatchGrad,
-    BatchL2,
-    SumGradSquared,
-    Variance,
-    DiagGGNExact,
-    DiagGGNMC,
-    DiagHessian,
-    KFAC,
-    KFLR,
-    KFRA,
-    GGNMP,
-    HMP,
-    PCHMP,
-]
+#: every extension but HBP, and the curvature-matrix products
+ALL_EXTENSIONS = [*QUANTITIES[:-1], GGNMP, HMP, PCHMP]
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])

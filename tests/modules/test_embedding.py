@@ -12,14 +12,21 @@ import copy
 import warnings
 
 import pytest
+import reference as ref
 import torch
+from quantities import (
+    Case,
+    assert_nothing_attached,
+    close,
+    first_and_diag_against_plain,
+    make_loss,
+)
+from test_normalization import modified_hessian_blocks
 from torch import nn
 
 from hbpkit import backprop, extend
-from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.extensions import (
     GGNMP,
-    HBP,
     HMP,
     KFAC,
     KFLR,
@@ -31,28 +38,6 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
-from hbpkit.modules.tables import SECOND_ORDER
-
-try:
-    from . import reference as ref
-    from .test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-        make_loss,
-    )
-    from .test_normalization import modified_hessian_blocks
-except ImportError:
-    import reference as ref
-    from test_exact_vs_autograd import (
-        Case,
-        assert_nothing_attached,
-        close,
-        first_and_diag_against_plain,
-        make_loss,
-    )
-    from test_normalization import modified_hessian_blocks
 
 DT = torch.float64
 E, D, T = 7, 4, 3
@@ -69,78 +54,9 @@ def indices(N: int, T: int = T, seed: int = 0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ the rules
-def _record(padding_idx=0, N=3):
-    torch.manual_seed(0)
-    plain = nn.Embedding(E, D, padding_idx=padding_idx).double()
-    module = extend(copy.deepcopy(plain))
-    X = indices(N)
-    out = module(X)
-    return plain, module, out._hbpkit_call[0], X, SECOND_ORDER.lookup(module)
-
-
-def _onehot(X: torch.Tensor, padding_idx) -> torch.Tensor:
-    """``[N, T, E]`` one-hot inputs, zero at ``padding_idx`` (no gradient reaches that row)."""
-    oh = torch.nn.functional.one_hot(X, E).to(DT)
-    if padding_idx is not None:
-        oh[..., padding_idx] = 0
-    return oh
-
-
-@pytest.mark.parametrize("padding_idx", [None, 0])
-def test_embedding_rules(padding_idx):
-    """batch_grad, param products, param_diag and Kronecker factors from their definitions.
-
-    With ``o_{n,t}`` the one-hot input, ``z_{n,t} = W^T o_{n,t}``: ``d z_{n,t} / d W`` pairs
-    ``o_{n,t}`` with the output entry, exactly as a Linear layer on ``o``.
-    """
-    plain, module, call, X, rules = _record(padding_idx)
-    N = X.shape[0]
-    oh = _onehot(X, padding_idx)  # [N, T, E]
-    g = torch.randn(N, T, D, dtype=DT)
-    close(rules.batch_grad(call, "weight", g), torch.einsum("nte,ntd->ned", oh, g), "batch_grad")
-    close(rules.summed_grad(call, "weight", g), torch.einsum("nte,ntd->ed", oh, g), "summed")
-    Vp = torch.randn(2, E, D, dtype=DT)
-    close(
-        rules.param_jac_mat_prod(call, "weight", Vp), torch.einsum("nte,ked->kntd", oh, Vp), "jvp"
-    )
-    M = torch.randn(2, N, T, D, dtype=DT)
-    close(
-        rules.param_jac_t_mat_prod_sum(call, "weight", M),
-        torch.einsum("nte,kntd->ked", oh, M),
-        "vjp",
-    )
-    S = torch.randn(2, N, T, D, dtype=DT)
-    sign = torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, -1.0]], dtype=DT)
-    diag = DiagonalFactor.from_values(torch.randn(N, T, D, dtype=DT))
-    factors = [SqrtFactor(S, sign), diag]
-    q = torch.einsum("nte,vntd->vned", oh, S)  # J^T s per column: [V, N, E, D]
-    expected = torch.einsum("vn,vned->ed", sign, q**2)
-    expected = expected + torch.einsum("nte,ntd->ed", oh, diag.signed_square())
-    close(rules.param_diag(call, "weight", factors), expected, "param_diag")
-    # Kronecker factors: (A [E, E], G [D, D])
-    dense = diag.dense()
-    all_S = torch.cat([S, dense.S.reshape(-1, N, T, D)])
-    all_sign = torch.cat([sign, dense.sign.reshape(-1, N)])
-    G_expand = torch.einsum("vn,vntd,vntf->df", all_sign, all_S, all_S)
-    Ssum = all_S.sum(2)
-    G_reduce = torch.einsum("vn,vnd,vnf->df", all_sign, Ssum, Ssum)
-    A_expand = torch.einsum("nte,ntf->ef", oh, oh) / (N * T)
-    obar = oh.mean(1)
-    A_reduce = obar.T @ obar / N
-    for approx, A, G in (("expand", A_expand, G_expand), ("reduce", A_reduce, G_reduce)):
-        got = rules.kron_from_sqrt(call, "weight", factors, approx)
-        close(got[0], A, f"A {approx}")
-        close(got[1], G, f"G {approx}")
-    assert torch.count_nonzero(A_expand - torch.diag(A_expand.diagonal())) == 0
-    H = torch.randn(T * D, T * D, dtype=DT)
-    H = H + H.T
-    Ht = H.reshape(T, D, T, D)
-    got = rules.kron_from_average(call, "weight", H, "expand")
-    close(got[1], torch.einsum("tdtf->df", Ht), "G average expand")
-    got = rules.kron_from_average(call, "weight", H, "reduce")
-    close(got[1], Ht.sum((0, 2)), "G average reduce")
-    with pytest.raises(NotImplementedError, match="first module"):
-        rules.jac_t_mat_prod(call, torch.zeros(1, N, T, D, dtype=DT))
+# batch_grad, summed_grad, the parameter Jacobian products, param_diag and both Kronecker
+# approximations (with and without padding_idx) are checked by the rule contract
+# (test_rule_contract.py, the Embedding cases of rule_cases.py).
 
 
 @pytest.mark.parametrize(
@@ -213,6 +129,14 @@ def test_sequence_products(loss):
             close(getattr(p, field)(V), expected, f"{field} of parameter {i}")
 
 
+def _onehot(X: torch.Tensor, padding_idx) -> torch.Tensor:
+    """``[N, T, E]`` one-hot inputs, zero at ``padding_idx`` (no gradient reaches that row)."""
+    oh = torch.nn.functional.one_hot(X, E).to(DT)
+    if padding_idx is not None:
+        oh[..., padding_idx] = 0
+    return oh
+
+
 def embedding_kflr(case: IndexCase, approx: str) -> torch.Tensor:
     """``kron(A, G)`` of KFLR for the embedding weight by definition (as Linear on one-hot).
 
@@ -252,21 +176,17 @@ def test_sequence_kflr_equals_definition(loss, approx):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_embedding_single_token_is_exact(loss):
+def test_embedding_single_token_is_exact(loss, kflr_kfra_batch_one, hbp_hessian_batch_one):
     """N = T = 1: KFLR, KFRA and HBP hessian (batch-average) of the embedding are exact blocks."""
     build = lambda: nn.Sequential(  # noqa: E731
         nn.Embedding(E, D), nn.Tanh(), nn.Flatten(), nn.Linear(D, 3)
     )
-    case = IndexCase(build, loss, "sum", 1, T=1)
-    case.run(KFLR(), KFRA(), HBP("hessian", "average", "batch-average"))
-    params = case.plain_params()
-    out = case.plain(case.X)
-    G = ref.blocks(ref.ggn(out, case.lf_plain, case.y, params), params)
-    H = ref.blocks(ref.hessian(case.lf_plain(out, case.y), params), params)
-    emb = case.model[0].weight
-    close(torch.kron(*emb.kflr), G[0], "kflr")
-    close(torch.kron(*emb.kfra), G[0], "kfra")
-    close(torch.kron(*emb.hbp), H[0], "hbp hessian")
+    for limit in (kflr_kfra_batch_one, hbp_hessian_batch_one):
+        case = IndexCase(build, loss, "sum", 1, T=1)
+        case.run(*limit.extensions())
+        params = case.plain_params()
+        blocks = limit.exact_blocks(case.plain, case.lf_plain, case.X, case.y, params)
+        limit.check([case.model[0].weight], blocks[:1], close, "embedding")
 
 
 def test_multihead_attention_is_refused_with_a_reason():

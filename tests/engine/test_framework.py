@@ -79,8 +79,8 @@ def test_context_leaves_no_state_after_exception_and_nesting():
     outer = backprop(KFLR())
     with outer:
         with backprop(BatchGrad()) as inner:
-            assert current() is inner._state
-        assert current() is outer._state
+            assert current().extensions is inner.extensions
+        assert current().extensions is outer.extensions
     assert current() is None
 
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
 from hbpkit import backprop, extend
 from hbpkit.optim import SubsampledNaturalGradient
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 DT = torch.float64
 

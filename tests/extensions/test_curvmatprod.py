@@ -18,9 +18,11 @@ import weakref
 
 import backpack.extensions as bpext
 import pytest
+import reference as ref
 import torch
 from backpack import backpack as bp_backpack
 from backpack import extend as bp_extend
+from records import record
 from torch import nn
 from torch.func import functional_call
 
@@ -28,11 +30,6 @@ import hbpkit
 from hbpkit import backprop, extend
 from hbpkit.extensions import GGNMP, HMP, PCHMP, DiagHessian
 from hbpkit.modules import ModuleRules
-
-try:  # tests/ as a package or as a plain directory on sys.path
-    from . import reference as ref
-except ImportError:
-    import reference as ref
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
@@ -46,12 +43,7 @@ FIELDS = {"ggn": "ggnmp", "hessian": "hmp", "pch-abs": "pchmp", "pch-clip": "pch
 MAX_ERR: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def teardown_module(module):
     if MAX_ERR:
         print("\nmax abs errors:", {k: f"{v:.1e}" for k, v in sorted(MAX_ERR.items())})
 
@@ -337,8 +329,8 @@ def test_stock_backpack_pchmp_squares_the_gradient():
 
 # --------------------------------------------------------------------------- lifetime, errors
 def _kept_calls(out: torch.Tensor, loss: torch.Tensor) -> list:
-    calls = [loss._hbpkit_call[0]]
-    call = out._hbpkit_call[0]
+    calls = [record(loss)]
+    call = record(out)
     while call is not None:
         calls.append(call)
         call = call.parent
