@@ -11,12 +11,39 @@ batch-averaged position blocks in :mod:`hbpkit.curvature.blocks`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
+
+
+class Jacobian(NamedTuple):
+    """A module's transposed Jacobian, as a factor asks for it: ``S_x = J^T S_z`` (eq. 7).
+
+    Every factor backpropagates itself through :meth:`SqrtFactor.jac_t` /
+    :meth:`DiagonalFactor.jac_t`, so rules never test a factor's type. ``structure``
+    says what a diagonal factor ``diag(s_n)`` may exploit:
+
+    * ``"elementwise"``: ``J_n = diag(d_n)``; ``J^T diag(s) J`` stays ``diag(d s)``;
+    * ``"selection"``: every row of ``J`` is one-hot or zero (pooling by index, padding,
+      D.2), so ``J^T diag(s^2) J = diag(J^T s^2)`` stays diagonal;
+    * ``"shared"``: ``J`` is the same for every sample (a linear layer), so the dense
+      factor is the ``D_out`` rows of ``J``, computed once, scaled per sample;
+    * ``"general"``: the diagonal factor is made dense first.
+
+    Attributes:
+        apply: ``[V, N, *out] -> [V, N, *in]``, ``J_n^T M[v, n]``.
+        structure: one of the four above.
+        check_densify: called with ``(N, dtype)`` before a diagonal factor is made dense
+            (a memory-budget check that raises), or ``None``.
+    """
+
+    apply: Callable[[Tensor], Tensor]
+    structure: str = "general"
+    check_densify: Callable[[int, torch.dtype], None] | None = None
 
 
 class SqrtFactor(NamedTuple):
@@ -36,6 +63,18 @@ class SqrtFactor(NamedTuple):
     def signed(self) -> Tensor:
         """``sign * S``, shape ``[V, N, *features]``."""
         return self.S if self.sign is None else self.S * _expand_like(self.sign, self.S)
+
+    def signed_square_sum(self) -> Tensor:
+        """``sum_v sign S**2``, the diagonal of the curvature per sample, ``[N, *features]``."""
+        return self.signed_square().sum(0)
+
+    def dense(self) -> SqrtFactor:
+        """This factor (already dense)."""
+        return self
+
+    def jac_t(self, jac: Jacobian) -> SqrtFactor:
+        """``J^T S`` (eq. 7 without the residual), ``[V, N, *in]``."""
+        return SqrtFactor(jac.apply(self.S), self.sign)
 
 
 class DiagonalFactor(NamedTuple):
@@ -60,6 +99,30 @@ class DiagonalFactor(NamedTuple):
         """``sign * s**2``, the diagonal per sample, ``[N, *features]``."""
         sq = self.s.square()
         return sq if self.sign is None else sq * self.sign
+
+    def signed_square_sum(self) -> Tensor:
+        """The diagonal per sample, ``[N, *features]`` (one column per entry: no sum)."""
+        return self.signed_square()
+
+    def jac_t(self, jac: Jacobian) -> DiagonalFactor | SqrtFactor:
+        """``J^T diag(s)``, diagonal where ``jac.structure`` keeps it so, else dense."""
+        s = self.s
+        if jac.structure == "elementwise":
+            out = jac.apply(s.unsqueeze(0)).squeeze(0)
+            return DiagonalFactor(out, None if self.sign is None else self.sign.reshape(out.shape))
+        if jac.structure == "selection":  # D.2: Pi^T diag(d) Pi = diag(Pi^T d)
+            return DiagonalFactor.from_values(jac.apply(self.signed_square().unsqueeze(0))[0])
+        if jac.check_densify is not None:
+            jac.check_densify(s.shape[0], s.dtype)
+        if jac.structure == "shared":  # column j of J^T diag(s_n) is s_n[j] times row j of J
+            N, features = s.shape[0], s.shape[1:]
+            D = features.numel()
+            basis = torch.eye(D, dtype=s.dtype, device=s.device).reshape(D, 1, *features)
+            rows = jac.apply(basis)  # [D, 1, *in]
+            scale = s.reshape(N, D).T.reshape(D, N, *([1] * (rows.dim() - 2)))
+            sign = None if self.sign is None else self.sign.reshape(N, D).T
+            return SqrtFactor(rows * scale, sign)
+        return self.dense().jac_t(jac)
 
     def dense(self) -> SqrtFactor:
         """The same curvature as a dense factor, ``S``: ``[D, N, *features]``."""
@@ -123,8 +186,7 @@ def add_factors(a: Factor, b: Factor, where: ModuleCall) -> Factor:
     if isinstance(a, DiagonalFactor) and isinstance(b, DiagonalFactor):
         if a.s.shape == b.s.shape and _same_sign(a.sign, b.sign):
             return DiagonalFactor(a.s + b.s, a.sign)
-    a = a.dense() if isinstance(a, DiagonalFactor) else a
-    b = b.dense() if isinstance(b, DiagonalFactor) else b
+    a, b = a.dense(), b.dense()
     if a.S.shape != b.S.shape or not _same_sign(a.sign, b.sign):
         raise NotImplementedError(
             f"the curvature factors that reach the output of {type(where.module).__name__} along "

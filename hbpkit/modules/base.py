@@ -10,6 +10,7 @@ represents the per-sample output curvature ``sum_v sign[v, n] S[v, n] S[v, n]^T`
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from hbpkit.curvature.factors import (
     DiagonalFactor,
     DiagonalResidual,
     Factor,
-    SqrtFactor,
+    Jacobian,
     modify_eigenvalues,
 )
 from hbpkit.curvature.memory import RAISE_BUDGET, DenseBudgetError
@@ -122,13 +123,14 @@ class ModuleRules:
         local = jac_t_local(self, call, factor)
         if local is not None:
             return local
-        if isinstance(factor, DiagonalFactor):
-            if self.diagonal_jacobian:
-                s = self.jac_t_mat_prod(call, factor.s.unsqueeze(0)).squeeze(0)
-                sign = None if factor.sign is None else factor.sign.reshape(s.shape)
-                return DiagonalFactor(s, sign)
-            factor = factor.dense()
-        return SqrtFactor(self.jac_t_mat_prod(call, factor.S), factor.sign)
+        return factor.jac_t(self.transposed_jacobian(call))
+
+    def transposed_jacobian(self, call: ModuleCall) -> Jacobian:
+        """``J^T`` of ``call`` with its structure, for :meth:`jac_t_factor` (see
+        :class:`~hbpkit.curvature.factors.Jacobian`): elementwise where
+        ``diagonal_jacobian``, else general."""
+        structure = "elementwise" if self.diagonal_jacobian else "general"
+        return Jacobian(partial(self.jac_t_mat_prod, call), structure)
 
     def residual_diag(self, call: ModuleCall, grad_output: Tensor) -> Tensor | None:
         """Diagonal of the residual ``sum_k Hz_k(x) dz_k`` per sample, ``[N, *in]``."""

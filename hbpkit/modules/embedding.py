@@ -148,7 +148,7 @@ class EmbeddingRules(ModuleRules):
     ) -> list[Tensor]:
         G = 0
         for f in factors:
-            f = f.dense() if isinstance(f, DiagonalFactor) else f
+            f = f.dense()
             S, Ss = self._positions(call, f.S, 1), self._positions(call, f.signed(), 1)
             if approx == "reduce":
                 S, Ss = S.sum(2), Ss.sum(2)

@@ -136,7 +136,7 @@ class AffineParamRules(ModuleRules):
     ) -> list[Tensor]:
         G = 0
         for f in factors:
-            f = f.dense() if isinstance(f, DiagonalFactor) else f
+            f = f.dense()
             q = self._param_derivative(call, name, f.S)  # [V, N, T, P]
             qs = self._param_derivative(call, name, f.signed())
             if approx == "reduce":

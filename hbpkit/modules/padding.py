@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.blocks import PositionBlocks
-from hbpkit.curvature.factors import DiagonalFactor, Factor
 from hbpkit.curvature.local import LocalStep, ShiftStep
 from hbpkit.modules.base import ModuleRules
 from hbpkit.modules.pooling import _AutogradLinearMapRules, _LinearMapRules
@@ -78,15 +77,6 @@ class ConstantPadRules(_PaddingMixin, _LinearMapRules):
         pad, d = call.module.padding, len(size)
         left = tuple(pad[2 * (d - 1 - i)] if d - 1 - i < len(pad) // 2 else 0 for i in range(d))
         return ShiftStep(left, size)
-
-    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
-        """``S -> Pi^T S``; ``diag(s^2 sign) -> diag(crop(s)^2 crop(sign))``, exact."""
-        if isinstance(factor, DiagonalFactor):
-            s = self._jac_t(call, factor.s)
-            neg = tuple(-p for p in call.module.padding)
-            sign = None if factor.sign is None else F.pad(factor.sign, neg, value=1.0)
-            return DiagonalFactor(s, sign)
-        return super().jac_t_factor(call, factor)
 
     def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
         """Exact for any input: an injective selection keeps the blocks of the kept positions.

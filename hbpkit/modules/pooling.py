@@ -29,6 +29,7 @@ exceed the ``max_dense_bytes`` of the pass's ``MemoryPolicy``.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,8 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.blocks import PositionBlocks
-from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
-from hbpkit.curvature.local import ConvTransposeStep, LocalStep, SelectStep, jac_t_local
+from hbpkit.curvature.factors import Jacobian
+from hbpkit.curvature.local import ConvTransposeStep, LocalStep, SelectStep
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget, policy_of
 from hbpkit.modules.base import ModuleRules
 
@@ -94,18 +95,11 @@ class _LinearMapRules(ModuleRules):
         return self._jac(call, mat.flatten(0, 1)).reshape(V, N, *_features(call)[1])
 
     # D.2: Hx = Pi^T Hz Pi; a selection keeps diagonals diagonal
-    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
-        """``S -> Pi^T S``; a :class:`DiagonalFactor` stays diagonal for selections."""
-        local = jac_t_local(self, call, factor)
-        if local is not None:
-            return local
-        if isinstance(factor, DiagonalFactor):
-            if self.selection:
-                d = self.jac_t_mat_prod(call, factor.signed_square().unsqueeze(0)).squeeze(0)
-                return DiagonalFactor.from_values(d)
-            self._check_diagonal_budget(call, factor.s.shape[0], factor.s.dtype)
-            factor = factor.dense()
-        return SqrtFactor(self.jac_t_mat_prod(call, factor.S), factor.sign)
+    def transposed_jacobian(self, call: ModuleCall) -> Jacobian:
+        """``Pi^T``: a :class:`DiagonalFactor` stays diagonal for selections."""
+        structure = "selection" if self.selection else "general"
+        check = partial(self._check_diagonal_budget, call)
+        return Jacobian(partial(self.jac_t_mat_prod, call), structure, check)
 
     def _check_ea_budget(self, call: ModuleCall, dtype: torch.dtype) -> None:
         features_in, features_out = _features(call)

@@ -5,14 +5,14 @@ memory checks of dense products, parameter Jacobian products and first-order qua
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
-from einops import einsum, rearrange
+from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
-from hbpkit.curvature.local import jac_t_local
+from hbpkit.curvature.factors import Jacobian
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.base import ModuleRules
 from hbpkit.modules.conv.diagonal import ConvDiagonal
@@ -133,29 +133,12 @@ class _ConvBase(ConvDiagonal, ModuleRules):
         """Entries per sample and sqrt-factor column of :meth:`param_diag`'s intermediates."""
         return call.module.weight.numel()
 
-    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
-        """``S -> J^T S``; a :class:`DiagonalFactor` ``diag(s_n)`` becomes ``[D_out, N, *in]``.
-
-        Column ``j`` of ``J^T diag(s_n)`` is ``s_n[j]`` times the ``j``-th row of ``J``,
-        the same for every sample: the rows of ``J`` are computed once (``D_out``
-        transposed products of basis vectors) and scaled per sample. Refuses
-        (:class:`DenseBudgetError`) if that exceeds the budget.
-        """
-        local = jac_t_local(self, call, factor)
-        if local is not None:
-            return local
-        if not isinstance(factor, DiagonalFactor):
-            return super().jac_t_factor(call, factor)
-        s = factor.s
-        N, out_shape = s.shape[0], tuple(s.shape[1:])
-        in_shape = tuple(call.inputs[0].shape[1:])
-        D_out, D_in = math.prod(out_shape), math.prod(in_shape)
-        self._check_diagonal_budget(call, N, s.dtype)
-        basis = torch.eye(D_out, dtype=s.dtype, device=s.device).reshape(D_out, *out_shape)
-        rows = self._jac_t(call, basis).reshape(D_out, 1, D_in)  # J[j, :]
-        S = rows * rearrange(s, "n ... -> (...) n 1")
-        sign = None if factor.sign is None else rearrange(factor.sign, "n ... -> (...) n")
-        return SqrtFactor(S.reshape(D_out, N, *in_shape), sign)
+    def transposed_jacobian(self, call: ModuleCall) -> Jacobian:
+        """``J^T``, the same for every sample: a :class:`DiagonalFactor` ``diag(s_n)`` becomes
+        ``[D_out, N, *in]`` from the ``D_out`` rows of ``J``, computed once and scaled per
+        sample; refused (:class:`DenseBudgetError`) if that exceeds the budget."""
+        check = partial(self._check_diagonal_budget, call)
+        return Jacobian(partial(self.jac_t_mat_prod, call), "shared", check)
 
     # parameter Jacobian products (D.4), for the exact curvature-matrix products ------------
     def _apply_weight(self, call: ModuleCall, x: Tensor, weight: Tensor) -> Tensor:
