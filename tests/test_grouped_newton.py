@@ -516,6 +516,38 @@ def test_mixed_degenerate_summary():
     assert (eta[keep] != 0).all()
 
 
+def test_diverging_training_runs_all_steps_on_degenerate_summaries():
+    """Issue 14's scenario, small: digits, float32 tanh MLP 64-32-10, ``lr=0.3``,
+    ``damping_int=0.1``, ``update_every=1``. A giant step (an indefinite ``H_bar`` coupled to a
+    subset whose ``H_bar`` and ``d3`` are ~1e-32: the cubic model's minimiser is ~1e20) makes the
+    loss ~1e19; at step 4 ``H_bar`` and ``d3`` hold NaN/inf and later ones are 0 where the
+    network saturates. The solve used to raise ``no bracket`` there; now every step runs, the
+    degenerate updates warn and give finite rates.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    X = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    X, _, y, _ = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = GroupedNewton(model.parameters(), lr=0.3, damping_int=0.1, update_every=1)
+    loss_fn, gen, steps = nn.CrossEntropyLoss(), torch.Generator().manual_seed(3), 60
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DegenerateSummaryWarning)
+        for _ in range(steps):
+            idx = torch.randint(len(X), (100,), generator=gen)
+            newton = torch.randint(len(X), (300,), generator=gen)
+            opt.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            opt.step(lambda newton=newton: loss_fn(model(X[newton]), y[newton]))
+            assert torch.isfinite(opt.learning_rates).all()
+    assert opt.state["grouped_newton"]["step"] == steps
+    assert any(issubclass(w.category, DegenerateSummaryWarning) for w in caught)
+
+
 def test_relu_with_mse_has_vanishing_third_order_terms_and_still_steps():
     model, loss_fn = _mlp(act=nn.ReLU), nn.MSELoss()
     X, _ = _data()
