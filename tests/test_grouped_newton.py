@@ -457,6 +457,22 @@ def test_indefinite_curvature_with_tiny_cubic_term_is_the_large_minimiser(d3_sca
         torch.testing.assert_close(eta, limit, rtol=1e-5, atol=0)
 
 
+def test_hard_case_is_the_global_minimiser_on_the_sphere():
+    """``H_bar = diag(-1, 2)``, ``g_bar = (0, 1)``, ``d3 = 1``, ``lam = 2``: ``c = 1``, ``K = H``.
+
+    ``r_min = 1`` and ``g_bar`` misses ``v = e_1``: at ``r = 1``, ``eta_perp = (0, 1/3)`` has
+    ``||eta_perp|| < 1``, so ``eta = (+-sqrt(8) / 3, 1/3)`` (``||eta|| = 1``), where
+    ``T = -1/3`` below the ``T(0, 1/3) = -17/81`` of the minimum-norm stationary point.
+    """
+    g_bar, H_bar = torch.tensor([0.0, 1.0], dtype=DT), torch.diag(torch.tensor([-1.0, 2.0]))
+    d3 = torch.ones(2, dtype=DT)
+    eta = _no_warning(cubic_regularised_lrs, g_bar, H_bar.to(DT), d3, 2.0)
+    torch.testing.assert_close(eta.abs(), torch.tensor([8**0.5 / 3, 1 / 3], dtype=DT))
+    T, _ = _cubic_model(g_bar, H_bar.to(DT), d3, 2.0)
+    torch.testing.assert_close(T(eta), torch.tensor(-1 / 3, dtype=DT))
+    assert T(torch.tensor([0.0, 1 / 3], dtype=DT)) == pytest.approx(-17 / 81)
+
+
 def test_indefinite_curvature_with_subnormal_cubic_term_overflows_to_a_zero_step():
     """``H_bar = diag(1, -1)``, ``d3 = 5e-320``: ``eta*`` is beyond float64, so no step.
 
