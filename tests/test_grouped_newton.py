@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from torch.func import functional_call
 from hbpkit import backprop, extend
 from hbpkit.extensions import KFAC, DiagGGNExact
 from hbpkit.optim import GroupedNewton
-from hbpkit.optim.grouped_newton_cubic import cubic_regularised_lrs
+from hbpkit.optim.grouped_newton_cubic import DegenerateSummaryWarning, cubic_regularised_lrs
 from hbpkit.optim.grouped_newton_derivatives import summarise
 from hbpkit.optim.grouped_newton_partition import build_partition
 
@@ -263,6 +264,304 @@ def test_cubic_solve_without_damping_is_the_linear_solve_and_zero_direction_is_z
     g_bar[2], H_bar[2, :], H_bar[:, 2] = 0.0, 0.0, 0.0
     eta = cubic_regularised_lrs(g_bar, H_bar, d3, 1.0)
     assert eta[2] == 0.0 and torch.isfinite(eta).all()
+
+
+# ------------------------------------------------------- degenerate summaries
+def _reference_minimiser(g_bar, H_bar, d3, lam):
+    """Global minimiser of eq. 36 by the Nesterov-Polyak characterisation, written here.
+
+    ``eta = M(r)^{-1} g_bar`` with ``M(r) = H_bar + lam / 2 r D^2`` positive definite and
+    ``r = ||D eta||``: ``r_min`` by bisection on the smallest eigenvalue of ``M(r)``, then the root
+    of ``||D M(r)^{-1} g_bar|| - r`` (decreasing above ``r_min``) by arithmetic bisection.
+    """
+    d = d3.abs() ** (1 / 3)
+
+    def M(r):  # noqa: N802
+        return H_bar + lam / 2 * r * torch.diag(d * d)
+
+    def bisect(holds, lo, hi):  # smallest r in [lo, hi] where holds(r), holds(hi) True
+        while True:
+            mid = 0.5 * (lo + hi)
+            if not lo < mid < hi:
+                return hi
+            lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+
+    def definite(r):
+        return bool(torch.linalg.eigvalsh(M(r)).min() > 0)
+
+    def doubled(holds, hi):
+        while not holds(hi):
+            hi *= 2.0
+        return hi
+
+    r_min = 0.0 if definite(0.0) else bisect(definite, 0.0, doubled(definite, 1.0))
+
+    def past_root(r):
+        return r > r_min and definite(r) and (d * torch.linalg.solve(M(r), g_bar)).norm() <= r
+
+    r = bisect(past_root, r_min, doubled(past_root, 2.0 * r_min + 1.0))
+    return torch.linalg.solve(M(r), g_bar)
+
+
+def _secular_minimiser(g_bar, H_bar, d3, lam):
+    """The global minimiser of eq. 36 for ``d3 != 0`` from appendix D's secular equation.
+
+    ``eta' = D eta`` solves ``(K + r I) eta' = b`` with ``K = D^-1 H_bar D^-1 / c``,
+    ``b = D^-1 g_bar / c``, ``r = ||eta'|| > max(0, -lambda_1(K))`` (eqs. 38 to 40). In the
+    eigenbasis of ``K``, with the shift ``s = r + lambda_1`` as the unknown (so that a root
+    within rounding of ``-lambda_1`` stays resolved):
+    ``sum_i beta_i^2 / (lambda_i - lambda_1 + s)^2 = (s - lambda_1)^2``, the left side
+    decreasing in ``s``, the right increasing; bisection on ``s``.
+    """
+    c = lam / 2
+    d = d3.abs() ** (1 / 3)
+    K = H_bar / d[:, None] / d[None, :] / c
+    lams, Q = torch.linalg.eigh(K)
+    beta, gaps = Q.T @ (g_bar / d / c), lams - lams[0]
+
+    def above(s):  # past the root
+        return bool((beta / (gaps + s)).square().sum() <= (s - lams[0]) ** 2)
+
+    lo = max(float(lams[0]), 1e-300)
+    hi = 2 * lo + 1.0
+    while not above(hi):
+        hi *= 2.0
+    for _ in range(5000):
+        mid = math.sqrt(lo) * math.sqrt(hi) if hi > 2 * lo else 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        lo, hi = (lo, mid) if above(mid) else (mid, hi)
+    return Q @ (beta / (gaps + hi)) / d
+
+
+def _no_warning(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateSummaryWarning)
+        return fn(*args)
+
+
+def _pd(seed, S=4):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(S, S, dtype=DT, generator=gen)
+    return torch.randn(S, dtype=DT, generator=gen), A @ A.T / S + 0.1 * torch.eye(S, dtype=DT)
+
+
+@pytest.mark.parametrize("lam", [0.1, 10.0])
+def test_reference_minimiser_is_the_global_minimiser(lam):
+    """The test's own reference passes the optimality test of the random-point search."""
+    g_bar, H_bar, d3 = _random_problem(5, definite=False)
+    eta = _reference_minimiser(g_bar, H_bar, d3, lam)
+    torch.testing.assert_close(_secular_minimiser(g_bar, H_bar, d3, lam), eta)
+    T, _ = _cubic_model(g_bar, H_bar, d3, lam)
+    gen = torch.Generator().manual_seed(7)
+    others = eta + (eta.norm() + 1) * torch.randn(4000, len(eta), dtype=DT, generator=gen)
+    assert T(others).min() >= T(eta) - 1e-12
+    torch.testing.assert_close(cubic_regularised_lrs(g_bar, H_bar, d3, lam), eta)
+
+
+@pytest.mark.parametrize("tiny", [0.0, 5e-320, 1e-300], ids=["zero", "subnormal", "tiny"])
+def test_vanishing_cubic_term_gives_newtons_step(tiny):
+    """``d3 -> 0`` with ``H_bar`` positive definite: the cubic solution is ``H_bar^{-1} g_bar``.
+
+    With ``|d3| <= 1e-300`` the term ``lam / 2 ||D eta|| D^2`` is below ``1e-190`` next to
+    ``H_bar >= 0.1 I``: Newton's step (eq. 8) to rounding.
+    """
+    g_bar, H_bar = _pd(0)
+    d3 = tiny * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
+    expected = torch.linalg.solve(H_bar, g_bar)
+    for lam in (0.1, 10.0):
+        eta = _no_warning(cubic_regularised_lrs, g_bar, H_bar, d3, lam)
+        torch.testing.assert_close(eta, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("exponent", [-1040, -700, 0, 600])
+def test_summary_scaled_into_the_subnormal_or_huge_range_gives_the_same_rates(exponent):
+    """``T -> a T`` has the same minimiser: all of ``g_bar``, ``H_bar``, ``d3`` times ``a = 2^k``.
+
+    At ``2^-1040`` every entry is subnormal (rounded to its few remaining bits: the reference
+    is the minimiser of the rounded summary, scaled back exactly).
+    """
+    for definite in (True, False):
+        g_bar, H_bar, d3 = _random_problem(2, definite=definite)
+        a = 2.0**exponent
+        scaled = [g_bar * a, H_bar * a, d3 * a]
+        if exponent < -1022:
+            assert all(((t != 0) & (t.abs() < 2.0**-1022)).all() for t in scaled)
+        rounded = [t / a for t in scaled]  # exact: a power of two
+        expected = _reference_minimiser(*rounded, 0.5)
+        eta = _no_warning(cubic_regularised_lrs, *scaled, 0.5)
+        torch.testing.assert_close(eta, expected, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("tiny", [1.0, 1e-300, 5e-320], ids=["normal", "tiny", "subnormal"])
+def test_zero_curvature_has_the_closed_form_cubic_minimiser(tiny):
+    """``H_bar = 0``, ``d3 != 0``: ``eta = D^-2 g_bar / (c r)``, ``r = sqrt(||D^-1 g_bar|| / c)``.
+
+    (``-g_bar + c ||D eta|| D^2 eta = 0`` gives ``D eta = D^-1 g_bar / (c r)``, so
+    ``r^2 = ||D^-1 g_bar|| / c``.) Subnormal ``d3`` gives rates near ``1e160``, still finite.
+    """
+    g_bar = torch.tensor([1.0, -0.5, 2.0], dtype=DT)
+    d3 = tiny * torch.tensor([2.0, -1.0, 0.25], dtype=DT)
+    lam = 0.1
+    c = lam / 2
+    d = d3.abs() ** (1 / 3)
+    r = ((g_bar / d).norm() / c).sqrt()
+    expected = g_bar / (d * d) / (c * r)
+    eta = _no_warning(cubic_regularised_lrs, g_bar, torch.zeros(3, 3, dtype=DT), d3, lam)
+    torch.testing.assert_close(eta, expected, rtol=1e-12, atol=0)
+    assert torch.isfinite(eta).all()
+
+
+def test_no_curvature_at_all_is_a_zero_step_with_a_warning():
+    """``H_bar = 0`` and ``d3 = 0`` (or ``lam = 0``): ``T`` is linear, unbounded: ``eta = 0``."""
+    g_bar, zero_H = torch.tensor([1.0, -2.0, 3.0], dtype=DT), torch.zeros(3, 3, dtype=DT)
+    for d3, lam in [(torch.zeros(3, dtype=DT), 1.0), (torch.ones(3, dtype=DT), 0.0)]:
+        with pytest.warns(DegenerateSummaryWarning, match="no step"):
+            eta = cubic_regularised_lrs(g_bar, zero_H, d3, lam)
+        assert torch.equal(eta, torch.zeros(3, dtype=DT))
+    # a zero direction is no degenerate model: 0 is the exact minimiser, no warning
+    zero = torch.zeros(3, dtype=DT)
+    assert torch.equal(_no_warning(cubic_regularised_lrs, zero, zero_H, zero, 1.0), zero)
+
+
+def test_flat_subsets_with_negative_curvature_only_is_a_zero_step_with_a_warning():
+    g_bar, H_bar = _pd(1, S=3)
+    H_bar = -H_bar
+    with pytest.warns(DegenerateSummaryWarning, match="unbounded below"):
+        eta = cubic_regularised_lrs(g_bar, H_bar, torch.zeros(3, dtype=DT), 1.0)
+    assert torch.equal(eta, torch.zeros(3, dtype=DT))
+
+
+@pytest.mark.parametrize("d3_scale", [1.0, 1e-6, 1e-30, 1e-200])
+def test_indefinite_curvature_with_tiny_cubic_term_is_the_large_minimiser(d3_scale):
+    """The model is bounded below for any ``d3 != 0``: its minimiser grows like ``1 / d3``.
+
+    For ``d3 <= 1e-6`` the root ``r*`` lies within ``1e-15`` (relative) of ``r_min``, the
+    near-hard case, with ``cond M(r*) ~ 1e8`` at ``1e-6``: agreement to ``1e-6``. The
+    minimiser scales exactly like ``1 / d3`` in this limit (``eta -> tau v`` with
+    ``||D tau v|| = r_min ~ 1 / d^2``), which ties the cases together.
+    """
+    g_bar, H_bar, _ = _random_problem(4, definite=False)
+    assert torch.linalg.eigvalsh(H_bar).min() < -0.1
+    d3 = d3_scale * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
+    expected = _secular_minimiser(g_bar, H_bar, d3, 0.1)
+    eta = _no_warning(cubic_regularised_lrs, g_bar, H_bar, d3, 0.1)
+    torch.testing.assert_close(eta, expected, rtol=1e-6 if d3_scale < 1 else 1e-9, atol=0)
+    T, _ = _cubic_model(g_bar, H_bar, d3, 0.1)
+    gen = torch.Generator().manual_seed(9)
+    for scale in (1e-6, 1e-3, 1e-1) if d3_scale >= 1e-30 else ():  # T(eta) ~ eta^2 overflows
+        others = eta * (1 + scale * torch.randn(2000, 4, dtype=DT, generator=gen))
+        assert T(others).min() >= T(eta) - 1e-12 * T(eta).abs()
+    if d3_scale < 1:
+        limit = _secular_minimiser(g_bar, H_bar, d3 / d3_scale * 1e-6, 0.1) * 1e-6 / d3_scale
+        torch.testing.assert_close(eta, limit, rtol=1e-5, atol=0)
+
+
+def test_hard_case_is_the_global_minimiser_on_the_sphere():
+    """``H_bar = diag(-1, 2)``, ``g_bar = (0, 1)``, ``d3 = 1``, ``lam = 2``: ``c = 1``, ``K = H``.
+
+    ``r_min = 1`` and ``g_bar`` misses ``v = e_1``: at ``r = 1``, ``eta_perp = (0, 1/3)`` has
+    ``||eta_perp|| < 1``, so ``eta = (+-sqrt(8) / 3, 1/3)`` (``||eta|| = 1``), where
+    ``T = -1/3`` below the ``T(0, 1/3) = -17/81`` of the minimum-norm stationary point.
+    """
+    g_bar, H_bar = torch.tensor([0.0, 1.0], dtype=DT), torch.diag(torch.tensor([-1.0, 2.0]))
+    d3 = torch.ones(2, dtype=DT)
+    eta = _no_warning(cubic_regularised_lrs, g_bar, H_bar.to(DT), d3, 2.0)
+    torch.testing.assert_close(eta.abs(), torch.tensor([8**0.5 / 3, 1 / 3], dtype=DT))
+    T, _ = _cubic_model(g_bar, H_bar.to(DT), d3, 2.0)
+    torch.testing.assert_close(T(eta), torch.tensor(-1 / 3, dtype=DT))
+    assert T(torch.tensor([0.0, 1 / 3], dtype=DT)) == pytest.approx(-17 / 81)
+
+
+def test_indefinite_curvature_with_subnormal_cubic_term_overflows_to_a_zero_step():
+    """``H_bar = diag(1, -1)``, ``d3 = 5e-320``: ``eta*`` is beyond float64, so no step.
+
+    ``r* > r_min = 1 / (c d^2)`` and ``|eta*_2| >= r_min / d`` (from ``D eta`` having norm
+    ``r* > r_min`` and ``eta_2`` dominating it): ``log10 |eta*_2| > 308.3``.
+    """
+    g_bar, H_bar = torch.tensor([1.0, 1.0], dtype=DT), torch.diag(torch.tensor([1.0, -1.0]))
+    d3, lam = torch.full((2,), 5e-320, dtype=DT), 1.0
+    d = 5e-320 ** (1 / 3)
+    assert math.log10(1 / (lam / 2)) - 3 * math.log10(d) > math.log10(torch.finfo(DT).max)
+    with pytest.warns(DegenerateSummaryWarning, match="floating-point range"):
+        eta = cubic_regularised_lrs(g_bar, H_bar.to(DT), d3, lam)
+    assert torch.equal(eta, torch.zeros(2, dtype=DT))
+
+
+@pytest.mark.parametrize(
+    "where", ["g_bar nan", "H_bar inf", "d3 -inf", "all"], ids=lambda w: w.replace(" ", "-")
+)
+def test_non_finite_entries_zero_their_subsets_and_the_rest_is_the_restricted_minimiser(where):
+    g_bar, H_bar, d3 = _random_problem(6, S=5, definite=False)
+    bad = {"g_bar nan": [1], "H_bar inf": [0, 3], "d3 -inf": [4], "all": [0, 1, 2, 3, 4]}[where]
+    if where == "g_bar nan":
+        g_bar[1] = math.nan
+    elif where == "H_bar inf":
+        H_bar[0, 3] = H_bar[3, 0] = math.inf
+    elif where == "d3 -inf":
+        d3[4] = -math.inf
+    else:
+        g_bar[:] = math.nan
+    keep = [s for s in range(5) if s not in bad]
+    with pytest.warns(DegenerateSummaryWarning, match="non-finite"):
+        eta = cubic_regularised_lrs(g_bar, H_bar, d3, 1.0)
+    assert torch.equal(eta[bad], torch.zeros(len(bad), dtype=DT))
+    if keep:
+        expected = _reference_minimiser(g_bar[keep], H_bar[keep][:, keep], d3[keep], 1.0)
+        torch.testing.assert_close(eta[keep], expected, rtol=1e-9, atol=0)
+
+
+def test_mixed_degenerate_summary():
+    """One summary with every case: subset 0 zero direction, 1 non-finite, 2 flat (``d3 = 0``),
+    3 subnormal ``d3``, 4 and 5 ordinary; the model on subsets 2 to 5 bounded below.
+
+    Subsets 0 and 1 get 0; the others are the minimiser of the model restricted to them.
+    """
+    g_bar, H_bar, d3 = _random_problem(8, S=6, definite=True)
+    g_bar[0], H_bar[0, :], H_bar[:, 0] = 0.0, 0.0, 0.0
+    H_bar[1, 1] = math.nan
+    d3[0], d3[2], d3[3] = 1.0, 0.0, 3e-315
+    with pytest.warns(
+        DegenerateSummaryWarning, match=r"non-finite summary entries for subsets \[1\]"
+    ):
+        eta = cubic_regularised_lrs(g_bar, H_bar, d3, 2.0)
+    assert torch.equal(eta[:2], torch.zeros(2, dtype=DT))
+    keep = [2, 3, 4, 5]
+    expected = _reference_minimiser(g_bar[keep], H_bar[keep][:, keep], d3[keep], 2.0)
+    torch.testing.assert_close(eta[keep], expected, rtol=1e-9, atol=0)
+    assert (eta[keep] != 0).all()
+
+
+def test_diverging_training_runs_all_steps_on_degenerate_summaries():
+    """Issue 14's scenario, small: digits, float32 tanh MLP 64-32-10, ``lr=0.3``,
+    ``damping_int=0.1``, ``update_every=1``. A giant step (an indefinite ``H_bar`` coupled to a
+    subset whose ``H_bar`` and ``d3`` are ~1e-32: the cubic model's minimiser is ~1e20) makes the
+    loss ~1e19; at step 4 ``H_bar`` and ``d3`` hold NaN/inf and later ones are 0 where the
+    network saturates. The solve used to raise ``no bracket`` there; now every step runs, the
+    degenerate updates warn and give finite rates.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    X = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    X, _, y, _ = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = GroupedNewton(model.parameters(), lr=0.3, damping_int=0.1, update_every=1)
+    loss_fn, gen, steps = nn.CrossEntropyLoss(), torch.Generator().manual_seed(3), 60
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DegenerateSummaryWarning)
+        for _ in range(steps):
+            idx = torch.randint(len(X), (100,), generator=gen)
+            newton = torch.randint(len(X), (300,), generator=gen)
+            opt.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            opt.step(lambda newton=newton: loss_fn(model(X[newton]), y[newton]))
+            assert torch.isfinite(opt.learning_rates).all()
+    assert opt.state["grouped_newton"]["step"] == steps
+    assert any(issubclass(w.category, DegenerateSummaryWarning) for w in caught)
 
 
 def test_relu_with_mse_has_vanishing_third_order_terms_and_still_steps():

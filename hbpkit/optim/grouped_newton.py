@@ -31,6 +31,15 @@ Newton's method with ``partition="discrete"`` (appendix C).
 
 Invariance (appendix E): with the gradient (or its momentum) as ``u``, the trajectory is
 the same under ``theta_s = a_s theta~_s + b_s`` per subset: every guard below keeps it.
+
+Degenerate summaries never raise (:mod:`~hbpkit.optim.grouped_newton_cubic` lists each
+case): ``d3 = 0`` drops the cubic term (Newton's step where ``H_bar`` is positive definite),
+tiny or subnormal summaries are solved exactly after a power-of-two scaling, and subsets
+without a usable model (non-finite entries, no curvature, a minimiser beyond float64) get
+``eta*_s = 0`` with a :class:`~hbpkit.optim.grouped_newton_cubic.DegenerateSummaryWarning`;
+that 0 then goes through clipping and smoothing like any rate. An indefinite ``H_bar`` with
+a tiny but non-zero ``d3`` is no degenerate case: its cubic model has a (large) minimiser,
+and Method 1 takes it.
 """
 
 from __future__ import annotations
