@@ -7,6 +7,7 @@
 from hbpkit import distributed, extensions
 from hbpkit.branching import Parallel, Residual, Sum
 from hbpkit.curvature.kronecker import KroneckerFactors
+from hbpkit.curvature.memory import MemoryPolicy
 from hbpkit.engine.context import backprop
 from hbpkit.engine.convert import convert
 from hbpkit.engine.extend import extend
@@ -16,4 +17,4 @@ __version__ = "0.1.0"
 
 __all__ = ["KroneckerFactors", "backprop", "extend", "extensions", "register", "__version__"]
 __all__ += ["Parallel", "Residual", "Sum", "convert"]  # branching models
-__all__ += ["distributed"]
+__all__ += ["MemoryPolicy", "distributed"]
