@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.calls import ModuleCall
+from hbpkit.collectives import ProductAllReduce
 from hbpkit.extensions.base import check_choice
 from hbpkit.extensions.messages import OutputCurvature, ProductMessage
 from hbpkit.extensions.second_order import SecondOrder
@@ -90,6 +91,7 @@ class _CurvMatProd(SecondOrder):
     """Base of the product extensions: one :class:`BlockProduct` per parameter."""
 
     message: ProductMessage
+    reduction = ProductAllReduce()  # the full block is sum_r w_r C_r: exact
 
     def param_quantity(
         self,
