@@ -23,6 +23,18 @@ from torch import Tensor
 
 from hbpkit.kronecker import KroneckerFactors
 
+if dist.is_available():
+    # torch.distributed.nn.functional evaluates ``group=group.WORLD``, the default argument of
+    # ten functions, when it is first imported. Imported after init_process_group (the first
+    # DistributedDataParallel imports it, through torch._dynamo), it keeps the default process
+    # group alive past destroy_process_group, so gloo's worker threads outlive it; at
+    # interpreter shutdown a worker still dropping the last reference to a collective's tensor
+    # must take the GIL, the finalizing interpreter ends that thread (pthread_exit), and its
+    # forced unwinding through a noexcept destructor aborts the process ("terminate called
+    # without an active exception", SIGABRT). Imported here, before any group exists, the
+    # defaults are None and destroy_process_group joins gloo's threads.
+    import torch.distributed.nn.functional  # noqa: F401
+
 REDUCTIONS = ("mean", "sum")
 GRADS = ("ddp", "local")
 

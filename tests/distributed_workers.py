@@ -9,6 +9,7 @@ once, for the workers and for the references.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -310,6 +311,14 @@ WORKERS = {"quantities": quantities_worker, "training": training_worker, "roots"
 
 
 # ------------------------------------------------------------------------------ launching
+def thread_names() -> list[str] | None:
+    """The names of this process's threads (Linux), ``None`` where ``/proc`` has none."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+
+
 def _entry(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -318,9 +327,13 @@ def _entry(rank: int, world: int, port: int, outdir: str, names: list[str]) -> N
     try:
         results = {name: WORKERS[name](rank, world) for name in names}
         torch.save(results, Path(outdir) / f"rank{rank}.pt")
+        del results
+        gc.collect()  # the DDP wrappers and their hooks, should a reference cycle keep them
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
+    # the group had no other owner: its destructor has joined gloo's threads
+    torch.save(thread_names(), Path(outdir) / f"rank{rank}.threads")
 
 
 def free_port() -> int:
@@ -345,4 +358,7 @@ def launch(names: list[str], outdir: str, world: int = 2, timeout: float = 240.0
                 if process.is_alive():
                     process.terminate()
             raise TimeoutError(f"distributed workers {names} did not finish in {timeout} s")
-    return [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(world)]
+    for r, result in enumerate(results):
+        result["threads_after_destroy"] = torch.load(Path(outdir) / f"rank{r}.threads")
+    return results
