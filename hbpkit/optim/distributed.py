@@ -10,8 +10,9 @@ module's), so the step equals the single-process step on the full batch:
   (``G`` and ``A`` separately, one collective for all layers) and spreads the
   damped inversions over the ranks: layers are assigned to ranks greedily by cost
   (``sum of dim**3`` of their factors, largest first, each to the least loaded
-  rank), each rank inverts its share and broadcasts the inverses, as
-  distributed K-FAC implementations do (Osawa et al. 2019, Pauloski et al. 2020).
+  rank), each rank inverts its share with the group's ``damping_mode`` and the
+  inverses are all-gathered, as distributed K-FAC implementations do (Osawa et al.
+  2019, Pauloski et al. 2020).
 * :class:`DistributedNewtonCG`: all blocks (and sub-blocks) of a parameter group
   are solved in one batched CG (:func:`hbpkit.optim.newton_cg.joint_directions`,
   the same per-block solves), so the exact products of all blocks are all-reduced
@@ -19,6 +20,10 @@ module's), so the step equals the single-process step on the full batch:
   once before the solve. CG then runs the same arithmetic on identical inputs on
   every rank (its dot products act on full, replicated vectors, so they need no
   reduction of their own), and the ranks take bit-for-bit identical steps.
+
+Both are wrappers: they take ``reduction`` and ``group`` (keyword-only) and forward
+every other argument to their single-process parent, so each option of the parent
+works here and gives the same step.
 
 With ``reduction=None`` the step takes the attached quantities as they are (the
 caller has run :func:`hbpkit.distributed.all_reduce_quantities`, e.g. for
