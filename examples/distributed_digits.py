@@ -20,6 +20,7 @@ nothing is downloaded). Without ``torchrun`` the script runs as one process.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -78,23 +79,17 @@ def init_process_group() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--optimizer", default="kfac", choices=("kfac", "newton-cg"))
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=256, help="global mini-batch size")
-    parser.add_argument("--fashion-mnist", action="store_true")
-    args = parser.parse_args(argv)
+def train(args: argparse.Namespace, rank: int, world: int) -> dict[str, float]:
+    """Train on this rank's share of every mini-batch; the last epoch's loss and accuracy.
 
-    torch.set_num_threads(1)
-    init_process_group()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    Everything that holds the process group (the DDP wrapper, its gradient hooks) lives
+    in this function's scope, so it is gone when :func:`main` destroys the group.
+    """
     try:
         X_tr, X_te, y_tr, y_te = load_data(args.fashion_mnist)
     except FashionMNISTMissingError as error:
         if rank == 0:
             print(f"{error}\n(apt install dataset-fashion-mnist)")
-        dist.destroy_process_group()
         return {}
     share = args.batch_size // world  # every rank gets the same number of samples
     if share < 1:
@@ -136,7 +131,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if rank == 0:
         print(f"test accuracy {100 * results['test_accuracy']:.2f} %")
         print(f"parameters identical on all {world} ranks: {in_sync}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--optimizer", default="kfac", choices=("kfac", "newton-cg"))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=256, help="global mini-batch size")
+    parser.add_argument("--fashion-mnist", action="store_true")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    # hbpkit is imported before the process group exists (see hbpkit/collectives.py: a
+    # module imported after it would keep the group, and gloo's threads, alive to exit)
+    init_process_group()
+    results = train(args, dist.get_rank(), dist.get_world_size())
+    gc.collect()  # the DDP wrapper and its hooks, should a reference cycle keep them
     dist.barrier()  # no rank tears down gloo while another still talks to it
+    # the last reference to the group: its destructor joins gloo's worker threads here,
+    # while the interpreter is whole, not at exit
     dist.destroy_process_group()
     return results
 

@@ -9,6 +9,7 @@ once, for the workers and for the references.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from torch import nn
 from hbpkit import backprop, extend
 from hbpkit.extensions import (
     GGNMP,
+    HBP,
     HMP,
     KFLR,
     KFRA,
@@ -29,6 +31,9 @@ from hbpkit.extensions import (
     BatchL2,
     DiagGGNExact,
     DiagHessian,
+    EmpiricalKFAC,
+    InputCovariance,
+    KroneckerRoots,
     SumGradSquared,
     Variance,
 )
@@ -52,7 +57,21 @@ TENSOR_FIELDS = (
     "diag_h",
 )
 KRONECKER_FIELDS = ("kflr", "kfra")
+#: the quantities reduced by rows (roots) or as sample averages; compared with one
+#: process running the same extensions on the full batch
+ROOT_FIELDS = ("kfac_empirical", "input_covariance", "kronecker_roots")
 TRAIN_STEPS = 4
+
+# the roots of a model with T = 2 positions per sample (a Linear over [N, T, D]), on shards
+# (3, 5): (name, KroneckerRoots kwargs, kfac_approx of InputCovariance / EmpiricalKFAC)
+T = 2
+ROOT_CASES = [
+    ("exact_expand", dict(loss_hessian="exact"), "expand"),
+    ("empirical_expand_bias", dict(loss_hessian="empirical", bias_column=True), "expand"),
+    ("exact_reduce", dict(loss_hessian="exact", kfac_approx="reduce"), "reduce"),
+    ("none_expand", dict(loss_hessian=None), "expand"),
+]
+ROOT_SIZES = (3, 5)
 
 # optimizer configurations for the training runs: (name, class name, kwargs)
 TRAIN_CASES = [
@@ -68,6 +87,54 @@ TRAIN_CASES = [
     ),
     ("newton_pch", "NewtonCG", dict(curvature="pch-abs", lr=0.5, damping=0.1, cg_maxiter=8)),
     ("newton_kflr", "NewtonCG", dict(curvature="kflr", lr=0.5, damping=0.1, cg_maxiter=8)),
+    # every damping_mode of KroneckerPreconditioner (DAMPING_MODES), the inversions spread
+    (
+        "kronecker_heuristic",
+        "KroneckerPreconditioner",
+        dict(curvature="kflr", lr=0.5, damping=1e-2, damping_mode="heuristic", momentum=0.5),
+    ),
+    (
+        "kronecker_correct",
+        "KroneckerPreconditioner",
+        dict(curvature="kflr", lr=0.5, damping=1e-2, damping_mode="correct", ema=0.5),
+    ),
+    (
+        "kronecker_empirical_groups",
+        "KroneckerPreconditioner",
+        dict(
+            curvature="empirical",
+            lr=0.3,
+            damping=1e-2,
+            update_every=2,
+            param_groups=[dict(damping_mode="correct"), dict(damping_mode="heuristic", lr=0.5)],
+        ),
+    ),
+    # NewtonCG's other options: curvatures, cg_atol, block_split, extension, groups
+    (
+        "newton_hessian_atol",
+        "NewtonCG",
+        dict(curvature="hessian", lr=0.5, damping=0.5, cg_maxiter=8, cg_atol=1e-4),
+    ),
+    (
+        "newton_pch_clip_groups",
+        "NewtonCG",
+        dict(
+            curvature="pch-clip",
+            lr=0.5,
+            damping=0.1,
+            param_groups=[dict(block_split=3, cg_tol=1e-2), dict(cg_maxiter=4, damping=0.2)],
+        ),
+    ),
+    (
+        "newton_empirical",
+        "NewtonCG",
+        dict(curvature="empirical", lr=0.5, damping=0.1, cg_maxiter=8, block_split=2),
+    ),
+    (
+        "newton_hbp_extension",
+        "NewtonCG",
+        dict(curvature="hbp", lr=0.5, damping=0.1, extension=HBP("pch-abs", "exact", "sqrt")),
+    ),
 ]
 
 
@@ -95,8 +162,34 @@ def shard(sizes: tuple[int, ...], rank: int) -> slice:
 
 def extensions(with_sum_grad_squared: bool) -> list:
     exts = [BatchGrad(), BatchL2(), Variance(), DiagGGNExact(), DiagHessian(), KFLR(), KFRA()]
-    exts += [GGNMP(), HMP()]
+    exts += [GGNMP(), HMP(), EmpiricalKFAC(), InputCovariance(), KroneckerRoots("exact")]
     return exts + [SumGradSquared()] if with_sum_grad_squared else exts
+
+
+def root_extensions(case: tuple) -> list:
+    _, roots_kwargs, approx = case
+    return [KroneckerRoots(**roots_kwargs), InputCovariance(approx), EmpiricalKFAC(approx)]
+
+
+def make_sequence_model() -> nn.Sequential:
+    """A Linear over ``T`` positions (weight sharing), then one over the flattened sequence."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * T, 3)]
+    return extend(nn.Sequential(*layers).to(DT))
+
+
+def make_sequence_data(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(n, T, 5, dtype=DT, generator=g), torch.randint(3, (n,), generator=g)
+
+
+def saved(field: str, value):
+    """A copy of ``p.<field>`` that ``torch.save`` keeps (roots: a tuple with ``None``)."""
+    if field == "kronecker_roots":
+        return tuple(None if t is None else t.clone() for t in value[:3]) + (value.positions,)
+    if isinstance(value, tuple):
+        return tuple(f.clone() for f in value)
+    return value.clone()
 
 
 # ------------------------------------------------------------------------------ workers
@@ -125,8 +218,8 @@ def quantities_worker(rank: int, world: int) -> dict:
             for field in TENSOR_FIELDS:
                 if hasattr(p, field):
                     entry[field] = getattr(p, field).clone()
-            for field in KRONECKER_FIELDS:
-                entry[field] = tuple(f.clone() for f in getattr(p, field))
+            for field in KRONECKER_FIELDS + ROOT_FIELDS:
+                entry[field] = saved(field, getattr(p, field))
             for field in PRODUCT_FIELDS:  # a collective: both ranks, same V, same order
                 entry[field] = getattr(p, field)(V)
             out[pname] = entry
@@ -134,11 +227,50 @@ def quantities_worker(rank: int, world: int) -> dict:
     return results
 
 
+def roots_worker(rank: int, world: int) -> dict:
+    """Every case of :data:`ROOT_CASES` on this rank's shard, and the unequal-positions error."""
+    from hbpkit.distributed import all_reduce_quantities
+
+    X, y = make_sequence_data()
+    idx = shard(ROOT_SIZES, rank)
+    results = {}
+    for case in ROOT_CASES:
+        model = make_sequence_model()
+        loss = extend(nn.CrossEntropyLoss())(model(X[idx]), y[idx])
+        with backprop(*root_extensions(case)):
+            loss.backward()
+        all_reduce_quantities(model.parameters(), batch_size=ROOT_SIZES[rank], grad="local")
+        results[case[0]] = {
+            name: {field: saved(field, getattr(p, field)) for field in ROOT_FIELDS}
+            for name, p in model.named_parameters()
+        }
+    # positions differ by rank (T = 2 + rank): the roots' rows do not stack
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT))
+    Xr = torch.randn(2, 2 + rank, 5, dtype=DT)
+    loss = extend(nn.MSELoss())(model(Xr), torch.zeros(2, 2 + rank, 3, dtype=DT))
+    with backprop(KroneckerRoots("exact")):
+        loss.backward()
+    try:
+        all_reduce_quantities(model.parameters(), batch_size=2)
+        results["unequal_positions"] = None
+    except ValueError as error:
+        results["unequal_positions"] = str(error)
+    return results
+
+
 def make_optimizer(cls_name: str, params, distributed: bool, **kwargs):
+    """``param_groups=[opts_0, opts_1]`` in ``kwargs``: the first layer's parameters, then the
+    rest, as two groups with these overrides."""
     import hbpkit.optim as optim
     import hbpkit.optim.distributed as doptim
 
     cls = getattr(doptim, f"Distributed{cls_name}") if distributed else getattr(optim, cls_name)
+    kwargs = dict(kwargs)
+    overrides = kwargs.pop("param_groups", None)
+    if overrides is not None:
+        params = list(params)
+        params = [dict(params=params[:2], **overrides[0]), dict(params=params[2:], **overrides[1])]
     return cls(params, **kwargs)
 
 
@@ -175,10 +307,18 @@ def training_worker(rank: int, world: int) -> dict:
     return {case[0]: train(case, X[idx], y[idx], distributed=True) for case in TRAIN_CASES}
 
 
-WORKERS = {"quantities": quantities_worker, "training": training_worker}
+WORKERS = {"quantities": quantities_worker, "training": training_worker, "roots": roots_worker}
 
 
 # ------------------------------------------------------------------------------ launching
+def thread_names() -> list[str] | None:
+    """The names of this process's threads (Linux), ``None`` where ``/proc`` has none."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+
+
 def _entry(rank: int, world: int, port: int, outdir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -187,9 +327,13 @@ def _entry(rank: int, world: int, port: int, outdir: str, names: list[str]) -> N
     try:
         results = {name: WORKERS[name](rank, world) for name in names}
         torch.save(results, Path(outdir) / f"rank{rank}.pt")
+        del results
+        gc.collect()  # the DDP wrappers and their hooks, should a reference cycle keep them
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
+    # the group had no other owner: its destructor has joined gloo's threads
+    torch.save(thread_names(), Path(outdir) / f"rank{rank}.threads")
 
 
 def free_port() -> int:
@@ -214,4 +358,7 @@ def launch(names: list[str], outdir: str, world: int = 2, timeout: float = 240.0
                 if process.is_alive():
                     process.terminate()
             raise TimeoutError(f"distributed workers {names} did not finish in {timeout} s")
-    return [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(Path(outdir) / f"rank{r}.pt") for r in range(world)]
+    for r, result in enumerate(results):
+        result["threads_after_destroy"] = torch.load(Path(outdir) / f"rank{r}.threads")
+    return results

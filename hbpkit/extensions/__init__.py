@@ -7,7 +7,30 @@ from hbpkit.extensions.first_order import BatchGrad, BatchL2, SumGradSquared, Va
 from hbpkit.extensions.kronecker import HBP, KFAC, KFLR, KFRA
 from hbpkit.extensions.roots import EmpiricalKFAC, InputCovariance, KroneckerRoots
 
+#: every extension class hbpkit provides, one savefield each: the one registry that
+#: savefield lookups (``hbpkit.distributed.all_reduce_quantities``) go through
+EXTENSIONS: tuple[type[Extension], ...] = (
+    DiagGGNExact,
+    DiagGGNMC,
+    DiagHessian,
+    KFAC,
+    KFLR,
+    KFRA,
+    HBP,
+    EmpiricalKFAC,
+    InputCovariance,
+    KroneckerRoots,
+    GGNMP,
+    HMP,
+    PCHMP,
+    SumGradSquared,
+    BatchGrad,
+    BatchL2,
+    Variance,
+)
+
 __all__ = [
+    "EXTENSIONS",
     "GGNMP",
     "HBP",
     "HMP",

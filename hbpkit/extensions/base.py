@@ -14,13 +14,18 @@ class Extension:
     """A quantity computed per parameter during ``backward()`` inside ``backprop(...)``.
 
     Subclasses set :attr:`savefield` (the parameter attribute that receives the
-    result), :attr:`table` (which module types they support) and, if they
-    backpropagate curvature, :attr:`message` (see ``messages.py``).
+    result), :attr:`table` (which module types they support), if they
+    backpropagate curvature, :attr:`message` (see ``messages.py``), and
+    :attr:`reduction`, how the result of shards on several processes combines into
+    the full batch's.
     """
 
     savefield: str = ""
     table: DispatchTable
     message: Any = None
+    #: how the savefield combines across processes (``hbpkit.collectives.Reduction``), read
+    #: by ``hbpkit.distributed.all_reduce_quantities``; ``None``: no combination is known
+    reduction: Any = None
 
     @property
     def accepts_position_blocks(self) -> bool:

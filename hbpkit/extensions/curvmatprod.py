@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hbpkit.collectives import ProductAllReduce
 from hbpkit.core.calls import ModuleCall
 from hbpkit.extensions.base import check_choice
 from hbpkit.extensions.messages import OutputCurvature, ProductMessage
@@ -90,6 +91,7 @@ class _CurvMatProd(SecondOrder):
     """Base of the product extensions: one :class:`BlockProduct` per parameter."""
 
     message: ProductMessage
+    reduction = ProductAllReduce()  # the full block is sum_r w_r C_r: exact
 
     def param_quantity(
         self,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from hbpkit.collectives import WeightedSum
 from hbpkit.extensions.base import check_mc_samples
 from hbpkit.extensions.messages import SqrtMessage
 from hbpkit.extensions.second_order import SecondOrder
 
 
 class _Diagonal(SecondOrder):
+    reduction = WeightedSum("w_r")  # linear in the loss: exact
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.param_diag(call, name, message)
 

@@ -7,8 +7,16 @@ term of the loss as reduced (``grad_batch.sum(0) == p.grad``).
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import Tensor
 
+from hbpkit.collectives import (
+    GatherInRankOrder,
+    ReduceContext,
+    Reduction,
+    WeightedSum,
+    all_reduce_sum,
+)
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.tables import FIRST_ORDER
 
@@ -21,6 +29,7 @@ class BatchGrad(_FirstOrder):
     """Per-sample gradients, ``grad_batch``: ``[N, *p.shape]``."""
 
     savefield = "grad_batch"
+    reduction = GatherInRankOrder("w_r")
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.cached_batch_grad(call, name, grad_output)
@@ -30,6 +39,7 @@ class BatchL2(_FirstOrder):
     """Squared norms of the per-sample gradients, ``batch_l2``: ``[N]``."""
 
     savefield = "batch_l2"
+    reduction = GatherInRankOrder("w_r**2")
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.batch_l2(call, name, grad_output)
@@ -39,9 +49,59 @@ class SumGradSquared(_FirstOrder):
     """``sum_n grad_batch[n]**2``, ``sum_grad_squared``: ``p.shape``."""
 
     savefield = "sum_grad_squared"
+    reduction = WeightedSum("w_r**2")
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.sum_grad_squared(call, name, grad_output)
+
+
+class VarianceReduction(Reduction):
+    """The full batch's ``sgs / N - (grad / N)**2`` from each rank's local quantities.
+
+    ``sgs = sum_r w_r**2 sgs_r`` (the rank's ``p.sum_grad_squared`` if present, else
+    ``sgs_r = n_r variance_r + grad_r**2 / n_r`` from its shard gradient, ``grad="local"``)
+    and ``grad = sum_r w_r grad_r``: exact. Needs the shard sizes (``batch_size=``).
+    """
+
+    formula = "sgs / N - (grad / N)**2, sgs = sum_r w_r**2 sgs_r, grad = sum_r w_r grad_r"
+
+    def check(self, savefield, params, values, ctx: ReduceContext) -> None:
+        weights = ctx.weights
+        if weights.sizes is None:
+            raise ValueError(
+                f"reducing {savefield!r} needs batch_size= (this rank's number of samples)"
+            )
+        for p in params:
+            if not hasattr(p, "sum_grad_squared") and ctx.grad != "local":
+                raise ValueError(
+                    f"{savefield} of parameter of shape {tuple(p.shape)}: DDP has averaged "
+                    "p.grad, so the shard's gradient is gone; run SumGradSquared() in the same "
+                    "backward pass, or run the backward under model.no_sync() and pass "
+                    "grad='local'"
+                )
+        if ctx.grad == "ddp" and weights.loss != 1.0 and len(set(weights.sizes)) > 1:
+            raise ValueError(
+                f"{savefield}: DDP averaged gradients over shards of different sizes "
+                f"{weights.sizes}, which is not the full-batch gradient of a mean loss; run the "
+                "backward under model.no_sync() and pass grad='local'"
+            )
+
+    def reduce(self, params, values, ctx: ReduceContext) -> list[Tensor]:
+        weights, group = ctx.weights, ctx.group
+        n, N = weights.sizes[dist.get_rank(group)], weights.total
+        local_sgs = []
+        for p, variance in zip(params, values):
+            if hasattr(p, "sum_grad_squared"):
+                local_sgs.append(p.sum_grad_squared)
+            else:  # grad="local": variance_r = sgs_r / n - (grad_r / n)**2
+                local_sgs.append(n * variance + p.grad.square() / max(n, 1))
+        sgs = all_reduce_sum([s * weights.loss**2 for s in local_sgs], group)
+        if ctx.grad == "local":
+            grads = all_reduce_sum([p.grad * weights.loss for p in params], group)
+        else:  # DDP averaged: p.grad = 1/R sum_r grad_r, the full gradient as all w_r are
+            # equal (checked), so sum_r w_r grad_r = w R p.grad
+            grads = [p.grad.detach() * (weights.loss * weights.world_size) for p in params]
+        return [s / N - (g / N).square() for s, g in zip(sgs, grads)]
 
 
 class Variance(_FirstOrder):
@@ -51,6 +111,7 @@ class Variance(_FirstOrder):
     """
 
     savefield = "variance"
+    reduction = VarianceReduction()
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         N = grad_output.shape[0]
@@ -58,4 +119,4 @@ class Variance(_FirstOrder):
         return sgs / N - (rules.summed_grad(call, name, grad_output) / N).square()
 
 
-__all__ = ["BatchGrad", "BatchL2", "SumGradSquared", "Variance"]
+__all__ = ["BatchGrad", "BatchL2", "SumGradSquared", "Variance", "VarianceReduction"]

@@ -9,6 +9,7 @@ weights over positions follow ``kfac_approx`` (see the module rules).
 
 from __future__ import annotations
 
+from hbpkit.collectives import KroneckerFactorwise
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import check_choice, check_mc_samples
 from hbpkit.extensions.messages import CURVATURES, AverageMessage, SqrtMessage
@@ -38,6 +39,10 @@ class HBP(SecondOrder):
     """
 
     savefield = "hbp"
+    #: factor by factor, ``G = sum_r w_r G_r``, ``A = sum_r a_r A_r``: exact for ``A`` and for
+    #: the per-sample (``"sqrt"``) ``G``; ``"batch-average"``'s ``G`` is exact at the last
+    #: layer only (the rank average drops cross terms between shards), see hbpkit.distributed
+    reduction = KroneckerFactorwise()
 
     def __init__(
         self,

@@ -25,6 +25,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from hbpkit.collectives import (
+    KroneckerFactorwise,
+    ReduceContext,
+    Reduction,
+    WeightedSum,
+    all_gather_batch,
+    count_device,
+)
 from hbpkit.core.calls import ModuleCall
 from hbpkit.core.dispatch import DispatchTable
 from hbpkit.curvature.kronecker import KroneckerFactors
@@ -120,6 +128,60 @@ class FactorRoots(NamedTuple):
         return self.g_bar.T @ self.g_bar
 
 
+class RootsReduction(Reduction):
+    """The full batch's roots: the ranks' rows stacked in rank order, with the loss scaling.
+
+    Rows are samples (and positions), so one process on the full batch has the rows of
+    every shard, with the full loss's scaling (``L = sum_r w_r L_r``):
+
+    * ``a = cat_r a_r`` (inputs do not depend on the loss), so ``A = a^T a / b`` with
+      ``b = sum_r b_r``;
+    * ``g = cat_r w_r g_r`` (the gradients at the layer output are linear in the loss);
+    * ``g_bar = cat_r sqrt(w_r) g_bar_r`` within each column ``v`` of the loss-Hessian
+      factor (rows ``(v, n[, t])`` stay ``v``-major): for ``"exact"`` and ``"sampled"``
+      ``g_bar`` roots a curvature linear in the loss; for ``"empirical"``
+      ``g / sqrt(c)`` with ``c = 1/N`` (mean) becomes ``w_r g_r / sqrt(c)``, again
+      ``sqrt(w_r) g_bar_r``. So ``G = g_bar^T g_bar = sum_r w_r G_r``.
+
+    Exact (``"sampled"``: in distribution, the ranks' draws differ from one process's).
+    The ranks must have the same ``positions`` (rows per sample): with different
+    sequence lengths or image sizes the rows of ``"expand"`` are no longer
+    ``(sample, position)`` with one ``T``, and there is no stacked layout; that raises.
+    """
+
+    formula = "a = cat_r a_r, g = cat_r w_r g_r, g_bar = cat_r sqrt(w_r) g_bar_r (per v)"
+
+    def reduce(self, params, values: list[FactorRoots], ctx: ReduceContext) -> list[FactorRoots]:
+        w, group = ctx.weights.loss, ctx.group
+        columns = [  # v, the columns of the loss-Hessian factor (0 on an empty shard)
+            0 if r.g_bar is None else r.g_bar.shape[0] // max(r.g.shape[0], 1) for r in values
+        ]
+        meta = torch.tensor(
+            [[r.positions for r in values] + columns], dtype=torch.long, device=count_device(group)
+        )
+        every = all_gather_batch(meta, group)  # [R, 2 P]: positions and g_bar columns per rank
+        k = len(values)
+        for p, positions in zip(params, every[:, :k].T.tolist()):
+            if len(set(positions)) > 1:
+                raise ValueError(
+                    f"kronecker_roots of the parameter of shape {tuple(p.shape)}: the ranks have "
+                    f"{positions} rows per sample, so their rows do not stack into one "
+                    "(sample, position) layout; give every rank inputs of the same size, or "
+                    "use kfac_approx='reduce' (one row per sample)"
+                )
+        out = []
+        for r, v in zip(values, every[:, k:].amax(0).tolist()):
+            a = None if r.a is None else all_gather_batch(r.a, group)
+            g = all_gather_batch(r.g * w, group)
+            g_bar = None
+            if r.g_bar is not None:  # [v * b_r, m] -> [b_r, v, m]: gather along the rows
+                m = r.g_bar.shape[1]
+                local = r.g_bar.reshape(v, -1, m).transpose(0, 1) * math.sqrt(w)
+                g_bar = all_gather_batch(local, group).transpose(0, 1).reshape(-1, m)
+            out.append(FactorRoots(a, g, g_bar, r.positions))
+        return out
+
+
 class KroneckerRoots(Extension):
     """The roots ``a``, ``g`` and ``g_bar`` of each weight's Kronecker factors, ``kronecker_roots``.
 
@@ -144,6 +206,7 @@ class KroneckerRoots(Extension):
     """
 
     savefield = "kronecker_roots"
+    reduction = RootsReduction()
 
     def __init__(
         self,
@@ -208,6 +271,9 @@ class InputCovariance(Extension):
 
     savefield = "input_covariance"
     table = ROOTS
+    #: ``A = sum_r a_r A_r`` (``a_r = n_r / N``): exact, an average over samples, if every
+    #: rank has the same rows per sample (a bias: ``sum_r a_r [[1]] = [[1]]``)
+    reduction = WeightedSum("a_r")
 
     def __init__(self, kfac_approx: str = "expand") -> None:
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
@@ -228,6 +294,9 @@ class EmpiricalKFAC(KroneckerRoots):
     """
 
     savefield = "kfac_empirical"
+    #: ``G = sum_r w_r G_r`` (``G = g_bar^T g_bar`` with ``g_bar -> sqrt(w_r) g_bar_r``, see
+    #: :class:`RootsReduction`), ``A = sum_r a_r A_r``: exact, deterministic
+    reduction = KroneckerFactorwise()
 
     def __init__(self, kfac_approx: str = "expand") -> None:
         super().__init__("empirical", 1, kfac_approx)
@@ -241,4 +310,4 @@ class EmpiricalKFAC(KroneckerRoots):
         return f"EmpiricalKFAC(kfac_approx={self.kfac_approx!r})"
 
 
-__all__ = ["EmpiricalKFAC", "FactorRoots", "InputCovariance", "KroneckerRoots"]
+__all__ = ["EmpiricalKFAC", "FactorRoots", "InputCovariance", "KroneckerRoots", "RootsReduction"]

@@ -10,8 +10,9 @@ module's), so the step equals the single-process step on the full batch:
   (``G`` and ``A`` separately, one collective for all layers) and spreads the
   damped inversions over the ranks: layers are assigned to ranks greedily by cost
   (``sum of dim**3`` of their factors, largest first, each to the least loaded
-  rank), each rank inverts its share and broadcasts the inverses, as
-  distributed K-FAC implementations do (Osawa et al. 2019, Pauloski et al. 2020).
+  rank), each rank inverts its share with the group's ``damping_mode`` and the
+  inverses are all-gathered, as distributed K-FAC implementations do (Osawa et al.
+  2019, Pauloski et al. 2020).
 * :class:`DistributedNewtonCG`: all blocks (and sub-blocks) of a parameter group
   are solved in one batched CG (:func:`hbpkit.optim.newton_cg.joint_directions`,
   the same per-block solves), so the exact products of all blocks are all-reduced
@@ -20,6 +21,10 @@ module's), so the step equals the single-process step on the full batch:
   every rank (its dot products act on full, replicated vectors, so they need no
   reduction of their own), and the ranks take bit-for-bit identical steps.
 
+Both are wrappers: they take ``reduction`` and ``group`` (keyword-only) and forward
+every other argument to their single-process parent, so each option of the parent
+works here and gives the same step.
+
 With ``reduction=None`` the step takes the attached quantities as they are (the
 caller has run :func:`hbpkit.distributed.all_reduce_quantities`, e.g. for
 shards of different sizes); the inversions are still spread over the ranks.
@@ -27,6 +32,7 @@ shards of different sizes); the inversions are still spread over the ranks.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,16 +40,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hbpkit.curvature.kronecker import KroneckerFactors
-from hbpkit.distributed import (
+from hbpkit.collectives import (
     AllReducedProduct,
+    all_gather_batch,
     all_reduce_kronecker,
     all_reduce_sum,
     check_initialized,
+    count_device,
     shard_weights,
 )
+from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.optim.curvatures import loss_of, missing_quantity
-from hbpkit.optim.kronecker import KroneckerPreconditioner, damped_inverses
+from hbpkit.optim.kronecker import DAMPING_MODES, KroneckerPreconditioner
 from hbpkit.optim.newton_cg import NewtonCG, joint_directions
 
 REDUCTIONS = ("mean", "sum", None)
@@ -81,10 +89,62 @@ def _params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
-class DistributedKroneckerPreconditioner(KroneckerPreconditioner):
+def _wrapper_signature(parent: type) -> inspect.Signature:
+    """``parent.__init__``'s signature plus the keyword-only ``reduction`` and ``group``."""
+    params = list(inspect.signature(parent.__init__).parameters.values())[1:]  # no self
+    extra = [
+        inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default="mean"),
+        inspect.Parameter("group", inspect.Parameter.KEYWORD_ONLY, default=None),
+    ]
+    return inspect.Signature(params + extra)
+
+
+class _Distributed:
+    """Mixin of the wrappers: ``reduction`` and ``group`` taken, everything else forwarded.
+
+    The parent's arguments (positional or keyword, every option it has now or gains
+    later) go to the parent's ``__init__`` unchanged.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        *args: Any,
+        reduction: str | None = "mean",
+        group: dist.ProcessGroup | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_initialized()
+        _check_reduction(reduction)
+        self.reduction = reduction
+        self.group = group
+        super().__init__(params, *args, **kwargs)
+
+
+def _inverse_layout(inverses: list[Tensor]) -> list[int]:
+    """``[count, ndim_0, *shape_0, ndim_1, *shape_1, ...]``: how to cut a flat copy back."""
+    layout = [len(inverses)]
+    for inv in inverses:
+        layout += [inv.dim(), *inv.shape]
+    return layout
+
+
+def _read_layout(layout: list[int], start: int) -> tuple[list[torch.Size], int]:
+    """The shapes one :func:`_inverse_layout` at ``layout[start:]`` lists, and where it ends."""
+    count, i, shapes = layout[start], start + 1, []
+    for _ in range(count):
+        ndim = layout[i]
+        shapes.append(torch.Size(layout[i + 1 : i + 1 + ndim]))
+        i += 1 + ndim
+    return shapes, i
+
+
+class DistributedKroneckerPreconditioner(_Distributed, KroneckerPreconditioner):
     """:class:`~hbpkit.optim.KroneckerPreconditioner` with factors reduced and inversions spread.
 
-    Same arguments, plus:
+    Takes every argument of :class:`~hbpkit.optim.KroneckerPreconditioner` (forwarded
+    to it: ``curvature``, ``lr``, ``damping``, ``update_every``, ``momentum``, ``ema``,
+    ``extension``, ``damping_mode``, per-group overrides), plus, keyword-only:
 
     Args:
         reduction: the loss module's reduction (``"mean"`` or ``"sum"``): the factors
@@ -93,27 +153,13 @@ class DistributedKroneckerPreconditioner(KroneckerPreconditioner):
         group: the process group (default: the world).
 
     Every rank of ``group`` must call :meth:`step` (a collective). After it,
-    ``p.<savefield>`` holds the full-batch factors.
+    ``p.<savefield>`` holds the full-batch factors. The inversions of any
+    ``damping_mode`` are spread over the ranks: each rank runs the mode's inversion
+    (``DAMPING_MODES``) on its share of the layers and the results are gathered,
+    whatever tensors that mode keeps.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        curvature: str = "kfac",
-        lr: float = 0.1,
-        damping: float = 1e-3,
-        update_every: int = 1,
-        momentum: float = 0.0,
-        ema: float = 0.95,
-        extension: Any = None,
-        reduction: str | None = "mean",
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
-        check_initialized()
-        _check_reduction(reduction)
-        self.reduction = reduction
-        self.group = group
-        super().__init__(params, curvature, lr, damping, update_every, momentum, ema, extension)
+    __signature__ = _wrapper_signature(KroneckerPreconditioner)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -126,41 +172,57 @@ class DistributedKroneckerPreconditioner(KroneckerPreconditioner):
         return loss
 
     def _refresh_inverses(self, due: list[tuple[dict, Tensor]]) -> None:
-        """Each rank inverts its share of ``due`` (balanced by ``dim**3``), then broadcasts."""
+        """Each rank inverts its share of ``due`` (balanced by ``dim**3``), then all gather.
+
+        Two gathers in all: the layouts (how many tensors of which shapes each
+        inversion produced, so any damping mode works) and the flat inverses. Every
+        rank, the owner included, takes the gathered copies: the memory layout of an
+        inverse changes the rounding of the matmuls, and the ranks must agree bitwise.
+        """
         R = dist.get_world_size(self.group)
         me = dist.get_rank(self.group)
         costs = [float(sum(f.shape[0] ** 3 for f in self.state[p]["factors"])) for _, p in due]
         owners = assign_to_ranks(costs, R)
         mine = [i for i, owner in enumerate(owners) if owner == me]
+        dtype = due[0][1].dtype
+        for _, p in due:
+            for f in self.state[p]["factors"]:
+                dtype = torch.promote_types(dtype, f.dtype)
+        device = self.state[due[0][1]]["factors"][0].device
+        layout: list[int] = []
+        flat = []
         for i in mine:
             group, p = due[i]
-            self.state[p]["inverses"] = damped_inverses(self.state[p]["factors"], group["damping"])
+            invert = DAMPING_MODES[group.get("damping_mode", "factored")]
+            inverses = invert(self.state[p]["factors"], group["damping"])
+            layout += _inverse_layout(inverses)
+            flat += [inv.reshape(-1).to(dtype) for inv in inverses]
+        layouts = all_gather_batch(
+            torch.tensor(layout, dtype=torch.long, device=count_device(self.group)), self.group
+        ).tolist()
+        values = all_gather_batch(
+            torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device), self.group
+        )
+        # both gathers are in rank order, and each rank's jobs in the order of ``due``
+        at_layout, at_value = 0, 0
         for rank in range(R):
-            jobs = [i for i, owner in enumerate(owners) if owner == rank]
-            if not jobs:
-                continue
-            shapes = [[f.shape for f in self.state[due[i][1]]["factors"]] for i in jobs]
-            ref = self.state[due[jobs[0]][1]]["factors"][0]
-            numel = sum(s.numel() for job in shapes for s in job)
-            if rank == me:
-                flat = torch.cat(
-                    [inv.reshape(-1) for i in jobs for inv in self.state[due[i][1]]["inverses"]]
-                )
-            else:
-                flat = torch.empty(numel, dtype=ref.dtype, device=ref.device)
-            src = dist.get_global_rank(self.group, rank) if self.group is not None else rank
-            dist.broadcast(flat, src=src, group=self.group)
-            # the owner too takes the (contiguous) broadcast copies: the memory layout of
-            # an inverse changes the rounding of the matmuls, and the ranks must agree bitwise
-            chunks = iter(flat.split([s.numel() for job in shapes for s in job]))
-            for i, job in zip(jobs, shapes):
-                self.state[due[i][1]]["inverses"] = [next(chunks).view(s).clone() for s in job]
+            for i in (i for i, owner in enumerate(owners) if owner == rank):
+                state = self.state[due[i][1]]
+                shapes, at_layout = _read_layout(layouts, at_layout)
+                inverses = []
+                for shape in shapes:
+                    chunk = values[at_value : at_value + shape.numel()].view(shape)
+                    inverses.append(chunk.to(state["factors"][0].dtype).clone())
+                    at_value += shape.numel()
+                state["inverses"] = inverses
 
 
-class DistributedNewtonCG(NewtonCG):
+class DistributedNewtonCG(_Distributed, NewtonCG):
     """:class:`~hbpkit.optim.NewtonCG` whose curvature is the full batch's on every rank.
 
-    Same arguments, plus:
+    Takes every argument of :class:`~hbpkit.optim.NewtonCG` (forwarded to it:
+    ``curvature``, ``lr``, ``damping``, ``cg_maxiter``, ``cg_tol``, ``cg_atol``,
+    ``block_split``, ``extension``, per-group overrides), plus, keyword-only:
 
     Args:
         reduction: the loss module's reduction (``"mean"`` or ``"sum"``): exact
@@ -172,27 +234,7 @@ class DistributedNewtonCG(NewtonCG):
     Every rank of ``group`` must call :meth:`step` (a collective).
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        curvature: str = "ggn",
-        lr: float = 0.1,
-        damping: float = 1e-2,
-        cg_maxiter: int = 50,
-        cg_tol: float = 0.1,
-        cg_atol: float = 0.0,
-        block_split: int = 1,
-        extension: Any = None,
-        reduction: str | None = "mean",
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
-        check_initialized()
-        _check_reduction(reduction)
-        self.reduction = reduction
-        self.group = group
-        super().__init__(
-            params, curvature, lr, damping, cg_maxiter, cg_tol, cg_atol, block_split, extension
-        )
+    __signature__ = _wrapper_signature(NewtonCG)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
