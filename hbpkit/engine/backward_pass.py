@@ -50,7 +50,8 @@ class BackwardState:
                         "pass started: several losses or forward passes per backward are not "
                         "supported yet"
                     )
-                self.pass_ = BackwardPass(self.extensions, call, self.memory)
+                # the plan raises before anything is computed
+                self.pass_ = BackwardPass(PassPlan(self.extensions, call, self.memory))
             with torch.no_grad():
                 self.pass_.process(call, grad_output.detach())
             if self.pass_.finished:
@@ -71,16 +72,11 @@ class BackwardPass:
     extensions process every call on its own.
     """
 
-    def __init__(
-        self,
-        extensions: tuple[Extension, ...],
-        root: ModuleCall,
-        memory: MemoryPolicy = DEFAULT_POLICY,
-    ) -> None:
-        self.plan = plan = PassPlan(extensions, root, memory)  # raises before computing
-        self.extensions = extensions
+    def __init__(self, plan: PassPlan) -> None:
+        self.plan = plan
+        self.extensions = plan.extensions
         self.second_order = plan.second_order
-        self.root = root
+        self.root = plan.root
         self.graph = graph = plan.graph
         keys = dict.fromkeys(e.message for e in self.second_order)
         self._handlers = {k: k if graph.is_chain else k.for_dag() for k in keys}
