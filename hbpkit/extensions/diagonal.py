@@ -15,6 +15,9 @@ from hbpkit.extensions.second_order import SecondOrder
 
 
 class _Diagonal(SecondOrder):
+    def required_param_rules(self, rules) -> list[str]:
+        return ["param_diag"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.param_diag(call, name, message)
 

@@ -22,6 +22,9 @@ class BatchGrad(_FirstOrder):
 
     savefield = "grad_batch"
 
+    def required_param_rules(self, rules) -> list[str]:
+        return ["batch_grad"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.cached_batch_grad(call, name, grad_output)
 
@@ -31,6 +34,9 @@ class BatchL2(_FirstOrder):
 
     savefield = "batch_l2"
 
+    def required_param_rules(self, rules) -> list[str]:
+        return ["batch_l2"]  # default: from batch_grad
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.batch_l2(call, name, grad_output)
 
@@ -39,6 +45,9 @@ class SumGradSquared(_FirstOrder):
     """``sum_n grad_batch[n]**2``, ``sum_grad_squared``: ``p.shape``."""
 
     savefield = "sum_grad_squared"
+
+    def required_param_rules(self, rules) -> list[str]:
+        return ["sum_grad_squared"]  # default: from batch_grad
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.sum_grad_squared(call, name, grad_output)
@@ -51,6 +60,9 @@ class Variance(_FirstOrder):
     """
 
     savefield = "variance"
+
+    def required_param_rules(self, rules) -> list[str]:
+        return ["sum_grad_squared", "summed_grad"]  # defaults: from batch_grad
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         N = grad_output.shape[0]
