@@ -33,7 +33,7 @@ from hbpkit.curvature.memory import (
     MemoryPolicy,
     check_dense_budget,
 )
-from hbpkit.extensions.base import Extension, rules_implement
+from hbpkit.extensions.base import DEFAULTS_BUILT_ON, Extension, rules_implement
 from hbpkit.modules.base import LossRules, UnsupportedRules
 
 
@@ -287,7 +287,12 @@ class PassPlan:
         if not missing:
             return
         name = type(call.module).__name__
-        methods = ", ".join(missing)
+        methods = ", ".join(
+            f"{m} (or {DEFAULTS_BUILT_ON[m]}, on which its default builds)"
+            if m in DEFAULTS_BUILT_ON
+            else m
+            for m in missing
+        )
         them = "it" if len(missing) == 1 else "them"
         raise NotImplementedError(
             f"{name} (rules {type(rules).__name__}) does not implement {methods}, which "
