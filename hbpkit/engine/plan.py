@@ -297,8 +297,8 @@ class PassPlan:
         raise NotImplementedError(
             f"{name} (rules {type(rules).__name__}) does not implement {methods}, which "
             f"{ext!r} needs {purpose}; implement {them} in the rules class and register it "
-            f"with hbpkit.register({name}, rules) (the rule matrix of the docs' own-module "
-            "page lists what each extension needs)"
+            f"with hbpkit.register({name}, rules) (docs/own-module.md lists the rule methods "
+            "each extension needs)"
         )
 
     def _refuse_outside(self, stray: list[nn.Parameter], outside: list[ModuleCall]) -> None:

@@ -49,7 +49,9 @@ class Extension:
 
     Subclasses set :attr:`savefield` (the parameter attribute that receives the
     result), :attr:`table` (which module types they support) and, if they
-    backpropagate curvature, :attr:`message` (see ``messages.py``).
+    backpropagate curvature, :attr:`message` (see ``messages.py``). What the
+    extension needs of the rules (:meth:`required_rules`, :meth:`required_loss_rules`)
+    is checked before the backward pass computes anything.
     """
 
     savefield: str = ""
