@@ -1,9 +1,10 @@
 """The docs' generated tables: supported modules, and the rules each extension needs.
 
-Both come from one piece of logic: which rules an extension needs
-(:func:`param_rules`, its per-parameter rule; :func:`message_rules`, the rules
-that carry its message through a module, see ``hbpkit/extensions/messages.py``;
-:func:`loss_rule`, what the loss must provide).
+Both come from what each extension says it needs (``Extension.required_param_rules``,
+its per-parameter rule; ``Extension.required_message_rules``, the rules that carry its
+message through a module, see ``hbpkit/extensions/messages.py``;
+``Extension.required_loss_rules``, what the loss must provide): the same lists the
+backward pass checks before it computes anything.
 
 * ``docs/supported-modules.md``: rows are module types (grouped when a family's
   types have the same cells), columns are extensions. A cell follows from the
@@ -31,10 +32,8 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hbpkit import extensions as ext  # noqa: E402  (fills the dispatch tables)
-from hbpkit.extensions.curvmatprod import _CurvMatProd  # noqa: E402
-from hbpkit.extensions.diagonal import _Diagonal  # noqa: E402
-from hbpkit.extensions.messages import AverageMessage, ProductMessage, SqrtMessage  # noqa: E402
+from hbpkit import extensions as ext  # noqa: E402
+from hbpkit.extensions.base import DEFAULTS_BUILT_ON  # noqa: E402
 from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules  # noqa: E402
 from hbpkit.modules.tables import FIRST_ORDER, SECOND_ORDER  # noqa: E402
 
@@ -76,43 +75,17 @@ LEGEND = (
 
 def param_rules(extension, rules: ModuleRules) -> list[str]:
     """The per-parameter rules ``extension`` calls on ``rules``."""
-    if isinstance(extension, ext.HBP):
-        return ["kron_from_sqrt" if extension.backprop == "sqrt" else "kron_from_average"]
-    if isinstance(extension, _Diagonal):
-        return ["param_diag"]
-    if isinstance(extension, _CurvMatProd):
-        needed = ["param_jac_mat_prod", "param_jac_t_mat_prod_sum"]
-        if not rules.linear_in_params and extension.message.curvature != "ggn":
-            needed.append("param_residual_mat_prod")
-        return needed
-    return ["batch_grad"]
+    return extension.required_param_rules(rules)
 
 
 def message_rules(extension, rules: ModuleRules) -> list[str]:
     """The rules that carry ``extension``'s message through the module (to its input)."""
-    message = extension.message
-    if message is None:
-        return []
-    needed, residual = {
-        SqrtMessage: (["jac_t_mat_prod"], "residual_factor"),
-        AverageMessage: (["ea_jac_t_mat_jac_prod"], "residual_sum"),
-        ProductMessage: (["jac_mat_prod", "jac_t_mat_prod"], "residual_mat_prod"),
-    }[type(message)]
-    if message.curvature != "ggn" and not rules.linear_in_input:
-        needed = [*needed, residual]
-    return needed
+    return extension.required_message_rules(rules)
 
 
-def loss_rule(extension) -> str | None:
-    """The ``LossRules`` method that starts ``extension``'s message, or ``None``."""
-    message = extension.message
-    if message is None:
-        return None
-    if isinstance(message, ProductMessage):
-        return "hessian_mat_prod"
-    if message.loss_hessian == "sampled":
-        return "sqrt_hessian_sampled"
-    return {"exact": "sqrt_hessian", "average": "sum_hessian"}[message.loss_hessian]
+def loss_rules(extension) -> list[str]:
+    """The ``LossRules`` methods that start ``extension``'s message (none without one)."""
+    return extension.required_loss_rules()
 
 
 #: the three forms of a module's residual (eq. 7); their defaults build on ``residual_diag``
@@ -130,18 +103,20 @@ def only_raises(function) -> bool:
 
 
 def implements(rules: ModuleRules, name: str) -> bool:
-    """``rules.implements(name)``, not counting overrides that only refuse."""
+    """``rules.implements(name)`` (or the rule its default builds on), not counting
+    overrides that only refuse."""
     names = [name]
-    if name in RESIDUAL_RULES:  # the diagonal defaults build on residual_diag
-        names.append("residual_diag")
+    if name in DEFAULTS_BUILT_ON:  # e.g. the diagonal residual defaults on residual_diag
+        names.append(DEFAULTS_BUILT_ON[name])
     return any(rules.implements(n) and not only_raises(getattr(type(rules), n)) for n in names)
 
 
 def loss_cell(extension, rules: LossRules) -> str:
-    needed = loss_rule(extension)
-    if needed is None:
+    needed = loss_rules(extension)
+    if not needed:
         return "–"
-    return "✓" if getattr(type(rules), needed) is not getattr(LossRules, needed) else "✗"
+    overridden = all(getattr(type(rules), n) is not getattr(LossRules, n) for n in needed)
+    return "✓" if overridden else "✗"
 
 
 def cell(module_type: type, extension, label: str) -> str:
@@ -233,17 +208,23 @@ def _flags(linear_in_input: bool, linear_in_params: bool) -> SimpleNamespace:
     return SimpleNamespace(linear_in_input=linear_in_input, linear_in_params=linear_in_params)
 
 
+def _column(name: str) -> str:
+    """The matrix column of the rule ``name``: itself, or, for a rule without a column of its
+    own whose default builds on another (``batch_l2`` on ``batch_grad``), that one."""
+    named = {m for ms in MATRIX_COLUMNS.values() for m in ms}
+    return DEFAULTS_BUILT_ON.get(name, name) if name not in named else name
+
+
 def rule_needs(extension) -> dict[str, str]:
     """``{rule method: "✓" | "ⁱ" | "ᵖ"}``: what a rules class implements for ``extension``."""
     needs: dict[str, str] = {}
     linear, nonlinear = _flags(True, True), _flags(False, False)
     for name in message_rules(extension, nonlinear):
-        needs[name] = "✓" if name in message_rules(extension, linear) else "ⁱ"
+        needs[_column(name)] = "✓" if name in message_rules(extension, linear) else "ⁱ"
     for name in param_rules(extension, nonlinear):
-        needs[name] = "✓" if name in param_rules(extension, linear) else "ᵖ"
-    loss = loss_rule(extension)
-    if loss is not None:
-        needs[loss] = "✓"
+        needs[_column(name)] = "✓" if name in param_rules(extension, linear) else "ᵖ"
+    for name in loss_rules(extension):
+        needs[name] = "✓"
     return needs
 
 

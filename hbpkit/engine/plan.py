@@ -33,8 +33,8 @@ from hbpkit.curvature.memory import (
     MemoryPolicy,
     check_dense_budget,
 )
-from hbpkit.extensions.base import Extension
-from hbpkit.modules.base import LossRules
+from hbpkit.extensions.base import DEFAULTS_BUILT_ON, Extension, rules_implement
+from hbpkit.modules.base import LossRules, UnsupportedRules
 
 
 def trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parameter]]:
@@ -244,6 +244,62 @@ class PassPlan:
             if id(rules) not in validated:
                 rules.validate(call)
                 validated.add(id(rules))
+            self._check_required(call, ext, rules)
+
+    def _check_required(self, call: ModuleCall, ext: Extension, rules: Any) -> None:
+        """Refuse rules that lack a method ``ext`` needs for ``call`` (``Extension.required_*``).
+
+        The loss's rules for the message's start; ``rules`` (``ext``'s table's entry) for
+        the parameter quantity where the module has trainable parameters; the call's
+        curvature rules (``call.rules``, which the pass propagates with) where the
+        message goes on towards trainable parameters (:meth:`needs_messages`).
+        """
+        if isinstance(rules, UnsupportedRules):
+            return  # validate() refused it with its reason
+        if call is self.root:
+            if ext.needs_backprop:
+                loss = call.rules
+                missing = [m for m in ext.required_loss_rules() if not rules_implement(loss, m)]
+                self._refuse_missing(call, ext, loss, missing, "to start its message")
+            return
+        if ext.needs_backprop and call not in self.graph:
+            return  # refused as outside the graph (_refuse_outside)
+        module = call.module
+        if trainable(module, rules.param_names(module)):
+            missing = [m for m in ext.required_param_rules(rules) if not rules_implement(rules, m)]
+            self._refuse_missing(call, ext, rules, missing, "for the module's parameters")
+        if ext.message is not None and self._needs.get(id(call), False):
+            carrier = call.rules
+            if carrier is None:
+                raise NotImplementedError(
+                    f"{type(module).__name__} has no curvature rules to carry the message of "
+                    f"{ext!r} to its input; register rules for it with hbpkit.register(...)"
+                )
+            needed = ext.required_message_rules(carrier, not self.graph.is_chain)
+            missing = [m for m in needed if not rules_implement(carrier, m)]
+            self._refuse_missing(
+                call, ext, carrier, missing, "to carry its message to the module's input"
+            )
+
+    def _refuse_missing(
+        self, call: ModuleCall, ext: Extension, rules: Any, missing: list[str], purpose: str
+    ) -> None:
+        if not missing:
+            return
+        name = type(call.module).__name__
+        methods = ", ".join(
+            f"{m} (or {DEFAULTS_BUILT_ON[m]}, on which its default builds)"
+            if m in DEFAULTS_BUILT_ON
+            else m
+            for m in missing
+        )
+        them = "it" if len(missing) == 1 else "them"
+        raise NotImplementedError(
+            f"{name} (rules {type(rules).__name__}) does not implement {methods}, which "
+            f"{ext!r} needs {purpose}; implement {them} in the rules class and register it "
+            f"with hbpkit.register({name}, rules) (docs/own-module.md lists the rule methods "
+            "each extension needs)"
+        )
 
     def _refuse_outside(self, stray: list[nn.Parameter], outside: list[ModuleCall]) -> None:
         """Parameters or modules the loss reaches outside the graph of extended modules."""

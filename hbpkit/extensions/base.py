@@ -1,4 +1,5 @@
-"""The extension base class: a savefield, a dispatch table and a per-parameter rule."""
+"""The extension base class: a savefield, a dispatch table, a per-parameter rule, and the
+rule methods it needs (checked before a backward pass, listed in the docs' rule matrix)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,39 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.core.dispatch import DispatchTable
+from hbpkit.modules.base import LossRules, ModuleRules
+
+#: rule methods whose ``ModuleRules`` default is built on another rule method, which is
+#: then enough to implement: the three forms of the residual of eq. 7 on its elementwise
+#: diagonal ``residual_diag`` (S.9), the per-sample gradient statistics on ``batch_grad``
+DEFAULTS_BUILT_ON: dict[str, str] = {
+    "residual_factor": "residual_diag",
+    "residual_sum": "residual_diag",
+    "residual_mat_prod": "residual_diag",
+    "batch_l2": "batch_grad",
+    "sum_grad_squared": "batch_grad",
+    "summed_grad": "batch_grad",
+}
+
+
+def rules_implement(rules: Any, name: str) -> bool:
+    """Whether ``rules`` implements the rule method ``name``.
+
+    For :class:`ModuleRules` / :class:`LossRules` methods: overridden in ``type(rules)``
+    (``ModuleRules.implements``), or, where the default builds on another method
+    (:data:`DEFAULTS_BUILT_ON`), that one overridden; other names (rules of a
+    family of their own, e.g. the Kronecker roots' ``output_rows``): present on ``rules``.
+    ``rules=None`` (no rules registered) implements nothing.
+    """
+    if rules is None:
+        return False
+    base = LossRules if isinstance(rules, LossRules) else ModuleRules
+    if not hasattr(base, name):
+        return hasattr(rules, name)
+    if getattr(type(rules), name) is not getattr(base, name):
+        return True
+    built_on = DEFAULTS_BUILT_ON.get(name)
+    return built_on is not None and rules_implement(rules, built_on)
 
 
 class Extension:
@@ -17,7 +51,8 @@ class Extension:
     result), :attr:`table` (which module types they support), if they
     backpropagate curvature, :attr:`message` (see ``messages.py``), and
     :attr:`reduction`, how the result of shards on several processes combines into
-    the full batch's.
+    the full batch's. What the extension needs of the rules (:meth:`required_rules`,
+    :meth:`required_loss_rules`) is checked before the backward pass computes anything.
     """
 
     savefield: str = ""
@@ -53,6 +88,45 @@ class Extension:
     ) -> Any:
         """The quantity for parameter ``name`` of ``call.module``."""
         raise NotImplementedError
+
+    # what the extension needs of the rules --------------------------------------------
+    def required_param_rules(self, rules: Any) -> list[str]:
+        """The rule methods :meth:`param_quantity` calls on ``rules``.
+
+        ``rules``: the entry of :attr:`table` for a module with trainable parameters
+        (its flags ``linear_in_input`` / ``linear_in_params`` may decide). Default: none
+        (an extension that does not say is not checked before the pass).
+        """
+        return []
+
+    def required_message_rules(self, rules: Any, branching: bool = False) -> list[str]:
+        """The rule methods that carry :attr:`message` through a module towards its input.
+
+        ``rules``: the module's curvature rules (``call.rules``); ``branching``: whether
+        the pass runs through a branching graph (residual blocks, sums). Needed from every
+        module between the loss and the first module with trainable parameters (that
+        module excluded); none without a message.
+        """
+        return [] if self.message is None else self.message.required_rules(rules, branching)
+
+    def required_loss_rules(self) -> list[str]:
+        """The :class:`LossRules` methods that start :attr:`message` at the loss (none without)."""
+        return [] if self.message is None else self.message.required_loss_rules()
+
+    def required_rules(
+        self, rules: Any, params: bool = True, messages: bool = True, branching: bool = False
+    ) -> list[str]:
+        """The rule methods this extension calls on a module's ``rules``, in order, once each.
+
+        ``params``: the module has trainable parameters (:meth:`required_param_rules`);
+        ``messages``: the message passes through it to its input
+        (:meth:`required_message_rules`). A method in the result that ``rules`` does not
+        implement (:func:`rules_implement`) is refused before the backward pass.
+        """
+        needed = self.required_param_rules(rules) if params else []
+        if messages:
+            needed += self.required_message_rules(rules, branching)
+        return list(dict.fromkeys(needed))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -93,6 +93,14 @@ class _CurvMatProd(SecondOrder):
     message: ProductMessage
     reduction = ProductAllReduce()  # the full block is sum_r w_r C_r: exact
 
+    def required_param_rules(self, rules: ModuleRules) -> list[str]:
+        """``J_p V`` and ``sum_n J_p^T M``; the parameter residual for a module nonlinear in
+        its parameters unless the curvature is the GGN."""
+        needed = ["param_jac_mat_prod", "param_jac_t_mat_prod_sum"]
+        if not rules.linear_in_params and self.message.curvature != "ggn":
+            needed.append("param_residual_mat_prod")
+        return needed
+
     def param_quantity(
         self,
         rules: ModuleRules,

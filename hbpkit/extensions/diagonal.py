@@ -18,6 +18,9 @@ from hbpkit.extensions.second_order import SecondOrder
 class _Diagonal(SecondOrder):
     reduction = WeightedSum("w_r")  # linear in the loss: exact
 
+    def required_param_rules(self, rules) -> list[str]:
+        return ["param_diag"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.param_diag(call, name, message)
 

@@ -31,6 +31,9 @@ class BatchGrad(_FirstOrder):
     savefield = "grad_batch"
     reduction = GatherInRankOrder("w_r")
 
+    def required_param_rules(self, rules) -> list[str]:
+        return ["batch_grad"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.cached_batch_grad(call, name, grad_output)
 
@@ -41,6 +44,9 @@ class BatchL2(_FirstOrder):
     savefield = "batch_l2"
     reduction = GatherInRankOrder("w_r**2")
 
+    def required_param_rules(self, rules) -> list[str]:
+        return ["batch_l2"]  # default: from batch_grad
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.batch_l2(call, name, grad_output)
 
@@ -50,6 +56,9 @@ class SumGradSquared(_FirstOrder):
 
     savefield = "sum_grad_squared"
     reduction = WeightedSum("w_r**2")
+
+    def required_param_rules(self, rules) -> list[str]:
+        return ["sum_grad_squared"]  # default: from batch_grad
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.sum_grad_squared(call, name, grad_output)
@@ -112,6 +121,9 @@ class Variance(_FirstOrder):
 
     savefield = "variance"
     reduction = VarianceReduction()
+
+    def required_param_rules(self, rules) -> list[str]:
+        return ["sum_grad_squared", "summed_grad"]  # defaults: from batch_grad
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         N = grad_output.shape[0]

@@ -79,6 +79,10 @@ class HBP(SecondOrder):
         """``kfac_approx="reduce"`` sums over all pairs of positions: it needs the dense matrix."""
         return self.kfac_approx == "expand"
 
+    def required_param_rules(self, rules) -> list[str]:
+        """The Kronecker factors from per-sample sqrt factors or from the averaged matrix."""
+        return ["kron_from_sqrt" if self.backprop == "sqrt" else "kron_from_average"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
         if self.backprop == "sqrt":
             factors = rules.kron_from_sqrt(call, name, message, self.kfac_approx)

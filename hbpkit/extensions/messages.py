@@ -66,6 +66,17 @@ class Message:
     batch_averaged = False  # one [D, D] matrix per tensor instead of per-sample factors
     residual_factors = False  # modules add (diagonal) residual factors to the message
 
+    def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
+        """The methods of a module's ``rules`` that ``propagate`` calls (default: none).
+
+        ``branching``: the pass runs the variant :meth:`for_dag` gives.
+        """
+        return []
+
+    def required_loss_rules(self) -> list[str]:
+        """The :class:`LossRules` methods that ``initial`` calls (default: none)."""
+        return []
+
 
 @dataclass(frozen=True)
 class SqrtMessage(Message):
@@ -79,6 +90,17 @@ class SqrtMessage(Message):
     def residual_factors(self) -> bool:
         """Whether modules add (diagonal) residual factors: every curvature but the GGN."""
         return self.curvature != "ggn"
+
+    def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
+        """``S_x = J^T S_z`` per factor, plus the residual factor (S.9) of a module nonlinear
+        in its input unless the curvature is the GGN."""
+        if self.residual_factors and not rules.linear_in_input:
+            return ["jac_t_mat_prod", "residual_factor"]
+        return ["jac_t_mat_prod"]
+
+    def required_loss_rules(self) -> list[str]:
+        """The exact or the sampled symmetric factor of the loss Hessian."""
+        return ["sqrt_hessian" if self.loss_hessian == "exact" else "sqrt_hessian_sampled"]
 
     def initial(self, rules: LossRules, call: ModuleCall) -> Factors:
         if self.loss_hessian == "exact":
@@ -119,6 +141,21 @@ class AverageMessage(Message):
     curvature: str
 
     batch_averaged = True  # residuals are summed into the matrix: no residual factors
+
+    def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
+        """``mean_n J_n^T H J_n`` (9), plus ``sum_n R_n`` (S.11) of a module nonlinear in its
+        input unless the curvature is the GGN; in a branching graph also ``J^T`` (the
+        cross blocks, ``graph_average.py``)."""
+        needed = ["ea_jac_t_mat_jac_prod"]
+        if self.curvature != "ggn" and not rules.linear_in_input:
+            needed.append("residual_sum")
+        if branching:
+            needed.append("jac_t_mat_prod")
+        return needed
+
+    def required_loss_rules(self) -> list[str]:
+        """The batch-summed loss Hessian, or its sampled factor."""
+        return ["sum_hessian" if self.loss_hessian == "average" else "sqrt_hessian_sampled"]
 
     def initial(self, rules: LossRules, call: ModuleCall) -> Tensor:
         if self.loss_hessian == "average":
@@ -212,6 +249,18 @@ class ProductMessage(Message):
     """
 
     curvature: str
+
+    def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
+        """``J^T H_z (J m)`` (eq. 7), plus the residual ``r * m`` (S.9) of a module nonlinear
+        in its input unless the curvature is the GGN."""
+        needed = ["jac_mat_prod", "jac_t_mat_prod"]
+        if self.curvature != "ggn" and not rules.linear_in_input:
+            needed.append("residual_mat_prod")
+        return needed
+
+    def required_loss_rules(self) -> list[str]:
+        """The per-sample loss Hessian applied to a matrix."""
+        return ["hessian_mat_prod"]
 
     def initial(self, rules: LossRules, call: ModuleCall) -> OutputCurvature:
         if type(rules).hessian_mat_prod is LossRules.hessian_mat_prod:

@@ -78,6 +78,8 @@ for _module_type, _rules in ROOT_RULES.items():
 class EmpiricalMessage(Message):
     """Backpropagates nothing but the loss's reduction factor ``c`` (``L = c sum_n l_n``)."""
 
+    # required_rules / required_loss_rules: none (the factor is read from the loss module)
+
     def initial(self, rules: LossRules, call: ModuleCall) -> float:
         return reduction_scale(call)
 
@@ -228,6 +230,10 @@ class KroneckerRoots(Extension):
             self.table = ROOTS_WITH_CURVATURE
             self.message = SqrtMessage(loss_hessian, samples, "ggn")
 
+    def required_param_rules(self, rules) -> list[str]:
+        """The rows ``g`` (and ``g_bar``), the input root ``a`` and the positions per sample."""
+        return ["output_rows", "param_input_root", "positions"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> FactorRoots:
         approx = self.kfac_approx
         g = rules.output_rows(call, grad_output, 0, approx)
@@ -278,6 +284,10 @@ class InputCovariance(Extension):
     def __init__(self, kfac_approx: str = "expand") -> None:
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
 
+    def required_param_rules(self, rules) -> list[str]:
+        """The input factor ``A`` alone."""
+        return ["param_input_factor"]
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.param_input_factor(call, name, self.kfac_approx, param)
 
@@ -300,6 +310,10 @@ class EmpiricalKFAC(KroneckerRoots):
 
     def __init__(self, kfac_approx: str = "expand") -> None:
         super().__init__("empirical", 1, kfac_approx)
+
+    def required_param_rules(self, rules) -> list[str]:
+        """The roots' rules, and the Kronecker factors of ``G`` (``kron_of_output_factor``)."""
+        return [*super().required_param_rules(rules), "kron_of_output_factor"]
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
         roots = super().param_quantity(rules, call, name, param, grad_output, message)
