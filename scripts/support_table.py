@@ -33,8 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hbpkit import extensions as ext  # noqa: E402
-from hbpkit.extensions.base import DEFAULTS_BUILT_ON  # noqa: E402
-from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules  # noqa: E402
+from hbpkit.modules.base import (  # noqa: E402
+    DEFAULTS_BUILT_ON,  # noqa: E402
+    LossRules,
+    ModuleRules,
+    UnsupportedRules,
+)
 from hbpkit.modules.tables import FIRST_ORDER, SECOND_ORDER  # noqa: E402
 
 #: (page, start marker, end marker) of each generated table

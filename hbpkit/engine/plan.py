@@ -33,8 +33,8 @@ from hbpkit.curvature.memory import (
     MemoryPolicy,
     check_dense_budget,
 )
-from hbpkit.extensions.base import DEFAULTS_BUILT_ON, Extension, rules_implement
-from hbpkit.modules.base import LossRules, UnsupportedRules
+from hbpkit.extensions.base import Extension
+from hbpkit.modules.base import DEFAULTS_BUILT_ON, LossRules, UnsupportedRules, rules_implement
 
 
 def trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parameter]]:

@@ -110,9 +110,7 @@ class _CurvMatProd(SecondOrder):
         grad_output: Tensor,
         message: OutputCurvature,
     ) -> BlockProduct:
-        for what in ("param_jac_mat_prod", "param_jac_t_mat_prod_sum"):
-            if not rules.implements(what):
-                raise rules._missing(what)
+        # the rules it needs were checked before the pass (required_param_rules)
         curvature = self.message.curvature
         residual = None
         if not rules.linear_in_params and curvature != "ggn":
@@ -121,8 +119,6 @@ class _CurvMatProd(SecondOrder):
                     f"{self!r} of {type(call.module).__name__}, which is nonlinear in its "
                     "parameters: PCH modifies diagonal residuals only"
                 )
-            if not rules.implements("param_residual_mat_prod"):
-                raise rules._missing("param_residual_mat_prod")
             residual = grad_output
         # the same operator and residual give the same function: share it (GGN/Hessian/PCH)
         key = ("block_product", name, id(message), residual is not None)

@@ -136,9 +136,6 @@ class DagProductMessage:
     def propagate(
         self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, graph: ProductGraph
     ) -> ProductGraph:
-        for what in ("jac_mat_prod", "jac_t_mat_prod"):
-            if not rules.implements(what):
-                raise rules._missing(what)
         graph.add(rules, call, self._residual(rules, call, grad_output, self.curvature))
         return graph
 

@@ -273,9 +273,6 @@ class ProductMessage(Message):
     def propagate(
         self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, op: OutputCurvature
     ) -> OutputCurvature:
-        for what in ("jac_mat_prod", "jac_t_mat_prod"):
-            if not rules.implements(what):
-                raise rules._missing(what)
         residual = product_residual(rules, call, grad_output, self.curvature)
         key = ("product_link", id(op), None if residual is None else self.curvature)
         if key not in call.cache:  # the cache lives during this call's hook: ids are unique

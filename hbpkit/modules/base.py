@@ -344,3 +344,36 @@ class LossRules:
     def hessian_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[K, N, *in] -> [K, N, *in]``: ``(d2L/dx_n dx_n) m_{k,n}`` per sample ``n``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement hessian_mat_prod")
+
+
+#: rule methods whose ``ModuleRules`` default is built on another rule method, which is
+#: then enough to implement: the three forms of the residual of eq. 7 on its elementwise
+#: diagonal ``residual_diag`` (S.9), the per-sample gradient statistics on ``batch_grad``
+DEFAULTS_BUILT_ON: dict[str, str] = {
+    "residual_factor": "residual_diag",
+    "residual_sum": "residual_diag",
+    "residual_mat_prod": "residual_diag",
+    "batch_l2": "batch_grad",
+    "sum_grad_squared": "batch_grad",
+    "summed_grad": "batch_grad",
+}
+
+
+def rules_implement(rules: object, name: str) -> bool:
+    """Whether ``rules`` implements the rule method ``name``.
+
+    For :class:`ModuleRules` / :class:`LossRules` methods: overridden in ``type(rules)``
+    (``ModuleRules.implements``), or, where the default builds on another method
+    (:data:`DEFAULTS_BUILT_ON`), that one overridden; other names (rules of a
+    family of their own, e.g. the Kronecker roots' ``output_rows``): present on ``rules``.
+    ``rules=None`` (no rules registered) implements nothing.
+    """
+    if rules is None:
+        return False
+    base = LossRules if isinstance(rules, LossRules) else ModuleRules
+    if not hasattr(base, name):
+        return hasattr(rules, name)
+    if getattr(type(rules), name) is not getattr(base, name):
+        return True
+    built_on = DEFAULTS_BUILT_ON.get(name)
+    return built_on is not None and rules_implement(rules, built_on)

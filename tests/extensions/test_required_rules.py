@@ -32,8 +32,7 @@ from hbpkit.extensions import (
     SumGradSquared,
     Variance,
 )
-from hbpkit.extensions.base import rules_implement
-from hbpkit.modules.base import LossRules, ModuleRules
+from hbpkit.modules.base import LossRules, ModuleRules, rules_implement
 from hbpkit.modules.tables import FIRST_ORDER, SECOND_ORDER
 
 DT = torch.float64
