@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.factors import (
     DiagonalFactor,
     DiagonalResidual,
@@ -24,7 +23,7 @@ from hbpkit.curvature.factors import (
     Jacobian,
     modify_eigenvalues,
 )
-from hbpkit.curvature.memory import RAISE_BUDGET, DenseBudgetError
+from hbpkit.modules.structure import StructuredForms
 
 
 def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
@@ -38,7 +37,7 @@ def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
     return torch.diagonal(H, dim1=1, dim2=3).sum(-1)
 
 
-class ModuleRules:
+class ModuleRules(StructuredForms):
     """Derivative rules of one module type (HBP, eq. 7 of the paper).
 
     A module ``z = f(x, theta)`` needs, for curvature backpropagation:
@@ -50,7 +49,9 @@ class ModuleRules:
     * :meth:`ea_jac_t_mat_jac_prod`: ``mean_n Dz_n(x)^T H Dz_n(x)`` for a dense ``[D_out, D_out]``;
 
     and, if it has parameters, the per-parameter rules (per-sample gradients,
-    diagonal blocks, Kronecker factors). Subclasses override what applies.
+    diagonal blocks, Kronecker factors). Subclasses override what applies. How the
+    module meets hbpkit's structured representations (local factors, position blocks)
+    and the memory budget is in :class:`~hbpkit.modules.structure.StructuredForms`.
     """
 
     #: whether ``Hz(x)`` vanishes (no residual term in eq. 7)
@@ -61,12 +62,6 @@ class ModuleRules:
     linear_in_params: bool = True
     #: a short remark for the support table (docs/supported-modules.md)
     support_note: str = ""
-    #: whether :meth:`kron_from_average` takes position blocks (``kfac_approx="expand"``)
-    kron_from_blocks: bool = False
-    #: ``call.cache`` keys that only parameter quantities read: dropped before the
-    #: curvature is backpropagated, so they and the backpropagated factors are not
-    #: alive together (e.g. a convolution's unfolded input)
-    param_only_cache: tuple[str, ...] = ()
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""
@@ -78,34 +73,6 @@ class ModuleRules:
     def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> object:
         """Keep what the forward pass knows and the backward pass needs (default nothing)."""
         return None
-
-    @property
-    def keeps_diagonal(self) -> bool:
-        """Whether :meth:`jac_t_factor` keeps a :class:`DiagonalFactor` diagonal."""
-        return self.diagonal_jacobian
-
-    def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
-        """Refuse before the backward pass if this module would densify too much.
-
-        Called for every module curvature is backpropagated through, with whether a
-        batch-averaged matrix and whether diagonal residual factors arrive at its
-        output; raises :class:`~hbpkit.curvature.memory.DenseBudgetError`. Default: nothing
-        to densify.
-        """
-
-    def supports_local(self, call: ModuleCall) -> bool:
-        """Whether :meth:`local_step` backpropagates local factors through ``call``.
-
-        Rules that do (convolutions, pooling, padding, elementwise modules) may
-        receive a :class:`~hbpkit.curvature.local.LocalFactor` in
-        :meth:`jac_t_factor`, :meth:`param_diag` and :meth:`kron_from_sqrt`; all other
-        rules only ever see dense or diagonal factors.
-        """
-        return False
-
-    def local_step(self, call: ModuleCall):
-        """``J^T`` on local columns, a :class:`~hbpkit.curvature.local.LocalStep`."""
-        raise self._missing("local_step")
 
     # input derivatives ---------------------------------------------------------------
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
@@ -183,43 +150,6 @@ class ModuleRules:
         if r is None or not bool(r.any()):
             return None
         return DiagonalResidual(r)
-
-    # batch-averaged position blocks (curvature/blocks.py) ------------------------
-    def ea_needs_blocks(self, call: ModuleCall) -> bool:
-        """Whether batch-averaged backpropagation through ``call`` switches to position blocks.
-
-        True where the dense ``mean_n J_n^T H J_n`` would exceed the memory budget and
-        the module can give its exact position blocks instead; the budget error otherwise.
-        """
-        try:
-            self.check_budget(call, True, False)
-        except DenseBudgetError as dense_error:
-            if not self.implements("ea_blocks"):
-                raise
-            try:
-                self.check_blocks(call, from_blocks=False)
-            except NotImplementedError:
-                raise dense_error from None
-            return True
-        return False
-
-    def check_blocks(self, call: ModuleCall, from_blocks: bool) -> None:
-        """Raise :class:`DenseBudgetError` unless :meth:`ea_blocks` is exact for ``call``.
-
-        ``from_blocks``: whether the output curvature arrives as position blocks
-        (else dense).
-        """
-        arrives = "position blocks" if from_blocks else "a dense matrix"
-        raise DenseBudgetError(
-            f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
-            f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
-            "MemoryPolicy.max_dense_bytes); use a per-sample extension (KFLR, KFAC) "
-            f"or raise the budget with {RAISE_BUDGET}"
-        )
-
-    def ea_blocks(self, call: ModuleCall, mat: Tensor | PositionBlocks) -> PositionBlocks:
-        """The position blocks of ``mean_n J_n^T mat J_n`` (``mat`` dense or blocks), exact."""
-        raise self._missing("ea_blocks")
 
     # parameter derivatives ------------------------------------------------------------
     def batch_grad(self, call: ModuleCall, name: str, grad_output: Tensor) -> Tensor:
