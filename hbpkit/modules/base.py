@@ -37,6 +37,29 @@ def output_factor_from_average(H: Tensor, approx: str) -> Tensor:
     return torch.diagonal(H, dim1=1, dim2=3).sum(-1)
 
 
+def position_gram(S: Tensor, S_signed: Tensor, approx: str) -> Tensor:
+    """``G`` ``[D, D]`` of a weight shared over positions, from one sqrt factor's columns
+    ``S`` and their signed copy, both ``[V, N, T, D]`` (S.8c, S.11).
+
+    ``"expand"``: ``sum_{v,n,t} sign s s^T``; ``"reduce"``: ``sum_{v,n} sign (sum_t s)(sum_t s)^T``.
+    """
+    if approx == "reduce":
+        S, S_signed = S.sum(2), S_signed.sum(2)
+    return torch.einsum("ro,rp->op", S_signed.flatten(0, -2), S.flatten(0, -2))
+
+
+def output_factor_from_sqrt(
+    factors: list[Factor], columns: Callable[[Tensor], Tensor], approx: str
+) -> Tensor:
+    """``G`` ``[D, D]``: :func:`position_gram` summed over the (densified) sqrt factors;
+    ``columns`` maps a factor's ``[V, N, *out]`` to the ``[V, N, T, D]`` it pairs."""
+    G = 0
+    for f in factors:
+        f = f.dense()
+        G = G + position_gram(columns(f.S), columns(f.signed()), approx)
+    return G
+
+
 class ModuleRules(StructuredForms):
     """Derivative rules of one module type (HBP, eq. 7 of the paper).
 

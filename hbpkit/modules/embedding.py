@@ -29,7 +29,11 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
-from hbpkit.modules.base import ModuleRules, output_factor_from_average
+from hbpkit.modules.base import (
+    ModuleRules,
+    output_factor_from_average,
+    output_factor_from_sqrt,
+)
 
 NOT_BACKPROPAGATED = (
     "the input of Embedding is integer indices: nothing is backpropagated to it, so "
@@ -146,13 +150,7 @@ class EmbeddingRules(ModuleRules):
     def kron_from_sqrt(
         self, call: ModuleCall, name: str, factors: list[Factor], approx: str
     ) -> list[Tensor]:
-        G = 0
-        for f in factors:
-            f = f.dense()
-            S, Ss = self._positions(call, f.S, 1), self._positions(call, f.signed(), 1)
-            if approx == "reduce":
-                S, Ss = S.sum(2), Ss.sum(2)
-            G = G + einsum(Ss.flatten(0, -2), S.flatten(0, -2), "r o, r p -> o p")
+        G = output_factor_from_sqrt(factors, lambda S: self._positions(call, S, 1), approx)
         return [self.input_factor(call, approx), G]
 
     def kron_from_average(

@@ -25,8 +25,12 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
-from hbpkit.modules.base import ModuleRules, output_factor_from_average
-from hbpkit.modules.roles import per_role
+from hbpkit.modules.base import (
+    ModuleRules,
+    output_factor_from_average,
+    position_gram,
+)
+from hbpkit.modules.roles import KroneckerRoles, per_role
 
 
 def _positions(t: Tensor, batch_dims: int) -> Tensor:
@@ -34,7 +38,7 @@ def _positions(t: Tensor, batch_dims: int) -> Tensor:
     return t.reshape(*t.shape[: batch_dims + 1], -1, t.shape[-1])
 
 
-class LinearRules(ModuleRules):
+class LinearRules(KroneckerRoles, ModuleRules):
     """HBP rules of ``nn.Linear`` (eq. S.8a-c)."""
 
     def param_names(self, module: nn.Linear) -> list[str]:
@@ -158,21 +162,9 @@ class LinearRules(ModuleRules):
             call.cache[key] = flat.T @ flat
         return call.cache[key]
 
-    # Kronecker factors (S.8c): [G, A] for the weight, [G] for the bias (folded as a 1)
-    kron_from_sqrt = per_role("kron_from_sqrt")
-    kron_from_average = per_role("kron_from_average")
+    # Kronecker factors (S.8c): [G, A] for the weight, [G] for the bias (KroneckerRoles)
 
-    def kron_from_sqrt_weight(
-        self, call: ModuleCall, factors: list[Factor], approx: str
-    ) -> list[Tensor]:
-        return [self._output_factor(call, factors, approx), self.input_factor(call, approx)]
-
-    def kron_from_sqrt_bias(
-        self, call: ModuleCall, factors: list[Factor], approx: str
-    ) -> list[Tensor]:
-        return [self._output_factor(call, factors, approx)]
-
-    def _output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
+    def _sqrt_output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
         """``G`` ``[D_out, D_out]`` from sqrt factors: ``sum_{v,n,t} s s^T`` (expand) or
         ``sum_{v,n} (sum_t s)(sum_t s)^T`` (reduce)."""
         T = self._x(call).shape[1]
@@ -183,16 +175,8 @@ class LinearRules(ModuleRules):
                 continue
             f = f.dense() if isinstance(f, DiagonalFactor) else f
             S, Ssigned = _positions(f.S, 1), _positions(f.signed(), 1)  # [V, N, T, out]
-            if approx == "reduce":
-                S, Ssigned = S.sum(2), Ssigned.sum(2)
-            G = G + einsum(Ssigned.flatten(0, -2), S.flatten(0, -2), "r o, r p -> o p")
+            G = G + position_gram(S, Ssigned, approx)
         return G
-
-    def kron_from_average_weight(self, call: ModuleCall, mat: Tensor, approx: str) -> list[Tensor]:
-        return [self._average_output_factor(call, mat, approx), self.input_factor(call, approx)]
-
-    def kron_from_average_bias(self, call: ModuleCall, mat: Tensor, approx: str) -> list[Tensor]:
-        return [self._average_output_factor(call, mat, approx)]
 
     def _average_output_factor(self, call: ModuleCall, mat: Tensor, approx: str) -> Tensor:
         """``G`` from the batch-averaged ``[T D_out, T D_out]`` (S.11)."""

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor, modify_eigenvalues
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
-from hbpkit.modules.base import ModuleRules
+from hbpkit.modules.base import ModuleRules, output_factor_from_sqrt
 
 
 class AffineParamRules(ModuleRules):
@@ -134,15 +134,10 @@ class AffineParamRules(ModuleRules):
     def kron_from_sqrt(
         self, call: ModuleCall, name: str, factors: list[Factor], approx: str
     ) -> list[Tensor]:
-        G = 0
-        for f in factors:
-            f = f.dense()
-            q = self._param_derivative(call, name, f.S)  # [V, N, T, P]
-            qs = self._param_derivative(call, name, f.signed())
-            if approx == "reduce":
-                q, qs = q.sum(2), qs.sum(2)
-            G = G + einsum(qs.flatten(0, -2), q.flatten(0, -2), "r p, r o -> p o")
-        return [G]
+        def derivative(S: Tensor) -> Tensor:  # a factor's columns -> [V, N, T, P]
+            return self._param_derivative(call, name, S)
+
+        return [output_factor_from_sqrt(factors, derivative, approx)]
 
     def kron_from_average(
         self, call: ModuleCall, name: str, mat: Tensor, approx: str

@@ -29,3 +29,33 @@ def per_role(quantity: str) -> Callable[..., Any]:
         f"``{quantity}`` of the parameter ``name``, by its role (``{quantity}_<role>``)."
     )
     return method
+
+
+class KroneckerRoles:
+    """Kronecker factors by role (S.8c): ``[G, A]`` for the weight, ``[G]`` for the bias (the
+    bias folded into the weight as an input 1).
+
+    A mixin for the rules of ``z = W x + b``; they give the output factor ``G`` from sqrt
+    factors (``_sqrt_output_factor``) and from the averaged ``H`` (``_average_output_factor``),
+    the input factor ``A`` (``input_factor``), and may refuse a weight in ``_check_kron_weight``.
+    """
+
+    kron_from_sqrt = per_role("kron_from_sqrt")
+    kron_from_average = per_role("kron_from_average")
+
+    def _check_kron_weight(self, call) -> None:
+        """Raise where the weight's block is no single ``G (x) A``; every weight fits here."""
+
+    def kron_from_sqrt_weight(self, call, factors: list, approx: str) -> list:
+        self._check_kron_weight(call)
+        return [self._sqrt_output_factor(call, factors, approx), self.input_factor(call, approx)]
+
+    def kron_from_sqrt_bias(self, call, factors: list, approx: str) -> list:
+        return [self._sqrt_output_factor(call, factors, approx)]
+
+    def kron_from_average_weight(self, call, mat, approx: str) -> list:
+        self._check_kron_weight(call)
+        return [self._average_output_factor(call, mat, approx), self.input_factor(call, approx)]
+
+    def kron_from_average_bias(self, call, mat, approx: str) -> list:
+        return [self._average_output_factor(call, mat, approx)]

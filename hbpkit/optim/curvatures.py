@@ -7,7 +7,7 @@ depends on which extensions exist.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -77,12 +77,11 @@ def loss_of(closure: Callable[[], Tensor] | None) -> Tensor | None:
         return closure()
 
 
-def with_quantities(
+def iter_quantities(
     param_groups: list[dict], savefield: str, groups: Callable[[dict], bool] = lambda g: True
-) -> list[tuple[dict, Tensor, Any]]:
+) -> Iterator[tuple[dict, Tensor, Any]]:
     """``(group, p, p.<savefield>)`` for every parameter with a gradient (in the chosen
-    ``groups``); the :func:`missing_quantity` error, before anything moves, where one lacks it."""
-    found = []
+    ``groups``), one at a time; the :func:`missing_quantity` error where one lacks it."""
     for g_idx, group in enumerate(param_groups):
         if not groups(group):
             continue
@@ -93,8 +92,28 @@ def with_quantities(
             if value is None:
                 name = f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})"
                 raise missing_quantity(name, savefield)
-            found.append((group, p, value))
-    return found
+            yield group, p, value
+
+
+def with_quantities(
+    param_groups: list[dict], savefield: str, groups: Callable[[dict], bool] = lambda g: True
+) -> list[tuple[dict, Tensor, Any]]:
+    """All of :func:`iter_quantities` read first: the :func:`missing_quantity` error comes
+    before anything moves."""
+    return list(iter_quantities(param_groups, savefield, groups))
+
+
+def heavy_ball(state: dict, d: Tensor, momentum: float) -> Tensor:
+    """The direction after heavy-ball momentum: ``buf <- momentum * buf + d`` (``buf = d`` on
+    the first step, kept in ``state["momentum_buffer"]``); ``d`` itself where ``momentum == 0``."""
+    if momentum == 0:
+        return d
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = d.clone()
+    else:
+        buf.mul_(momentum).add_(d)
+    return buf
 
 
 def missing_quantity(param_name: str, savefield: str) -> RuntimeError:

@@ -50,7 +50,7 @@ from hbpkit.collectives import (
     shard_weights,
 )
 from hbpkit.curvature.kronecker import KroneckerFactors
-from hbpkit.optim.curvatures import loss_of, missing_quantity
+from hbpkit.optim.curvatures import iter_quantities, loss_of
 from hbpkit.optim.kronecker import DAMPING_MODES, KroneckerPreconditioner
 from hbpkit.optim.newton_cg import NewtonCG, joint_directions
 
@@ -244,24 +244,15 @@ class DistributedNewtonCG(_Distributed, NewtonCG):
         kronecker = self.curvature_spec.kronecker
         # read and check every quantity first: a bad one raises before a collective
         solves = []
-        for g_idx, group in enumerate(self.param_groups):
-            blocks = []
-            for p_idx, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                quantity = getattr(p, savefield, None)
-                if quantity is None:
-                    raise missing_quantity(
-                        f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})", savefield
-                    )
-                if self.reduction is not None and isinstance(quantity, AllReducedProduct):
-                    raise ValueError(
-                        f"p.{savefield} is already all-reduced: pass reduction=None to "
-                        "DistributedNewtonCG, or do not call all_reduce_quantities before step()"
-                    )
-                blocks.append((p, self._product(quantity, savefield)))
-            if blocks:
-                solves.append((group, blocks))
+        for group, p, quantity in iter_quantities(self.param_groups, savefield):
+            if self.reduction is not None and isinstance(quantity, AllReducedProduct):
+                raise ValueError(
+                    f"p.{savefield} is already all-reduced: pass reduction=None to "
+                    "DistributedNewtonCG, or do not call all_reduce_quantities before step()"
+                )
+            if not solves or solves[-1][0] is not group:  # the blocks of one group together
+                solves.append((group, []))
+            solves[-1][1].append((p, self._product(quantity, savefield)))
         if self.reduction is not None and kronecker:
             params = [p for _, blocks in solves for p, _ in blocks]
             _reduce_kronecker_fields(params, savefield, self.reduction, self.group)

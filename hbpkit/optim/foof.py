@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpkit.optim.curvatures import loss_of, with_quantities
+from hbpkit.optim.curvatures import heavy_ball, loss_of, with_quantities
 from hbpkit.optim.kronecker import spd_inverse
 
 SAVEFIELD = "input_covariance"
@@ -131,13 +131,7 @@ class FOOF(torch.optim.Optimizer):
         if t % T == 0 or "inverse" not in state:
             state["inverse"] = spd_inverse(state["sigma"], group["damping"])
         d = (p.grad.reshape(p.shape[0], -1) @ state["inverse"]).reshape(p.shape)
-        if group["momentum"] != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = d.clone()
-            else:
-                buf.mul_(group["momentum"]).add_(d)
-            d = buf
+        d = heavy_ball(state, d, group["momentum"])
         if group["weight_decay"] != 0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
         p.add_(d, alpha=-group["lr"] * group["damping"])

@@ -51,8 +51,9 @@ from torch import Tensor
 from hbpkit.optim.curvatures import (
     KRONECKER_CURVATURES,
     CurvatureOptimizer,
+    heavy_ball,
+    iter_quantities,
     loss_of,
-    missing_quantity,
 )
 
 
@@ -229,21 +230,12 @@ class KroneckerPreconditioner(CurvatureOptimizer):
         savefield = self.curvature_spec.savefield
         # read every quantity first, so a missing one raises before any parameter moves
         todo = []
-        for g_idx, group in enumerate(self.param_groups):
-            for p_idx, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                factors = getattr(p, savefield, None)
-                if factors is None:
-                    raise missing_quantity(
-                        f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})", savefield
-                    )
-                if not isinstance(factors, tuple) or len(factors) not in (1, 2):
-                    raise TypeError(
-                        f"p.{savefield} must be Kronecker factors (G, A) or (G,), "
-                        f"got {type(factors)}"
-                    )
-                todo.append((group, p, factors))
+        for group, p, factors in iter_quantities(self.param_groups, savefield):
+            if not isinstance(factors, tuple) or len(factors) not in (1, 2):
+                raise TypeError(
+                    f"p.{savefield} must be Kronecker factors (G, A) or (G,), got {type(factors)}"
+                )
+            todo.append((group, p, factors))
         due = [(group, p) for group, p, factors in todo if self._average(group, p, factors)]
         if due:
             self._refresh_inverses(due)
@@ -283,13 +275,6 @@ class KroneckerPreconditioner(CurvatureOptimizer):
             d = precondition_correct(state["inverses"], p.grad.detach())
         else:
             d = precondition(state["inverses"], p.grad.detach())
-        if group["momentum"] != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = d.clone()
-            else:
-                buf.mul_(group["momentum"]).add_(d)
-            state["momentum_buffer"] = buf
-            d = buf
+        d = heavy_ball(state, d, group["momentum"])
         p.add_(d, alpha=-group["lr"])
         state["step"] = state.get("step", 0) + 1

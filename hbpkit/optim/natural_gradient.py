@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from hbpkit.optim.curvatures import loss_of, missing_g_bar, with_quantities
+from hbpkit.optim.curvatures import heavy_ball, loss_of, missing_g_bar, with_quantities
 
 SAVEFIELD = "kronecker_roots"
 BLOCKS = ("global", "parameter")
@@ -169,13 +169,6 @@ class SubsampledNaturalGradient(torch.optim.Optimizer):
                 for (group, _, r), g in zip(todo, grads)
             ]
         for (group, p, _), d in zip(todo, directions):
-            if group["momentum"] != 0:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                d = buf
+            d = heavy_ball(self.state[p], d, group["momentum"])
             p.add_(d, alpha=-group["lr"])
         return loss

@@ -37,8 +37,8 @@ from hbpkit.optim.cg import CGInfo, cg
 from hbpkit.optim.curvatures import (
     CURVATURES,
     CurvatureOptimizer,
+    iter_quantities,
     loss_of,
-    missing_quantity,
 )
 
 
@@ -110,21 +110,14 @@ class NewtonCG(CurvatureOptimizer):
         """One damped Newton step per parameter block that has a gradient."""
         loss = loss_of(closure)
         savefield = self.curvature_spec.savefield
-        for g_idx, group in enumerate(self.param_groups):
-            for p_idx, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                quantity = getattr(p, savefield, None)
-                if quantity is None:
-                    raise missing_quantity(
-                        f"{p_idx} of group {g_idx} (shape {tuple(p.shape)})", savefield
-                    )
-                product = self._product(quantity, savefield)
-                d, info = self._direction(product, p, group)
-                state = self.state[p]
-                state["cg_iterations"] = info.iterations
-                state["cg_converged"] = info.converged
-                p.add_(d, alpha=group["lr"])
+        # one parameter at a time: p moves before the next quantity is read
+        for group, p, quantity in iter_quantities(self.param_groups, savefield):
+            product = self._product(quantity, savefield)
+            d, info = self._direction(product, p, group)
+            state = self.state[p]
+            state["cg_iterations"] = info.iterations
+            state["cg_converged"] = info.converged
+            p.add_(d, alpha=group["lr"])
         return loss
 
     def _product(self, quantity: Any, savefield: str) -> Callable[[Tensor], Tensor]:

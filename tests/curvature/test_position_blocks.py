@@ -16,6 +16,7 @@ from records import record
 from torch import nn
 
 from hbpkit import backprop, extend
+from hbpkit.architectures import sigmoid_conv_block
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.memory import MemoryPolicy
 from hbpkit.extensions import HBP, KFRA
@@ -138,11 +139,7 @@ def _conv_transition_net() -> tuple[nn.Sequential, tuple[int, ...], int]:
     Dense needs (float64): the max-pool ~0.7 MB, the second conv ~2.8 MB.
     """
     net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.Sigmoid(),
-        nn.Conv2d(3, 3, 3, padding=1),
-        nn.Sigmoid(),
-        nn.MaxPool2d(2, 2),
+        *sigmoid_conv_block(2, 3),
         nn.Flatten(),
         nn.Linear(75, 4),
     )

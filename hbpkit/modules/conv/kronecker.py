@@ -42,13 +42,13 @@ from hbpkit.curvature.local import LocalFactor
 from hbpkit.curvature.memory import RAISE_BUDGET
 from hbpkit.modules.base import output_factor_from_average
 from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _windows
-from hbpkit.modules.roles import per_role
+from hbpkit.modules.roles import KroneckerRoles
 
 
-class ConvKronecker:
+class ConvKronecker(KroneckerRoles):
     """Kronecker factors of ``nn.Conv1d/2d/3d`` (a mixin of :class:`ConvRules`)."""
 
-    def _check_ungrouped(self, call: ModuleCall) -> None:
+    def _check_kron_weight(self, call: ModuleCall) -> None:
         if call.module.groups != 1:
             raise NotImplementedError(
                 f"Kronecker factors of the weight of {call.module} (groups="
@@ -85,20 +85,7 @@ class ConvKronecker:
                     call.cache[key] = _gram(u) / (N * P)
         return call.cache[key]
 
-    # [G, A] for the weight, [G] for the bias (folded into the weight as an input 1)
-    kron_from_sqrt = per_role("kron_from_sqrt")
-    kron_from_average = per_role("kron_from_average")
-
-    def kron_from_sqrt_weight(
-        self, call: ModuleCall, factors: list[Factor], approx: str
-    ) -> list[Tensor]:
-        self._check_ungrouped(call)
-        return [self._sqrt_output_factor(call, factors, approx), self.input_factor(call, approx)]
-
-    def kron_from_sqrt_bias(
-        self, call: ModuleCall, factors: list[Factor], approx: str
-    ) -> list[Tensor]:
-        return [self._sqrt_output_factor(call, factors, approx)]
+    # [G, A] for the weight, [G] for the bias: KroneckerRoles
 
     def _sqrt_output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
         """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``."""
@@ -132,17 +119,6 @@ class ConvKronecker:
             a, b = Ssigned.reshape(V * N, C_out, P), S.reshape(V * N, C_out, P)
             return _CONV_WEIGHT[1](b, [C_out, C_out, 1], a).reshape(C_out, C_out)
         return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
-
-    def kron_from_average_weight(
-        self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
-    ) -> list[Tensor]:
-        self._check_ungrouped(call)
-        return [self._average_output_factor(call, mat, approx), self.input_factor(call, approx)]
-
-    def kron_from_average_bias(
-        self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
-    ) -> list[Tensor]:
-        return [self._average_output_factor(call, mat, approx)]
 
     def _average_output_factor(
         self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
