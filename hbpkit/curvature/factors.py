@@ -12,7 +12,7 @@ batch-averaged position blocks in :mod:`hbpkit.curvature.blocks`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,11 +39,19 @@ class Jacobian(NamedTuple):
         structure: one of the four above.
         check_densify: called with ``(N, dtype)`` before a diagonal factor is made dense
             (a memory-budget check that raises), or ``None``.
+        rows: see below.
+
+    Parameter rules that have a cheaper path for some representation ask the factor to
+    choose it: ``factor.match(dense=..., diagonal=..., local=...)`` calls the handler of
+    the factor's own form (a missing ``diagonal`` handler gets the factor made dense).
     """
 
     apply: Callable[[Tensor], Tensor]
     structure: str = "general"
     check_densify: Callable[[int, torch.dtype], None] | None = None
+    rows: Callable[[], Tensor] | None = None
+    """For ``"shared"``: the rows of ``J`` ``[D_out, *in]``, where cheaper than applying
+    ``J^T`` to the identity (a ``Linear`` layer's weight)."""
 
 
 class SqrtFactor(NamedTuple):
@@ -71,6 +79,15 @@ class SqrtFactor(NamedTuple):
     def dense(self) -> SqrtFactor:
         """This factor (already dense)."""
         return self
+
+    def match(
+        self,
+        dense: Callable[[SqrtFactor], Any],
+        diagonal: Callable[[DiagonalFactor], Any] | None = None,
+        local: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """``dense(self)``: the handler of this factor's form (see :class:`Jacobian`)."""
+        return dense(self)
 
     def jac_t(self, jac: Jacobian) -> SqrtFactor:
         """``J^T S`` (eq. 7 without the residual), ``[V, N, *in]``."""
@@ -104,6 +121,15 @@ class DiagonalFactor(NamedTuple):
         """The diagonal per sample, ``[N, *features]`` (one column per entry: no sum)."""
         return self.signed_square()
 
+    def match(
+        self,
+        dense: Callable[[SqrtFactor], Any],
+        diagonal: Callable[[DiagonalFactor], Any] | None = None,
+        local: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """``diagonal(self)``, or ``dense`` of the dense form where no diagonal handler is given."""
+        return dense(self.dense()) if diagonal is None else diagonal(self)
+
     def jac_t(self, jac: Jacobian) -> DiagonalFactor | SqrtFactor:
         """``J^T diag(s)``, diagonal where ``jac.structure`` keeps it so, else dense."""
         s = self.s
@@ -117,8 +143,11 @@ class DiagonalFactor(NamedTuple):
         if jac.structure == "shared":  # column j of J^T diag(s_n) is s_n[j] times row j of J
             N, features = s.shape[0], s.shape[1:]
             D = features.numel()
-            basis = torch.eye(D, dtype=s.dtype, device=s.device).reshape(D, 1, *features)
-            rows = jac.apply(basis)  # [D, 1, *in]
+            if jac.rows is not None:
+                rows = jac.rows().unsqueeze(1)  # [D, 1, *in]
+            else:
+                basis = torch.eye(D, dtype=s.dtype, device=s.device).reshape(D, 1, *features)
+                rows = jac.apply(basis)  # [D, 1, *in]
             scale = s.reshape(N, D).T.reshape(D, N, *([1] * (rows.dim() - 2)))
             sign = None if self.sign is None else self.sign.reshape(N, D).T
             return SqrtFactor(rows * scale, sign)

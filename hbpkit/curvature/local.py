@@ -36,9 +36,9 @@ budget-checked), so other rules never see a :class:`LocalFactor`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -420,6 +420,17 @@ class LocalFactor:
             for step in self.steps:
                 chunk = step(chunk).tidy()
             yield chunk
+
+    def match(
+        self,
+        dense: Callable[[SqrtFactor], Any],
+        diagonal: Callable[[DiagonalFactor], Any] | None = None,
+        local: Callable[[LocalFactor], Any] | None = None,
+    ) -> Any:
+        """``local(self)``: only rules that take local factors (a ``local`` handler) see one."""
+        if local is None:
+            raise TypeError("a local factor reached rules without a local path (a planning error)")
+        return local(self)
 
     def to_dense(self, call: ModuleCall) -> SqrtFactor:
         """All columns as one dense :class:`SqrtFactor` ``[J, N, C, *size]`` (budget-checked).

@@ -118,18 +118,19 @@ class EmbeddingRules(ModuleRules):
         return self._scatter(call, self._positions(call, grad_output, 0), over_samples=True)
 
     def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
-        result = 0
-        for f in factors:
-            if isinstance(f, DiagonalFactor):  # entry (t, d) adds sign s^2 at (i_t, d)
-                sq = self._positions(call, f.signed_square(), 0)
-                result = result + self._scatter(call, sq, over_samples=True)
-                continue
+
+        def of_diagonal(f: DiagonalFactor) -> Tensor:  # entry (t, d) adds sign s^2 at (i_t, d)
+            sq = self._positions(call, f.signed_square(), 0)
+            return self._scatter(call, sq, over_samples=True)
+
+        def of_dense(f: SqrtFactor) -> Tensor:
             # (sum_{t: i_t = r} s_t)^2 = sum_{t: i_t = r} s_t * (sum_{u: i_u = i_t} s_u)
             S = self._masked(call, self._positions(call, f.S, 1))  # [V, N, T, D]
             summed = einsum(self._same_index(call), S, "n t u, v n u d -> v n t d")
             products = SqrtFactor(S * summed, f.sign).signed()
-            result = result + self._scatter(call, products.sum(0), over_samples=True)
-        return result
+            return self._scatter(call, products.sum(0), over_samples=True)
+
+        return sum(f.match(dense=of_dense, diagonal=of_diagonal) for f in factors)
 
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
         """``A`` ``[E, E]``: ``diag(counts) / (N T)`` (expand), ``mean_n cbar cbar^T`` (reduce)."""

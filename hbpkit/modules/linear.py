@@ -18,13 +18,14 @@ The bias block is ``G`` (the weight's output factor, bias folded as a 1).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.curvature.factors import DiagonalFactor, Factor, Jacobian, SqrtFactor
 from hbpkit.modules.base import (
     ModuleRules,
     output_factor_from_average,
@@ -117,12 +118,13 @@ class LinearRules(KroneckerRoles, ModuleRules):
     def summed_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         return _positions(grad_output, 0).sum((0, 1))
 
-    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
-        # a diagonal factor diag(s_n) becomes W^T diag(s_n): rows of W scaled, no matmul
-        if isinstance(factor, DiagonalFactor) and factor.s.dim() == 2:
-            S = einsum(factor.s, call.module.weight.detach(), "n o, o i -> o n i")
-            return SqrtFactor(S, None if factor.sign is None else factor.sign.T)
-        return super().jac_t_factor(call, factor)
+    def transposed_jacobian(self, call: ModuleCall) -> Jacobian:
+        """``W^T``; on ``[N, D_in]`` inputs the same for every sample, so a diagonal factor
+        ``diag(s_n)`` becomes ``W^T diag(s_n)``: rows of ``W`` scaled, no matmul."""
+        apply = partial(self.jac_t_mat_prod, call)
+        if call.input.dim() != 2:
+            return Jacobian(apply)
+        return Jacobian(apply, "shared", rows=call.module.weight.detach)
 
     # diagonal of eq. S.8c / S.8b summed over samples and factor columns
     param_diag = per_role("param_diag")
@@ -168,15 +170,17 @@ class LinearRules(KroneckerRoles, ModuleRules):
         """``G`` ``[D_out, D_out]`` from sqrt factors: ``sum_{v,n,t} s s^T`` (expand) or
         ``sum_{v,n} (sum_t s)(sum_t s)^T`` (reduce)."""
         T = self._x(call).shape[1]
-        G = 0
-        for f in factors:
-            if isinstance(f, DiagonalFactor) and T == 1:
-                G = G + torch.diag(f.signed_square().sum(0))
-                continue
-            f = f.dense() if isinstance(f, DiagonalFactor) else f
+
+        def of_dense(f: SqrtFactor) -> Tensor:
             S, Ssigned = _positions(f.S, 1), _positions(f.signed(), 1)  # [V, N, T, out]
-            G = G + position_gram(S, Ssigned, approx)
-        return G
+            return position_gram(S, Ssigned, approx)
+
+        def of_diagonal(f: DiagonalFactor) -> Tensor:  # one position: G stays diagonal
+            return torch.diag(f.signed_square().sum(0))
+
+        return sum(
+            f.match(dense=of_dense, diagonal=of_diagonal if T == 1 else None) for f in factors
+        )
 
     def _average_output_factor(self, call: ModuleCall, mat: Tensor, approx: str) -> Tensor:
         """``G`` from the batch-averaged ``[T D_out, T D_out]`` (S.11)."""
@@ -212,11 +216,11 @@ class LinearRules(KroneckerRoles, ModuleRules):
 
 def _sample_squares(f: Factor) -> Tensor:
     """``sum_v sign S^2`` of a factor at a ``[N, D_out]`` output, ``[N, D_out]``."""
-    sq = f.signed_square() if isinstance(f, DiagonalFactor) else f.signed_square().sum(0)
+    sq = f.signed_square_sum()
     return sq.reshape(sq.shape[0], -1)
 
 
 def _position_columns(f: Factor) -> tuple[Tensor, Tensor | None]:
     """The columns ``[V, N, T, D_out]`` of a factor (a diagonal one made dense) and signs."""
-    f = f.dense() if isinstance(f, DiagonalFactor) else f
+    f = f.dense()
     return _positions(f.S, 1), f.sign

@@ -118,17 +118,19 @@ class AffineParamRules(ModuleRules):
         return self._to_param(call, name, self._param_derivative(call, name, grad_output).sum(-2))
 
     def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
-        result = 0
-        for f in factors:
-            if isinstance(f, DiagonalFactor):  # diag(s_n): entry i adds sign_i (J_p[i] s_i)^2
-                sq = f.signed_square()
-                scale = self._role_scale(call, name)
-                if scale is not None:
-                    sq = sq * scale.square()
-                result = result + self.positions(call, sq).sum((0, 1))
-                continue
+
+        def of_diagonal(f: DiagonalFactor) -> Tensor:  # entry i adds sign_i (J_p[i] s_i)^2
+            sq = f.signed_square()
+            scale = self._role_scale(call, name)
+            if scale is not None:
+                sq = sq * scale.square()
+            return self.positions(call, sq).sum((0, 1))
+
+        def of_dense(f: SqrtFactor) -> Tensor:
             q = self._param_derivative(call, name, f.S).sum(-2)  # [V, N, P]
-            result = result + SqrtFactor(q, f.sign).signed_square().sum((0, 1))
+            return SqrtFactor(q, f.sign).signed_square().sum((0, 1))
+
+        result = sum(f.match(dense=of_dense, diagonal=of_diagonal) for f in factors)
         return self._to_param(call, name, result)
 
     def kron_from_sqrt(

@@ -31,33 +31,35 @@ class ConvDiagonal:
         per-column work: for Conv ``sum_{n,p} d_{n,o,p} u_{n,s,p}^2``.
         """
         shape = call.module.weight.shape
-        result = 0
-        for f in factors:
-            if isinstance(f, LocalFactor):
-                result = result + self._param_diags_local(call, f)["weight"]
-                continue
-            if isinstance(f, DiagonalFactor):
-                d = f.signed_square()  # [N, C_out, *out]
-                left, right = self._weight_factors(call, d, square_input=True)
-                diag = einsum(left, right, "n g a p, n g b p -> g a b")
-                result = result + diag.reshape(shape)
-                continue
-            result = result + self._weight_diag(call, f).reshape(shape)
-        return result
+
+        def of_diagonal(f: DiagonalFactor) -> Tensor:
+            left, right = self._weight_factors(call, f.signed_square(), square_input=True)
+            return einsum(left, right, "n g a p, n g b p -> g a b")  # d: [N, C_out, *out]
+
+        return sum(
+            f.match(
+                dense=lambda f: self._weight_diag(call, f),
+                diagonal=of_diagonal,
+                local=lambda f: self._param_diags_local(call, f)["weight"],
+            ).reshape(shape)
+            for f in factors
+        )
 
     def param_diag_bias(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
         """``diag(sum_{v,n} sign (1_P^T s)(1_P^T s)^T)``, ``[C_out]``."""
-        result = 0
-        for f in factors:
-            if isinstance(f, LocalFactor):
-                result = result + self._param_diags_local(call, f)["bias"]
-                continue
-            if isinstance(f, DiagonalFactor):
-                result = result + f.signed_square().flatten(2).sum((0, 2))
-                continue
+
+        def of_dense(f: SqrtFactor) -> Tensor:
             per_sample = f.S.flatten(3).sum(3)  # [V, N, C_out]
-            result = result + SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
-        return result
+            return SqrtFactor(per_sample, f.sign).signed_square().sum((0, 1))
+
+        return sum(
+            f.match(
+                dense=of_dense,
+                diagonal=lambda f: f.signed_square().flatten(2).sum((0, 2)),
+                local=lambda f: self._param_diags_local(call, f)["bias"],
+            )
+            for f in factors
+        )
 
     def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
         """``sum_{v,n} sign (J_W^T s_{v,n})^2`` of a dense sqrt factor, in chunks over ``V``."""

@@ -89,25 +89,26 @@ class ConvKronecker(KroneckerRoles):
 
     def _sqrt_output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
         """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``."""
-        G = 0
-        for f in factors:
-            if isinstance(f, LocalFactor):  # the columns on their patches: zero elsewhere
-                key = ("conv_local_G", id(f), approx)  # one pass for weight and bias
-                if key not in call.cache:
-                    chunks = f.chunks()
-                    call.cache[key] = sum(self._output_factor(c.columns(), approx) for c in chunks)
-                G = G + call.cache[key]
-                continue
-            if isinstance(f, DiagonalFactor):
-                # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
-                G = G + torch.diag(f.signed_square().flatten(2).sum((0, 2)))
-                continue
+
+        def of_local(f: LocalFactor) -> Tensor:  # the columns on their patches: zero elsewhere
+            key = ("conv_local_G", id(f), approx)  # one pass for weight and bias
+            if key not in call.cache:
+                chunks = f.chunks()
+                call.cache[key] = sum(self._output_factor(c.columns(), approx) for c in chunks)
+            return call.cache[key]
+
+        def of_dense(f: SqrtFactor) -> Tensor:
             key = ("conv_G", id(f.S), approx)  # one product for weight and bias
             cached = call.cache.get(key)
             if cached is None or cached[0] is not f.S:
                 cached = call.cache[key] = (f.S, self._output_factor(f, approx))
-            G = G + cached[1]
-        return G
+            return cached[1]
+
+        # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
+        def of_diagonal(f: DiagonalFactor) -> Tensor:
+            return torch.diag(f.signed_square().flatten(2).sum((0, 2)))
+
+        return sum(f.match(dense=of_dense, diagonal=of_diagonal, local=of_local) for f in factors)
 
     def _output_factor(self, f: SqrtFactor, approx: str) -> Tensor:
         """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce)."""
