@@ -245,6 +245,7 @@ class PassPlan:
                 rules.validate(call)
                 validated.add(id(rules))
             self._check_required(call, ext, rules)
+            ext.check(call, rules)
 
     def _check_required(self, call: ModuleCall, ext: Extension, rules: Any) -> None:
         """Refuse rules that lack a method ``ext`` needs for ``call`` (``Extension.required_*``).

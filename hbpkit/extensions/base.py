@@ -44,6 +44,10 @@ class Extension:
         """Whether the extension backpropagates curvature from the loss."""
         return self.message is not None
 
+    def check(self, call: ModuleCall, rules: Any) -> None:
+        """Refuse, before the pass, what this extension cannot compute for ``call`` with
+        ``rules`` beyond a missing rule method (:meth:`required_rules`); default nothing."""
+
     def param_quantity(
         self,
         rules: Any,

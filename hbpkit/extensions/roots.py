@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hbpkit.collectives import (
     KroneckerFactorwise,
@@ -34,44 +34,15 @@ from hbpkit.collectives import (
     count_device,
 )
 from hbpkit.core.calls import ModuleCall
-from hbpkit.core.dispatch import DispatchTable
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
 from hbpkit.extensions.kronecker import KFAC_APPROXES
 from hbpkit.extensions.messages import Message, SqrtMessage
 from hbpkit.modules.base import LossRules
-from hbpkit.modules.kronecker_roots import ROOT_RULES, reduction_scale
-from hbpkit.modules.tables import SECOND_ORDER
+from hbpkit.modules.kronecker_roots import reduction_scale
+from hbpkit.modules.tables import FIRST_ORDER, SECOND_ORDER
 
 ROOT_LOSS_HESSIANS = ("exact", "sampled", "empirical", None)
-
-
-class _RootsWithCurvature(DispatchTable):
-    """Root rules for the layers with parameters; the curvature rules for everything else.
-
-    Modules without parameters (activations, reshapes, the loss) only pass the
-    backpropagated factors on, which :data:`SECOND_ORDER` does; a module with
-    parameters but without root rules (``ConvTranspose*``, a user's module) is
-    unsupported, and the backward pass refuses it before computing anything.
-    """
-
-    def lookup(self, module: nn.Module) -> object | None:
-        rules = super().lookup(module)
-        if rules is not None:
-            return rules
-        rules = SECOND_ORDER.lookup(module)
-        if isinstance(rules, LossRules) or (rules is not None and not rules.param_names(module)):
-            return rules
-        return None
-
-
-#: layers whose roots need no backpropagated curvature (inputs, output gradients)
-ROOTS = DispatchTable("Kronecker roots")
-#: the same layers, plus what output-side roots are backpropagated through
-ROOTS_WITH_CURVATURE = _RootsWithCurvature("Kronecker roots with curvature")
-for _module_type, _rules in ROOT_RULES.items():
-    ROOTS.register(_module_type, _rules)
-    ROOTS_WITH_CURVATURE.register(_module_type, _rules)
 
 
 @dataclass(frozen=True)
@@ -222,17 +193,20 @@ class KroneckerRoots(Extension):
         self.kfac_approx = check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
         self.bias_column = bool(bias_column)
         if loss_hessian is None:
-            self.table, self.message = ROOTS, None
+            self.table, self.message = FIRST_ORDER, None
         elif loss_hessian == "empirical":
-            self.table, self.message = ROOTS_WITH_CURVATURE, EmpiricalMessage()
+            self.table, self.message = SECOND_ORDER, EmpiricalMessage()
         else:
             samples = mc_samples if loss_hessian == "sampled" else 1
-            self.table = ROOTS_WITH_CURVATURE
+            self.table = SECOND_ORDER
             self.message = SqrtMessage(loss_hessian, samples, "ggn")
 
     def required_param_rules(self, rules) -> list[str]:
         """The rows ``g`` (and ``g_bar``), the input root ``a`` and the positions per sample."""
         return ["output_rows", "param_input_root", "positions"]
+
+    def check(self, call: ModuleCall, rules) -> None:
+        _check_roots(call, rules)
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> FactorRoots:
         approx = self.kfac_approx
@@ -276,7 +250,7 @@ class InputCovariance(Extension):
     """
 
     savefield = "input_covariance"
-    table = ROOTS
+    table = FIRST_ORDER
     #: ``A = sum_r a_r A_r`` (``a_r = n_r / N``): exact, an average over samples, if every
     #: rank has the same rows per sample (a bias: ``sum_r a_r [[1]] = [[1]]``)
     reduction = WeightedSum("a_r")
@@ -287,6 +261,9 @@ class InputCovariance(Extension):
     def required_param_rules(self, rules) -> list[str]:
         """The input factor ``A`` alone."""
         return ["param_input_factor"]
+
+    def check(self, call: ModuleCall, rules) -> None:
+        _check_roots(call, rules)
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.param_input_factor(call, name, self.kfac_approx, param)
@@ -325,3 +302,10 @@ class EmpiricalKFAC(KroneckerRoots):
 
 
 __all__ = ["EmpiricalKFAC", "FactorRoots", "InputCovariance", "KroneckerRoots", "RootsReduction"]
+
+
+def _check_roots(call: ModuleCall, rules) -> None:
+    """A layer with roots (``KroneckerRootRoles``) refuses what has no single pair of roots."""
+    validate_roots = getattr(rules, "validate_roots", None)
+    if validate_roots is not None:
+        validate_roots(call)

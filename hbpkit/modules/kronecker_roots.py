@@ -31,8 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.modules.conv import ConvRules
-from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import _scale
 from hbpkit.modules.roles import per_role
 
@@ -67,9 +65,12 @@ def reduction_scale(call: ModuleCall) -> float:
     return _scale(call, per_element=isinstance(module, _PER_ELEMENT))
 
 
-class _RootRoles:
-    """What the root extensions take per parameter role (a mixin of the root rules):
-    the weight's input root and input factor, the bias's constant input ``1``."""
+class KroneckerRootRoles:
+    """What the root extensions take per parameter role (a mixin of the Linear and Conv
+    rules): the weight's input root and input factor, the bias's constant input ``1``."""
+
+    def validate_roots(self, call: ModuleCall) -> None:
+        """Refuse, before the pass, a layer whose roots are not one pair ``(a, g_bar)``."""
 
     param_input_root = per_role("param_input_root")
     param_input_factor = per_role("param_input_factor")
@@ -96,8 +97,9 @@ class _RootRoles:
         return [G]
 
 
-class LinearRootRules(_RootRoles, LinearRules):
-    """Kronecker roots of ``nn.Linear`` on ``[N, *, D_in]`` (S.8c, one row per position)."""
+class LinearRoots(KroneckerRootRoles):
+    """Kronecker roots of ``nn.Linear`` on ``[N, *, D_in]`` (S.8c, one row per position);
+    a mixin of :class:`~hbpkit.modules.linear.LinearRules`."""
 
     def positions(self, call: ModuleCall) -> int:
         """``T``, the positions that share the weight (1 for a ``[N, D_in]`` input)."""
@@ -115,11 +117,11 @@ class LinearRootRules(_RootRoles, LinearRules):
         return _rows(t, approx)
 
 
-class ConvRootRules(_RootRoles, ConvRules):
-    """Kronecker roots of ``nn.Conv1d/2d/3d`` with ``groups=1`` (eq. S.14, one row per patch)."""
+class ConvRoots(KroneckerRootRoles):
+    """Kronecker roots of ``nn.Conv1d/2d/3d`` with ``groups=1`` (eq. S.14, one row per patch);
+    a mixin of :class:`~hbpkit.modules.conv.ConvRules`."""
 
-    def validate(self, call: ModuleCall) -> None:
-        super().validate(call)
+    def validate_roots(self, call: ModuleCall) -> None:
         if call.module.groups != 1:
             raise NotImplementedError(
                 f"Kronecker roots of {call.module} (groups={call.module.groups}) are not "
@@ -140,15 +142,3 @@ class ConvRootRules(_RootRoles, ConvRules):
         """``[*lead, N, C_out, *out] -> [rows, C_out]``, rows ``(*lead, n, p)`` / ``(*lead, n)``."""
         t = t.flatten(lead + 2).transpose(-1, -2)  # [*lead, N, P, C_out]
         return _rows(t, approx)
-
-
-LINEAR_ROOTS = LinearRootRules()
-CONV_ROOTS = ConvRootRules()
-
-#: module types whose Kronecker roots hbpkit knows, and their rules
-ROOT_RULES: dict[type, LinearRootRules | ConvRootRules] = {
-    nn.Linear: LINEAR_ROOTS,
-    nn.Conv1d: CONV_ROOTS,
-    nn.Conv2d: CONV_ROOTS,
-    nn.Conv3d: CONV_ROOTS,
-}

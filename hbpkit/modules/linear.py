@@ -31,6 +31,7 @@ from hbpkit.modules.base import (
     output_factor_from_average,
     position_gram,
 )
+from hbpkit.modules.kronecker_roots import LinearRoots
 from hbpkit.modules.roles import KroneckerRoles, per_role
 
 
@@ -39,7 +40,7 @@ def _positions(t: Tensor, batch_dims: int) -> Tensor:
     return t.reshape(*t.shape[: batch_dims + 1], -1, t.shape[-1])
 
 
-class LinearRules(KroneckerRoles, ModuleRules):
+class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
     """HBP rules of ``nn.Linear`` (eq. S.8a-c)."""
 
     def param_names(self, module: nn.Linear) -> list[str]:

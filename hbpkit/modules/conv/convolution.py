@@ -23,9 +23,10 @@ from hbpkit.modules.conv.geometry import (
     _padding_sides,
 )
 from hbpkit.modules.conv.kronecker import ConvKronecker
+from hbpkit.modules.kronecker_roots import ConvRoots
 
 
-class ConvRules(ConvKronecker, UnfoldedDiagonal, ConvGeometry, _ConvBase):
+class ConvRules(ConvRoots, ConvKronecker, UnfoldedDiagonal, ConvGeometry, _ConvBase):
     """HBP rules of ``nn.Conv1d/2d/3d`` (supplement D.3/D.4, eq. S.13/S.14).
 
     Any kernel size, stride, dilation, groups, bias or not, integer or string
