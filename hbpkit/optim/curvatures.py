@@ -15,24 +15,45 @@ from torch import Tensor
 
 
 class CurvatureSpec(NamedTuple):
-    """``savefield`` the step reads, and how to build the default extension."""
+    """Which extension an optimizer's ``curvature`` option needs, and what the step reads.
 
-    savefield: str
+    The savefield is the extension's own (``savefield`` of its class): the extension
+    owns where its quantity lands, the optimizer only names the extension.
+    """
+
     extension: str  # class name in hbpkit.extensions
     kwargs: dict[str, Any]
     kronecker: bool  # a KroneckerFactors result (else: a product function V -> C V)
 
+    @property
+    def extension_class(self) -> type:
+        """The extension class in :mod:`hbpkit.extensions` (looked up when first needed)."""
+        import hbpkit.extensions as extensions
+
+        cls = getattr(extensions, self.extension, None)
+        if cls is None:
+            raise RuntimeError(
+                f"the curvature option needs hbpkit.extensions.{self.extension}, which this "
+                "version of hbpkit does not provide"
+            )
+        return cls
+
+    @property
+    def savefield(self) -> str:
+        """Where the extension attaches its quantity: what the step reads."""
+        return self.extension_class.savefield
+
 
 CURVATURES: dict[str, CurvatureSpec] = {
-    "ggn": CurvatureSpec("ggnmp", "GGNMP", {}, False),
-    "hessian": CurvatureSpec("hmp", "HMP", {}, False),
-    "pch-abs": CurvatureSpec("pchmp", "PCHMP", {"modify": "abs"}, False),
-    "pch-clip": CurvatureSpec("pchmp", "PCHMP", {"modify": "clip"}, False),
-    "kfac": CurvatureSpec("kfac", "KFAC", {}, True),
-    "kflr": CurvatureSpec("kflr", "KFLR", {}, True),
-    "kfra": CurvatureSpec("kfra", "KFRA", {}, True),
-    "hbp": CurvatureSpec("hbp", "HBP", {}, True),
-    "empirical": CurvatureSpec("kfac_empirical", "EmpiricalKFAC", {}, True),
+    "ggn": CurvatureSpec("GGNMP", {}, False),
+    "hessian": CurvatureSpec("HMP", {}, False),
+    "pch-abs": CurvatureSpec("PCHMP", {"modify": "abs"}, False),
+    "pch-clip": CurvatureSpec("PCHMP", {"modify": "clip"}, False),
+    "kfac": CurvatureSpec("KFAC", {}, True),
+    "kflr": CurvatureSpec("KFLR", {}, True),
+    "kfra": CurvatureSpec("KFRA", {}, True),
+    "hbp": CurvatureSpec("HBP", {}, True),
+    "empirical": CurvatureSpec("EmpiricalKFAC", {}, True),
 }
 
 KRONECKER_CURVATURES = tuple(name for name, spec in CURVATURES.items() if spec.kronecker)
@@ -58,15 +79,7 @@ def check_extension(extension: Any, spec: CurvatureSpec, curvature: str) -> None
 
 def build_extension(spec: CurvatureSpec, curvature: str) -> Any:
     """An instance of the default extension for ``curvature``."""
-    import hbpkit.extensions as extensions
-
-    cls = getattr(extensions, spec.extension, None)
-    if cls is None:
-        raise RuntimeError(
-            f"curvature={curvature!r} needs hbpkit.extensions.{spec.extension}, which this "
-            "version of hbpkit does not provide"
-        )
-    return cls(**spec.kwargs)
+    return spec.extension_class(**spec.kwargs)
 
 
 def loss_of(closure: Callable[[], Tensor] | None) -> Tensor | None:
