@@ -163,11 +163,15 @@ def write_rows(path: Path, header: list[str], rows) -> None:
         writer.writerows(rows)
 
 
-def save_runs(runs: list[Run], out: Path, stem: str, title: str) -> None:
-    """``out/<stem>.csv`` (:func:`write_csv`) and ``out/<stem>.png`` (:func:`plot`)."""
+def save_runs(runs: list[Run], out: Path, stem: str, title: str, show: bool = True) -> None:
+    """``out/<stem>.csv`` (:func:`write_csv`) and ``out/<stem>.png`` (:func:`plot`); then,
+    with ``show``, a blank line and the :func:`table` of the runs."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(runs, out / f"{stem}.csv")
     plot(runs, out / f"{stem}.png", title)
+    if show:
+        print()
+        print(table(runs))
 
 
 def group(runs: list[Run]) -> dict[str, list[Run]]:

@@ -38,7 +38,6 @@ from _reproduction import (  # noqa: E402
     argument_parser,
     load_data,
     save_runs,
-    table,
     train,
     write_rows,
 )
@@ -155,15 +154,14 @@ def main(argv: list[str] | None = None) -> list[Run]:
         final = [r.train_loss[-1] for r in runs[-seeds:]]
         print(f"  {method:<19} best of {len(grid)}: {hyper:<24} final losses {final}")
 
-    title = "Sigmoid CNN (2 conv + 2 linear) on digits: best setting of each method's grid"
-    save_runs(runs, args.out, "cnn_optimizers", title)
+    args.out.mkdir(parents=True, exist_ok=True)
     write_rows(
         args.out / "cnn_optimizers_grid.csv",
         ["method", "hyperparameters", "batch_size", "train_loss", "test_acc"],
         ((m, h, b, f"{loss:.6g}", f"{acc:.6g}") for m, h, b, loss, acc in grid_rows),
     )
-    print()
-    print(table(runs))
+    title = "Sigmoid CNN (2 conv + 2 linear) on digits: best setting of each method's grid"
+    save_runs(runs, args.out, "cnn_optimizers", title)
     print(f"\nwrote {args.out}/cnn_optimizers.csv, cnn_optimizers_grid.csv and .png")
     return runs
 

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _reproduction import Run, argument_parser, load_data, save_runs, table, train  # noqa: E402
+from _reproduction import Run, argument_parser, load_data, save_runs, train  # noqa: E402
 
 from hbpkit.extensions import HBP  # noqa: E402
 from hbpkit.optim import NewtonCG  # noqa: E402
@@ -114,8 +114,6 @@ def main(argv: list[str] | None = None) -> list[Run]:
         f"Sigmoid FCNN {'-'.join(map(str, WIDTHS))}-10 on digits, batch {batch_size}: "
         "Newton-CG (PCH-abs, batch-averaged HBP) with block splitting vs SGD",
     )
-    print()
-    print(table(runs))
     print(f"\nwrote {args.out / 'fcnn_block_splitting.csv'} and .png")
     return runs
 

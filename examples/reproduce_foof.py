@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
             train_or_diverge(method, hyper, model_fn, make, data, epochs, 100, s) for s in more
         ]
     title = f"FOOF paper on {name}: MLP 3x{width} ReLU, no biases, batch 100"
-    save_runs(runs, args.out, "foof_optimizers", title)
+    save_runs(runs, args.out, "foof_optimizers", title, show=False)
     print(f"{name}, width {width}, {epochs} epochs, {seeds} seed(s), grid on seed 0")
     print(table(runs))
     # time per step of the tuned methods on one batch of 100: 5 interleaved rounds, the

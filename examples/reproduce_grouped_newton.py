@@ -50,7 +50,6 @@ from _reproduction import (  # noqa: E402
     evaluate,
     load_data,
     save_runs,
-    table,
 )
 
 from hbpkit.optim import GroupedNewton  # noqa: E402
@@ -264,8 +263,6 @@ def main(argv: list[str] | None = None) -> list[Run]:
         f"tanh MLP {'-'.join(map(str, (data.X_tr.shape[1], *HIDDEN, 10)))} on {data_name}: "
         "GroupedNewton (paper's hyperparameters) vs SGD and Adam (best of a grid)",
     )
-    print()
-    print(table(runs))
     print("\nseconds per step (gradient step + amortised learning-rate update) / SGD's:")
     for name, seconds in per_step.items():
         if not name.startswith(("SGD lr", "Adam lr")):
