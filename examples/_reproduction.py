@@ -1,11 +1,12 @@
-"""Shared pieces of the two reproduction scripts: data, training loop, CSV, plot, table.
+"""Shared pieces of the reproduction scripts: command line, data, training loop, CSV, plot,
+table.
 
-Not an example on its own; ``reproduce_fcnn_block_splitting.py`` and
-``reproduce_cnn_optimizers.py`` import it.
+Not an example on its own; the ``reproduce_*.py`` scripts import it.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import time
@@ -19,6 +20,32 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hbpkit import backprop, extend
+
+#: where the scripts write their CSV files and figures (``--out``)
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+def argument_parser(
+    doc: str, *, seeds: int = 3, quick: str = "tiny smoke run", full: bool = False
+) -> argparse.ArgumentParser:
+    """The options every script takes: ``--out``, ``--quick``, ``--seeds`` (default ``seeds``,
+    1 with ``--quick``) and, with ``full``, ``--full`` (Fashion-MNIST, 10,000 images)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if full:
+        parser.add_argument("--full", action="store_true", help="Fashion-MNIST (10,000 images)")
+    parser.add_argument("--seeds", type=int, default=None, help=f"default {seeds} (quick: 1)")
+    return parser
+
+
+def backward(loss: torch.Tensor, extensions: tuple) -> None:
+    """``loss.backward()``, inside ``backprop(*extensions)`` where there are any."""
+    if extensions:
+        with backprop(*extensions):
+            loss.backward()
+    else:
+        loss.backward()
 
 
 @dataclass
@@ -106,11 +133,7 @@ def train(
                 batch_loss = loss_fn(model(data.X_tr[idx]), data.y_tr[idx])
                 if not torch.isfinite(batch_loss):
                     break
-                if extensions:
-                    with backprop(*extensions):
-                        batch_loss.backward()
-                else:
-                    batch_loss.backward()
+                backward(batch_loss, extensions)
                 opt.step()
             loss, acc = evaluate(model, data)
         else:
@@ -130,6 +153,25 @@ def write_csv(runs: list[Run], path: Path) -> None:
             for epoch, (loss, acc) in enumerate(zip(run.train_loss, run.test_acc)):
                 row = [run.method, run.hyper, run.seed, epoch, f"{loss:.6g}", f"{acc:.6g}"]
                 writer.writerow(row)
+
+
+def write_rows(path: Path, header: list[str], rows) -> None:
+    """A CSV file: ``header``, then ``rows``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def save_runs(runs: list[Run], out: Path, stem: str, title: str, show: bool = True) -> None:
+    """``out/<stem>.csv`` (:func:`write_csv`) and ``out/<stem>.png`` (:func:`plot`); then,
+    with ``show``, a blank line and the :func:`table` of the runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(runs, out / f"{stem}.csv")
+    plot(runs, out / f"{stem}.png", title)
+    if show:
+        print()
+        print(table(runs))
 
 
 def group(runs: list[Run]) -> dict[str, list[Run]]:
@@ -226,11 +268,7 @@ def seconds_per_step(
         start = time.perf_counter()
         opt.zero_grad()
         loss = loss_fn(model(X), y)
-        if extensions:
-            with backprop(*extensions):
-                loss.backward()
-        else:
-            loss.backward()
+        backward(loss, extensions)
         opt.step()
         if i >= 2:
             times.append(time.perf_counter() - start)

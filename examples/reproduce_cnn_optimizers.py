@@ -24,8 +24,6 @@ to ``--out`` and prints a table::
 
 from __future__ import annotations
 
-import argparse
-import csv
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,14 +33,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _reproduction import Run, load_data, plot, table, train, write_csv  # noqa: E402
+from _reproduction import (  # noqa: E402
+    Run,
+    argument_parser,
+    load_data,
+    save_runs,
+    train,
+    write_rows,
+)
 
 from hbpkit.optim import KroneckerPreconditioner, NewtonCG  # noqa: E402
 
 CG_MAXITER, CG_TOL = 200, 0.1
 NEWTON_LRS = (0.05, 0.1, 0.2)
 NEWTON_DAMPINGS = (1e-4, 1e-3, 1e-2)
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 def make_model(num_classes: int = 10) -> nn.Sequential:
@@ -118,12 +122,9 @@ def grids() -> dict[str, tuple[int, Grid]]:
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser = argument_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="final runs; default 30")
     parser.add_argument("--grid-epochs", type=int, default=None, help="grid runs; default 10")
-    parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 30)
     grid_epochs = args.grid_epochs or (1 if args.quick else 10)
@@ -154,18 +155,13 @@ def main(argv: list[str] | None = None) -> list[Run]:
         print(f"  {method:<19} best of {len(grid)}: {hyper:<24} final losses {final}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(runs, args.out / "cnn_optimizers.csv")
-    with open(args.out / "cnn_optimizers_grid.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "hyperparameters", "batch_size", "train_loss", "test_acc"])
-        writer.writerows((m, h, b, f"{loss:.6g}", f"{acc:.6g}") for m, h, b, loss, acc in grid_rows)
-    plot(
-        runs,
-        args.out / "cnn_optimizers.png",
-        "Sigmoid CNN (2 conv + 2 linear) on digits: best setting of each method's grid",
+    write_rows(
+        args.out / "cnn_optimizers_grid.csv",
+        ["method", "hyperparameters", "batch_size", "train_loss", "test_acc"],
+        ((m, h, b, f"{loss:.6g}", f"{acc:.6g}") for m, h, b, loss, acc in grid_rows),
     )
-    print()
-    print(table(runs))
+    title = "Sigmoid CNN (2 conv + 2 linear) on digits: best setting of each method's grid"
+    save_runs(runs, args.out, "cnn_optimizers", title)
     print(f"\nwrote {args.out}/cnn_optimizers.csv, cnn_optimizers_grid.csv and .png")
     return runs
 

@@ -23,7 +23,6 @@ Writes ``fcnn_block_splitting.png`` / ``.csv`` to ``--out`` and prints a table::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _reproduction import Run, load_data, plot, table, train, write_csv  # noqa: E402
+from _reproduction import Run, argument_parser, load_data, save_runs, train  # noqa: E402
 
 from hbpkit.extensions import HBP  # noqa: E402
 from hbpkit.optim import NewtonCG  # noqa: E402
@@ -42,7 +41,6 @@ SPLITS = (1, 4, 16)
 LR, DAMPING, CG_MAXITER, CG_TOL = 0.1, 1e-4, 50, 0.1
 PAPER_DAMPING = 0.02  # section E; on digits it leaves the net on the plateau (shown too)
 SGD_LR, SGD_MOMENTUM = 0.1, 0.9
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 def make_model(num_classes: int = 10) -> nn.Sequential:
@@ -88,12 +86,9 @@ def methods() -> list[tuple[str, str, object]]:
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser = argument_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="default 100 (quick: 2)")
-    parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
     epochs = args.epochs or (2 if args.quick else 100)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -112,16 +107,13 @@ def main(argv: list[str] | None = None) -> list[Run]:
             runs.append(run)
             print(f"  {name:<18} seed {seed}: loss {run.train_loss[-1]:.4f}, {run.seconds:.1f} s")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(runs, args.out / "fcnn_block_splitting.csv")
-    plot(
+    save_runs(
         runs,
-        args.out / "fcnn_block_splitting.png",
+        args.out,
+        "fcnn_block_splitting",
         f"Sigmoid FCNN {'-'.join(map(str, WIDTHS))}-10 on digits, batch {batch_size}: "
         "Newton-CG (PCH-abs, batch-averaged HBP) with block splitting vs SGD",
     )
-    print()
-    print(table(runs))
     print(f"\nwrote {args.out / 'fcnn_block_splitting.csv'} and .png")
     return runs
 

@@ -26,8 +26,6 @@ to ``--out``; prints tables::
 
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
 import sys
 from collections.abc import Callable
@@ -40,19 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _reproduction import (  # noqa: E402
     Run,
+    argument_parser,
     load_data,
     load_fashion_data,
-    plot,
+    save_runs,
     seconds_per_step,
     table,
     train_or_diverge,
-    write_csv,
+    write_rows,
 )
 
 from hbpkit import extend  # noqa: E402
 from hbpkit.optim import FOOF, KroneckerPreconditioner, SubsampledNaturalGradient  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 MOMENTUM = 0.9  # heavy ball for K-FAC, the natural gradient and FOOF
 
 
@@ -119,12 +117,8 @@ def foof_t100(hyper: str) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run on digits")
-    parser.add_argument("--full", action="store_true", help="Fashion-MNIST (10,000 images)")
+    parser = argument_parser(__doc__, quick="tiny smoke run on digits", full=True)
     parser.add_argument("--epochs", type=int, default=None, help="default 20 (quick: 1)")
-    parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
     args = parser.parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 20 if not args.full else 5)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -147,11 +141,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
         best[method] = (winner.hyper, dict(settings)[winner.hyper])
         winners.append(winner)
     best["FOOF T=100"] = (best["FOOF T=1"][0], foof_t100(best["FOOF T=1"][0]))
-    with open(args.out / "foof_grid.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "hyperparameters", "epochs", "final_train_loss"])
-        for r in grid_runs:
-            writer.writerow([r.method, r.hyper, epochs, f"{r.train_loss[-1]:.6g}"])
+    write_rows(
+        args.out / "foof_grid.csv",
+        ["method", "hyperparameters", "epochs", "final_train_loss"],
+        ([r.method, r.hyper, epochs, f"{r.train_loss[-1]:.6g}"] for r in grid_runs),
+    )
     runs = []
     for method, (hyper, make) in best.items():
         first = [w for w in winners if w.method == method]
@@ -159,9 +153,8 @@ def main(argv: list[str] | None = None) -> list[Run]:
         runs += first + [
             train_or_diverge(method, hyper, model_fn, make, data, epochs, 100, s) for s in more
         ]
-    write_csv(runs, args.out / "foof_optimizers.csv")
     title = f"FOOF paper on {name}: MLP 3x{width} ReLU, no biases, batch 100"
-    plot(runs, args.out / "foof_optimizers.png", title)
+    save_runs(runs, args.out, "foof_optimizers", title, show=False)
     print(f"{name}, width {width}, {epochs} epochs, {seeds} seed(s), grid on seed 0")
     print(table(runs))
     # time per step of the tuned methods on one batch of 100: 5 interleaved rounds, the
@@ -174,11 +167,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
             model = extend(model_fn())
             times[method].append(seconds_per_step(model, make(model.parameters()), X, y, 10))
     per_step = {m: min(t) for m, t in times.items()}
-    with open(args.out / "foof_timing.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "width", "batch", "seconds_per_step", "ratio_to_sgd"])
-        for m, s in per_step.items():
-            writer.writerow([m, width, 100, f"{s:.6g}", f"{s / per_step['SGD']:.3f}"])
+    write_rows(
+        args.out / "foof_timing.csv",
+        ["method", "width", "batch", "seconds_per_step", "ratio_to_sgd"],
+        ([m, width, 100, f"{s:.6g}", f"{s / per_step['SGD']:.3f}"] for m, s in per_step.items()),
+    )
     print(f"\n{'method':<20} {'ms/step':>8} {'/ SGD':>6}")
     for m, s in per_step.items():
         print(f"{m:<20} {1e3 * s:>8.2f} {s / per_step['SGD']:>6.2f}")

@@ -31,7 +31,6 @@ on 1000 images, takes about 2.4 s); ``--seeds 1`` divides that by three.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -44,7 +43,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fashion_mnist import FashionMNISTMissingError, load_fashion_mnist  # noqa: E402
-from _reproduction import Data, Run, evaluate, load_data, plot, table, write_csv  # noqa: E402
+from _reproduction import (  # noqa: E402
+    Data,
+    Run,
+    argument_parser,
+    evaluate,
+    load_data,
+    save_runs,
+)
 
 from hbpkit.optim import GroupedNewton  # noqa: E402
 
@@ -56,7 +62,6 @@ NEWTON_BATCH, GRAD_BATCH = 1000, 100
 SGD_LRS = (0.03, 0.1, 0.3, 1.0)
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 BIAS_SCALE = 0.1
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 class RescaledMLP(nn.Module):
@@ -169,15 +174,12 @@ def load(name: str, quick: bool, train_subset: int | None, dtype: torch.dtype) -
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__, quick="tiny smoke run on digits")
     parser.add_argument("--data", choices=("fashion-mnist", "digits"), default="fashion-mnist")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument(
         "--epochs", type=int, default=None, help="Fashion-MNIST 5, digits 40, quick 2"
     )
-    parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--train-subset", type=int, default=None, help="Fashion-MNIST: 10000")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run on digits")
     args = parser.parse_args(argv)
     data_name = "digits" if args.quick else args.data
     epochs = args.epochs or (2 if args.quick else 40 if data_name == "digits" else 5)
@@ -253,17 +255,14 @@ def main(argv: list[str] | None = None) -> list[Run]:
         rescaled=True,
     )
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"grouped_newton_{data_name.replace('-', '_')}"
-    write_csv(runs, args.out / f"{stem}.csv")
-    plot(
+    save_runs(
         runs,
-        args.out / f"{stem}.png",
+        args.out,
+        stem,
         f"tanh MLP {'-'.join(map(str, (data.X_tr.shape[1], *HIDDEN, 10)))} on {data_name}: "
         "GroupedNewton (paper's hyperparameters) vs SGD and Adam (best of a grid)",
     )
-    print()
-    print(table(runs))
     print("\nseconds per step (gradient step + amortised learning-rate update) / SGD's:")
     for name, seconds in per_step.items():
         if not name.startswith(("SGD lr", "Adam lr")):

@@ -22,7 +22,6 @@ Writes ``isaac_grid.png`` (heat maps of the final training loss, one per width),
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -35,16 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _reproduction import (  # noqa: E402
     Run,
+    argument_parser,
     load_data,
     load_fashion_data,
     seconds_per_step,
     train_or_diverge,
+    write_rows,
 )
 
 from hbpkit import extend  # noqa: E402
 from hbpkit.optim import ISAAC, KroneckerPreconditioner  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 GRID = (1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6)
 
 
@@ -217,12 +217,8 @@ def timing(inputs, widths, batches, steps) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[Run]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run on digits")
-    parser.add_argument("--full", action="store_true", help="Fashion-MNIST (10,000 images)")
+    parser = argument_parser(__doc__, seeds=2, quick="tiny smoke run on digits", full=True)
     parser.add_argument("--epochs", type=int, default=None, help="default 6 (quick: 1)")
-    parser.add_argument("--seeds", type=int, default=None, help="default 2 (quick: 1)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="default 0.1 0.3 1")
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="default 100")
     parser.add_argument(
@@ -269,33 +265,16 @@ def main(argv: list[str] | None = None) -> list[Run]:
             f"{lrs_by_sector}: best zeta {best_zeta:.4f}, best zeta* {best_star:.4f}, "
             f"gradient {cells[(None, None)]:.4f}"
         )
-    with open(args.out / "isaac_grid.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            [
-                "width",
-                "lambda_g",
-                "lambda_a",
-                "lr",
-                "seed",
-                "final_train_loss",
-                "final_test_acc",
-                "seconds",
-            ]
-        )
-        for run, info in results:
-            writer.writerow(
-                [
-                    info["width"],
-                    info["lambda_g"],
-                    info["lambda_a"],
-                    info["lr"],
-                    info["seed"],
-                    f"{run.train_loss[-1]:.6g}",
-                    f"{run.test_acc[-1]:.6g}",
-                    f"{run.seconds:.3f}",
-                ]
-            )
+    keys = ["width", "lambda_g", "lambda_a", "lr", "seed"]
+    write_rows(
+        args.out / "isaac_grid.csv",
+        [*keys, "final_train_loss", "final_test_acc", "seconds"],
+        (
+            [*(info[k] for k in keys), f"{run.train_loss[-1]:.6g}", f"{run.test_acc[-1]:.6g}"]
+            + [f"{run.seconds:.3f}"]
+            for run, info in results
+        ),
+    )
     title = (
         f"ISAAC figure 1 on {name}: 5-layer ReLU MLP, batch 60, SGD\n{epochs} epochs, "
         f"mean of {seeds} seed(s), one learning rate per sector; 'div': diverged"

@@ -224,33 +224,41 @@ _WEIGHTS: dict[str, Callable[[ShardWeights], float]] = {
 }
 
 
-class WeightedSum(Reduction):
+class _Weighted(Reduction):
+    """A reduction of ``c_r q_r``, the weight ``c_r`` named by ``weight`` (see ``_WEIGHTS``);
+    ``formula`` reads ``"<combine> <weight> q_r"``."""
+
+    combine = ""
+
+    def __init__(self, weight: str) -> None:
+        if weight not in _WEIGHTS:
+            raise ValueError(f"weight={weight!r} is not one of {tuple(_WEIGHTS)}")
+        self.weight = weight
+        self.formula = f"{self.combine} {weight} q_r"
+
+    def _weighted(self, values, ctx) -> list[Tensor]:
+        """``c_r q_r`` for this rank's ``values``."""
+        c = _WEIGHTS[self.weight](ctx.weights)
+        return [v * c for v in values]
+
+
+class WeightedSum(_Weighted):
     """``sum_r c_r q_r`` with ``c_r`` one of ``w_r`` (a quantity linear in the loss),
     ``w_r**2`` (quadratic in the loss's gradients) or ``a_r`` (an average over samples)."""
 
-    def __init__(self, weight: str) -> None:
-        if weight not in _WEIGHTS:
-            raise ValueError(f"weight={weight!r} is not one of {tuple(_WEIGHTS)}")
-        self.weight = weight
-        self.formula = f"sum_r {weight} q_r"
+    combine = "sum_r"
 
     def reduce(self, params, values, ctx):
-        c = _WEIGHTS[self.weight](ctx.weights)
-        return all_reduce_sum([v * c for v in values], ctx.group)
+        return all_reduce_sum(self._weighted(values, ctx), ctx.group)
 
 
-class GatherInRankOrder(Reduction):
+class GatherInRankOrder(_Weighted):
     """``cat_r c_r q_r`` along dim 0 (rank 0's samples first): per-sample quantities."""
 
-    def __init__(self, weight: str) -> None:
-        if weight not in _WEIGHTS:
-            raise ValueError(f"weight={weight!r} is not one of {tuple(_WEIGHTS)}")
-        self.weight = weight
-        self.formula = f"cat_r {weight} q_r"
+    combine = "cat_r"
 
     def reduce(self, params, values, ctx):
-        c = _WEIGHTS[self.weight](ctx.weights)
-        return [all_gather_batch(v * c, ctx.group) for v in values]
+        return [all_gather_batch(v, ctx.group) for v in self._weighted(values, ctx)]
 
 
 class KroneckerFactorwise(Reduction):

@@ -11,23 +11,8 @@ import reference as ref
 import torch
 from torch import nn
 
+import hbpkit.extensions as exts
 from hbpkit import backprop, extend
-from hbpkit.extensions import (
-    GGNMP,
-    HBP,
-    HMP,
-    KFAC,
-    KFLR,
-    KFRA,
-    PCHMP,
-    BatchGrad,
-    BatchL2,
-    DiagGGNExact,
-    DiagGGNMC,
-    DiagHessian,
-    SumGradSquared,
-    Variance,
-)
 
 DT = torch.float64
 TOL = {"rtol": 1e-8, "atol": 1e-10}
@@ -41,20 +26,20 @@ def close(actual, expected, what):
 
 
 EXTENSIONS = [
-    BatchGrad(),
-    BatchL2(),
-    SumGradSquared(),
-    Variance(),
-    DiagGGNExact(),
-    DiagHessian(),
-    DiagGGNMC(mc_samples=2),
-    KFLR(),
-    KFAC(),
-    KFRA(),  # exact only at N = 1 (test below); here: it runs, shapes
-    HBP("hessian", "exact", "sqrt"),
-    GGNMP(),
-    HMP(),
-    PCHMP("abs"),
+    exts.BatchGrad(),
+    exts.BatchL2(),
+    exts.SumGradSquared(),
+    exts.Variance(),
+    exts.DiagGGNExact(),
+    exts.DiagHessian(),
+    exts.DiagGGNMC(mc_samples=2),
+    exts.KFLR(),
+    exts.KFAC(),
+    exts.KFRA(),  # exact only at N = 1 (test below); here: it runs, shapes
+    exts.HBP("hessian", "exact", "sqrt"),
+    exts.GGNMP(),
+    exts.HMP(),
+    exts.PCHMP("abs"),
 ]
 
 

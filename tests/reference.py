@@ -254,6 +254,23 @@ def layer_jacobians(layer: nn.Module, x: Tensor, z: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+def _linear_layers(
+    model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, xs: list[Tensor] | None = None
+) -> tuple[Tensor, list[Tensor], list[tuple[nn.Linear, Tensor, Tensor]]]:
+    """``(out, H_n, [(layer, z, x), ...])``: the output ``[N, O]``, the per-sample Hessians
+    of :func:`output_hessian_blocks`, and for every Linear layer its output ``z`` (in the
+    graph of ``out``) and its detached input ``x``. ``xs``: a :func:`forward_trace` to use."""
+    xs = forward_trace(model, X) if xs is None else xs
+    out = xs[-1]
+    H_n = output_hessian_blocks(loss_fn, out, y)
+    linears = [
+        (layer, xs[k + 1], xs[k].detach())
+        for k, layer in enumerate(model)
+        if isinstance(layer, nn.Linear)
+    ]
+    return out, H_n, linears
+
+
 def kron_factors_sqrt(
     model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, xs: list[Tensor] | None = None
 ) -> dict[nn.Parameter, tuple[Tensor, ...]]:
@@ -265,19 +282,12 @@ def kron_factors_sqrt(
     ``A = 1/N sum_n x_n x_n^T``. Weight -> ``(G, A)``, bias -> ``(G,)``.
     ``xs``: a :func:`forward_trace` to use instead of a new forward pass.
     """
-    xs = forward_trace(model, X) if xs is None else xs
-    out = xs[-1]
-    N = X.shape[0]
-    O = out[0].numel()
-    H_n = output_hessian_blocks(loss_fn, out, y)
+    out, H_n, linears = _linear_layers(model, loss_fn, X, y, xs)
+    N, O = X.shape[0], out[0].numel()
     result = {}
-    for k, layer in enumerate(model):
-        if not isinstance(layer, nn.Linear):
-            continue
-        z = xs[k + 1]
+    for layer, z, x in linears:
         J = jacobian(out, [z]).reshape(N, O, N, -1)  # d out_n / d z_m
         G = sum(J[n, :, n].T @ H_n[n] @ J[n, :, n] for n in range(N))
-        x = xs[k].detach()
         A = x.T @ x / N
         result[layer.weight] = (G, A)
         if layer.bias is not None:
@@ -393,16 +403,10 @@ def kron_factors_weight_sharing(
     factors is a convention). Maps weight -> ``kron(G, A)``, bias -> ``G``
     (the bias's ``A`` is the scalar 1).
     """
-    xs = forward_trace(model, X)
-    out = xs[-1]
-    N = X.shape[0]
-    O = out[0].numel()
-    H_n = output_hessian_blocks(loss_fn, out, y)
+    out, H_n, linears = _linear_layers(model, loss_fn, X, y)
+    N, O = X.shape[0], out[0].numel()
     result = {}
-    for k, layer in enumerate(model):
-        if not isinstance(layer, nn.Linear):
-            continue
-        z, x = xs[k + 1], xs[k].detach()
+    for layer, z, x in linears:
         if x.dim() == 2:  # no weight sharing: T = 1
             x = x[:, None]
         T, D_out = x.shape[1], z.shape[-1]

@@ -21,26 +21,19 @@ from hbpkit.extensions import (
 )
 
 
-def test_model_not_extended_raises():
-    """Extended loss, plain model: the network is invisible to hbpkit."""
+@pytest.mark.parametrize("plain", ["model", "loss"])
+def test_half_extended_raises(plain):
+    """Extended loss, plain model: the network is invisible to hbpkit. Extended model,
+    plain loss: no loss Hessian to start from."""
     case = Case(lambda: mlp("Tanh"), "ce", "mean", (3, 5))
-    loss = case.lf(case.plain(case.X), case.y)
+    model = case.plain if plain == "model" else case.model
+    loss_fn = case.lf_plain if plain == "loss" else case.lf
+    loss = loss_fn(model(case.X), case.y)
     with pytest.raises((RuntimeError, ValueError, NotImplementedError)) as info:
         with backprop(KFLR()):
             loss.backward()
     assert str(info.value)
-    assert_nothing_attached(case.plain)
-
-
-def test_loss_not_extended_raises():
-    """Extended model, plain loss: no loss Hessian to start from."""
-    case = Case(lambda: mlp("Tanh"), "ce", "mean", (3, 5))
-    loss = case.lf_plain(case.model(case.X), case.y)
-    with pytest.raises((RuntimeError, ValueError, NotImplementedError)) as info:
-        with backprop(KFLR()):
-            loss.backward()
-    assert str(info.value)
-    assert_nothing_attached(case.model)
+    assert_nothing_attached(model)
 
 
 def test_nothing_extended_raises_or_computes_nothing():

@@ -20,11 +20,10 @@ import backpack.extensions as bpext
 import pytest
 import reference as ref
 import torch
-from backpack import backpack as bp_backpack
-from backpack import extend as bp_extend
 from records import record
 from torch import nn
 from torch.func import functional_call
+from twins import run_backpack, run_extended
 
 import hbpkit
 from hbpkit import backprop, extend
@@ -105,15 +104,6 @@ def _problem(model: nn.Sequential, in_shape: tuple, loss_fn: nn.Module, n: int, 
     return model, loss_fn, X, _targets(loss_fn, out_shape, n)
 
 
-def _run(model, loss_fn, X, y, *extensions):
-    """An extended twin of ``model`` after one backward pass with ``extensions``."""
-    m = extend(copy.deepcopy(model))
-    loss = extend(copy.deepcopy(loss_fn))(m(X), y)
-    with backprop(*extensions):
-        loss.backward()
-    return m
-
-
 # --------------------------------------------------------------------------- references
 def hessian_block(model, loss_fn, X, y, name: str) -> torch.Tensor:
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -168,8 +158,8 @@ def reference_blocks(model, loss_fn, X, y, curvature: str) -> dict[str, torch.Te
 def check_products(model, loss_fn, X, y, label: str, curvatures=tuple(FIELDS)) -> None:
     """Every product of every parameter against the dense reference block times ``V``."""
     extensions = {"ggn": GGNMP(), "hessian": HMP(), "pch-abs": PCHMP("abs")}
-    m = _run(model, loss_fn, X, y, *(extensions[c] for c in curvatures if c != "pch-clip"))
-    m_clip = _run(model, loss_fn, X, y, PCHMP("clip")) if "pch-clip" in curvatures else None
+    m = run_extended(model, loss_fn, X, y, *(extensions[c] for c in curvatures if c != "pch-clip"))
+    m_clip = run_extended(model, loss_fn, X, y, PCHMP("clip")) if "pch-clip" in curvatures else None
     torch.manual_seed(2)
     for curvature in curvatures:
         blocks = reference_blocks(model, loss_fn, X, y, curvature)
@@ -223,7 +213,7 @@ def test_linear_on_sequences_against_autograd(n):
 
 def test_hmp_diagonal_matches_diag_hessian_in_the_same_pass():
     model, loss_fn, X, y = _problem(_mlp("Tanh", 3), (4,), nn.CrossEntropyLoss(), 4)
-    m = _run(model, loss_fn, X, y, HMP(), DiagHessian(), GGNMP())
+    m = run_extended(model, loss_fn, X, y, HMP(), DiagHessian(), GGNMP())
     for name, p in m.named_parameters():
         eye = torch.eye(p.numel(), dtype=DT).reshape(p.numel(), *p.shape)
         diag = torch.diagonal(p.hmp(eye).reshape(p.numel(), -1))
@@ -232,7 +222,7 @@ def test_hmp_diagonal_matches_diag_hessian_in_the_same_pass():
 
 def test_products_are_shared_where_curvatures_coincide():
     model, loss_fn, X, y = _problem(_mlp("ReLU", 3), (4,), nn.CrossEntropyLoss(), 4)
-    m = _run(model, loss_fn, X, y, GGNMP(), HMP(), PCHMP())
+    m = run_extended(model, loss_fn, X, y, GGNMP(), HMP(), PCHMP())
     last = m[4].weight
     assert last.ggnmp is last.hmp is last.pchmp  # no residual between the loss and it
     middle = m[2].weight  # its output is the Sigmoid's input: the curvatures differ there
@@ -244,14 +234,6 @@ def test_products_are_shared_where_curvatures_coincide():
 
 
 # --------------------------------------------------------------------------- against BackPACK
-def _backpack_run(model, loss_fn, X, y, *extensions):
-    m = bp_extend(copy.deepcopy(model))
-    loss = bp_extend(copy.deepcopy(loss_fn))(m(X), y)
-    with bp_backpack(*extensions):
-        loss.backward()
-    return m
-
-
 BP_CASES = {
     "mlp-CE": lambda n: _problem(_mlp("Sigmoid", 3), (4,), nn.CrossEntropyLoss(), n),
     "mlp-MSE-sum": lambda n: _problem(_mlp("Tanh", 2), (4,), nn.MSELoss(reduction="sum"), n),
@@ -262,8 +244,8 @@ BP_CASES = {
 @pytest.mark.parametrize("case", BP_CASES)
 def test_ggnmp_hmp_against_backpack(case):
     model, loss_fn, X, y = BP_CASES[case](4)
-    m = _run(model, loss_fn, X, y, GGNMP(), HMP())
-    b = _backpack_run(model, loss_fn, X, y, bpext.GGNMP(), bpext.HMP())
+    m = run_extended(model, loss_fn, X, y, GGNMP(), HMP())
+    b = run_backpack(model, loss_fn, X, y, bpext.GGNMP(), bpext.HMP())
     torch.manual_seed(3)
     for (name, p), q in zip(m.named_parameters(), b.parameters()):
         V = torch.randn(K, *p.shape, dtype=DT)
@@ -295,8 +277,8 @@ def backpack_pchmp_fixed(monkeypatch):
 @pytest.mark.parametrize("case", BP_CASES)
 def test_pchmp_against_fixed_backpack(case, modify, n, backpack_pchmp_fixed):
     model, loss_fn, X, y = BP_CASES[case](n)
-    m = _run(model, loss_fn, X, y, PCHMP(modify))
-    b = _backpack_run(model, loss_fn, X, y, bpext.PCHMP(modify=modify))
+    m = run_extended(model, loss_fn, X, y, PCHMP(modify))
+    b = run_backpack(model, loss_fn, X, y, bpext.PCHMP(modify=modify))
     torch.manual_seed(4)
     for (name, p), q in zip(m.named_parameters(), b.parameters()):
         V = torch.randn(K, *p.shape, dtype=DT)
@@ -306,7 +288,7 @@ def test_pchmp_against_fixed_backpack(case, modify, n, backpack_pchmp_fixed):
 def test_stock_backpack_pchmp_squares_the_gradient():
     """Why the fixture: stock BackPACK's PCHMP is the reference with ``|phi'' dz**2|``."""
     model, loss_fn, X, y = BP_CASES["mlp-CE"](1)
-    b = _backpack_run(model, loss_fn, X, y, bpext.PCHMP(modify="abs"))
+    b = run_backpack(model, loss_fn, X, y, bpext.PCHMP(modify="abs"))
     names, params = zip(*model.named_parameters())
     xs = ref.forward_trace(model, X)
     M = ref.ggn(xs[-1], loss_fn, y, params)
@@ -318,7 +300,7 @@ def test_stock_backpack_pchmp_squares_the_gradient():
             J = ref.jacobian(xs[k], params)
             M = M + J.T @ (r[:, None] * J)
     blocks = dict(zip(names, ref.blocks(M, params)))
-    m = _run(model, loss_fn, X, y, PCHMP("abs"))
+    m = run_extended(model, loss_fn, X, y, PCHMP("abs"))
     torch.manual_seed(6)
     for (name, p), q in zip(m.named_parameters(), b.parameters()):
         V = torch.randn(K, *p.shape, dtype=DT)
@@ -394,7 +376,7 @@ def test_products_free_what_they_hold(how):
 
 def test_wrong_shape_and_bad_options():
     model, loss_fn, X, y = _problem(_mlp("Sigmoid", 3), (4,), nn.CrossEntropyLoss(), 2)
-    m = _run(model, loss_fn, X, y, HMP())
+    m = run_extended(model, loss_fn, X, y, HMP())
     with pytest.raises(ValueError, match=r"\[K, 5, 4\]"):
         m[0].weight.hmp(torch.zeros(5, 4, dtype=DT))
     with pytest.raises(ValueError, match="modify"):

@@ -21,22 +21,13 @@ import torch
 import torch.nn.functional as F
 from records import record
 from torch import nn
+from twins import run_backpack, run_extended
 
 import hbpkit.curvature.memory as budget
+import hbpkit.extensions as exts
 from hbpkit import backprop, extend
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
-from hbpkit.extensions import (
-    HBP,
-    KFLR,
-    KFRA,
-    BatchGrad,
-    BatchL2,
-    DiagGGNExact,
-    DiagHessian,
-    SumGradSquared,
-    Variance,
-)
 from hbpkit.modules.tables import SECOND_ORDER
 
 DT = torch.float64
@@ -373,7 +364,7 @@ def test_unbatched_input_refused():
     module = extend(nn.Conv2d(2, 3, 3).double())
     out = module(torch.randn(2, 5, 5, dtype=DT, requires_grad=True))
     with pytest.raises(NotImplementedError, match=r"Conv2d needs a batched input"):
-        with backprop(BatchGrad()):
+        with backprop(exts.BatchGrad()):
             out.sum().backward()
 
 
@@ -461,14 +452,6 @@ def _data(shape, n=N, classes=3, seed=1):
     return 1.5 * torch.randn(n, *shape, dtype=DT), torch.randint(0, classes, (n,))
 
 
-def _run(plain: nn.Module, loss_fn: nn.Module, X, y, *extensions, memory=None) -> nn.Module:
-    model = extend(copy.deepcopy(plain))
-    loss = extend(copy.deepcopy(loss_fn))(model(X), y)
-    with backprop(*extensions, memory=memory):
-        loss.backward()
-    return model
-
-
 def _functional(model: nn.Module):
     names = [n for n, _ in model.named_parameters()]
 
@@ -515,7 +498,16 @@ def test_first_order_model(config):
     plain, shape = _make_model(config)
     X, y = _data(shape)
     loss_fn = nn.CrossEntropyLoss()
-    model = _run(plain, loss_fn, X, y, BatchGrad(), BatchL2(), SumGradSquared(), Variance())
+    model = run_extended(
+        plain,
+        loss_fn,
+        X,
+        y,
+        exts.BatchGrad(),
+        exts.BatchL2(),
+        exts.SumGradSquared(),
+        exts.Variance(),
+    )
     expected = _per_sample_grads(plain, loss_fn, X, y)
     for name, p in model.named_parameters():
         gb = expected[name]
@@ -532,7 +524,7 @@ def test_diagonals_model(config):
     plain, shape = _model(config)
     X, y = _data(shape)
     loss_fn = nn.CrossEntropyLoss(reduction="sum" if config == "1d_circular" else "mean")
-    model = _run(plain, loss_fn, X, y, DiagGGNExact(), DiagHessian())
+    model = run_extended(plain, loss_fn, X, y, exts.DiagGGNExact(), exts.DiagHessian())
     hess, ggn = _hessian_and_ggn(plain, loss_fn, X, y)
     for name, p in model.named_parameters():
         close(p.diag_ggn_exact, ggn[name].diagonal().reshape(p.shape), f"diag_ggn: {config}.{name}")
@@ -612,8 +604,8 @@ def test_kflr_kfra_model(config, approx):
     plain, shape = _model(config)
     X, y = _data(shape)
     loss_fn = nn.CrossEntropyLoss()
-    model = _run(plain, loss_fn, X, y, KFLR(kfac_approx=approx))
-    model_ra = _run(plain, loss_fn, X, y, KFRA(kfac_approx=approx))
+    model = run_extended(plain, loss_fn, X, y, exts.KFLR(kfac_approx=approx))
+    model_ra = run_extended(plain, loss_fn, X, y, exts.KFRA(kfac_approx=approx))
     xs = _trace(plain, X)
     for k, layer in enumerate(plain):
         if not isinstance(layer, nn.modules.conv._ConvNd):
@@ -655,8 +647,11 @@ def test_kflr_kfra_exact_for_one_sample_one_position(factory, shape, approx):
     X, y = _data(shape, n=1, classes=4)
     loss_fn = nn.CrossEntropyLoss()
     _, ggn = _hessian_and_ggn(plain, loss_fn, X, y)
-    for ext, field in ((KFLR(kfac_approx=approx), "kflr"), (KFRA(kfac_approx=approx), "kfra")):
-        model = _run(plain, loss_fn, X, y, ext)
+    for ext, field in (
+        (exts.KFLR(kfac_approx=approx), "kflr"),
+        (exts.KFRA(kfac_approx=approx), "kfra"),
+    ):
+        model = run_extended(plain, loss_fn, X, y, ext)
         G, A = getattr(model[0].weight, field)
         close(torch.kron(G, A), ggn["0.weight"], f"{field} exact weight block ({approx})")
         (G_bias,) = getattr(model[0].bias, field)
@@ -669,7 +664,7 @@ def test_reduce_bias_block_is_exact(config):
     plain, shape = _make_model(config)
     X, y = _data(shape)
     loss_fn = nn.CrossEntropyLoss()
-    model = _run(plain, loss_fn, X, y, KFLR(kfac_approx="reduce"))
+    model = run_extended(plain, loss_fn, X, y, exts.KFLR(kfac_approx="reduce"))
     _, ggn = _hessian_and_ggn(plain, loss_fn, X, y)
     close(model[0].bias.kflr[0], ggn["0.bias"], f"reduce bias exact: {config}")
 
@@ -678,10 +673,10 @@ def test_kron_of_grouped_weight_refused():
     plain, shape = _make_model("2d_groups_dilation")
     X, y = _data(shape)
     with pytest.raises(NotImplementedError, match=r"groups=2.*one \[G, A\]"):
-        _run(plain, nn.CrossEntropyLoss(), X, y, KFLR())
+        run_extended(plain, nn.CrossEntropyLoss(), X, y, exts.KFLR())
     model = extend(copy.deepcopy(plain))
     loss = extend(nn.CrossEntropyLoss())(model(X), y)
-    with pytest.raises(NotImplementedError, match="groups"), backprop(KFRA()):
+    with pytest.raises(NotImplementedError, match="groups"), backprop(exts.KFRA()):
         loss.backward()
     assert not any(hasattr(p, "kfra") for p in model.parameters())
 
@@ -690,7 +685,7 @@ def test_kron_of_conv_transpose_refused():
     plain, shape = _conv_transpose_model()
     X, y = _data(shape)
     with pytest.raises(NotImplementedError, match=r"Kronecker factors .* of ConvTranspose2d"):
-        _run(plain, nn.CrossEntropyLoss(), X, y, KFLR())
+        run_extended(plain, nn.CrossEntropyLoss(), X, y, exts.KFLR())
 
 
 # --------------------------------------------------------------------------- memory budget
@@ -702,7 +697,7 @@ def test_dense_budget_refusal_kfra():
     model = extend(copy.deepcopy(plain))
     loss = extend(nn.CrossEntropyLoss())(model(X), y)
     with pytest.raises(DenseBudgetError, match=r"Conv2d\(3, 2.*needs a dense.*0.0.* GB") as info:
-        with backprop(KFRA(), BatchGrad(), memory=memory):
+        with backprop(exts.KFRA(), exts.BatchGrad(), memory=memory):
             loss.backward()
     assert isinstance(info.value, MemoryError) and isinstance(info.value, NotImplementedError)
     assert "J^T H J ([18, 18] -> [75, 75])" in str(info.value)
@@ -715,9 +710,9 @@ def test_dense_budget_refusal_diagonal_factor():
     plain, shape = _two_conv_model()
     X, y = _data(shape)
     with pytest.raises(DenseBudgetError, match=r"diagonal curvature factor.*GB"):
-        _run(plain, nn.CrossEntropyLoss(), X, y, DiagHessian(), memory=memory)
+        run_extended(plain, nn.CrossEntropyLoss(), X, y, exts.DiagHessian(), memory=memory)
     # the GGN needs no diagonal factor: within the budget
-    model = _run(plain, nn.CrossEntropyLoss(), X, y, DiagGGNExact(), memory=memory)
+    model = run_extended(plain, nn.CrossEntropyLoss(), X, y, exts.DiagGGNExact(), memory=memory)
     assert model[0].weight.diag_ggn_exact.shape == model[0].weight.shape
 
 
@@ -751,17 +746,6 @@ def _bp_model(config: str):
     return _model(config)
 
 
-def _run_backpack(plain, loss_fn, X, y, *extensions):
-    from backpack import backpack as bp_backpack
-    from backpack import extend as bp_extend
-
-    model = bp_extend(copy.deepcopy(plain))
-    loss = bp_extend(copy.deepcopy(loss_fn))(model(X), y)
-    with bp_backpack(*extensions):
-        loss.backward()
-    return model
-
-
 @pytest.mark.parametrize("config", BP_MODELS)
 def test_against_backpack_first_order_and_diagonals(config):
     """grad_batch, diag_ggn_exact, diag_h: same definitions in both libraries."""
@@ -770,8 +754,10 @@ def test_against_backpack_first_order_and_diagonals(config):
     plain, shape = _bp_model(config)
     X, y = _data(shape)
     loss_fn = nn.CrossEntropyLoss()
-    ours = _run(plain, loss_fn, X, y, BatchGrad(), DiagGGNExact(), DiagHessian())
-    theirs = _run_backpack(
+    ours = run_extended(
+        plain, loss_fn, X, y, exts.BatchGrad(), exts.DiagGGNExact(), exts.DiagHessian()
+    )
+    theirs = run_backpack(
         plain, loss_fn, X, y, bpx.BatchGrad(), bpx.DiagGGNExact(), bpx.DiagHessian()
     )
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
@@ -791,10 +777,12 @@ def test_against_backpack_kronecker(config):
     plain, shape = _bp_model(config)
     X, y = _data(shape)
     loss_fn = nn.CrossEntropyLoss()
-    reduce = _run(plain, loss_fn, X, y, KFLR(kfac_approx="reduce"))
-    expand = _run(plain, loss_fn, X, y, HBP("ggn", "average", "batch-average", 1, "expand"))
-    reduce_ra = _run(plain, loss_fn, X, y, KFRA(kfac_approx="reduce"))
-    theirs = _run_backpack(plain, loss_fn, X, y, bpx.KFLR(), bpx.KFRA())
+    reduce = run_extended(plain, loss_fn, X, y, exts.KFLR(kfac_approx="reduce"))
+    expand = run_extended(
+        plain, loss_fn, X, y, exts.HBP("ggn", "average", "batch-average", 1, "expand")
+    )
+    reduce_ra = run_extended(plain, loss_fn, X, y, exts.KFRA(kfac_approx="reduce"))
+    theirs = run_backpack(plain, loss_fn, X, y, bpx.KFLR(), bpx.KFRA())
     xs = _trace(plain, X)
     for k, layer in enumerate(plain):
         if not isinstance(layer, nn.modules.conv._ConvNd):
