@@ -19,6 +19,9 @@ from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
 
+#: a rule's computation for one form of factor, in ``factor.match(dense=..., diagonal=...)``
+Handler = Callable[[Any], Any]
+
 
 class Jacobian(NamedTuple):
     """A module's transposed Jacobian, as a factor asks for it: ``S_x = J^T S_z`` (eq. 7).
@@ -81,10 +84,7 @@ class SqrtFactor(NamedTuple):
         return self
 
     def match(
-        self,
-        dense: Callable[[SqrtFactor], Any],
-        diagonal: Callable[[DiagonalFactor], Any] | None = None,
-        local: Callable[[Any], Any] | None = None,
+        self, dense: Handler, diagonal: Handler | None = None, local: Handler | None = None
     ) -> Any:
         """``dense(self)``: the handler of this factor's form (see :class:`Jacobian`)."""
         return dense(self)
@@ -122,10 +122,7 @@ class DiagonalFactor(NamedTuple):
         return self.signed_square()
 
     def match(
-        self,
-        dense: Callable[[SqrtFactor], Any],
-        diagonal: Callable[[DiagonalFactor], Any] | None = None,
-        local: Callable[[Any], Any] | None = None,
+        self, dense: Handler, diagonal: Handler | None = None, local: Handler | None = None
     ) -> Any:
         """``diagonal(self)``, or ``dense`` of the dense form where no diagonal handler is given."""
         return dense(self.dense()) if diagonal is None else diagonal(self)

@@ -36,7 +36,7 @@ budget-checked), so other rules never see a :class:`LocalFactor`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,7 +46,7 @@ from einops import rearrange
 from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
+from hbpkit.curvature.factors import DiagonalFactor, Handler, SqrtFactor
 from hbpkit.curvature.memory import (
     DEFAULT_POLICY,
     DIAGONAL_ADVICE,
@@ -422,10 +422,7 @@ class LocalFactor:
             yield chunk
 
     def match(
-        self,
-        dense: Callable[[SqrtFactor], Any],
-        diagonal: Callable[[DiagonalFactor], Any] | None = None,
-        local: Callable[[LocalFactor], Any] | None = None,
+        self, dense: Handler, diagonal: Handler | None = None, local: Handler | None = None
     ) -> Any:
         """``local(self)``: only rules that take local factors (a ``local`` handler) see one."""
         if local is None:
