@@ -225,10 +225,10 @@ class PassPlan:
     def _check_call(self, call: ModuleCall, times_called: int) -> None:
         module = call.module
         name = type(module).__name__
-        if times_called > 1:
-            raise NotImplementedError(
-                f"{name} is called {times_called} times in one forward pass; shared modules "
-                "are not supported yet"
+        if times_called > 1 and _own_trainable(module):  # each call of a parameter-free
+            raise NotImplementedError(  # module is its own record: sharing it is exact
+                f"{name} is called {times_called} times in one forward pass; modules with "
+                "parameters shared across calls (tied weights) are not supported yet"
             )
         if call is not self.root and isinstance(call.rules, LossRules):
             raise NotImplementedError(f"{name} is used inside the network, not as its loss")
