@@ -159,6 +159,16 @@ def _producer(x: Any) -> tuple[ModuleCall | None, Any]:
     return None, x.grad_fn
 
 
+PATH = "_hbpkit_path"  # attribute of a module: its path in the model extend() was given
+
+
+def describe(module: nn.Module) -> str:
+    """``Type 'path'`` for error messages (``ReLU 'layer1.0.relu'``), or the type alone."""
+    path = getattr(module, PATH, None)
+    name = type(module).__name__
+    return f"{name} '{path}'" if path else name
+
+
 def call_of(output: Tensor) -> ModuleCall | None:
     """The record of the extended module call that returned ``output``, or ``None``."""
     node = output.grad_fn

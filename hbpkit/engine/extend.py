@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from hbpkit.core.calls import ModuleCall, link_output
+from hbpkit.core.calls import PATH, ModuleCall, link_output
 from hbpkit.engine.context import current
 from hbpkit.modules.tables import SECOND_ORDER, is_registered
 
@@ -31,6 +31,9 @@ def extend(module: nn.Module) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"extend() expects a torch.nn.Module, got {type(module).__name__}")
     _extend(module)
+    for name, child in module.named_modules(remove_duplicate=False):  # for error messages
+        if name and getattr(child, PATH, None) is None:
+            setattr(child, PATH, name)  # a plain string attribute
     return module
 
 

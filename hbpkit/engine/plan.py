@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hbpkit.core.calls import NODE_KEY, CallPlan, ModuleCall
+from hbpkit.core.calls import NODE_KEY, CallPlan, ModuleCall, describe
 from hbpkit.core.graph import CallGraph, followed_inputs
 from hbpkit.curvature.local import accepts_local, parent_accepts_local
 from hbpkit.curvature.memory import (
@@ -144,7 +144,7 @@ class PassPlan:
             "of torch.sigmoid; hbpkit.convert(model) rewrites + and flatten) and extend() the model"
         )
         raise NotImplementedError(
-            f"the input of {type(call.module).__name__} comes from {name}, an operation outside "
+            f"the input of {describe(call.module)} comes from {name}, an operation outside "
             "extended modules that depends on parameters; hbpkit cannot backpropagate "
             f"curvature through it. {hint}"
         )
@@ -183,7 +183,7 @@ class PassPlan:
                     f"the batch-averaged curvature at the output of {call.module} is carried as "
                     "position blocks (its dense form exceeds the memory budget, "
                     "MemoryPolicy.max_dense_bytes), from which "
-                    f"{dense[0] if dense else type(call.module).__name__} cannot form "
+                    f"{dense[0] if dense else describe(call.module)} cannot form "
                     "its quantity; use kfac_approx='expand', a per-sample extension "
                     f"(KFLR, KFAC), or raise the budget with {RAISE_BUDGET}"
                 )
@@ -224,7 +224,7 @@ class PassPlan:
 
     def _check_call(self, call: ModuleCall, times_called: int) -> None:
         module = call.module
-        name = type(module).__name__
+        name = describe(module)
         if times_called > 1 and _own_trainable(module):  # each call of a parameter-free
             raise NotImplementedError(  # module is its own record: sharing it is exact
                 f"{name} is called {times_called} times in one forward pass; modules with "
@@ -273,7 +273,7 @@ class PassPlan:
             carrier = call.rules
             if carrier is None:
                 raise NotImplementedError(
-                    f"{type(module).__name__} has no curvature rules to carry the message of "
+                    f"{describe(module)} has no curvature rules to carry the message of "
                     f"{ext!r} to its input; register rules for it with hbpkit.register(...)"
                 )
             needed = ext.required_message_rules(carrier, not self.graph.is_chain)
@@ -287,7 +287,7 @@ class PassPlan:
     ) -> None:
         if not missing:
             return
-        name = type(call.module).__name__
+        name = describe(call.module)
         methods = ", ".join(
             f"{m} (or {DEFAULTS_BUILT_ON[m]}, on which its default builds)"
             if m in DEFAULTS_BUILT_ON
@@ -298,7 +298,8 @@ class PassPlan:
         raise NotImplementedError(
             f"{name} (rules {type(rules).__name__}) does not implement {methods}, which "
             f"{ext!r} needs {purpose}; implement {them} in the rules class and register it "
-            f"with hbpkit.register({name}, rules) (docs/own-module.md lists the rule methods "
+            f"with hbpkit.register({type(call.module).__name__}, rules) (docs/own-module.md lists "
+            "the rule methods "
             "each extension needs)"
         )
 
@@ -311,7 +312,7 @@ class PassPlan:
                         self._refuse_hidden(call, origin)
         if outside:
             raise NotImplementedError(
-                f"{type(outside[0].module).__name__} is reached from the loss outside the graph "
+                f"{describe(outside[0].module)} is reached from the loss outside the graph "
                 "of extended modules (through an operation hbpkit does not see); curvature "
                 "extensions need extended modules linked tensor to tensor"
             )

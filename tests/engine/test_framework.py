@@ -152,11 +152,29 @@ def test_register_custom_module_matches_autograd():
 def test_unsupported_module_raises_before_writing():
     torch.manual_seed(0)
     model = extend(nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1), nn.Linear(3, 3)).double())
-    with pytest.raises(NotImplementedError, match=r"Softmax is not supported by KFLR"):
+    with pytest.raises(NotImplementedError, match=r"Softmax '1' is not supported by KFLR"):
         _run(model, extend(nn.CrossEntropyLoss()), BatchGrad(), KFLR())
     assert _attached(model) == set()
     _run(model, extend(nn.CrossEntropyLoss()), BatchGrad())  # first order needs no rules
     assert _attached(model) == {"grad_batch"}
+
+
+def test_errors_name_the_module_path():
+    """Errors name the module by its path in the model given to ``extend``, not only its type."""
+    encoder = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1))
+    model = extend(nn.Sequential(nn.ModuleDict({"encoder": encoder}), nn.Linear(3, 3)).double())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return self.body[1](self.body[0]["encoder"](x))
+
+    with pytest.raises(NotImplementedError, match=r"Softmax '0.encoder.1' is not supported"):
+        _run(Net(), extend(nn.CrossEntropyLoss()), KFLR())
+    assert _attached(model) == set()
 
 
 class FunctionalSigmoid(nn.Module):
