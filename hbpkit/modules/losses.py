@@ -76,8 +76,6 @@ class CrossEntropyLossRules(LossRules):
         module, x = call.module, call.inputs[0]
         if module.weight is not None:
             raise NotImplementedError("CrossEntropyLoss with class weights is not supported")
-        if module.label_smoothing != 0.0:
-            raise NotImplementedError("CrossEntropyLoss with label_smoothing is not supported")
         if module.ignore_index != -100:
             raise NotImplementedError("CrossEntropyLoss with ignore_index is not supported")
         if x.dim() != 2:
@@ -86,11 +84,17 @@ class CrossEntropyLossRules(LossRules):
             )
 
     def _probs_and_mass(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
-        """Softmax probabilities ``[N, C]`` and the target mass ``sum_k y_k`` ``[N]``."""
+        """Softmax probabilities ``[N, C]`` and the target mass ``sum_k y_k`` ``[N]``.
+
+        Label smoothing ``eps`` replaces the target by ``(1 - eps) y + eps / C``: the mass
+        becomes ``(1 - eps) sum_k y_k + eps`` (1 for class indices), and the Hessian, which
+        depends on the target only through its mass, keeps its form (C.2).
+        """
         x, target = call.input, call.inputs[1]
         p = torch.softmax(x, dim=1)
         if target.dtype.is_floating_point:
-            mass = target.detach().sum(1)
+            eps = call.module.label_smoothing
+            mass = (1 - eps) * target.detach().sum(1) + eps
         else:
             mass = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         return p, mass * _scale(call, per_element=False)

@@ -195,9 +195,8 @@ def test_bad_options_raise_value_error(make):
     [
         lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT)),
         lambda: nn.CrossEntropyLoss(ignore_index=0),
-        lambda: nn.CrossEntropyLoss(label_smoothing=0.1),
     ],
-    ids=["weight", "ignore_index", "label_smoothing"],
+    ids=["weight", "ignore_index"],
 )
 def test_unsupported_loss_options_raise(make_loss_fn):
     torch.manual_seed(0)

@@ -26,6 +26,8 @@ from quantities import (
 )
 from torch import nn
 
+from hbpkit import extend
+
 
 @pytest.mark.parametrize("N", [1, 4])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -86,3 +88,14 @@ def test_each_extension_alone_equals_all_together():
             close(getattr(p, SAVEFIELDS[e]), together[(i, e)], f"{e.__name__} alone")
             others = [f for f in SAVEFIELDS.values() if f != SAVEFIELDS[e]]
             assert not any(hasattr(p, f) for f in others)
+
+
+@pytest.mark.parametrize("target", ["ce", "ce-prob", "ce-mass"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_with_label_smoothing(target, reduction):
+    """``CrossEntropyLoss(label_smoothing=0.1)``: the logit Hessian depends on the target only
+    through its mass, so every first-order and diagonal quantity equals autograd's."""
+    case = Case(lambda: mlp("Tanh"), target, reduction, (5, 5))
+    case.lf_plain = nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1)
+    case.lf = extend(nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1))
+    first_and_diag_against_plain(case)
