@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import NODE_KEY, CallPlan, ModuleCall, describe
@@ -105,6 +106,8 @@ class PassPlan:
                 "the loss: extend() the loss module (e.g. extend(nn.CrossEntropyLoss())) and "
                 "call backward() on its output"
             )
+        if self.second_order:
+            self._check_finite_loss_input()
         modules = [id(c.module) for c in calls]
         owned: set[int] = set()
         for call in calls:
@@ -117,6 +120,20 @@ class PassPlan:
         if self.second_order:
             self._check_hidden_paths()
             self._decide_representations()
+
+    def _check_finite_loss_input(self) -> None:
+        """Curvature of a loss at non-finite inputs is undefined: refuse it up front (one
+        reduction over the loss's input per pass)."""
+        x = self.root.inputs[0]
+        finite = torch.isfinite(x.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(
+                f"the input of {describe(self.root.module)} (shape {tuple(x.shape)}) has {bad} "
+                f"non-finite entries (nan or inf); {self.second_order[0]!r} needs the loss's "
+                "curvature there, which is undefined: check the model's outputs (a diverging "
+                "step, a log of 0) before the backward pass"
+            )
 
     def _check_hidden_paths(self) -> None:
         """Refuse inputs of graph calls computed by operations that depend on the network.

@@ -24,6 +24,7 @@ from torch import nn
 
 from hbpkit import backprop, extend
 from hbpkit.extensions import (
+    GGNMP,
     HBP,
     KFAC,
     KFLR,
@@ -240,3 +241,19 @@ def test_frozen_parameter_gets_nothing():
         close(
             p.diag_ggn_exact, Gb.diagonal().reshape(p.shape), "diag_ggn_exact with a frozen layer"
         )
+
+
+@pytest.mark.parametrize("make", [KFAC, DiagGGNExact, GGNMP], ids=["KFAC", "DiagGGNExact", "GGNMP"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_refused_before_writing(make, bad):
+    """Non-finite loss inputs: a ValueError naming the loss and the count, nothing written."""
+    torch.manual_seed(0)
+    model = extend(mlp("Tanh").double())
+    X, y = torch.randn(4, 5, dtype=DT), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        model[-1].bias[1] = bad  # every sample's second logit
+    loss = extend(nn.CrossEntropyLoss())(model(X), y)
+    with pytest.raises(ValueError, match=r"CrossEntropyLoss \(shape \(4, 3\)\) has 4 non-finite"):
+        with backprop(make()):
+            loss.backward()
+    assert_nothing_attached(model)
