@@ -12,6 +12,9 @@ released after the first backward pass that reaches it.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +64,9 @@ class ModuleCall:
             (for instance the mask of a ``Dropout`` layer).
         cache: quantities shared by several extensions during one backward pass
             (cleared on release).
+        grad_slots: the positions of the inputs that required gradients when recorded.
+        output_index: where the recorded output sits in the tuple the module returned
+            (an ``nn.LSTM``'s ``(output, (h, c))``), ``None`` for a tensor output.
         memory: the memory policy (``hbpkit.curvature.memory.MemoryPolicy``) of the
             backward pass that takes the call, set by that pass; ``None`` before (rules
             then use the default policy).
@@ -78,6 +84,8 @@ class ModuleCall:
         "released",
         "kept",
         "output_shape",
+        "output_index",
+        "grad_slots",
         "memory",
         "__weakref__",
     )
@@ -90,6 +98,10 @@ class ModuleCall:
         self.plan: CallPlan | None = None
         self.inputs = inputs
         self.output_shape = output.shape
+        self.output_index: int | None = None
+        self.grad_slots = tuple(
+            i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad
+        )
         self.captured: Any = None
         self.cache: dict[Any, Any] = {}
         self.released = False
@@ -157,6 +169,26 @@ def _producer(x: Any) -> tuple[ModuleCall | None, Any]:
         if version == x._version:
             return call, None
     return None, x.grad_fn
+
+
+_REPLAY = threading.local()
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """Run modules again without recording calls (the generic path recomputes a call's
+    forward pass under ``torch.func``; its modules must not record new calls)."""
+    depth = getattr(_REPLAY, "depth", 0)
+    _REPLAY.depth = depth + 1
+    try:
+        yield
+    finally:
+        _REPLAY.depth = depth
+
+
+def is_replaying() -> bool:
+    """Whether a call's forward pass is being recomputed (:func:`replaying`)."""
+    return getattr(_REPLAY, "depth", 0) > 0
 
 
 PATH = "_hbpkit_path"  # attribute of a module: its path in the model extend() was given

@@ -17,10 +17,18 @@ class DispatchTable:
     Args:
         family: human-readable family name, used in error messages.
         rules: the initial ``module type -> rules`` entries.
+        fallback: the rules of every module type without an entry (the generic path),
+            or ``None``.
     """
 
-    def __init__(self, family: str, rules: dict[type, object] | None = None) -> None:
+    def __init__(
+        self,
+        family: str,
+        rules: dict[type, object] | None = None,
+        fallback: object | None = None,
+    ) -> None:
         self.family = family
+        self.fallback = fallback
         self._rules: dict[type, object] = {}
         for module_type, module_rules in (rules or {}).items():
             self.register(module_type, module_rules)
@@ -31,12 +39,13 @@ class DispatchTable:
             raise TypeError(f"expected a subclass of torch.nn.Module, got {module_type!r}")
         self._rules[module_type] = rules
 
-    def lookup(self, module: nn.Module) -> object | None:
-        """The rules for ``module``'s type or its closest registered base class."""
+    def lookup(self, module: nn.Module, fallback: bool = True) -> object | None:
+        """The rules for ``module``'s type or its closest registered base class; else the
+        table's fallback (``fallback=False``: ``None``)."""
         for cls in type(module).__mro__:
             if cls in self._rules:
                 return self._rules[cls]
-        return None
+        return self.fallback if fallback else None
 
     def types(self) -> list[type]:
         """The module types registered here (not their subclasses)."""

@@ -12,6 +12,26 @@ from __future__ import annotations
 from hbpkit.core.calls import ModuleCall
 
 
+class PerInput:
+    """Messages that differ per input of a call (``rules.per_input(call)``: the generic path's
+    ``cat``, products of two tensors, attention), keyed by the input's position in
+    ``call.inputs``; the pass delivers each to the producer of its input."""
+
+    __slots__ = ("by_slot",)
+
+    def __init__(self, slots: tuple[int, ...], values: list) -> None:
+        self.by_slot = dict(zip(slots, values))
+
+    def at(self, slot: int):
+        return self.by_slot[slot]
+
+
+def per_input(rules: object, call: ModuleCall) -> bool:
+    """Whether ``rules`` send each input of ``call`` its own message (:class:`PerInput`)."""
+    check = getattr(rules, "per_input", None)
+    return check is not None and check(call)
+
+
 def followed_inputs(call: ModuleCall) -> tuple[int, ...]:
     """The inputs curvature is backpropagated to: all for a multi-input module, else ``x``.
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.core.graph import PerInput, followed_inputs
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
 from hbpkit.extensions.base import Extension
@@ -156,13 +157,22 @@ class BackwardPass:
         }
 
     def _send(self, call: ModuleCall, messages: dict[Any, Any]) -> None:
-        """Deliver the messages at ``call``'s inputs to the calls that produced them."""
+        """Deliver the messages at ``call``'s inputs to the calls that produced them (each
+        its own where they differ per input, :class:`PerInput`)."""
         links = 0
-        for parent in self.graph.parents[id(call)]:
-            if self.plan.receives(parent):
-                self._inbox.setdefault(id(parent), []).append(messages)
-                self._waiting[id(parent)] -= 1
-                links += 1
+        split = any(isinstance(v, PerInput) for v in messages.values())
+        for slot in followed_inputs(call):
+            parent = call.parents[slot]
+            if parent is None or not self.plan.receives(parent):
+                continue
+            delivered = messages
+            if split:
+                delivered = {
+                    k: v.at(slot) if isinstance(v, PerInput) else v for k, v in messages.items()
+                }
+            self._inbox.setdefault(id(parent), []).append(delivered)
+            self._waiting[id(parent)] -= 1
+            links += 1
         for key, value in messages.items():
             delivered = getattr(self._handlers[key], "delivered", None)
             if delivered is not None:  # batch-averaged matrices in a branching graph

@@ -1,19 +1,21 @@
-"""``hbpkit.convert(model)``: rewrite an ordinary model's functional ops into modules.
+"""``hbpkit.convert(model)``: an ordinary model's functional code as modules.
 
-hbpkit sees modules, not functional operations. A model written with ``+`` in
-``forward`` (a ResNet's ``out += identity``), ``torch.flatten(x, 1)`` or
-``torch.relu(x)`` is traced symbolically with ``torch.fx`` and rewritten:
+hbpkit sees modules, not functional operations. A model is traced symbolically
+with ``torch.fx`` and rewritten:
 
-* ``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)`` of two tensors ->
-  :class:`hbpkit.branching.Sum`;
-* ``torch.flatten(x, s, e)``, ``x.flatten(s, e)`` -> ``nn.Flatten(s, e)``;
-  ``x.view(x.size(0), -1)``, ``x.reshape(x.size(0), -1)`` -> ``nn.Flatten()``;
-* ``torch.relu / sigmoid / tanh``, ``F.relu / gelu / silu / ...`` (elementwise,
-  default options) -> the corresponding ``nn`` module.
+* where a module with rules exists, the operation becomes that module (the fast path):
+  ``a + b`` of two module outputs (a ResNet's ``out += identity``) ->
+  :class:`hbpkit.branching.Sum`; ``torch.flatten(x, s, e)`` (``s >= 1``) and
+  ``x.view(x.size(0), -1)`` -> ``nn.Flatten``; ``torch.relu / sigmoid / tanh``,
+  ``F.relu / gelu / silu / ...`` (elementwise, default options) -> the ``nn`` module;
+* every other operation joins a *region* of connected functional code between modules
+  (reshapes, attention, ``torch.cat``, bare parameters), which becomes one
+  :class:`hbpkit.regions.Region` module, differentiated exactly by the generic path
+  (``hbpkit/engine/partition.py``, ``hbpkit/modules/generic.py``).
 
-Shape queries (``x.size(0)``, ``x.shape``) are kept. Any other operation on
-tensors (a matmul of attention, a scaling ``2 * x``, an add of a constant)
-raises ``NotImplementedError`` naming the operation and where it is used.
+The rewrites apply where their arguments are module outputs (tensors of the
+model's batch layout, ``[N, *features]``); inside a region the code is left as is.
+Shape queries (``x.size(0)``, ``x.shape``) and arithmetic on them are kept.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hbpkit.branching import Sum
+from hbpkit.engine.partition import Partition, is_shape_query
 from hbpkit.modules.tables import is_registered
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -74,62 +77,83 @@ def convert(model: nn.Module) -> fx.GraphModule:
             f"hbpkit.convert could not trace {type(model).__name__} with torch.fx: {error}"
         ) from error
     gm = fx.GraphModule(model, graph, type(model).__name__)
-    counter, refused = [0], []
+    counter = 0
+    rewritten: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
-        replacement = _module_for(node)
-        if isinstance(replacement, str):
-            refused.append(_describe(node, replacement))
-            continue
+        replacement = _module_for(node, rewritten)
         if replacement is None:
             continue
         module, args = replacement
-        counter[0] += 1
-        name = f"hbpkit_{type(module).__name__.lower()}_{counter[0]}"
+        counter += 1
+        name = f"hbpkit_{type(module).__name__.lower()}_{counter}"
         gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, args)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    if refused:
-        raise NotImplementedError(
-            f"hbpkit.convert cannot rewrite {'; '.join(refused)}. hbpkit backpropagates "
-            "curvature through modules only (attention's matmuls, scalings and other tensor ops "
-            "have no rules yet): write such an operation as a module and hbpkit.register(...) "
-            "its rules"
-        )
+        rewritten.add(new)
+    attributes = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    Partition(gm).replace()
     gm.graph.eliminate_dead_code()
+    _drop_moved_attributes(gm, attributes)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _module_for(node: fx.Node) -> tuple[nn.Module, tuple] | str | None:
-    """The module replacing ``node`` and its arguments, ``None`` to keep it, or why not."""
+def _drop_moved_attributes(gm: fx.GraphModule, before: set[str]) -> None:
+    """Forget the tensors the traced model held for functional code that now live in
+    regions only (the same objects, ``before``: the ``get_attr`` targets before the
+    partition): a module with parameters of its own is differentiated as a whole. Only
+    ``gm`` and the plain containers ``torch.fx`` created for nested targets lose them."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for target in before - used:
+        owner_path, _, leaf = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        plain = type(owner) is nn.Module and not any(
+            c == owner_path or c.startswith(owner_path + ".") for c in called if owner_path
+        )
+        if owner is gm or plain:
+            delattr(owner, leaf)
+
+
+def _module_for(node: fx.Node, rewritten: set[fx.Node]) -> tuple[nn.Module, tuple] | None:
+    """The module with rules replacing ``node`` and its arguments, or ``None`` (``node`` is
+    left to a region). Only operations on module outputs (or the model's inputs) are
+    rewritten: those are in the model's batch layout."""
     if node.op not in ("call_function", "call_method"):
         return None
     target, args, kwargs = node.target, node.args, node.kwargs
-    if node.op == "call_function" and target is getattr:
-        return None  # an attribute (x.shape, x.T): what uses it is checked
-    if node.op == "call_method" and target in SHAPE_METHODS:
-        return None
-    if node.op == "call_function" and target is operator.getitem and _is_shape(args[0]):
+    tensors = [a for a in node.all_input_nodes if not is_shape_query(a)]
+    if not tensors or not all(_module_output(a, rewritten) for a in tensors):
         return None
     if _is_add(node):
         if len(args) == 2 and all(isinstance(a, fx.Node) for a in args) and not kwargs:
-            if not (_is_shape(args[0]) or _is_shape(args[1])):
-                return Sum(), tuple(args)
-        return "an addition of something other than two tensors (a constant, alpha=)"
+            return Sum(), tuple(args)
+        return None
     if _is_flatten(node):
         start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
         end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
-        return nn.Flatten(start, end), (args[0],)
+        if isinstance(start, int) and start >= 1 and isinstance(end, int):
+            return nn.Flatten(start, end), (args[0],)
+        return None
     if node.op == "call_method" and target in ("view", "reshape") and _flattens_batch(node):
         return nn.Flatten(), (args[0],)
     key = target if node.op == "call_function" else str(target)
     module_type = ELEMENTWISE_FUNCTIONS.get(key) if _hashable(key) else None
     if module_type is not None and len(args) == 1 and set(kwargs) <= {"inplace"}:
         return module_type(), (args[0],)
-    return "an operation hbpkit has no module for"
+    return None
+
+
+def _module_output(node: fx.Node, rewritten: set[fx.Node]) -> bool:
+    """Whether ``node`` is a model input or the output of a module (not of a constant)."""
+    if node.op == "placeholder" or node in rewritten:
+        return True
+    return node.op == "call_module" and any(
+        _module_output(a, rewritten) for a in node.all_input_nodes
+    )
 
 
 def _is_add(node: fx.Node) -> bool:

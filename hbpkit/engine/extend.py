@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from hbpkit.core.calls import PATH, ModuleCall, link_output
+from hbpkit.core.calls import PATH, ModuleCall, is_replaying, link_output
 from hbpkit.engine.context import current
 from hbpkit.modules.tables import SECOND_ORDER, is_registered
 
@@ -25,8 +25,10 @@ _HANDLE = "_hbpkit_hook_handle"
 def extend(module: nn.Module) -> nn.Module:
     """Prepare ``module`` and its submodules for hbpkit; returns ``module``.
 
-    Idempotent. Leaf modules, modules of registered types (whose children are
-    then left alone) and modules with parameters of their own get a forward hook.
+    Idempotent. Leaf modules, modules of registered types and modules with parameters
+    of their own get a forward hook (their children are then left alone: a module
+    without rules is differentiated as a whole by the generic path,
+    ``hbpkit/modules/generic.py``); other containers are entered.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"extend() expects a torch.nn.Module, got {type(module).__name__}")
@@ -43,7 +45,8 @@ def _extend(module: nn.Module) -> None:
         _install(module)
         return
     if any(p is not None for p in module._parameters.values()):
-        _install(module)  # parameters of its own: unsupported unless registered
+        _install(module)  # parameters of its own and no rules: the generic path, as a whole
+        return
     for child in children:
         _extend(child)
 
@@ -59,15 +62,21 @@ def _install(module: nn.Module) -> None:
 def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
     if not torch.is_grad_enabled() or not inputs or not isinstance(inputs[0], Tensor):
         return None
-    replaced = None
+    if is_replaying():
+        return None
+    replaced, index = None, None
     if isinstance(output, (tuple, list)):  # e.g. an LSTM: record the call on its first output
-        output = next((o for o in output if isinstance(o, Tensor) and o.requires_grad), None)
+        index = next(
+            (i for i, o in enumerate(output) if isinstance(o, Tensor) and o.requires_grad), None
+        )
+        output = None if index is None else output[index]
     elif isinstance(output, Tensor) and output.requires_grad and output is inputs[0]:
         output = replaced = output.view_as(output)  # its own autograd node and tensor hook
     if not isinstance(output, Tensor) or not output.requires_grad or output.grad_fn is None:
         return None
     rules = SECOND_ORDER.lookup(module)
     call = ModuleCall(module, inputs, output, rules)
+    call.output_index = index
     if rules is not None:
         try:
             call.captured = rules.capture(module, inputs, output)

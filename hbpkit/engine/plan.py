@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from hbpkit.core.calls import NODE_KEY, CallPlan, ModuleCall, describe
-from hbpkit.core.graph import CallGraph, followed_inputs
+from hbpkit.core.graph import CallGraph, followed_inputs, per_input
 from hbpkit.curvature.local import accepts_local, parent_accepts_local
 from hbpkit.curvature.memory import (
     DEFAULT_POLICY,
@@ -40,8 +40,25 @@ from hbpkit.modules.base import DEFAULTS_BUILT_ON, LossRules, UnsupportedRules, 
 
 def trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of ``module``'s parameters ``names`` that require gradients."""
-    params = [(name, getattr(module, name, None)) for name in names]
+    params = [(name, _get(module, name)) for name in names]
     return [(name, p) for name, p in params if p is not None and p.requires_grad]
+
+
+def _get(module: nn.Module, name: str) -> nn.Parameter | None:
+    """``module``'s parameter ``name`` (dotted for a child's: ``cell.weight``), or ``None``."""
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return getattr(module, leaf, None)
+
+
+def _lookup(ext: Extension, module: nn.Module) -> Any:
+    """``ext``'s rules for ``module``: registered ones, else the generic path where the
+    extension needs rules for it (it backpropagates curvature, or the module has
+    trainable parameters)."""
+    return ext.table.lookup(module, fallback=ext.needs_backprop or _own_trainable(module))
 
 
 def _own_trainable(module: nn.Module) -> bool:
@@ -73,8 +90,7 @@ class PassPlan:
         for call in (*self.calls, *graph.order):  # the rules read the policy from their call
             call.memory = memory
         self._rules = {
-            id(c): tuple((ext, ext.table.lookup(c.module)) for ext in extensions)
-            for c in self.calls
+            id(c): tuple((ext, _lookup(ext, c.module)) for ext in extensions) for c in self.calls
         }
         # does any call upstream of a call have trainable parameters (needs messages)?
         self._needs: dict[int, bool] = {}
@@ -292,6 +308,13 @@ class PassPlan:
                 raise NotImplementedError(
                     f"{describe(module)} has no curvature rules to carry the message of "
                     f"{ext!r} to its input; register rules for it with hbpkit.register(...)"
+                )
+            if per_input(carrier, call) and not ext.message.per_input:
+                raise NotImplementedError(
+                    f"{describe(module)} has several inputs that need their own curvature "
+                    f"(rules {type(carrier).__name__}); {ext!r} backpropagates one "
+                    "batch-averaged matrix, which cannot be split over inputs: use a "
+                    "per-sample extension (KFLR, KFAC, DiagGGNExact) or products (GGNMP)"
                 )
             needed = ext.required_message_rules(carrier, not self.graph.is_chain)
             missing = [m for m in needed if not rules_implement(carrier, m)]

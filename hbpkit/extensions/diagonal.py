@@ -18,11 +18,21 @@ from hbpkit.extensions.second_order import SecondOrder
 class _Diagonal(SecondOrder):
     reduction = WeightedSum("w_r")  # linear in the loss: exact
 
+    def _with_own_residual(self, rules) -> bool:
+        """Whether the parameter's own second-order term of eq. 7 enters (a module nonlinear
+        in its parameters, for a curvature other than the GGN)."""
+        return not rules.linear_in_params and self.message.curvature != "ggn"
+
     def required_param_rules(self, rules) -> list[str]:
+        if self._with_own_residual(rules):
+            return ["param_diag", "param_residual_diag"]
         return ["param_diag"]
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        return rules.param_diag(call, name, message)
+        diag = rules.param_diag(call, name, message)
+        if self._with_own_residual(rules):  # + diag(sum_n sum_k d2z_nk/dp2 dz_nk)
+            diag = diag + rules.param_residual_diag(call, name, grad_output, self.message.curvature)
+        return diag
 
 
 class DiagGGNExact(_Diagonal):

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.core.graph import input_parents
+from hbpkit.core.graph import input_parents, per_input
 from hbpkit.modules.base import LossRules, ModuleRules
 
 
@@ -85,25 +85,47 @@ class GraphCurvature:
         tangent_out: dict[ModuleCall, Tensor] = {source: mat}
         tangent_in: dict[ModuleCall, Tensor] = {}
         for call in self._region:  # 1. forward-mode push
+            rules = nodes[call][0]
+            if per_input(rules, call):  # one tangent per input (zero outside the region)
+                t = [tangent_out.get(call.parents[i]) for i in rules.input_slots(call)]
+                tangent_in[call] = t
+                tangent_out[call] = rules.jac_mat_prod_inputs(call, t)
+                continue
             t = _sum(tangent_out[p] for p in input_parents(call) if p in tangent_out)
             tangent_in[call] = t
-            rules = nodes[call][0]
             if not isinstance(rules, LossRules):
                 tangent_out[call] = rules.jac_mat_prod(call, t)
         del tangent_out
         cotangent: dict[ModuleCall, Tensor] = {}
+
+        def send(parent: ModuleCall | None, out: Tensor) -> None:
+            if parent in self._members:
+                cotangent[parent] = out if parent not in cotangent else cotangent[parent] + out
+
         for call in reversed(self._region):  # 2. and 3.: curvature sources, transposed products
             rules, residual = nodes[call]
             t = tangent_in.pop(call)
             if isinstance(rules, LossRules):
                 out = rules.hessian_mat_prod(call, t)
+            elif per_input(rules, call):
+                slots = rules.input_slots(call)
+                outs = list(rules.jac_t_mat_prod_inputs(call, cotangent.pop(call)))
+                if residual is not None:  # couples the inputs: d2z / dx_i dx_j
+                    K = next(m.shape[0] for m in t if m is not None)
+                    full = [
+                        m if m is not None else mat.new_zeros(K, *call.inputs[i].shape)
+                        for m, i in zip(t, slots)
+                    ]
+                    outs = [o + r for o, r in zip(outs, residual(full))]
+                for slot, o in zip(slots, outs):
+                    send(call.parents[slot], o)
+                continue
             else:
                 out = rules.jac_t_mat_prod(call, cotangent.pop(call))
                 if residual is not None:
                     out = out + residual * t
             for parent in input_parents(call):
-                if parent in self._members:
-                    cotangent[parent] = out if parent not in cotangent else cotangent[parent] + out
+                send(parent, out)
         return cotangent[source]
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.core.graph import PerInput, per_input
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.factors import (
     CURVATURE_OPTIONS,
@@ -65,6 +66,7 @@ class Message:
 
     batch_averaged = False  # one [D, D] matrix per tensor instead of per-sample factors
     residual_factors = False  # modules add (diagonal) residual factors to the message
+    per_input = True  # can send each input of a multi-input call its own message
 
     def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
         """The methods of a module's ``rules`` that ``propagate`` calls (default: none).
@@ -109,12 +111,30 @@ class SqrtMessage(Message):
 
     def propagate(
         self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: Factors
-    ) -> Factors:
+    ) -> Factors | PerInput:
+        if per_input(rules, call):
+            return self._propagate_per_input(rules, call, grad_output, factors)
         out = {origin: rules.jac_t_factor(call, f) for origin, f in factors.items()}
         residual = rules.residual_factor(call, grad_output, self.curvature)  # eq. 7, S.9
         if residual is not None:
             out[call] = residual
         return out
+
+    def _propagate_per_input(
+        self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: Factors
+    ) -> PerInput:
+        """``J_i^T S`` for each input ``i``; the residual's columns (over all inputs jointly,
+        cross terms included) split over the inputs under one origin."""
+        slots = rules.input_slots(call)
+        out: list[Factors] = [{} for _ in slots]
+        for origin, f in factors.items():
+            for i, fi in enumerate(rules.jac_t_factor_inputs(call, f)):
+                out[i][origin] = fi
+        residual = rules.residual_factor_inputs(call, grad_output, self.curvature)
+        if residual is not None:
+            for i, r in enumerate(residual):
+                out[i][call] = r
+        return PerInput(slots, out)
 
     def merge(self, messages: list[Factors], call: ModuleCall) -> Factors:
         """The factors at ``call``'s output from those its consumers sent (same origin: summed)."""
@@ -141,6 +161,7 @@ class AverageMessage(Message):
     curvature: str
 
     batch_averaged = True  # residuals are summed into the matrix: no residual factors
+    per_input = False  # mean_n J_n^T H J_n has cross terms between inputs: not split
 
     def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
         """``mean_n J_n^T H J_n`` (9), plus ``sum_n R_n`` (S.11) of a module nonlinear in its

@@ -237,6 +237,14 @@ class ModuleRules(StructuredForms):
         """
         raise self._missing("param_residual_mat_prod")
 
+    def param_residual_diag(
+        self, call: ModuleCall, name: str, grad_output: Tensor, curvature: str
+    ) -> Tensor:
+        """``param.shape``: the diagonal of ``sum_n sum_k (d2z_{n,k}/dp2) dz_{n,k}`` (the
+        parameter's own second-order term of eq. (7)), for ``curvature="hessian"``;
+        needed only by modules with ``linear_in_params = False``."""
+        raise self._missing("param_residual_diag")
+
     def implements(self, what: str) -> bool:
         """Whether the rule ``what`` is overridden (not the base class's missing error)."""
         return getattr(type(self), what) is not getattr(ModuleRules, what)

@@ -13,9 +13,10 @@ from torch import nn
 from hbpkit.branching import Sum
 from hbpkit.core.dispatch import DispatchTable
 from hbpkit.modules.activations import ACTIVATIONS, IdentityRules
-from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules
+from hbpkit.modules.base import LossRules, ModuleRules
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.embedding import EmbeddingRules
+from hbpkit.modules.generic import GenericRules
 from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules, MSELossRules
 from hbpkit.modules.normalization import NORMALIZATION
@@ -23,22 +24,19 @@ from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
 from hbpkit.modules.sum import SumRules
+from hbpkit.regions import LinearRegion, Region, SelectionRegion
 
 LINEAR = LinearRules()
 
-ATTENTION_REASON = (
-    "attention multiplies two linear maps of its input (queries and keys) inside a softmax "
-    "over positions, and hbpkit has no rules for it yet; the supported-modules page of the "
-    "docs (docs/supported-modules.md) lists what is supported"
-)
+#: every module type without rules of its own: exact through autograd (modules/generic.py)
+GENERIC = GenericRules()
+#: parameter-free modules linear in their input whose every output entry copies an input entry
+SELECTIONS = GenericRules(linear_in_input=True, structure="selection")
 
 #: rules of every module with parameters (per-sample gradients need only these)
 PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR, **CONVOLUTIONS}
 PARAMETRIC.update(NORMALIZATION)
 PARAMETRIC[nn.Embedding] = EmbeddingRules()
-PARAMETRIC[nn.MultiheadAttention] = UnsupportedRules(
-    ATTENTION_REASON, "refused before the backward pass: attention has no rules yet"
-)
 
 #: rules of every module curvature can be backpropagated through
 BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
@@ -57,13 +55,22 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     nn.CrossEntropyLoss: CrossEntropyLossRules(),
     nn.BCEWithLogitsLoss: BCEWithLogitsLossRules(),
     Sum: SumRules(),
+    Region: GENERIC,
+    LinearRegion: GenericRules(linear_in_input=True),
+    SelectionRegion: SELECTIONS,
+    nn.PixelShuffle: SELECTIONS,
+    nn.PixelUnshuffle: SELECTIONS,
+    nn.ChannelShuffle: SELECTIONS,
+    nn.Upsample: GenericRules(linear_in_input=True),  # nearest: a selection; others mix
+    nn.UpsamplingNearest2d: SELECTIONS,
+    nn.UpsamplingBilinear2d: GenericRules(linear_in_input=True),
 }
 
 
-FIRST_ORDER = DispatchTable("first-order", PARAMETRIC)
+FIRST_ORDER = DispatchTable("first-order", PARAMETRIC, fallback=GENERIC)
 """Rules for per-sample gradients (BatchGrad, BatchL2, SumGradSquared, Variance)."""
 
-SECOND_ORDER = DispatchTable("second-order", BACKPROPAGATABLE)
+SECOND_ORDER = DispatchTable("second-order", BACKPROPAGATABLE, fallback=GENERIC)
 """Rules that backpropagate curvature (diagonals, Kronecker factors, HBP, products)."""
 
 FAMILIES = {"first_order": FIRST_ORDER, "second_order": SECOND_ORDER}
@@ -85,5 +92,5 @@ def register(module_type: type, rules: object, families: tuple[str, ...] | None 
 
 
 def is_registered(module: nn.Module) -> bool:
-    """Whether any family has rules for ``module``."""
-    return any(table.lookup(module) is not None for table in FAMILIES.values())
+    """Whether any family has rules for ``module``'s type (the generic path aside)."""
+    return any(table.lookup(module, fallback=False) is not None for table in FAMILIES.values())

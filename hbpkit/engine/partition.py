@@ -1,0 +1,257 @@
+"""Cut a traced model's functional code into regions (:mod:`hbpkit.regions`).
+
+After :func:`hbpkit.convert` has rewritten what has a module of its own (``+`` into
+:class:`~hbpkit.branching.Sum`, ``torch.relu`` into ``nn.ReLU``), every remaining
+operation on tensors is an *op node*: function and method calls, tensor attributes
+(``x.T``), the model's own tensors (``get_attr``: bare parameters, buffers) and modules
+applied to constants only (``self.pos(torch.arange(T))``). Connected op nodes form a
+region; each output of a region (an op node used outside it) becomes one
+:class:`~hbpkit.regions.Region` module computing it from the region's inputs (module
+outputs, the model's inputs, sizes). Shape arithmetic (``x.size(0)``, ``D // heads``)
+is not an op: it stays in the model and reaches regions as an input value.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from hbpkit.regions import LinearRegion, Region, SelectionRegion
+
+SHAPE_METHODS = ("size", "dim", "numel", "stride", "element_size", "nelement")
+SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout")
+
+#: ops whose every output entry is a copy of one input entry (or zero)
+SELECTION_METHODS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
+    "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "narrow", "select", "flip",
+    "roll", "movedim", "moveaxis", "unbind", "split", "chunk", "view_as", "reshape_as",
+    "swapaxes", "swapdims", "clone", "__getitem__", "tensor_split", "repeat_interleave",
+}  # fmt: skip
+SELECTION_FUNCTIONS: set[Callable] = {
+    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.flatten, torch.reshape,
+    torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.split, torch.chunk,
+    torch.narrow, torch.flip, torch.roll, torch.movedim, torch.unbind, torch.t, torch.hstack,
+    torch.vstack, torch.tensor_split, operator.getitem, torch.repeat_interleave, torch.clone,
+}  # fmt: skip
+SELECTION_ATTRIBUTES = ("T", "mT", "H", "mH", "real")
+#: ops linear in their tensor arguments jointly
+LINEAR_METHODS = {"sum", "mean", "neg", "__neg__", "sub", "add", "__add__", "__sub__", "__radd__",
+                  "__rsub__", "cumsum", "diff", "trace", "diagonal", "tril", "triu"}  # fmt: skip
+LINEAR_FUNCTIONS: set[Callable] = {
+    torch.sum, torch.mean, torch.neg, operator.neg, operator.sub, operator.add, torch.add,
+    torch.sub, torch.cumsum, torch.diagonal, torch.tril, torch.triu, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, operator.iadd,
+    operator.isub,
+}  # fmt: skip
+#: ops linear in each tensor argument (products): linear if at most one depends on the input
+BILINEAR_METHODS = {"mul", "__mul__", "__rmul__", "div", "__truediv__", "matmul", "__matmul__",
+                    "bmm", "mm", "mv"}  # fmt: skip
+BILINEAR_FUNCTIONS: set[Callable] = {
+    operator.mul, operator.truediv, operator.matmul, torch.mul, torch.div, torch.matmul,
+    torch.bmm, torch.mm, torch.einsum, F.linear, F.conv1d, F.conv2d, F.conv3d, operator.imul,
+    operator.itruediv,
+}  # fmt: skip
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """``x.size()``, ``x.shape``, ``x.dim()``, an entry of them, arithmetic on them."""
+    if node.op == "call_method" and node.target in SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in SHAPE_ATTRIBUTES
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and is_shape_query(node.args[0])
+    if node.op == "call_function" and getattr(node.target, "__module__", "") in (
+        "_operator",
+        "builtins",
+        "math",
+    ):
+        inputs = node.all_input_nodes
+        return bool(inputs) and all(is_shape_query(a) for a in inputs)
+    return False
+
+
+def is_tuple_selection(node: fx.Node) -> bool:
+    """``out[i]`` of a module that returns a tuple (an LSTM's ``(output, (h, c))``): plain
+    Python indexing, the module's output tensors themselves."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    source, index = node.args
+    if not isinstance(index, int) or not isinstance(source, fx.Node):
+        return False
+    return (
+        source.op == "call_module"
+        and all(u.op == "call_function" and u.target is operator.getitem for u in source.users)
+        or is_tuple_selection(source)
+    )
+
+
+class Partition:
+    """The op nodes of ``gm`` (a traced, rewritten model), grouped into regions."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        self.batched = self._batched()
+        self.ops: set[fx.Node] = set()
+        for n in self.nodes:  # in graph order: shape queries of op nodes are ops too
+            if self._is_op(n):
+                self.ops.add(n)
+        self.regions = self._connected(self.ops)
+
+    def _batched(self) -> set[fx.Node]:
+        """Nodes whose value depends on the model's inputs (placeholders)."""
+        batched: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in batched for a in n.all_input_nodes):
+                batched.add(n)
+        return batched
+
+    def _is_op(self, node: fx.Node) -> bool:
+        if node.op in ("placeholder", "output"):
+            return False
+        if node.op == "get_attr":
+            return isinstance(_attribute(self.gm, node.target), Tensor) and bool(node.users)
+        if node.op == "call_module":  # a module applied to constants joins their region
+            return node not in self.batched
+        if is_shape_query(node):
+            return any(a in self.ops for a in node.all_input_nodes)
+        return not is_tuple_selection(node)
+
+    def _connected(self, ops: set[fx.Node]) -> list[list[fx.Node]]:
+        """Connected components of op nodes (through op-node arguments), in graph order."""
+        parent = {n: n for n in ops}
+
+        def find(n: fx.Node) -> fx.Node:
+            while parent[n] is not n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        for n in ops:
+            for a in n.all_input_nodes:
+                if a in ops:
+                    parent[find(a)] = find(n)
+        groups: dict[fx.Node, list[fx.Node]] = {}
+        for n in self.nodes:
+            if n in ops:
+                groups.setdefault(find(n), []).append(n)
+        return list(groups.values())
+
+    def replace(self) -> list[Region]:
+        """Replace every region output by a :class:`Region` module; returns the modules."""
+        made = []
+        for members in self.regions:
+            inside = set(members)
+            outputs = [n for n in members if any(u not in inside for u in n.users)]
+            for out in outputs:
+                made.append(self._replace_output(out, inside))
+        for n in reversed(self.nodes):
+            if n in self.ops and not n.users:
+                self.gm.graph.erase_node(n)
+        return made
+
+    def _replace_output(self, out: fx.Node, inside: set[fx.Node]) -> Region:
+        needed, stack = set(), [out]
+        while stack:  # the region's nodes ``out`` depends on
+            n = stack.pop()
+            if n in needed:
+                continue
+            needed.add(n)
+            stack.extend(a for a in n.all_input_nodes if a in inside)
+        members = sorted(needed, key=self.position.__getitem__)
+        inputs = sorted(
+            {a for n in members for a in n.all_input_nodes if a not in inside},
+            key=self.position.__getitem__,
+        )
+        graph, env, attributes = fx.Graph(), {}, {}
+        for i, a in enumerate(inputs):
+            env[a] = graph.placeholder(f"input_{i}")
+        for n in members:
+            if n.op in ("get_attr", "call_module"):
+                flat = n.target.replace(".", "_")
+                attributes[flat] = _attribute(self.gm, n.target)
+                args = fx.map_arg(n.args, env.__getitem__)
+                kwargs = fx.map_arg(n.kwargs, env.__getitem__)
+                if n.op == "get_attr":
+                    env[n] = graph.get_attr(flat)
+                else:
+                    env[n] = graph.call_module(flat, args, kwargs)
+                continue
+            env[n] = graph.node_copy(n, env.__getitem__)
+        graph.output(env[out])
+        kind = _kind(members, {a for a in inputs if a in self.batched})
+        region = kind(fx.GraphModule(attributes, graph, kind.__name__), _source(members))
+        name = f"hbpkit_region_{len([m for m in self.gm.modules() if isinstance(m, Region)])}"
+        self.gm.add_submodule(name, region)
+        with self.gm.graph.inserting_before(out):
+            node = self.gm.graph.call_module(name, tuple(inputs))
+        out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in inside)
+        return region
+
+
+def _attribute(gm: nn.Module, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _kind(members: list[fx.Node], inputs: set[fx.Node]) -> type[Region]:
+    """The most specific region type all of ``members`` allow (see :mod:`hbpkit.regions`)."""
+    depends = set(inputs)  # nodes that depend on a tensor input of the region
+    selection, linear = True, True
+    for n in members:
+        if any(a in depends for a in n.all_input_nodes):
+            depends.add(n)
+        if n.op == "get_attr" or is_shape_query(n):
+            continue
+        if n.op == "call_module":
+            selection = linear = False
+            continue
+        if n.op == "call_function" and n.target is getattr:
+            selection &= n.args[1] in SELECTION_ATTRIBUTES
+            continue
+        if _listed(n, SELECTION_METHODS, SELECTION_FUNCTIONS):
+            continue
+        selection = False
+        if _listed(n, LINEAR_METHODS, LINEAR_FUNCTIONS):
+            continue
+        if (
+            _listed(n, BILINEAR_METHODS, BILINEAR_FUNCTIONS)
+            and sum(a in depends for a in n.all_input_nodes) <= 1
+        ):
+            continue
+        linear = False
+    if selection:
+        return SelectionRegion
+    return LinearRegion if linear else Region
+
+
+def _listed(node: fx.Node, methods: set[str], functions: set[Callable]) -> bool:
+    if node.op == "call_method":
+        return node.target in methods
+    try:
+        return node.target in functions
+    except TypeError:  # an unhashable target
+        return False
+
+
+def _source(members: list[fx.Node]) -> str:
+    for n in members:
+        frames = [
+            line.strip()
+            for line in (n.stack_trace or "").splitlines()
+            if line.strip().startswith('File "') and "/torch/" not in line
+        ]
+        if frames:
+            path, _, rest = frames[-1][len('File "') :].partition('", line ')
+            return f"{path.rsplit('/', 1)[-1]}:{rest.split(',')[0]}"
+    return ""
