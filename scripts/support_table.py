@@ -124,12 +124,18 @@ def loss_cell(extension, rules: LossRules) -> str:
 
 
 def cell(module_type: type, extension, label: str) -> str:
-    rules = extension.table.lookup(_Instance(module_type))
+    rules = extension.table.lookup(_Instance(module_type), fallback=False)
+    parametric = FIRST_ORDER.lookup(_Instance(module_type), fallback=False) is not None
+    return rules_cell(rules, parametric, extension, label)
+
+
+def rules_cell(rules: object, parametric: bool, extension, label: str) -> str:
+    """The cell of ``rules`` (``None``: not registered) for a module with (``parametric``) or
+    without parameters."""
     if isinstance(rules, UnsupportedRules):
         return "✗"
     if isinstance(rules, LossRules):
         return loss_cell(extension, rules)
-    parametric = FIRST_ORDER.lookup(_Instance(module_type)) is not None
     if rules is None:
         return "–" if extension.message is None and not parametric else "✗"
     through = all(implements(rules, r) for r in message_rules(extension, rules))
@@ -157,7 +163,7 @@ def rows() -> list[tuple[str, list[str], list[str], str]]:
     types = [
         t
         for t in dict.fromkeys([*FIRST_ORDER.types(), *SECOND_ORDER.types()])
-        if t.__module__.startswith(("torch.nn", "hbpkit.branching"))
+        if t.__module__.startswith(("torch.nn", "hbpkit.branching", "hbpkit.regions"))
     ]
     types.sort(key=lambda t: isinstance(SECOND_ORDER.lookup(_Instance(t)), UnsupportedRules))
     grouped: dict[tuple, list[str]] = {}
@@ -166,7 +172,15 @@ def rows() -> list[tuple[str, list[str], list[str], str]]:
         cells = tuple(cell(t, e, label) for _, e, label in COLUMNS)
         key = (family(rules), cells, getattr(rules, "support_note", ""))
         grouped.setdefault(key, []).append(t.__name__)
-    return [(fam, names, list(cells), note) for (fam, cells, note), names in grouped.items()]
+    out = [(fam, names, list(cells), note) for (fam, cells, note), names in grouped.items()]
+    generic = SECOND_ORDER.fallback  # every other module, with or without parameters
+    cells = [rules_cell(generic, True, e, label) for _, e, label in COLUMNS]
+    out.append((family(generic), [ANY_OTHER], cells, generic.support_note))
+    return out
+
+
+#: the last row: what has no rules of its own goes the generic path (``modules/generic.py``)
+ANY_OTHER = "any other module (e.g. LSTM, MultiheadAttention, yours)"
 
 
 def build_table() -> str:
@@ -174,7 +188,7 @@ def build_table() -> str:
     header = ["family", "modules", *[h for h, _, _ in COLUMNS], "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for fam, names, cells, note in rows():
-        modules = ", ".join(f"`{n}`" for n in names)
+        modules = ", ".join(n if n == ANY_OTHER else f"`{n}`" for n in names)
         lines.append("| " + " | ".join([fam, modules, *cells, note]) + " |")
     return "\n".join(["", *lines, "", LEGEND, ""])
 
@@ -187,7 +201,8 @@ MATRIX_ROWS = [(h, e) for h, e, _ in COLUMNS] + [
 #: the columns of the rule matrix: the rule methods users implement, by kind
 MATRIX_COLUMNS = {
     "parameter rules": ["batch_grad", "param_diag", "kron_from_sqrt", "kron_from_average"]
-    + ["param_jac_mat_prod", "param_jac_t_mat_prod_sum", "param_residual_mat_prod"],
+    + ["param_jac_mat_prod", "param_jac_t_mat_prod_sum", "param_residual_mat_prod"]
+    + ["param_residual_diag"],
     "message rules": ["jac_t_mat_prod", "jac_mat_prod", "ea_jac_t_mat_jac_prod"]
     + list(RESIDUAL_RULES),
     "loss rules": ["sqrt_hessian", "sqrt_hessian_sampled", "sum_hessian", "hessian_mat_prod"],

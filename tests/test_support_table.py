@@ -54,13 +54,27 @@ def _cells() -> dict[str, dict[str, str]]:
 
 def test_rows_and_cells():
     cells = _cells()
-    assert set(cells["MultiheadAttention"].values()) == {"✗"}
+    generic = cells[_script().ANY_OTHER]  # the generic path: all but Kronecker factors
+    assert generic["BatchGrad"] == generic["DiagHessian"] == generic["GGNMP"] == "exact"
+    assert generic["KFLR"] == generic["KFAC"] == "✗"
+    assert cells["Upsample"]["DiagGGNExact"] == "✓"
     assert cells["LayerNorm"]["DiagHessian"] == "exact"
     assert cells["Embedding"]["BatchGrad"] == "exact"
     assert cells["Embedding"]["KFLR"] == "≈¹"
     assert cells["ConvTranspose2d"]["KFLR"] == "✗"
     assert cells["Sigmoid"]["BatchGrad"] == "–"
     assert cells["Sigmoid"]["HMP"] == "✓"
+
+
+class Gain(nn.Module):
+    """A module with a parameter and no rules (the generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return x * self.g
 
 
 def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -77,6 +91,8 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
         "GroupNorm": (nn.GroupNorm(2, 4), []),
         "Sigmoid": (nn.Sigmoid(), []),
         "ConvTranspose1d": (nn.ConvTranspose1d(2, 2, 1), [nn.Unflatten(1, (2, 2))]),
+        "Upsample": (nn.Upsample(scale_factor=1), [nn.Unflatten(1, (2, 2))]),
+        _script().ANY_OTHER: (Gain(), []),
     }[name]
     module, before = inner
     layers = [nn.Linear(3, 4), *before, module, nn.Flatten(), nn.Linear(4, 2)]
@@ -85,7 +101,17 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "name",
-    ["Linear", "LayerNorm", "GroupNorm", "BatchNorm1d", "Sigmoid", "ConvTranspose1d", "Embedding"],
+    [
+        "Linear",
+        "LayerNorm",
+        "GroupNorm",
+        "BatchNorm1d",
+        "Sigmoid",
+        "ConvTranspose1d",
+        "Embedding",
+        "Upsample",
+        _script().ANY_OTHER,
+    ],
 )
 def test_cells_hold(name):
     """Every column: the extension runs where the cell says so, and refuses where it says ✗."""

@@ -36,6 +36,7 @@ from hbpkit.curvature.memory import (
 )
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import DEFAULTS_BUILT_ON, LossRules, UnsupportedRules, rules_implement
+from hbpkit.modules.generic import GenericRules
 
 
 def trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parameter]]:
@@ -335,6 +336,13 @@ class PassPlan:
             for m in missing
         )
         them = "it" if len(missing) == 1 else "them"
+        if isinstance(rules, GenericRules):
+            raise NotImplementedError(
+                f"{name} has no rules of its own: the generic path (autograd) gives it "
+                "per-sample gradients, diagonals and curvature products, but not "
+                f"{methods}, which {ext!r} needs {purpose}; register rules for "
+                f"{type(call.module).__name__} with hbpkit.register(...) (docs/own-module.md)"
+            )
         raise NotImplementedError(
             f"{name} (rules {type(rules).__name__}) does not implement {methods}, which "
             f"{ext!r} needs {purpose}; implement {them} in the rules class and register it "

@@ -47,7 +47,7 @@ class BlockProduct:
     modules nonlinear in their parameters), see the module docstring.
     """
 
-    __slots__ = ("rules", "call", "name", "shape", "output_curvature", "grad_output")
+    __slots__ = ("rules", "call", "name", "shape", "output_curvature", "grad_output", "curvature")
 
     def __init__(
         self,
@@ -57,7 +57,9 @@ class BlockProduct:
         shape: torch.Size,
         output_curvature: OutputCurvature,
         grad_output: Tensor | None,
+        curvature: str = "hessian",
     ) -> None:
+        self.curvature = curvature
         self.rules = rules
         self.call = call
         self.name = name
@@ -77,7 +79,9 @@ class BlockProduct:
             JV = rules.param_jac_mat_prod(call, name, V)  # [K, N, *out]
             out = rules.param_jac_t_mat_prod_sum(call, name, self.output_curvature(JV))
             if self.grad_output is not None:
-                out = out + rules.param_residual_mat_prod(call, name, self.grad_output, V)
+                out = out + rules.param_residual_mat_prod(
+                    call, name, self.grad_output, V, self.curvature
+                )
         return out
 
     def __repr__(self) -> str:
@@ -114,16 +118,13 @@ class _CurvMatProd(SecondOrder):
         curvature = self.message.curvature
         residual = None
         if not rules.linear_in_params and curvature != "ggn":
-            if curvature != "hessian":
-                raise NotImplementedError(
-                    f"{self!r} of {type(call.module).__name__}, which is nonlinear in its "
-                    "parameters: PCH modifies diagonal residuals only"
-                )
             residual = grad_output
         # the same operator and residual give the same function: share it (GGN/Hessian/PCH)
-        key = ("block_product", name, id(message), residual is not None)
+        key = ("block_product", name, id(message), residual is not None and curvature)
         if key not in call.cache:
-            call.cache[key] = BlockProduct(rules, call, name, param.shape, message, residual)
+            call.cache[key] = BlockProduct(
+                rules, call, name, param.shape, message, residual, curvature
+            )
         return call.cache[key]
 
 

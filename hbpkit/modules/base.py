@@ -227,13 +227,19 @@ class ModuleRules(StructuredForms):
         raise self._missing("param_jac_t_mat_prod_sum")
 
     def param_residual_mat_prod(
-        self, call: ModuleCall, name: str, grad_output: Tensor, mat: Tensor
+        self,
+        call: ModuleCall,
+        name: str,
+        grad_output: Tensor,
+        mat: Tensor,
+        curvature: str = "hessian",
     ) -> Tensor:
-        """``[K, *param.shape] -> [K, *param.shape]``: ``sum_n sum_k (d2z_{n,k}/dp2) dz_{n,k} v``.
+        """``[K, *param.shape] -> [K, *param.shape]``: ``m(R_p) v`` with the parameter's own
+        second-order term of eq. (7), ``R_p = sum_n sum_k (d2z_{n,k}/dp2) dz_{n,k}``, its
+        eigenvalues modified by the curvature option (:func:`modify_eigenvalues`).
 
-        The parameter's own second-order term of eq. (7); needed only by modules
-        with ``linear_in_params = False`` (Linear and convolutions are linear in
-        their parameters).
+        Needed only by modules with ``linear_in_params = False`` (Linear and convolutions
+        are linear in their parameters).
         """
         raise self._missing("param_residual_mat_prod")
 

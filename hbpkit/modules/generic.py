@@ -461,15 +461,37 @@ class GenericRules(ModuleRules):
         return vmap(pull)(mat)[0]
 
     def param_residual_mat_prod(
-        self, call: ModuleCall, name: str, grad_output: Tensor, mat: Tensor
+        self,
+        call: ModuleCall,
+        name: str,
+        grad_output: Tensor,
+        mat: Tensor,
+        curvature: str = "hessian",
     ) -> Tensor:
-        """``[K, *p] -> [K, *p]``: Hessian-vector products of ``<f(x, p), dz>`` in ``p``."""
+        """``[K, *p] -> [K, *p]``: Hessian-vector products of ``<f(x, p), dz>`` in ``p``; for
+        PCH the dense residual (within the memory budget) with modified eigenvalues."""
+        if curvature == "hessian":
+            return vmap(self._param_hvp(call, name, grad_output))(mat)
+        key = ("generic_param_residual", name, curvature)
+        if key not in call.cache:
+            p = self._function(call).params[name]
+            P = p.numel()
+            check_dense_budget(call, (2 * P, P), p.dtype, "The residual of a parameter", "")
+            basis = torch.eye(P, dtype=p.dtype, device=p.device).reshape(P, *p.shape)
+            R = vmap(self._param_hvp(call, name, grad_output))(basis).reshape(P, P)
+            values, vectors = torch.linalg.eigh((R + R.T) / 2)
+            values = modify_eigenvalues(values, curvature)
+            call.cache[key] = (vectors * values) @ vectors.T
+        R = call.cache[key]
+        return (mat.reshape(mat.shape[0], -1) @ R).reshape(mat.shape)
+
+    def _param_hvp(self, call: ModuleCall, name: str, grad_output: Tensor) -> Callable:
         f = self._function(call)
         xs = f.followed_inputs()
         dz = grad_output.detach()
         gradient = grad(lambda q: (f({**f.params, name: q}, *xs) * dz).sum())
         p = f.params[name]
-        return vmap(lambda v: jvp(gradient, (p,), (v,))[1])(mat)
+        return lambda v: jvp(gradient, (p,), (v,))[1]
 
     def param_residual_diag(
         self, call: ModuleCall, name: str, grad_output: Tensor, curvature: str

@@ -58,10 +58,7 @@ def test_context_exits_cleanly_after_exception():
     assert_nothing_attached(case.model)
     # an exception raised by hbpkit during backward does not leave a context behind either
     bad = Case(
-        lambda: nn.Sequential(nn.Linear(5, 4), nn.Softmax(dim=1), nn.Linear(4, 3)),
-        "ce",
-        "mean",
-        (3, 5),
+        lambda: nn.Sequential(nn.Linear(5, 4), Gain(), nn.Linear(4, 3)), "ce", "mean", (3, 5)
     )
     with pytest.raises(NotImplementedError):
         bad.run(KFLR())
@@ -70,6 +67,17 @@ def test_context_exits_cleanly_after_exception():
     # and a new context still works
     case.run(KFLR())
     assert all(hasattr(p, "kflr") for p in case.model.parameters())
+
+
+class Gain(nn.Module):
+    """A parameter without rules: no Kronecker factors (KFLR refuses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.g
 
 
 def test_nested_contexts():

@@ -149,19 +149,30 @@ def test_register_custom_module_matches_autograd():
     torch.testing.assert_close(W.diag_h, torch.diagonal(hessian.reshape(6, 6)).reshape(2, 3))
 
 
-def test_unsupported_module_raises_before_writing():
+class Gain(nn.Module):
+    """A parameter without rules: the generic path, no Kronecker factors."""
+
+    def __init__(self, d: int = 3):
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.g
+
+
+def test_refused_extension_raises_before_writing():
     torch.manual_seed(0)
-    model = extend(nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1), nn.Linear(3, 3)).double())
-    with pytest.raises(NotImplementedError, match=r"Softmax '1' is not supported by KFLR"):
+    model = extend(nn.Sequential(nn.Linear(4, 3), Gain(), nn.Linear(3, 3)).double())
+    with pytest.raises(NotImplementedError, match=r"Gain '1' has no rules of its own.*KFLR"):
         _run(model, extend(nn.CrossEntropyLoss()), BatchGrad(), KFLR())
     assert _attached(model) == set()
-    _run(model, extend(nn.CrossEntropyLoss()), BatchGrad())  # first order needs no rules
+    _run(model, extend(nn.CrossEntropyLoss()), BatchGrad())  # the generic path
     assert _attached(model) == {"grad_batch"}
 
 
 def test_errors_name_the_module_path():
     """Errors name the module by its path in the model given to ``extend``, not only its type."""
-    encoder = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1))
+    encoder = nn.Sequential(nn.Linear(4, 3), Gain())
     model = extend(nn.Sequential(nn.ModuleDict({"encoder": encoder}), nn.Linear(3, 3)).double())
 
     class Net(nn.Module):
@@ -172,7 +183,7 @@ def test_errors_name_the_module_path():
         def forward(self, x):
             return self.body[1](self.body[0]["encoder"](x))
 
-    with pytest.raises(NotImplementedError, match=r"Softmax '0.encoder.1' is not supported"):
+    with pytest.raises(NotImplementedError, match=r"Gain '0.encoder.1' has no rules"):
         _run(Net(), extend(nn.CrossEntropyLoss()), KFLR())
     assert _attached(model) == set()
 
