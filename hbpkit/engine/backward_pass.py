@@ -91,6 +91,7 @@ class BackwardPass:
         self._pending = {id(c) for c in plan.calls}
         self._drop_previous_results()
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
+        self.tied: dict[tuple[int, str], tuple[nn.Parameter, Extension, list]] = {}
 
     def _drop_previous_results(self) -> None:
         """Delete what an earlier backward pass attached, so its memory is free for this one."""
@@ -132,6 +133,12 @@ class BackwardPass:
                 message = ext.message
                 message = self._handlers[message].for_params(messages[message], call)
             for name, param in trainable(module, rules.param_names(module)):
+                if id(param) in self.plan.tied:  # combined over its uses at commit
+                    part = ext.tied_contribution(rules, call, name, grad_output)
+                    self.tied.setdefault((id(param), ext.savefield), (param, ext, []))[2].append(
+                        part
+                    )
+                    continue
                 value = ext.param_quantity(rules, call, name, param, grad_output, message)
                 self.staged.append((param, ext.savefield, value))
         for key in getattr(second_rules, "param_only_cache", ()):
@@ -193,6 +200,8 @@ class BackwardPass:
         self._send(call, {key: h.initial(rules, call) for key, h in self._handlers.items()})
 
     def commit(self) -> None:
+        for (_, field), (param, ext, parts) in self.tied.items():
+            self.staged.append((param, field, ext.combine_tied(parts)))
         for param, field, value in self.staged:
             setattr(param, field, value)
         self.staged = []

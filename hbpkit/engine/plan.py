@@ -125,11 +125,11 @@ class PassPlan:
             )
         if self.second_order:
             self._check_finite_loss_input()
-        modules = [id(c.module) for c in calls]
         owned: set[int] = set()
         for call in calls:
-            self._check_call(call, modules.count(id(call.module)))
+            self._check_call(call)
             owned.update(id(p) for p in call.module.parameters())
+        self._check_tied(calls)
         stray = [p for p in params if id(p) not in owned]
         outside = [c for c in calls if c not in self.graph] if self.second_order else []
         if stray or outside:
@@ -256,14 +256,34 @@ class PassPlan:
                 blocks_out[id(parent)] = blocks
                 columns_out[id(parent)] = columns_out.get(id(parent), 0) + local_columns
 
-    def _check_call(self, call: ModuleCall, times_called: int) -> None:
+    def _check_tied(self, calls: list[ModuleCall]) -> None:
+        """Find the parameters used by several calls (a module called twice, weights tied
+        between modules: ``self.tied``) and refuse the extensions that cannot combine the
+        uses (``Extension.combines_tied_uses``); per-sample gradients are the sum over uses."""
+        uses: dict[int, list[tuple[ModuleCall, str]]] = {}
+        for call in calls:
+            rules = next((r for _, r in self.rules(call) if r is not None), None)
+            if rules is None or isinstance(rules, LossRules):
+                continue
+            for name, p in trainable(call.module, rules.param_names(call.module)):
+                uses.setdefault(id(p), []).append((call, name))
+        self.tied = {k: v for k, v in uses.items() if len(v) > 1}
+        if not self.tied:
+            return
+        refused = [e for e in self.extensions if not e.combines_tied_uses]
+        if refused:
+            where = next(iter(self.tied.values()))
+            names = ", ".join(f"{describe(c.module)}.{n}" for c, n in where)
+            raise NotImplementedError(
+                f"a parameter is used {len(where)} times in one forward pass ({names}: a module "
+                "called several times, or weights tied between modules); "
+                f"{refused[0]!r} cannot combine its uses yet; per-sample gradients and their "
+                "statistics (BatchGrad, BatchL2, SumGradSquared, Variance) are exact for it"
+            )
+
+    def _check_call(self, call: ModuleCall) -> None:
         module = call.module
         name = describe(module)
-        if times_called > 1 and _own_trainable(module):  # each call of a parameter-free
-            raise NotImplementedError(  # module is its own record: sharing it is exact
-                f"{name} is called {times_called} times in one forward pass; modules with "
-                "parameters shared across calls (tied weights) are not supported yet"
-            )
         if call is not self.root and isinstance(call.rules, LossRules):
             raise NotImplementedError(f"{name} is used inside the network, not as its loss")
         validated = set()

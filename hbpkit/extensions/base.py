@@ -29,6 +29,20 @@ class Extension:
     #: by ``hbpkit.distributed.all_reduce_quantities``; ``None``: no combination is known
     reduction: Any = None
 
+    #: whether a parameter used by several calls (tied weights) gets its quantity from the
+    #: contributions of its uses (:meth:`tied_contribution`, :meth:`combine_tied`)
+    combines_tied_uses: bool = False
+
+    def tied_contribution(
+        self, rules: Any, call: ModuleCall, name: str, grad_output: Tensor
+    ) -> Any:
+        """What one use of a tied parameter contributes (see :attr:`combines_tied_uses`)."""
+        raise NotImplementedError
+
+    def combine_tied(self, contributions: list[Any]) -> Any:
+        """The quantity of a tied parameter from the contributions of all its uses."""
+        raise NotImplementedError
+
     @property
     def accepts_position_blocks(self) -> bool:
         """Whether the parameter quantity can be formed from position blocks.

@@ -24,6 +24,20 @@ from hbpkit.modules.tables import FIRST_ORDER
 class _FirstOrder(Extension):
     table = FIRST_ORDER
 
+    # a tied parameter's per-sample gradient is the sum over its uses (the chain rule);
+    # every statistic is then formed from that sum
+    combines_tied_uses = True
+
+    def tied_contribution(self, rules, call, name, grad_output) -> Tensor:
+        return rules.cached_batch_grad(call, name, grad_output)
+
+    def combine_tied(self, contributions: list[Tensor]) -> Tensor:
+        return self.from_batch_grad(sum(contributions))
+
+    def from_batch_grad(self, g: Tensor) -> Tensor:
+        """The quantity from the per-sample gradients ``g`` ``[N, *p.shape]``."""
+        raise NotImplementedError
+
 
 class BatchGrad(_FirstOrder):
     """Per-sample gradients, ``grad_batch``: ``[N, *p.shape]``."""
@@ -36,6 +50,9 @@ class BatchGrad(_FirstOrder):
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.cached_batch_grad(call, name, grad_output)
+
+    def from_batch_grad(self, g: Tensor) -> Tensor:
+        return g
 
 
 class BatchL2(_FirstOrder):
@@ -50,6 +67,9 @@ class BatchL2(_FirstOrder):
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.batch_l2(call, name, grad_output)
 
+    def from_batch_grad(self, g: Tensor) -> Tensor:
+        return g.flatten(1).square().sum(1)
+
 
 class SumGradSquared(_FirstOrder):
     """``sum_n grad_batch[n]**2``, ``sum_grad_squared``: ``p.shape``."""
@@ -62,6 +82,9 @@ class SumGradSquared(_FirstOrder):
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.sum_grad_squared(call, name, grad_output)
+
+    def from_batch_grad(self, g: Tensor) -> Tensor:
+        return g.square().sum(0)
 
 
 class VarianceReduction(Reduction):
@@ -129,6 +152,10 @@ class Variance(_FirstOrder):
         N = grad_output.shape[0]
         sgs = rules.sum_grad_squared(call, name, grad_output)
         return sgs / N - (rules.summed_grad(call, name, grad_output) / N).square()
+
+    def from_batch_grad(self, g: Tensor) -> Tensor:
+        N = g.shape[0]
+        return g.square().sum(0) / N - (g.sum(0) / N).square()
 
 
 __all__ = ["BatchGrad", "BatchL2", "SumGradSquared", "Variance", "VarianceReduction"]

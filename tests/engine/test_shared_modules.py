@@ -5,7 +5,8 @@ Each call of an extended module is its own record (its own input, output and cap
 state), so sharing a parameter-free module changes nothing: every quantity must equal
 the one of the same model with a separate copy of the module per call, and the
 first-order and diagonal quantities must equal their autograd definitions. A module
-*with* parameters called twice (tied weights) is still refused before the pass.
+*with* parameters called twice (tied weights) gets exact first-order quantities; curvature
+of tied weights is refused before the pass.
 """
 
 from __future__ import annotations
@@ -127,13 +128,71 @@ def unshared_functional(model: FunctionalStyle) -> nn.Module:
     return nn.Sequential(model.fc1, nn.Tanh(), model.fc2, nn.Tanh(), model.fc3)
 
 
-def test_shared_module_with_parameters_is_still_refused():
-    """Tied weights are refused before anything is written (issue 15 will support them)."""
+def _untied_twin(lin: nn.Linear) -> tuple[nn.Module, nn.Linear, nn.Linear]:
+    first, second = copy.deepcopy(lin), copy.deepcopy(lin)
+    return nn.Sequential(first, nn.Tanh(), second), first, second
+
+
+@pytest.mark.parametrize("make", [exts.BatchGrad, exts.BatchL2, exts.SumGradSquared, exts.Variance])
+def test_tied_parameters_first_order_is_the_sum_over_uses(make):
+    """A Linear applied twice: its per-sample gradients are the sums of the two uses'
+    (those of an untied twin), and every statistic is formed from the sums."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3).double()
+    twin, first, second = _untied_twin(lin)
+    model = extend(nn.Sequential(lin, nn.Tanh(), lin))
+    X, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 1, 2, 1])
+    with backprop(exts.BatchGrad()):
+        extend(nn.CrossEntropyLoss())(extend(twin)(X), y).backward()
+    ext = make()
+    with backprop(ext):
+        extend(nn.CrossEntropyLoss())(model(X), y).backward()
+    for p, a, b in ((lin.weight, first.weight, second.weight), (lin.bias, first.bias, second.bias)):
+        g = a.grad_batch + b.grad_batch
+        N = g.shape[0]
+        expected = {
+            "grad_batch": g,
+            "batch_l2": g.flatten(1).square().sum(1),
+            "sum_grad_squared": g.square().sum(0),
+            "variance": g.square().sum(0) / N - (g.sum(0) / N).square(),
+        }[ext.savefield]
+        torch.testing.assert_close(getattr(p, ext.savefield), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_weights_tied_between_modules():
+    """An embedding and an output layer sharing one weight (a language model's tying)."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(5, 3).double(), nn.Linear(3, 5, bias=False).double()
+    head.weight = emb.weight
+    model = extend(nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 3).double(), nn.Tanh(), head))
+    X, y = torch.tensor([[1, 2], [3, 4], [0, 0]]), torch.tensor([0, 4, 2])
+    loss = extend(nn.CrossEntropyLoss())(model(X), y)
+    with backprop(exts.BatchGrad()):
+        loss.backward()
+    g = emb.weight.grad_batch
+    assert g.shape == (3, 5, 3)
+    torch.testing.assert_close(g.sum(0), emb.weight.grad, rtol=1e-12, atol=1e-14)
+    ref = torch.stack(
+        [
+            torch.autograd.grad(
+                extend(nn.CrossEntropyLoss(reduction="sum"))(model(X[n : n + 1]), y[n : n + 1]) / 3,
+                emb.weight,
+            )[0]
+            for n in range(3)
+        ]
+    )
+    torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [exts.DiagGGNExact, exts.KFLR, exts.GGNMP])
+def test_curvature_of_tied_parameters_is_refused(make):
+    """Curvature needs the Jacobians of all uses summed before squaring: refused (for now)
+    before anything is written, naming the uses."""
     lin = nn.Linear(3, 3).double()
     model = extend(nn.Sequential(lin, nn.Tanh(), lin))
     X, y = torch.randn(2, 3, dtype=DT), torch.tensor([0, 1])
     loss = extend(nn.CrossEntropyLoss())(model(X), y)
-    with pytest.raises(NotImplementedError, match="called 2 times.*parameters shared"):
-        with backprop(exts.BatchGrad()):
+    with pytest.raises(NotImplementedError, match=r"used 2 times.*Linear '0'.weight"):
+        with backprop(make()):
             loss.backward()
-    assert not hasattr(lin.weight, "grad_batch")
+    assert not any(hasattr(lin.weight, f) for f in ("diag_ggn_exact", "kflr", "ggnmp"))
