@@ -37,8 +37,8 @@ def followed_inputs(call: ModuleCall) -> tuple[int, ...]:
 
     A loss's target (``inputs[1]``) is data, never followed.
     """
-    if len(call.inputs) > 1 and getattr(call.rules, "multi_input", False):
-        return tuple(range(len(call.inputs)))
+    if len(call.parents) > 1 and getattr(call.rules, "multi_input", False):
+        return tuple(range(len(call.parents)))  # (parents outlive the released inputs)
     return (0,)
 
 
@@ -51,40 +51,48 @@ def input_parents(call: ModuleCall) -> list[ModuleCall]:
 
 
 class CallGraph:
-    """The extended calls reached from ``root`` (the loss) through input links.
+    """The extended calls reached from ``roots`` (the losses) through input links.
 
     Attributes:
-        order: the calls, every call after all of its consumers (root first): the
+        roots: the losses the backward pass starts from (one, or several summed).
+        root: the first of them.
+        order: the calls, every call after all of its consumers (roots first): the
             order in which the backward pass reaches them.
         parents: ``id(call) -> [producer calls]`` of its followed inputs.
         consumers: ``id(call) -> number of (consumer, input) links`` out of its output.
-        is_chain: no call has two consumers or two parents.
+        is_chain: one root, and no call has two consumers or two parents.
     """
 
-    def __init__(self, root: ModuleCall) -> None:
-        self.root = root
+    def __init__(self, roots: ModuleCall | list[ModuleCall]) -> None:
+        self.roots = roots if isinstance(roots, list) else [roots]
+        self.root = self.roots[0]
         self.parents: dict[int, list[ModuleCall]] = {}
         postorder: list[ModuleCall] = []
-        stack: list[tuple[ModuleCall, int]] = [(root, 0)]
-        self.parents[id(root)] = input_parents(root)
-        while stack:  # iterative depth-first search over parent links
-            call, i = stack.pop()
-            parents = self.parents[id(call)]
-            if i < len(parents):
-                stack.append((call, i + 1))
-                parent = parents[i]
-                if id(parent) not in self.parents:
-                    self.parents[id(parent)] = input_parents(parent)
-                    stack.append((parent, 0))
-            else:
-                postorder.append(call)
+        for root in self.roots:
+            if id(root) in self.parents:
+                continue
+            stack: list[tuple[ModuleCall, int]] = [(root, 0)]
+            self.parents[id(root)] = input_parents(root)
+            while stack:  # iterative depth-first search over parent links
+                call, i = stack.pop()
+                parents = self.parents[id(call)]
+                if i < len(parents):
+                    stack.append((call, i + 1))
+                    parent = parents[i]
+                    if id(parent) not in self.parents:
+                        self.parents[id(parent)] = input_parents(parent)
+                        stack.append((parent, 0))
+                else:
+                    postorder.append(call)
         self.order = postorder[::-1]
         self.consumers: dict[int, int] = dict.fromkeys(self.parents, 0)
         for call in self.order:
             for parent in self.parents[id(call)]:
                 self.consumers[id(parent)] += 1
-        self.is_chain = all(len(p) <= 1 for p in self.parents.values()) and all(
-            n <= 1 for n in self.consumers.values()
+        self.is_chain = (
+            len(self.roots) == 1
+            and all(len(p) <= 1 for p in self.parents.values())
+            and all(n <= 1 for n in self.consumers.values())
         )
 
     def __contains__(self, call: ModuleCall) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hbpkit.core.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
@@ -43,15 +43,15 @@ class BackwardState:
                 )
             return  # a later pass (e.g. double backward) re-traverses the graph
         try:
-            if self.pass_ is None or not self.pass_.owns(call):
-                if self.pass_ is not None:
+            if self.pass_ is not None and not self.pass_.owns(call):
+                if not isinstance(call.rules, LossRules):
                     raise NotImplementedError(
-                        f"{type(call.module).__name__} is not reached from "
-                        f"{type(self.pass_.root.module).__name__}, where this backward "
-                        "pass started: several losses or forward passes per backward are not "
-                        "supported yet"
+                        f"{describe(call.module)} is not reached from the loss where this "
+                        "backward pass started, nor from another extended loss; several "
+                        "forward passes per backward are not supported"
                     )
-                # the plan raises before anything is computed
+                self.pass_.add_root(call)  # another loss of a sum (multi-task, auxiliary)
+            if self.pass_ is None:  # the plan raises before anything is computed
                 self.pass_ = BackwardPass(PassPlan(self.extensions, call, self.memory))
             with torch.no_grad():
                 self.pass_.process(call, grad_output.detach())
@@ -93,9 +93,37 @@ class BackwardPass:
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
         self.tied: dict[tuple[int, str], tuple[nn.Parameter, Extension, list]] = {}
 
-    def _drop_previous_results(self) -> None:
+    def add_root(self, loss: ModuleCall) -> None:
+        """Take one more loss of a sum into the running pass: plan again over all losses.
+
+        Autograd fires a module's hook only when the gradient of its output is complete,
+        which needs every loss it feeds: the calls processed so far belong to the earlier
+        losses alone, and keep their results.
+        """
+        processed = {id(c) for c in self.plan.calls} - self._pending
+        plan = PassPlan(
+            self.extensions, [*self.plan.roots, loss], self.plan.memory, earlier=self.plan.calls
+        )
+        graph = plan.graph
+        for c in plan.calls:  # cannot happen in autograd's order; never silently wrong
+            if id(c) in processed and graph.consumers.get(id(c)) != self.graph.consumers.get(id(c)):
+                raise RuntimeError(
+                    f"{describe(c.module)} was processed before {describe(loss.module)}, "
+                    "which it feeds, reached this backward pass"
+                )
+        new = [c for c in plan.calls if id(c) not in processed and not self.owns(c)]
+        self.plan, self.graph = plan, graph
+        self._drop_previous_results(new)
+        self._pending = {id(c) for c in plan.calls} - processed
+        self._waiting = {
+            id(c): n - len(self._inbox.get(id(c), ()))
+            for c in (graph.order if self.second_order else ())
+            if id(c) not in processed and (n := graph.consumers[id(c)]) and plan.receives(c)
+        }
+
+    def _drop_previous_results(self, calls: list[ModuleCall] | None = None) -> None:
         """Delete what an earlier backward pass attached, so its memory is free for this one."""
-        for call in self.plan.calls:
+        for call in self.plan.calls if calls is None else calls:
             for ext, rules in self.plan.rules(call):
                 if rules is None or isinstance(rules, LossRules):
                     continue
@@ -186,18 +214,15 @@ class BackwardPass:
                 delivered(value, links)
 
     def _start(self, rules: LossRules, call: ModuleCall, grad_output: Tensor) -> None:
+        """Send the loss's curvature, of ``w * loss`` where the loss received the gradient
+        ``w`` (``backward()`` on ``loss``: 1; on ``l1 + 0.5 * l2``: 1 and 0.5)."""
         if grad_output.numel() != 1:
             raise NotImplementedError(
                 f"{type(call.module).__name__} must return a scalar loss, got shape "
                 f"{tuple(grad_output.shape)}"
             )
-        if float(grad_output) != 1.0:
-            raise ValueError(
-                f"the loss received the gradient {float(grad_output)} instead of 1: hbpkit "
-                f"computes the curvature of {type(call.module).__name__}'s output itself; call "
-                "backward() on the loss (or a sum that contains it once)"
-            )
-        self._send(call, {key: h.initial(rules, call) for key, h in self._handlers.items()})
+        weight = float(grad_output)
+        self._send(call, {key: h.initial(rules, call, weight) for key, h in self._handlers.items()})
 
     def commit(self) -> None:
         for (_, field), (param, ext, parts) in self.tied.items():

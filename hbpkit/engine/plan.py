@@ -79,15 +79,19 @@ class PassPlan:
     def __init__(
         self,
         extensions: tuple[Extension, ...],
-        root: ModuleCall,
+        roots: ModuleCall | list[ModuleCall],
         memory: MemoryPolicy = DEFAULT_POLICY,
+        earlier: tuple[ModuleCall, ...] = (),
     ) -> None:
         self.extensions = extensions
         self.memory = memory
         self.second_order = [e for e in extensions if e.needs_backprop]
-        self.root = root
-        self.graph = graph = CallGraph(root)
-        self.calls, params = reachable(root)
+        self.roots = roots if isinstance(roots, list) else [roots]
+        self.root = self.roots[0]
+        self.graph = graph = CallGraph(self.roots)
+        self.calls, params = reachable(self.roots)
+        known = {id(c) for c in self.calls}  # a pass that takes one more loss: its calls so far
+        self.calls += [c for c in earlier if id(c) not in known]
         for call in (*self.calls, *graph.order):  # the rules read the policy from their call
             call.memory = memory
         self._rules = {
@@ -115,16 +119,20 @@ class PassPlan:
 
     # the checks --------------------------------------------------------------------------
     def _check(self, calls: list[ModuleCall], params: list[nn.Parameter]) -> None:
-        root = self.root
-        if self.second_order and not isinstance(root.rules, LossRules):
-            raise RuntimeError(
-                f"backward() started at the output of {type(root.module).__name__}, not at an "
-                f"extended loss module; {self.second_order[0]!r} backpropagates curvature from "
-                "the loss: extend() the loss module (e.g. extend(nn.CrossEntropyLoss())) and "
-                "call backward() on its output"
-            )
+        for root in self.roots:
+            if self.second_order and not isinstance(root.rules, LossRules):
+                raise RuntimeError(
+                    f"backward() started at the output of {type(root.module).__name__}, not at "
+                    f"an extended loss module; {self.second_order[0]!r} backpropagates "
+                    "curvature from the loss: extend() the loss module (e.g. "
+                    "extend(nn.CrossEntropyLoss())) and call backward() on its output"
+                )
+        if len(self.roots) > 1:
+            self._check_several_losses()
         if self.second_order:
-            self._check_finite_loss_input()
+            for root in self.roots:
+                if not root.released:  # (a loss processed before another joined)
+                    self._check_finite_loss_input(root)
         owned: set[int] = set()
         for call in calls:
             self._check_call(call)
@@ -138,15 +146,30 @@ class PassPlan:
             self._check_hidden_paths()
             self._decide_representations()
 
-    def _check_finite_loss_input(self) -> None:
+    def _check_several_losses(self) -> None:
+        """Several losses summed in one backward (multi-task heads, auxiliary losses): the
+        curvature of a sum is the sum of the curvatures, so per-sample sqrt factors gain
+        the columns of every loss; one batch-averaged matrix or one chain of product links
+        cannot be extended after the pass started."""
+        for ext in self.second_order:
+            if not ext.message.several_losses:
+                names = ", ".join(describe(r.module) for r in self.roots)
+                raise NotImplementedError(
+                    f"{ext!r} with several losses in one backward pass ({names}) is not "
+                    "supported yet; per-sample extensions (DiagGGNExact, DiagHessian, KFAC, "
+                    "KFLR, HBP with backprop='sqrt') and first-order extensions are, or call "
+                    "backward() once per loss"
+                )
+
+    def _check_finite_loss_input(self, root: ModuleCall) -> None:
         """Curvature of a loss at non-finite inputs is undefined: refuse it up front (one
         reduction over the loss's input per pass)."""
-        x = self.root.inputs[0]
+        x = root.inputs[0]
         finite = torch.isfinite(x.detach())
         if not bool(finite.all()):
             bad = int((~finite).sum())
             raise ValueError(
-                f"the input of {describe(self.root.module)} (shape {tuple(x.shape)}) has {bad} "
+                f"the input of {describe(root.module)} (shape {tuple(x.shape)}) has {bad} "
                 f"non-finite entries (nan or inf); {self.second_order[0]!r} needs the loss's "
                 "curvature there, which is undefined: check the model's outputs (a diverging "
                 "step, a log of 0) before the backward pass"
@@ -159,7 +182,7 @@ class PassPlan:
         that hbpkit cannot see, even when every module and parameter is in the graph.
         """
         for call in self.graph.order:
-            if call is self.root:
+            if call in self.roots:
                 continue
             origins = call.origins
             slots = followed_inputs(call) if len(origins) > 1 else (0,)
@@ -209,7 +232,9 @@ class PassPlan:
         diagonal_out: dict[int, bool] = {}
         blocks_out: dict[int, bool] = {}
         columns_out: dict[int, int] = {}
-        for call in self.graph.order[1:]:
+        for call in self.graph.order:
+            if call in self.roots or call.released:
+                continue
             rules = call.rules
             blocks = blocks_out.get(id(call), False)
             if blocks and _own_trainable(call.module) and (dense or not rules.kron_from_blocks):
@@ -282,9 +307,11 @@ class PassPlan:
             )
 
     def _check_call(self, call: ModuleCall) -> None:
+        if call.released:  # processed before another loss joined the pass: checked then
+            return
         module = call.module
         name = describe(module)
-        if call is not self.root and isinstance(call.rules, LossRules):
+        if call not in self.roots and isinstance(call.rules, LossRules):
             raise NotImplementedError(f"{name} is used inside the network, not as its loss")
         validated = set()
         for ext, rules in self.rules(call):
@@ -311,7 +338,7 @@ class PassPlan:
         """
         if isinstance(rules, UnsupportedRules):
             return  # validate() refused it with its reason
-        if call is self.root:
+        if call in self.roots:
             if ext.needs_backprop:
                 loss = call.rules
                 missing = [m for m in ext.required_loss_rules() if not rules_implement(loss, m)]
@@ -375,7 +402,7 @@ class PassPlan:
         """Parameters or modules the loss reaches outside the graph of extended modules."""
         if self.second_order:
             for call in self.graph.order:
-                for origin in call.origins[:1] if call is self.root else call.origins:
+                for origin in call.origins[:1] if call in self.roots else call.origins:
                     if origin is not None:
                         self._refuse_hidden(call, origin)
         if outside:
@@ -410,21 +437,23 @@ def _depends_on_network(node: Any) -> bool:
     return False
 
 
-def reachable(root: ModuleCall) -> tuple[list[ModuleCall], list[nn.Parameter]]:
-    """The extended calls and trainable parameters the backward pass from ``root`` reaches.
+def reachable(roots: list[ModuleCall]) -> tuple[list[ModuleCall], list[nn.Parameter]]:
+    """The extended calls and trainable parameters the backward pass from ``roots`` reaches.
 
     Walks the autograd graph from ``root``'s inputs; a call is found through the
     metadata of its output's autograd node, a parameter through its
     ``AccumulateGrad`` node.
     """
-    calls, params = [root], []
+    calls, params = list(roots), []
+    found = {id(r) for r in roots}
     stack, visited, seen = [], [], set()
-    for t in root.inputs:
-        if isinstance(t, Tensor) and t.requires_grad:
-            if t.grad_fn is not None:
-                stack.append(t.grad_fn)
-            elif isinstance(t, nn.Parameter):
-                params.append(t)
+    for root in roots:
+        for t in root.inputs:
+            if isinstance(t, Tensor) and t.requires_grad:
+                if t.grad_fn is not None:
+                    stack.append(t.grad_fn)
+                elif isinstance(t, nn.Parameter):
+                    params.append(t)
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -432,7 +461,8 @@ def reachable(root: ModuleCall) -> tuple[list[ModuleCall], list[nn.Parameter]]:
         seen.add(id(node))
         visited.append(node)  # keep the Python wrapper (and its id) alive during the walk
         call = node.metadata.get(NODE_KEY)
-        if call is not None and not call.released:
+        if call is not None and not call.released and id(call) not in found:
+            found.add(id(call))
             calls.append(call)
         variable = getattr(node, "variable", None)
         if isinstance(variable, nn.Parameter) and variable.requires_grad:

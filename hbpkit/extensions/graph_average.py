@@ -80,8 +80,8 @@ class DagAverageMessage:
             return self._cross[(a.index, b.index)]
         return self._cross[(b.index, a.index)].T
 
-    def initial(self, rules, call: ModuleCall) -> Entry:
-        return self._entry(self.message.initial(rules, call))
+    def initial(self, rules, call: ModuleCall, weight: float = 1.0) -> Entry:
+        return self._entry(self.message.initial(rules, call, weight))
 
     def delivered(self, entry: Entry, links: int) -> None:
         """``entry`` was sent along ``links`` links (called by the backward pass)."""

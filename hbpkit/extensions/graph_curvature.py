@@ -105,8 +105,10 @@ class GraphCurvature:
         for call in reversed(self._region):  # 2. and 3.: curvature sources, transposed products
             rules, residual = nodes[call]
             t = tangent_in.pop(call)
-            if isinstance(rules, LossRules):
+            if isinstance(rules, LossRules):  # (its residual slot: the loss's weight)
                 out = rules.hessian_mat_prod(call, t)
+                if residual is not None:
+                    out = residual * out
             elif per_input(rules, call):
                 slots = rules.input_slots(call)
                 outs = list(rules.jac_t_mat_prod_inputs(call, cotangent.pop(call)))
@@ -149,10 +151,10 @@ class DagProductMessage:
         self._residual = residual
         self.graph = ProductGraph()
 
-    def initial(self, rules: LossRules, call: ModuleCall) -> ProductGraph:
+    def initial(self, rules: LossRules, call: ModuleCall, weight: float = 1.0) -> ProductGraph:
         if type(rules).hessian_mat_prod is LossRules.hessian_mat_prod:
             raise NotImplementedError(f"{type(rules).__name__} does not implement hessian_mat_prod")
-        self.graph.add(rules, call, None)
+        self.graph.add(rules, call, None if weight == 1.0 else weight)
         return self.graph
 
     def propagate(

@@ -51,8 +51,6 @@ ProductRules = ModuleRules | LossRules
 CURVATURES = CURVATURE_OPTIONS  # how a residual enters (curvature/factors.py: modify_eigenvalues)
 
 
-LOSS_ORIGIN = "loss"  # origin of the loss Hessian's factor; a residual's origin is its call
-
 Factors = dict  # origin -> Factor, in order of creation
 
 
@@ -67,6 +65,7 @@ class Message:
     batch_averaged = False  # one [D, D] matrix per tensor instead of per-sample factors
     residual_factors = False  # modules add (diagonal) residual factors to the message
     per_input = True  # can send each input of a multi-input call its own message
+    several_losses = False  # can take the curvature of losses that join a running pass
 
     def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
         """The methods of a module's ``rules`` that ``propagate`` calls (default: none).
@@ -88,6 +87,8 @@ class SqrtMessage(Message):
     mc_samples: int
     curvature: str
 
+    several_losses = True  # each loss's factor is one more origin: its columns join
+
     @property
     def residual_factors(self) -> bool:
         """Whether modules add (diagonal) residual factors: every curvature but the GGN."""
@@ -104,10 +105,19 @@ class SqrtMessage(Message):
         """The exact or the sampled symmetric factor of the loss Hessian."""
         return ["sqrt_hessian" if self.loss_hessian == "exact" else "sqrt_hessian_sampled"]
 
-    def initial(self, rules: LossRules, call: ModuleCall) -> Factors:
+    def initial(self, rules: LossRules, call: ModuleCall, weight: float = 1.0) -> Factors:
+        """The loss Hessian's factor, of ``weight * loss`` (the gradient the loss received):
+        ``sqrt(|w|) S`` with the sign of ``w``; its origin is the loss's call."""
         if self.loss_hessian == "exact":
-            return {LOSS_ORIGIN: SqrtFactor(rules.sqrt_hessian(call))}
-        return {LOSS_ORIGIN: SqrtFactor(rules.sqrt_hessian_sampled(call, self.mc_samples))}
+            S = rules.sqrt_hessian(call)
+        else:
+            S = rules.sqrt_hessian_sampled(call, self.mc_samples)
+        sign = None
+        if weight != 1.0:
+            S = S * abs(weight) ** 0.5
+            if weight < 0:
+                sign = -torch.ones(S.shape[:2], dtype=S.dtype, device=S.device)
+        return {call: SqrtFactor(S, sign)}
 
     def propagate(
         self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: Factors
@@ -178,11 +188,11 @@ class AverageMessage(Message):
         """The batch-summed loss Hessian, or its sampled factor."""
         return ["sum_hessian" if self.loss_hessian == "average" else "sqrt_hessian_sampled"]
 
-    def initial(self, rules: LossRules, call: ModuleCall) -> Tensor:
+    def initial(self, rules: LossRules, call: ModuleCall, weight: float = 1.0) -> Tensor:
         if self.loss_hessian == "average":
-            return rules.sum_hessian(call)
+            return weight * rules.sum_hessian(call)
         S = rules.sqrt_hessian_sampled(call, self.mc_samples).flatten(2)
-        return torch.einsum("vni,vnj->ij", S, S)
+        return weight * torch.einsum("vni,vnj->ij", S, S)
 
     def propagate(
         self,
@@ -234,7 +244,7 @@ class OutputCurvature:
     :meth:`ModuleCall.keep`) and its upstream link: nothing else holds it.
     """
 
-    __slots__ = ("rules", "call", "upstream", "residual")
+    __slots__ = ("rules", "call", "upstream", "residual", "weight")
 
     def __init__(
         self,
@@ -242,7 +252,9 @@ class OutputCurvature:
         call: ModuleCall,
         upstream: OutputCurvature | None = None,
         residual: Tensor | None = None,
+        weight: float = 1.0,
     ) -> None:
+        self.weight = weight  # of the loss (at the loss only)
         self.rules = rules
         self.call = call
         self.upstream = upstream
@@ -251,7 +263,8 @@ class OutputCurvature:
 
     def __call__(self, mat: Tensor) -> Tensor:
         if self.upstream is None:
-            return self.rules.hessian_mat_prod(self.call, mat)
+            out = self.rules.hessian_mat_prod(self.call, mat)
+            return out if self.weight == 1.0 else self.weight * out
         rules, call = self.rules, self.call
         out = rules.jac_t_mat_prod(call, self.upstream(rules.jac_mat_prod(call, mat)))
         if self.residual is not None:
@@ -283,12 +296,12 @@ class ProductMessage(Message):
         """The per-sample loss Hessian applied to a matrix."""
         return ["hessian_mat_prod"]
 
-    def initial(self, rules: LossRules, call: ModuleCall) -> OutputCurvature:
+    def initial(self, rules: LossRules, call: ModuleCall, weight: float = 1.0) -> OutputCurvature:
         if type(rules).hessian_mat_prod is LossRules.hessian_mat_prod:
             raise NotImplementedError(f"{type(rules).__name__} does not implement hessian_mat_prod")
-        key = ("product_link", None, None)
+        key = ("product_link", None, weight)
         if key not in call.cache:
-            call.cache[key] = OutputCurvature(rules, call)
+            call.cache[key] = OutputCurvature(rules, call, weight=weight)
         return call.cache[key]
 
     def propagate(
