@@ -201,7 +201,9 @@ def first_and_diag_against_plain(case: Case):
 
 def kron(factors) -> torch.Tensor:
     """``kron(G, A)`` of two Kronecker factors, or the one factor of a bias."""
-    return torch.kron(factors[0], factors[1]) if len(factors) == 2 else factors[0]
+    if len(factors) == 1:
+        return factors[0]
+    return torch.kron(factors[0].contiguous(), factors[1].contiguous())  # (see KroneckerFactors)
 
 
 def kron_param_names(case: Case):

@@ -51,9 +51,9 @@ class KroneckerFactors(tuple):
 
     def to_dense(self) -> Tensor:
         """The block as a ``[p.numel(), p.numel()]`` matrix in ``p.flatten()`` order."""
-        out = self[0]
+        out = self[0].contiguous()  # torch.kron fails on some strides (einsum through opt_einsum)
         for f in self[1:]:
-            out = torch.kron(out, f)
+            out = torch.kron(out, f.contiguous())
         return out
 
     def mv(self, v: Tensor) -> Tensor:

@@ -51,8 +51,8 @@ class EmpiricalMessage(Message):
 
     # required_rules / required_loss_rules: none (the factor is read from the loss module)
 
-    def initial(self, rules: LossRules, call: ModuleCall) -> float:
-        return reduction_scale(call)
+    def initial(self, rules: LossRules, call: ModuleCall, weight: float = 1.0) -> float:
+        return weight * reduction_scale(call)  # of w * loss
 
     def propagate(self, rules, call: ModuleCall, grad_output: Tensor, scale: float) -> float:
         return scale

@@ -214,13 +214,19 @@ def test_loss_not_extended():
     assert _attached(model) == {"grad_batch"}
 
 
-def test_scaled_loss_is_refused():
+def test_scaled_loss_scales_the_curvature():
+    """``(2 * loss).backward()``: the loss's curvature is that of ``2 * loss``."""
     model, loss_fn = extend(_mlp()), extend(nn.CrossEntropyLoss())
     X, y = _data()
-    with pytest.raises(ValueError, match="gradient 2.0"):
-        with backprop(KFLR()):
-            (2 * loss_fn(model(X), y)).backward()
-    assert _attached(model) == set()
+    with backprop(KFLR()):
+        loss_fn(model(X), y).backward()
+    once = [p.kflr for p in model.parameters()]
+    with backprop(KFLR()):
+        (2 * loss_fn(model(X), y)).backward()
+    for p, factors in zip(model.parameters(), once):
+        torch.testing.assert_close(p.kflr[0], 2 * factors[0], rtol=1e-12, atol=1e-14)
+        for a, b in zip(p.kflr[1:], factors[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_shared_module_and_functional_branching_are_refused():
@@ -231,7 +237,7 @@ def test_shared_module_and_functional_branching_are_refused():
     lin = nn.Linear(3, 3).double()
     shared = extend(nn.Sequential(lin, nn.Tanh(), lin))
     X, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])
-    with pytest.raises(NotImplementedError, match="called 2 times"):
+    with pytest.raises(NotImplementedError, match="used 2 times"):
         _run(shared, extend(nn.CrossEntropyLoss()), KFLR(), data=(X, y))
 
     class Branch(nn.Module):

@@ -41,6 +41,7 @@ def _data():
 
 def _hessian_diag(model, loss_of_outputs, X):
     params = {k: v.detach() for k, v in model.named_parameters()}
+
     def loss(p):
         out = functional_call(model, p, (X,))
         return loss_of_outputs(*out) if isinstance(out, tuple) else loss_of_outputs(out)

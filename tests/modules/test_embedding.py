@@ -189,20 +189,20 @@ def test_embedding_single_token_is_exact(loss, kflr_kfra_batch_one, hbp_hessian_
         limit.check([case.model[0].weight], blocks[:1], close, "embedding")
 
 
-def test_multihead_attention_is_refused_with_a_reason():
-    """Attention is not supported: every extension says so before writing anything."""
+def test_multihead_attention_has_no_kronecker_factors():
+    """Attention as a whole module goes the generic path (exact: test_generic_path.py), which
+    has no Kronecker factors: KFAC says so before writing anything."""
     model = extend(
         nn.ModuleDict(
             {"emb": nn.Embedding(E, D), "mha": nn.MultiheadAttention(D, 2, batch_first=True)}
         )
     ).double()
-    for ext in (BatchGrad(), DiagGGNExact(), KFAC()):
-        x = model["emb"](indices(2))
-        out, _ = model["mha"](x, x, x)
-        loss = extend(nn.MSELoss())(out, torch.zeros_like(out))
-        with pytest.raises(NotImplementedError, match="MultiheadAttention is not supported"):
-            with backprop(ext):
-                loss.backward()
+    x = model["emb"](indices(2))
+    out, _ = model["mha"](x, x, x)
+    loss = extend(nn.MSELoss())(out, torch.zeros_like(out))
+    with pytest.raises(NotImplementedError, match="MultiheadAttention 'mha' has no rules of its"):
+        with backprop(KFAC()):
+            loss.backward()
     assert_nothing_attached(model)
 
 
