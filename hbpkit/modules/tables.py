@@ -14,6 +14,7 @@ from hbpkit.branching import Sum
 from hbpkit.core.dispatch import DispatchTable
 from hbpkit.modules.activations import ACTIVATIONS, IdentityRules
 from hbpkit.modules.base import LossRules, ModuleRules, UnsupportedRules
+from hbpkit.modules.batch_reshape import RESHAPING
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.embedding import EmbeddingRules
 from hbpkit.modules.linear import LinearRules
@@ -57,6 +58,7 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     nn.CrossEntropyLoss: CrossEntropyLossRules(),
     nn.BCEWithLogitsLoss: BCEWithLogitsLossRules(),
     Sum: SumRules(),
+    **RESHAPING,
 }
 
 
