@@ -139,9 +139,7 @@ class TokenCase:
                 xf = x.detach().reshape(N * T, -1)
                 A = xf.T @ xf / (N * T)
             else:
-                G = sum(
-                    J[n, :, n].sum(1).T @ Hfull[n, :, n] @ J[n, :, n].sum(1) for n in range(N)
-                )
+                G = sum(J[n, :, n].sum(1).T @ Hfull[n, :, n] @ J[n, :, n].sum(1) for n in range(N))
                 xbar = x.detach().mean(1)
                 A = xbar.T @ xbar / N
             result += [torch.kron(G, A), G]
