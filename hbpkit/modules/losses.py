@@ -207,6 +207,8 @@ def _broadcast(coeff: Tensor | float, like: Tensor) -> Tensor:
 class MSELossRules(ElementwiseRules):
     """``L = sum_i c_i (x_i - y_i)^2``: ``d2L/dx dx = diag(2 c)`` (eq. S.12), on ``[N, *]``."""
 
+    support_note = "any input [N, *]"
+
     def hessian_diag(self, terms: Terms) -> Tensor:
         return 2 * _broadcast(terms.coeff, terms.x)
 
@@ -226,7 +228,7 @@ class BCEWithLogitsLossRules(ElementwiseRules):
     diagonal, with the Bernoulli Fisher ``s (1 - s)`` scaled per element.
     """
 
-    support_note = "weight and pos_weight supported"
+    support_note = "any input [N, *]; weight and pos_weight supported"
 
     def validate_options(self, module: nn.Module, x: Tensor, target: Tensor) -> None:
         if x.dim() < 1:
