@@ -16,6 +16,7 @@ and ``hbpkit/modules/losses.py``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -44,8 +45,8 @@ class ReducedLoss(nn.Module):
             unreduced loss, whatever the weights).
 
     ``forward(input, target, weight=None)``: ``weight`` (positional, so that the
-    rules see it) is ``[N]``, one per sample, or of the unreduced loss's shape; it
-    may be negative (the curvature is then signed) and carries no gradient.
+    rules see it) is a number, ``[N]`` (one per sample) or of the unreduced loss's shape;
+    it may be negative (the curvature is then signed) and carries no gradient.
     """
 
     def __init__(self, loss: nn.Module, reduce: str = "sum") -> None:
@@ -60,10 +61,12 @@ class ReducedLoss(nn.Module):
         self.loss = loss
         self.reduce = reduce
 
-    def forward(self, input: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input: Tensor, target: Tensor, weight: Tensor | float | None = None
+    ) -> Tensor:
         per = self.loss(input, target)
         if weight is not None:
-            weight = weight.detach()
+            weight = torch.as_tensor(weight, dtype=per.dtype, device=per.device).detach()
             if weight.dim() == 1 and per.dim() > 1 and weight.shape[0] == per.shape[0]:
                 weight = weight.reshape(-1, *([1] * (per.dim() - 1)))
             per = per * weight

@@ -42,10 +42,12 @@ def _inner(name: str):
     raise ValueError(name)
 
 
-def _weights(kind: str, unreduced_shape: torch.Size) -> torch.Tensor | None:
+def _weights(kind: str, unreduced_shape: torch.Size) -> torch.Tensor | float | None:
     torch.manual_seed(6)
     if kind == "none":
         return None
+    if kind == "scalar":  # ``l.sum() / k`` is ReducedLoss(l, "sum")(x, y, 1 / k)
+        return 0.7
     if kind == "per-sample":
         return torch.rand(unreduced_shape[0], dtype=DT) + 0.1
     if kind == "per-entry":
@@ -75,7 +77,7 @@ def _blocks(module, x, args) -> torch.Tensor:
 
 
 NAMES = ["mse", "bce", "ce", "ce_seq"]
-KINDS = ["none", "per-sample", "per-entry", "signed"]
+KINDS = ["none", "scalar", "per-sample", "per-entry", "signed"]
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
