@@ -31,10 +31,17 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
+from hbpkit.curvature.memory import check_dense_budget
 from hbpkit.modules.base import LossRules
 
 #: attribute of a Monte-Carlo factor tensor ``[M, N, *]``: rows ``n`` independent, mean zero
 INDEPENDENT_ROWS = "_hbpkit_independent_rows"
+
+
+DENSE_CE_ADVICE = (
+    "Its (C - 1) P columns are zero except at one position each; a Monte-Carlo extension "
+    "(KFAC, DiagGGNMC) needs mc_samples columns, the products (GGNMP, HMP) none"
+)
 
 
 def mark_independent_rows(S: Tensor) -> Tensor:
@@ -58,12 +65,14 @@ class Terms(NamedTuple):
         x: the input, detached, ``[N, *]``.
         target: the target, detached.
         coeff: ``c_i``, a number or a tensor broadcastable to the unreduced loss.
+        call: the loss call (its memory policy bounds the dense factors), or ``None``.
     """
 
     module: nn.Module
     x: Tensor
     target: Tensor
     coeff: Tensor | float
+    call: ModuleCall | None = None
 
 
 def _reduction_coeff(call: ModuleCall) -> float:
@@ -140,14 +149,17 @@ class TermRules(LossRules):
     def terms_product(self, terms: Terms) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
 
+    def _terms(self, call: ModuleCall) -> Terms:
+        return self.terms(call)._replace(call=call)
+
     # the LossRules protocol
     def signed_sqrt_hessian(self, call: ModuleCall) -> SqrtFactor:
         """Exact signed factor ``[V, N, *in]``: ``sum_v sign S S^T = d2L/dx_n dx_n``."""
-        return self.terms_factor(self.terms(call))
+        return self.terms_factor(self._terms(call))
 
     def signed_sqrt_hessian_sampled(self, call: ModuleCall, mc_samples: int) -> SqrtFactor:
         """Monte-Carlo signed factor, unbiased for ``d2L/dx_n dx_n``."""
-        return self.terms_sampled(self.terms(call), mc_samples)
+        return self.terms_sampled(self._terms(call), mc_samples)
 
     def sqrt_hessian(self, call: ModuleCall) -> Tensor:
         return _unsigned(self.signed_sqrt_hessian(call), "exact loss Hessian factor")
@@ -157,13 +169,13 @@ class TermRules(LossRules):
         return _unsigned(factor, "sampled loss Hessian factor")
 
     def sum_hessian(self, call: ModuleCall) -> Tensor:
-        return self.terms_sum_hessian(self.terms(call))
+        return self.terms_sum_hessian(self._terms(call))
 
     def hessian_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[K, N, *in] -> [K, N, *in]``: ``(d2L/dx_n dx_n) m_{k,n}`` per sample ``n``."""
         key = ("loss_product", type(self))
         if key not in call.cache:  # refilled lazily after the pass (products)
-            call.cache[key] = self.terms_product(self.terms(call))
+            call.cache[key] = self.terms_product(self._terms(call))
         return call.cache[key](mat)
 
 
@@ -336,6 +348,14 @@ class CrossEntropyLossRules(TermRules):
         x = terms.x
         p, mass = self.probs_and_mass(terms)
         N, C, P = p.shape
+        if P > 1:
+            check_dense_budget(
+                terms.call,
+                (max(C - 1, 1) * P, *x.shape),
+                x.dtype,
+                f"The exact factor of the cross-entropy over {P} positions",
+                DENSE_CE_ADVICE,
+            )
         rows = rearrange(p, "n c q -> (n q) c")
         R = _softmax_root(rows) * mass.abs().sqrt().reshape(-1, 1, 1)  # [(n q), C, V]
         V = R.shape[2]

@@ -13,6 +13,7 @@ from records import record
 from torch import nn
 
 from hbpkit import extend
+from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
 from hbpkit.modules.tables import SECOND_ORDER
 
 
@@ -178,3 +179,15 @@ def test_loss_sqrt_hessian_sampled(name):
     blocks = _loss_hessian_blocks(module, x, target)
     error = (estimate - blocks).abs().max() / blocks.abs().max()
     assert error < 0.03
+
+
+def test_cross_entropy_dense_factor_is_budget_checked():
+    """The exact factor over many positions is refused above the dense budget, before
+    allocating, with the cheaper extensions named."""
+    module, x, target = _loss_case("ce_kdim", "mean")
+    call, x, _ = _record(module, x, target)
+    call.memory = MemoryPolicy(max_dense_bytes=1000)  # the factor: 8 * 4 * 3 * 4 * 8 bytes
+    with pytest.raises(DenseBudgetError, match="Monte-Carlo"):
+        SECOND_ORDER.lookup(module).sqrt_hessian(call)
+    call.memory = MemoryPolicy(max_dense_bytes=8 * 4 * 3 * 4 * 8)
+    SECOND_ORDER.lookup(module).sqrt_hessian(call)
