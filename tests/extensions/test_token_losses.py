@@ -3,7 +3,8 @@
 The model ends in logits ``[N, T, C]``; ``MergeBatch`` gives ``[N T, C]`` to the loss, whose
 ``ignore_index`` is hit by some targets and which has class weights. The model's samples are
 the ``N`` sequences: every quantity is checked against its definition per sequence, on a
-plain copy of the model without ``MergeBatch`` (the loss then reshapes inside the reference):
+plain copy of the model without ``MergeBatch`` (the loss then reshapes inside the reference;
+the ``"ce-dense"`` case has no merge: the same loss on K-dimensional logits ``[N, C, T]``):
 
 * ``grad_batch[n]``: the gradient of the loss through sequence ``n`` only (the outputs of
   the other sequences detached);
@@ -53,9 +54,10 @@ def _ce_targets():
 class TokenCase:
     """``Linear -> Tanh -> Linear`` on ``[N, T, D]``, then ``tail`` and the loss on ``[N T, C]``.
 
-    ``kind``: ``"ce"`` (MergeBatch right before a weighted CE with ``ignore_index=-1``) or
+    ``kind``: ``"ce"`` (MergeBatch right before a weighted CE with ``ignore_index=-1``),
     ``"mse-tanh"`` (MergeBatch, then ``Tanh``: its residual reaches MergeBatch as a
-    diagonal factor, then MSE).
+    diagonal factor, then MSE) or ``"ce-dense"`` (no MergeBatch: ``Conv1d`` layers on
+    ``[N, D, T]`` and the same CE on the K-dimensional logits ``[N, C, T]``).
     """
 
     def __init__(self, kind: str, reduction: str = "mean", seed: int = 0) -> None:
@@ -63,6 +65,16 @@ class TokenCase:
         self.kind = kind
         self.body = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C)).double()
         self.X = torch.randn(N, T, D, dtype=DT)
+        if kind == "ce-dense":
+            self.body = nn.Sequential(nn.Conv1d(D, H, 1), nn.Tanh(), nn.Conv1d(H, C, 1)).double()
+            self.X = self.X.transpose(1, 2).contiguous()
+            weight = torch.rand(C, dtype=DT) + 0.5
+            self.loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=-1, reduction=reduction)
+            self.y = _ce_targets().reshape(N, T)
+            self.model = extend(copy.deepcopy(self.body))
+            self.lf = extend(copy.deepcopy(self.loss_fn))
+            self.tail = []
+            return
         if kind == "ce":
             weight = torch.rand(C, dtype=DT) + 0.5
             self.loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=-1, reduction=reduction)
@@ -87,6 +99,8 @@ class TokenCase:
     # references on the plain body: logits [N, T, C] -> loss
     def network_output(self, logits: torch.Tensor) -> torch.Tensor:
         """The tail (after the merge) on the logits: the network output ``[N T, C]``."""
+        if self.kind == "ce-dense":
+            return logits
         z = logits.reshape(-1, C)
         for m in self.tail:
             z = m(z)
@@ -152,7 +166,7 @@ def _kron(p, field):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("kind", ["ce", "mse-tanh"])
+@pytest.mark.parametrize("kind", ["ce", "mse-tanh", "ce-dense"])
 def test_first_order_and_diagonals_per_sequence(kind, reduction):
     """Per-sequence gradients and statistics, GGN and Hessian diagonals: their definitions."""
     case = TokenCase(kind, reduction)
@@ -173,7 +187,7 @@ def test_first_order_and_diagonals_per_sequence(kind, reduction):
         close(p.diag_h, Hb[i].diagonal().reshape(p.shape), "diag_h")
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse-tanh"])
+@pytest.mark.parametrize("kind", ["ce", "mse-tanh", "ce-dense"])
 def test_products_per_sequence(kind):
     """GGNMP and HMP through MergeBatch: the dense GGN and Hessian blocks times ``V``."""
     case = TokenCase(kind)
@@ -227,7 +241,7 @@ def test_kfac_mean_converges_to_kflr(approx):
             close(p.kfac[1], p.kflr[1], "A does not depend on the sampling")
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse-tanh"])
+@pytest.mark.parametrize("kind", ["ce", "mse-tanh", "ce-dense"])
 def test_diag_ggn_mc_converges_to_exact(kind):
     case = TokenCase(kind)
     torch.manual_seed(0)
