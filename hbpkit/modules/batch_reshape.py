@@ -29,7 +29,10 @@ sequences:
   ``N T`` tokens as samples); with ``"reduce"``, ``G = sum_{m,n} (sum_t s)(sum_t s)^T``
   then contains the cross terms, and is unbiased for the same expectation.
   ``DiagGGNMC`` likewise stays unbiased, with the cross terms adding variance.
-  Signed Monte-Carlo factors are merged per sign (``2M`` columns).
+  Signed Monte-Carlo factors are merged per sign (``2M`` columns). The mark is on the
+  tensor the loss rules return: a module with its own ``J^T`` between ``MergeBatch`` and
+  the loss drops it, and the factor is then expanded like an exact one (unbiased too,
+  with ``T`` times the columns).
 * **Diagonal factors** (residuals of elementwise modules between ``MergeBatch`` and
   the loss) stay diagonal: a reshape.
 * **Batch-averaged messages** (KFRA, ``backprop="batch-average"``) are refused (the
