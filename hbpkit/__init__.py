@@ -18,3 +18,4 @@ __version__ = "0.1.0"
 __all__ = ["KroneckerFactors", "backprop", "extend", "extensions", "register", "__version__"]
 __all__ += ["Parallel", "Residual", "Sum", "convert"]  # branching models
 __all__ += ["MemoryPolicy", "distributed"]
+__all__ += ["reshaping"]  # MergeBatch, ReducedLoss (imported with the dispatch tables)

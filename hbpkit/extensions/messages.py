@@ -45,6 +45,7 @@ from hbpkit.curvature.factors import (
 from hbpkit.extensions.graph_average import DagAverageMessage
 from hbpkit.extensions.graph_curvature import DagProductMessage
 from hbpkit.modules.base import LossRules, ModuleRules
+from hbpkit.modules.losses import keep_marks
 
 ProductRules = ModuleRules | LossRules
 
@@ -52,6 +53,17 @@ CURVATURES = CURVATURE_OPTIONS  # how a residual enters (curvature/factors.py: m
 
 
 Factors = dict  # origin -> Factor, in order of creation
+
+
+def weighted(factor: SqrtFactor, weight: float) -> SqrtFactor:
+    """The factor of ``weight`` times the curvature of ``factor``."""
+    if weight == 1.0:
+        return factor
+    S = keep_marks(factor.S, factor.S * abs(weight) ** 0.5)
+    sign = factor.sign
+    if weight < 0:
+        sign = -torch.ones(S.shape[:2], dtype=S.dtype, device=S.device) if sign is None else -sign
+    return SqrtFactor(S, sign)
 
 
 class Message:
@@ -106,18 +118,19 @@ class SqrtMessage(Message):
         return ["sqrt_hessian" if self.loss_hessian == "exact" else "sqrt_hessian_sampled"]
 
     def initial(self, rules: LossRules, call: ModuleCall, weight: float = 1.0) -> Factors:
-        """The loss Hessian's factor, of ``weight * loss`` (the gradient the loss received):
-        ``sqrt(|w|) S`` with the sign of ``w``; its origin is the loss's call."""
-        if self.loss_hessian == "exact":
-            S = rules.sqrt_hessian(call)
+        """The loss Hessian's (signed) factor, of ``weight * loss`` (the gradient the loss
+        received): ``sqrt(|w|) S`` with the signs times that of ``w``; its origin is the
+        loss's call (several losses: several origins)."""
+        exact = self.loss_hessian == "exact"
+        name = "signed_sqrt_hessian" if exact else "signed_sqrt_hessian_sampled"
+        signed = getattr(rules, name, None)
+        if signed is not None:  # losses whose terms may carry negative weights
+            factor = signed(call) if exact else signed(call, self.mc_samples)
+        elif exact:
+            factor = SqrtFactor(rules.sqrt_hessian(call))
         else:
-            S = rules.sqrt_hessian_sampled(call, self.mc_samples)
-        sign = None
-        if weight != 1.0:
-            S = S * abs(weight) ** 0.5
-            if weight < 0:
-                sign = -torch.ones(S.shape[:2], dtype=S.dtype, device=S.device)
-        return {call: SqrtFactor(S, sign)}
+            factor = SqrtFactor(rules.sqrt_hessian_sampled(call, self.mc_samples))
+        return {call: weighted(factor, weight)}
 
     def propagate(
         self, rules: ModuleRules, call: ModuleCall, grad_output: Tensor, factors: Factors

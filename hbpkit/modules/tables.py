@@ -14,6 +14,7 @@ from hbpkit.branching import Sum
 from hbpkit.core.dispatch import DispatchTable
 from hbpkit.modules.activations import ACTIVATIONS, IdentityRules
 from hbpkit.modules.base import LossRules, ModuleRules
+from hbpkit.modules.batch_reshape import RESHAPING
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.embedding import EmbeddingRules
 from hbpkit.modules.generic import GenericRules
@@ -64,6 +65,7 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     nn.Upsample: GenericRules(linear_in_input=True),  # nearest: a selection; others mix
     nn.UpsamplingNearest2d: SELECTIONS,
     nn.UpsamplingBilinear2d: GenericRules(linear_in_input=True),
+    **RESHAPING,
 }
 
 

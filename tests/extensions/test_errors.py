@@ -31,6 +31,7 @@ from hbpkit.extensions import (
     DiagGGNExact,
     DiagGGNMC,
 )
+from hbpkit.reshaping import ReducedLoss
 
 SECOND_ORDER = ALL_EXTENSIONS[4:]
 FIRST_ORDER = ALL_EXTENSIONS[:4]
@@ -188,11 +189,11 @@ def test_bad_options_raise_value_error(make):
 
 @pytest.mark.parametrize(
     "make_loss_fn",
-    [
-        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT)),
-        lambda: nn.CrossEntropyLoss(ignore_index=0),
+    [  # class weights and ignore_index are supported (tests/modules/test_loss_rules.py)
+        lambda: ReducedLoss(nn.NLLLoss(reduction="none")),
+        lambda: ReducedLoss(nn.MultiMarginLoss(reduction="none"), "mean"),
     ],
-    ids=["weight", "ignore_index"],
+    ids=["reduced-nll", "reduced-multi-margin"],
 )
 def test_unsupported_loss_options_raise(make_loss_fn):
     torch.manual_seed(0)

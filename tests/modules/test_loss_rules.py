@@ -13,6 +13,7 @@ from records import record
 from torch import nn
 
 from hbpkit import extend
+from hbpkit.curvature.memory import DenseBudgetError, MemoryPolicy
 from hbpkit.modules.tables import SECOND_ORDER
 
 
@@ -39,10 +40,48 @@ def _loss_case(name: str, reduction: str):
         return nn.CrossEntropyLoss(reduction=reduction), x, target
     if name == "bce":
         return nn.BCEWithLogitsLoss(reduction=reduction), x, torch.rand(4, 3, dtype=torch.float64)
+    return _dense_output_case(name, reduction)
+
+
+def _dense_output_case(name: str, reduction: str):
+    """Losses on sequences / dense outputs ``[N, C, d_1, ...]`` and their options."""
+    dt = torch.float64
+    x = torch.randn(4, 3, 2, 2, dtype=dt)
+    weight = torch.rand(3, dtype=dt) + 0.5
+    if name == "mse_4d":
+        return nn.MSELoss(reduction=reduction), x, torch.randn_like(x)
+    if name == "bce_4d_weights":
+        pos = torch.rand(2, dtype=dt) + 0.5  # broadcast over the last dimension, as PyTorch does
+        module = nn.BCEWithLogitsLoss(weight=torch.rand(2, 2, dtype=dt), pos_weight=pos)
+        module.reduction = reduction
+        return module, x, torch.rand_like(x)
+    target = torch.randint(0, 3, (4, 2, 2))
+    target[0, 0, 1] = target[2, 1, 1] = target[3, 0, 0] = 7  # ignored
+    if name == "ce_kdim":
+        return nn.CrossEntropyLoss(reduction=reduction), x, target.clamp(max=2)
+    if name == "ce_kdim_ignore_weight":
+        module = nn.CrossEntropyLoss(weight=weight, ignore_index=7, reduction=reduction)
+        return module, x, target
+    if name == "ce_kdim_ignore_weight_smoothing":
+        module = nn.CrossEntropyLoss(
+            weight=weight, ignore_index=7, label_smoothing=0.2, reduction=reduction
+        )
+        return module, x, target
+    if name == "ce_kdim_probs_weight":
+        module = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, reduction=reduction)
+        return module, x, torch.rand_like(x)
+    if name == "ce_ignore_weight":  # [N, C], one target ignored
+        module = nn.CrossEntropyLoss(weight=weight, ignore_index=7, reduction=reduction)
+        return module, x[:, :, 0, 0], target[:, 0, 1]
+    if name == "ce_1d":  # [N, C, T]: a sequence
+        module = nn.CrossEntropyLoss(ignore_index=7, reduction=reduction)
+        return module, x[:, :, 0], target[:, 0]
     raise ValueError(name)
 
 
 LOSSES = ["mse", "mse_3d", "ce", "ce_probs", "bce"]
+LOSSES += ["mse_4d", "bce_4d_weights", "ce_kdim", "ce_kdim_ignore_weight", "ce_1d"]
+LOSSES += ["ce_kdim_ignore_weight_smoothing", "ce_kdim_probs_weight", "ce_ignore_weight"]
 
 
 def _loss_hessian_blocks(module, x, target) -> torch.Tensor:
@@ -68,6 +107,48 @@ def test_loss_sqrt_hessian(name, reduction):
     S = rules.sqrt_hessian(call).flatten(2)
     torch.testing.assert_close(torch.einsum("vni,vnj->nij", S, S), blocks)
     torch.testing.assert_close(rules.sum_hessian(call), blocks.sum(0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_hessian_mat_prod(name, reduction):
+    """``hessian_mat_prod`` ``[K, N, *in]``: each sample's Hessian block times its slice."""
+    module, x, target = _loss_case(name, reduction)
+    call, x, _ = _record(module, x, target)
+    blocks = _loss_hessian_blocks(module, x, target)
+    V = torch.randn(2, *x.shape, dtype=x.dtype)
+    expected = torch.einsum("nij,knj->kni", blocks, V.flatten(2)).reshape(V.shape)
+    rules = SECOND_ORDER.lookup(module)
+    torch.testing.assert_close(rules.hessian_mat_prod(call, V), expected)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 3, 5), (4, 3, 2, 2)])
+def test_cross_entropy_dense_factor_has_one_block_column_per_position(shape):
+    """On ``[N, C, *d]`` the exact factor has ``(C - 1) prod(d)`` columns (the rank), column
+    ``(v, q)`` non-zero at position ``q`` only."""
+    torch.manual_seed(4)
+    module = nn.CrossEntropyLoss()
+    x = torch.randn(shape, dtype=torch.float64)
+    target = torch.randint(3, (shape[0], *shape[2:]))
+    call, x, _ = _record(module, x, target)
+    S = SECOND_ORDER.lookup(module).sqrt_hessian(call)
+    P = x[0, 0].numel()
+    assert S.shape == (2 * P, *shape)
+    support = S.reshape(2, P, shape[0], 3, P).abs().sum((0, 2, 3))  # [column q, position r]
+    assert torch.equal(support != 0, torch.eye(P, dtype=torch.bool))
+
+
+def test_cross_entropy_ignored_targets_have_no_curvature():
+    """Positions whose target is ``ignore_index`` contribute nothing (PyTorch's semantics)."""
+    module, x, target = _loss_case("ce_kdim_ignore_weight", "mean")
+    call, x, _ = _record(module, x, target)
+    rules = SECOND_ORDER.lookup(module)
+    ignored = target == 7
+    S = rules.sqrt_hessian(call)  # [V, N, C, 2, 2]
+    assert S.abs().sum((0, 2))[ignored].max() == 0
+    assert S.abs().sum((0, 2))[~ignored].min() > 0
+    G = rules.sqrt_hessian_sampled(call, 3)
+    assert G.abs().sum((0, 2))[ignored].max() == 0
 
 
 @pytest.mark.parametrize("scale", [1.0, 40.0])
@@ -98,3 +179,15 @@ def test_loss_sqrt_hessian_sampled(name):
     blocks = _loss_hessian_blocks(module, x, target)
     error = (estimate - blocks).abs().max() / blocks.abs().max()
     assert error < 0.03
+
+
+def test_cross_entropy_dense_factor_is_budget_checked():
+    """The exact factor over many positions is refused above the dense budget, before
+    allocating, with the cheaper extensions named."""
+    module, x, target = _loss_case("ce_kdim", "mean")
+    call, x, _ = _record(module, x, target)
+    call.memory = MemoryPolicy(max_dense_bytes=1000)  # the factor: 8 * 4 * 3 * 4 * 8 bytes
+    with pytest.raises(DenseBudgetError, match="Monte-Carlo"):
+        SECOND_ORDER.lookup(module).sqrt_hessian(call)
+    call.memory = MemoryPolicy(max_dense_bytes=8 * 4 * 3 * 4 * 8)
+    SECOND_ORDER.lookup(module).sqrt_hessian(call)
