@@ -27,11 +27,24 @@ class MergeBatch(nn.Module):
     per-sample quantity (per-sample gradients, GGN and Hessian diagonals, Kronecker
     factors, curvature products) of the sequences, exactly. Put it directly in front of
     the loss: modules with parameters behind it see the ``N T`` tokens as samples.
+
+    Args:
+        dims: the number of dimensions the input must have (``hbpkit.convert`` rewrites
+            ``x.view(-1, C)`` into ``MergeBatch(dims=3)``: the same only for ``[N, T, C]``),
+            or ``None`` for any ``[N, T, *f]``.
     """
 
+    def __init__(self, dims: int | None = None) -> None:
+        super().__init__()
+        self.dims = dims
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2:
-            raise ValueError(f"MergeBatch needs an input [N, T, *f], got shape {tuple(x.shape)}")
+        if x.dim() < 2 or (self.dims is not None and x.dim() != self.dims):
+            need = "[N, T, *f]" if self.dims is None else f"{self.dims} dimensions [N, T, C]"
+            raise ValueError(
+                f"MergeBatch needs an input of {need}, got shape {tuple(x.shape)} (where "
+                "hbpkit.convert rewrote x.view(-1, C): write x.flatten(0, 1) for sequences)"
+            )
         return x.flatten(0, 1)
 
 

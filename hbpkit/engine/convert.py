@@ -26,10 +26,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.loss import _Loss
 
 from hbpkit.branching import Sum
-from hbpkit.engine.partition import Partition, is_shape_query
+from hbpkit.engine.partition import Partition, attribute_of, is_shape_query
 from hbpkit.modules.tables import is_registered
+from hbpkit.reshaping import MergeBatch
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -125,6 +127,14 @@ def _module_for(node: fx.Node, rewritten: set[fx.Node]) -> tuple[nn.Module, tupl
     if node.op not in ("call_function", "call_method"):
         return None
     target, args, kwargs = node.target, node.args, node.kwargs
+    loss = _loss_module(node)
+    if loss is not None:  # the input must be the model's; the target is data
+        if args and isinstance(args[0], fx.Node) and _module_output(args[0], rewritten):
+            return loss, (args[0], args[1] if len(args) > 1 else kwargs["target"])
+        return None
+    if _merges_batch(node) and all(_is_loss(u) for u in node.users):
+        if _module_output(args[0], rewritten):  # view(-1, C) is flatten(0, 1) for 3 dims only
+            return MergeBatch(None if _is_flatten(node) else 3), (args[0],)
     tensors = [a for a in node.all_input_nodes if not is_shape_query(a)]
     if not tensors or not all(_module_output(a, rewritten) for a in tensors):
         return None
@@ -147,13 +157,68 @@ def _module_for(node: fx.Node, rewritten: set[fx.Node]) -> tuple[nn.Module, tupl
     return None
 
 
+#: functional losses and their modules (the keyword arguments carry over)
+LOSS_FUNCTIONS: dict[Callable, type[nn.Module]] = {
+    F.cross_entropy: nn.CrossEntropyLoss,
+    F.mse_loss: nn.MSELoss,
+    F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+}
+
+
+def _loss_module(node: fx.Node) -> nn.Module | None:
+    """``F.cross_entropy(x, y, **options)`` as ``nn.CrossEntropyLoss(**options)`` (options
+    constant, class weights a tensor of the model), else ``None``."""
+    if node.op != "call_function" or not _hashable(node.target):
+        return None
+    module_type = LOSS_FUNCTIONS.get(node.target)
+    if module_type is None or len(node.args) > 2:
+        return None
+    options = {}
+    for key, value in node.kwargs.items():
+        if key in ("input", "target"):
+            continue
+        if isinstance(value, fx.Node):
+            if value.op != "get_attr":
+                return None
+            value = attribute_of(node.graph.owning_module, value.target)
+        options[key] = value
+    try:
+        return module_type(**options)
+    except TypeError:  # an option the module does not take
+        return None
+
+
+def _is_loss(node: fx.Node) -> bool:
+    """Whether ``node`` computes a loss (a functional loss, or a loss module)."""
+    if node.op == "call_module":
+        return isinstance(node.graph.owning_module.get_submodule(node.target), _Loss)
+    return _loss_module(node) is not None
+
+
+def _merges_batch(node: fx.Node) -> bool:
+    """``x.flatten(0, 1)``, ``x.view(-1, C)`` / ``x.reshape(-1, x.size(-1))``: the batch
+    and the next dimension merged (a sequence model's tokens into the loss's samples)."""
+    args = node.args
+    if _is_flatten(node):
+        start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 0 and end == 1
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = args[1:] if len(args) != 2 or not isinstance(args[1], (tuple, list)) else args[1]
+        return len(shape) == 2 and shape[0] == -1
+    return False
+
+
 def _module_output(node: fx.Node, rewritten: set[fx.Node]) -> bool:
-    """Whether ``node`` is a model input or the output of a module (not of a constant)."""
+    """Whether ``node`` is a tensor in the model's batch layout ``[N, *features]``: it
+    depends on the model's inputs (not only on parameters, buffers or sizes) and is no
+    size. (Operations that move the batch dimension are rare between modules; a region
+    whose boundary is not batch-first is refused before a backward pass.)"""
     if node.op == "placeholder" or node in rewritten:
         return True
-    return node.op == "call_module" and any(
-        _module_output(a, rewritten) for a in node.all_input_nodes
-    )
+    if is_shape_query(node) or node.op == "get_attr":
+        return False
+    return any(_module_output(a, rewritten) for a in node.all_input_nodes)
 
 
 def _is_add(node: fx.Node) -> bool:

@@ -60,7 +60,7 @@ def _install(module: nn.Module) -> None:
 
 
 def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
-    if not torch.is_grad_enabled() or not inputs or not isinstance(inputs[0], Tensor):
+    if not torch.is_grad_enabled() or not any(isinstance(t, Tensor) for t in inputs):
         return None
     if is_replaying():
         return None

@@ -101,7 +101,7 @@ class Partition:
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.batched = self._batched()
         self.ops: set[fx.Node] = set()
-        for n in self.nodes:  # in graph order: shape queries of op nodes are ops too
+        for n in self.nodes:
             if self._is_op(n):
                 self.ops.add(n)
         self.regions = self._connected(self.ops)
@@ -118,11 +118,11 @@ class Partition:
         if node.op in ("placeholder", "output"):
             return False
         if node.op == "get_attr":
-            return isinstance(_attribute(self.gm, node.target), Tensor) and bool(node.users)
+            return isinstance(attribute_of(self.gm, node.target), Tensor) and bool(node.users)
         if node.op == "call_module":  # a module applied to constants joins their region
             return node not in self.batched
-        if is_shape_query(node):
-            return any(a in self.ops for a in node.all_input_nodes)
+        if is_shape_query(node):  # sizes are values: the region's output is queried
+            return False
         return not is_tuple_selection(node)
 
     def _connected(self, ops: set[fx.Node]) -> list[list[fx.Node]]:
@@ -167,9 +167,9 @@ class Partition:
             needed.add(n)
             stack.extend(a for a in n.all_input_nodes if a in inside)
         members = sorted(needed, key=self.position.__getitem__)
-        inputs = sorted(
+        inputs = sorted(  # tensors first (the call's input ``x``), then sizes
             {a for n in members for a in n.all_input_nodes if a not in inside},
-            key=self.position.__getitem__,
+            key=lambda a: (is_shape_query(a), self.position[a]),
         )
         graph, env, attributes = fx.Graph(), {}, {}
         for i, a in enumerate(inputs):
@@ -177,7 +177,7 @@ class Partition:
         for n in members:
             if n.op in ("get_attr", "call_module"):
                 flat = n.target.replace(".", "_")
-                attributes[flat] = _attribute(self.gm, n.target)
+                attributes[flat] = attribute_of(self.gm, n.target)
                 args = fx.map_arg(n.args, env.__getitem__)
                 kwargs = fx.map_arg(n.kwargs, env.__getitem__)
                 if n.op == "get_attr":
@@ -197,7 +197,8 @@ class Partition:
         return region
 
 
-def _attribute(gm: nn.Module, target: str) -> object:
+def attribute_of(gm: nn.Module, target: str) -> object:
+    """``gm``'s attribute at the dotted ``target`` (a parameter, buffer or module)."""
     obj: object = gm
     for part in target.split("."):
         obj = getattr(obj, part)
