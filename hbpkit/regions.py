@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from hbpkit.core.calls import replaying
+
 
 class Region(nn.Module):
     """A piece of a model's functional code: ``graph(*inputs)``, one output.
@@ -37,9 +39,13 @@ class Region(nn.Module):
         super().__init__()
         self.graph = graph
         self.source = source
+        #: per input, whether it has the batch dimension (depends on the model's inputs;
+        #: a mask or a size does not), for the per-sample function of the generic path
+        self.batched_inputs: tuple[bool, ...] | None = None
 
     def forward(self, *inputs: Any) -> Any:
-        return self.graph(*inputs)
+        with replaying():  # modules inside the region record no calls of their own
+            return self.graph(*inputs)
 
     def extra_repr(self) -> str:
         ops = [

@@ -65,6 +65,8 @@ class ModuleCall:
         cache: quantities shared by several extensions during one backward pass
             (cleared on release).
         grad_slots: the positions of the inputs that required gradients when recorded.
+        kwargs: the keyword arguments of the call (``attn_mask=...``), replayed by the
+            generic path; curvature is backpropagated through positional inputs only.
         output_index: where the recorded output sits in the tuple the module returned
             (an ``nn.LSTM``'s ``(output, (h, c))``), ``None`` for a tensor output.
         memory: the memory policy (``hbpkit.curvature.memory.MemoryPolicy``) of the
@@ -86,6 +88,7 @@ class ModuleCall:
         "output_shape",
         "output_index",
         "grad_slots",
+        "kwargs",
         "memory",
         "__weakref__",
     )
@@ -99,6 +102,7 @@ class ModuleCall:
         self.inputs = inputs
         self.output_shape = output.shape
         self.output_index: int | None = None
+        self.kwargs: dict[str, Any] = {}
         self.grad_slots = tuple(
             i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad
         )
@@ -144,8 +148,12 @@ class ModuleCall:
         """
         if self.kept:
             self.inputs = tuple(t.detach() if isinstance(t, Tensor) else t for t in self.inputs)
+            self.kwargs = {
+                k: v.detach() if isinstance(v, Tensor) else v for k, v in self.kwargs.items()
+            }
         else:
             self.inputs = ()
+            self.kwargs = {}
             self.captured = None
         self.cache = {}
         self.released = True
@@ -176,8 +184,9 @@ _REPLAY = threading.local()
 
 @contextmanager
 def replaying() -> Iterator[None]:
-    """Run modules again without recording calls (the generic path recomputes a call's
-    forward pass under ``torch.func``; its modules must not record new calls)."""
+    """Run modules without recording their calls: the generic path recomputing a call's
+    forward pass under ``torch.func``, and the modules inside a region (the region is
+    the call)."""
     depth = getattr(_REPLAY, "depth", 0)
     _REPLAY.depth = depth + 1
     try:

@@ -56,10 +56,10 @@ def _install(module: nn.Module) -> None:
         return
     if getattr(module, "inplace", False) is True:
         module.inplace = False
-    setattr(module, _HANDLE, module.register_forward_hook(_forward_hook))
+    setattr(module, _HANDLE, module.register_forward_hook(_forward_hook, with_kwargs=True))
 
 
-def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | None:
+def _forward_hook(module: nn.Module, inputs: tuple, kwargs: dict, output: object) -> Tensor | None:
     if not torch.is_grad_enabled() or not any(isinstance(t, Tensor) for t in inputs):
         return None
     if is_replaying():
@@ -76,6 +76,7 @@ def _forward_hook(module: nn.Module, inputs: tuple, output: object) -> Tensor | 
         return None
     rules = SECOND_ORDER.lookup(module)
     call = ModuleCall(module, inputs, output, rules)
+    call.kwargs = kwargs
     call.output_index = index
     if rules is not None:
         try:

@@ -3,9 +3,10 @@
 After :func:`hbpkit.convert` has rewritten what has a module of its own (``+`` into
 :class:`~hbpkit.branching.Sum`, ``torch.relu`` into ``nn.ReLU``), every remaining
 operation on tensors is an *op node*: function and method calls, tensor attributes
-(``x.T``), the model's own tensors (``get_attr``: bare parameters, buffers) and modules
-applied to constants only (``self.pos(torch.arange(T))``). Connected op nodes form a
-region; each output of a region (an op node used outside it) becomes one
+(``x.T``), the model's own tensors (``get_attr``: bare parameters, buffers), modules
+without rules (``nn.MultiheadAttention`` as a whole, with the indexing of its tuple
+output) and modules applied to constants only (``self.pos(torch.arange(T))``).
+Connected op nodes form a region; each output of a region (an op node used outside it) becomes one
 :class:`~hbpkit.regions.Region` module computing it from the region's inputs (module
 outputs, the model's inputs, sizes). Shape arithmetic (``x.size(0)``, ``D // heads``)
 is not an op: it stays in the model and reaches regions as an input value.
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from hbpkit.modules.tables import is_registered
 from hbpkit.regions import LinearRegion, Region, SelectionRegion
 
 SHAPE_METHODS = ("size", "dim", "numel", "stride", "element_size", "nelement")
@@ -119,8 +121,9 @@ class Partition:
             return False
         if node.op == "get_attr":
             return isinstance(attribute_of(self.gm, node.target), Tensor) and bool(node.users)
-        if node.op == "call_module":  # a module applied to constants joins their region
-            return node not in self.batched
+        if node.op == "call_module":  # a module without rules, or applied to constants,
+            module = self.gm.get_submodule(node.target)  # joins the functional code around it
+            return node not in self.batched or not is_registered(module)
         if is_shape_query(node):  # sizes are values: the region's output is queried
             return False
         return not is_tuple_selection(node)
@@ -189,6 +192,7 @@ class Partition:
         graph.output(env[out])
         kind = _kind(members, {a for a in inputs if a in self.batched})
         region = kind(fx.GraphModule(attributes, graph, kind.__name__), _source(members))
+        region.batched_inputs = tuple(a in self.batched for a in inputs)
         name = f"hbpkit_region_{len([m for m in self.gm.modules() if isinstance(m, Region)])}"
         self.gm.add_submodule(name, region)
         with self.gm.graph.inserting_before(out):

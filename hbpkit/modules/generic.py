@@ -63,39 +63,46 @@ class CallFunction:
     ``self(params, *xs)`` recomputes the call's output ``[N, *out]`` from the followed
     inputs ``xs`` (the tensor inputs that required gradients) and a dict of parameters
     (those not given are the module's own); :meth:`per_sample` is the same function of
-    one sample, for ``vmap``.
+    one sample, for ``vmap``. The call's keyword arguments are replayed as recorded
+    (tensors among them with the batch dimension are sliced per sample as well).
     """
 
     def __init__(self, call: ModuleCall, rules: GenericRules) -> None:
         self.module = call.module
-        self.inputs = tuple(t.detach() if isinstance(t, Tensor) else t for t in call.inputs)
+        self.n_args = len(call.inputs)
+        self.kw_names = tuple(call.kwargs)
+        everything = (*call.inputs, *call.kwargs.values())
+        self.inputs = tuple(t.detach() if isinstance(t, Tensor) else t for t in everything)
         self.followed = followed_slots(call)
         self.output_index = call.output_index
         self.N = call.output_shape[0]
-        self.batched = tuple(
-            isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.N for t in call.inputs
+        self.batched = tuple(  # a tensor with N rows is per sample (see batched_inputs)
+            isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.N for t in everything
         )
+        known = getattr(call.module, "batched_inputs", None)  # a region knows which are
+        if known is not None and len(known) == self.n_args:
+            self.batched = (
+                tuple(a and b for a, b in zip(known, self.batched)) + self.batched[self.n_args :]
+            )
         self.params = {name: p.detach() for name, p in rules.trainable_params(call.module)}
         self.function = rules.function(call.module)
 
-    def _args(self, xs: tuple[Tensor, ...]) -> list[Any]:
-        args = list(self.inputs)
-        for slot, x in zip(self.followed, xs):
-            args[slot] = x
-        return args
-
-    def __call__(self, params: dict[str, Tensor], *xs: Tensor) -> Tensor:
+    def _run(self, params: dict[str, Tensor], values: list[Any]) -> Tensor:
+        args, kwargs = values[: self.n_args], dict(zip(self.kw_names, values[self.n_args :]))
         with replaying(), MATH_ATTENTION():
-            out = self.function(self.module, params, self._args(xs))
+            out = self.function(self.module, params, args, kwargs)
         return out if self.output_index is None else out[self.output_index]
 
-    def per_sample(self, params: dict[str, Tensor], *args: Any) -> Tensor:
-        """``f(x_n, theta)`` for one sample; ``args``: every input, sliced where batched."""
-        args = [a.unsqueeze(0) if b else a for a, b in zip(args, self.batched)]
-        with replaying(), MATH_ATTENTION():
-            out = self.function(self.module, params, args)
-        out = out if self.output_index is None else out[self.output_index]
-        return out.squeeze(0)
+    def __call__(self, params: dict[str, Tensor], *xs: Tensor) -> Tensor:
+        values = list(self.inputs)
+        for slot, x in zip(self.followed, xs):
+            values[slot] = x
+        return self._run(params, values)
+
+    def per_sample(self, params: dict[str, Tensor], *values: Any) -> Tensor:
+        """``f(x_n, theta)`` for one sample; ``values``: every input, sliced where batched."""
+        values = [v.unsqueeze(0) if b else v for v, b in zip(values, self.batched)]
+        return self._run(params, values).squeeze(0)
 
     def in_dims(self) -> tuple[int | None, ...]:
         return tuple(0 if b else None for b in self.batched)
@@ -104,9 +111,11 @@ class CallFunction:
         return tuple(self.inputs[i] for i in self.followed)
 
 
-def call_module(module: nn.Module, params: dict[str, Tensor], args: list[Any]) -> Any:
-    """``module(*args)`` with ``params`` in place of the module's own tensors."""
-    return functional_call(module, params, tuple(args))
+def call_module(
+    module: nn.Module, params: dict[str, Tensor], args: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """``module(*args, **kwargs)`` with ``params`` in place of the module's own tensors."""
+    return functional_call(module, params, tuple(args), kwargs)
 
 
 def followed_slots(call: ModuleCall) -> tuple[int, ...]:
@@ -146,8 +155,8 @@ class GenericRules(ModuleRules):
     def keeps_diagonal(self) -> bool:
         return self.structure == "selection"
 
-    def function(self, module: nn.Module) -> Callable[[nn.Module, dict, list], Any]:
-        """``(module, params, args) -> output`` as ``torch.func`` differentiates it."""
+    def function(self, module: nn.Module) -> Callable[[nn.Module, dict, list, dict], Any]:
+        """``(module, params, args, kwargs) -> output`` as ``torch.func`` differentiates it."""
         return call_module
 
     def param_names(self, module: nn.Module) -> list[str]:
@@ -176,6 +185,13 @@ class GenericRules(ModuleRules):
                     f"{tuple(x.shape)} to an output of shape {tuple(call.output_shape)}; hbpkit "
                     "needs the batch dimension first in both ([N, *features]) and every "
                     "sample processed on its own"
+                )
+        for key, value in call.kwargs.items():
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise NotImplementedError(
+                    f"{describe(call.module)} (generic path) takes {key}= by keyword, a tensor "
+                    "that depends on the network; hbpkit backpropagates curvature through "
+                    "positional inputs: pass it positionally"
                 )
         for name, sub in call.module.named_modules():
             if sub.training and isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0:

@@ -236,6 +236,22 @@ class TorchAttention(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].flatten(1))
 
 
+class MaskedAttention(nn.Module):
+    """Masks passed by keyword: the generic path replays the call with them (a padding
+    mask per sample, sliced per sample for per-sample gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(12, 3)
+        self.register_buffer("causal", torch.ones(3, 3).triu(1).bool())
+
+    def forward(self, x):
+        pad = (x[:, :, 0] > 1.0) & (torch.arange(3) > 0)  # [N, T]: data, never the first
+        out = self.attn(x, x, x, attn_mask=self.causal, key_padding_mask=pad, need_weights=False)
+        return self.head(out[0].flatten(1))
+
+
 class Upsampling(nn.Module):
     def __init__(self):
         super().__init__()
@@ -257,6 +273,7 @@ MODELS = {
         False,
     ),
     "MultiheadAttention": (TorchAttention, (3, 4), True),
+    "masks by keyword": (MaskedAttention, (3, 4), True),
     "upsample and pixel shuffle": (Upsampling, (1, 2, 2), True),
 }
 
