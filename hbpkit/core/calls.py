@@ -204,10 +204,14 @@ PATH = "_hbpkit_path"  # attribute of a module: its path in the model extend() w
 
 
 def describe(module: nn.Module) -> str:
-    """``Type 'path'`` for error messages (``ReLU 'layer1.0.relu'``), or the type alone."""
+    """``Type 'path'`` for error messages (``ReLU 'layer1.0.relu'``), or the type alone; a
+    region adds the source line of the code it runs (``Region 'hbpkit_region_0' (from
+    model.py:42)``)."""
     path = getattr(module, PATH, None)
     name = type(module).__name__
-    return f"{name} '{path}'" if path else name
+    named = f"{name} '{path}'" if path else name
+    source = getattr(module, "source", "")  # a region: the model's code it runs
+    return f"{named} (from {source})" if isinstance(source, str) and source else named
 
 
 def call_of(output: Tensor) -> ModuleCall | None:
