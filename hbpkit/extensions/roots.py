@@ -36,7 +36,7 @@ from hbpkit.collectives import (
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
-from hbpkit.extensions.kronecker import KFAC_APPROXES
+from hbpkit.extensions.kronecker import KFAC_APPROXES, as_kronecker_factors
 from hbpkit.extensions.messages import Message, SqrtMessage
 from hbpkit.modules.base import LossRules
 from hbpkit.modules.kronecker_roots import reduction_scale
@@ -295,7 +295,7 @@ class EmpiricalKFAC(KroneckerRoots):
     def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
         roots = super().param_quantity(rules, call, name, param, grad_output, message)
         factors = rules.kron_of_output_factor(call, name, roots.output_factor(), self.kfac_approx)
-        return KroneckerFactors(factors, param.shape)
+        return as_kronecker_factors(factors, param)
 
     def __repr__(self) -> str:
         return f"EmpiricalKFAC(kfac_approx={self.kfac_approx!r})"
