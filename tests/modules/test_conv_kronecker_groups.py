@@ -1,0 +1,238 @@
+"""Kronecker factors of grouped and depthwise convolutions (float64).
+
+Convention (``hbpkit/modules/conv/kronecker.py``): a weight with ``g = groups > 1`` gets
+``[G [g, C_out/g, C_out/g], A [g, S, S]]``, block-diagonal over the groups, each group's
+factors those of the ungrouped convolution of its channel slices; the bias keeps the full
+``[G]``. Checked against
+
+* the twin (``conv_twins.py``): ``g`` ungrouped convolutions on the channel slices, in one
+  network with the same output; its layers' factors are the groups' (KFLR, KFRA, KFAC with
+  the same draws, both ``kfac_approx``), and an optimizer step on the grouped layer is the
+  step on the twin's layers;
+* the exact GGN (autograd) where the approximation is exact: batch size 1 and one output
+  position, each group's diagonal block (the blocks between groups are dropped, and are not
+  zero there); with MSE on the layer's output (block-diagonal over the groups), the whole
+  block for any batch size;
+* dense algebra for :class:`KroneckerFactors` with groups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import reference as ref
+import torch
+from conv_twins import slice_twin, twin_layers
+from torch import nn
+from twins import run_extended
+
+import hbpkit.extensions as exts
+from hbpkit import KroneckerFactors, backprop, extend
+from hbpkit.optim import KroneckerPreconditioner
+
+DT = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+GROUPED = {
+    "2d_g2_stride": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1, stride=2), (4, 5, 5)),
+    "1d_depthwise_x2_dilation": (lambda: nn.Conv1d(3, 6, 3, groups=3, dilation=2), (3, 9)),
+    "2d_depthwise_circular_nobias": (
+        lambda: nn.Conv2d(3, 3, 3, groups=3, padding=1, padding_mode="circular", bias=False),
+        (3, 4, 4),
+    ),
+    "2d_same_reflect_g2": (
+        lambda: nn.Conv2d(2, 4, (2, 3), groups=2, padding="same", padding_mode="reflect"),
+        (2, 4, 5),
+    ),
+    "3d_g2": (lambda: nn.Conv3d(4, 2, 2, groups=2, padding=(1, 0, 0)), (4, 3, 3, 2)),
+    "3d_depthwise": (lambda: nn.Conv3d(2, 2, (1, 2, 2), groups=2, stride=(1, 2, 1)), (2, 2, 4, 3)),
+}
+
+
+def close(actual, expected, what: str = "") -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _conv(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    factory, shape = GROUPED[name]
+    return factory().to(DT), shape
+
+
+def _head(conv: nn.Module, shape: tuple[int, ...], classes: int = 3) -> nn.Module:
+    with torch.no_grad():
+        features = conv(torch.zeros(1, *shape, dtype=DT)).numel()
+    return nn.Sequential(nn.Sigmoid(), nn.Flatten(), nn.Linear(features, classes, dtype=DT))
+
+
+def _data(shape, n=3, classes=3, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(n, *shape, dtype=DT), torch.randint(0, classes, (n,))
+
+
+def _block(G: torch.Tensor, i: int, g: int) -> torch.Tensor:
+    m = G.shape[0] // g
+    return G[i * m : (i + 1) * m, i * m : (i + 1) * m]
+
+
+def _extensions(approx: str):
+    return [
+        (exts.KFLR(kfac_approx=approx), "kflr"),
+        (exts.KFRA(kfac_approx=approx), "kfra"),
+        (exts.KFAC(mc_samples=3, kfac_approx=approx), "kfac"),
+    ]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", sorted(GROUPED))
+def test_grouped_factors_are_the_twins(name, approx):
+    """Each group's ``[G_i, A_i]`` are the factors of the ungrouped twin layer ``i``; the
+    bias's diagonal blocks are the twin biases' ``G_i``; the head's factors agree."""
+    conv, shape = _conv(name)
+    g = conv.groups
+    head = _head(conv, shape)
+    grouped = nn.Sequential(conv, *copy.deepcopy(head))
+    twin = nn.Sequential(slice_twin(conv, shape), *copy.deepcopy(head))
+    X, y = _data(shape)
+    with torch.no_grad():
+        close(twin(X), grouped(X), "the twin computes the same function")
+    loss_fn = nn.CrossEntropyLoss()
+    for ext, field in _extensions(approx):
+        torch.manual_seed(7)  # KFAC: the same draws for both (same outputs, same seed)
+        ours = run_extended(grouped, loss_fn, X, y, ext)
+        torch.manual_seed(7)
+        theirs = run_extended(twin, loss_fn, X, y, ext)
+        factors = getattr(ours[0].weight, field)
+        assert isinstance(factors, KroneckerFactors) and factors.groups == g
+        assert factors[0].shape == (g, conv.out_channels // g, conv.out_channels // g)
+        S = conv.weight[0].numel()
+        assert factors[1].shape == (g, S, S)
+        for i, layer in enumerate(twin_layers(theirs[0])):
+            G_i, A_i = getattr(layer.weight, field)
+            close(factors[0][i], G_i, f"{name} {field} G group {i}")
+            close(factors[1][i], A_i, f"{name} {field} A group {i}")
+            if conv.bias is not None:
+                (G_bias,) = getattr(ours[0].bias, field)
+                assert G_bias.shape == (conv.out_channels,) * 2
+                close(_block(G_bias, i, g), getattr(layer.bias, field)[0], f"{name} {field} bias")
+        for p, q in zip(ours[-1].parameters(), theirs[-1].parameters()):
+            for a, b in zip(getattr(p, field), getattr(q, field)):
+                close(a, b, f"{name} {field} head")
+
+
+def _exact_ggn_block(model: nn.Module, loss_fn, X, y, param) -> torch.Tensor:
+    out = model(X)
+    return ref.ggn(out, loss_fn, y, [param])
+
+
+P1_CASES = {  # one output position (P = 1)
+    "2d_g2": (lambda: nn.Conv2d(4, 6, (3, 2), groups=2), (4, 3, 2)),
+    "1d_depthwise_x2": (lambda: nn.Conv1d(2, 4, 3, groups=2, padding=1), (2, 1)),
+    "3d_g3": (lambda: nn.Conv3d(3, 6, (1, 2, 2), groups=3), (3, 1, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", sorted(P1_CASES))
+def test_kflr_kfra_exact_group_blocks_batch_one(name, approx):
+    """Batch size 1 and ``P = 1``: ``G_i kron A_i`` is the exact GGN's diagonal block of group
+    ``i`` (KFLR and KFRA), the bias factor the exact bias block; the dropped blocks between
+    groups are not zero (so the whole block is not exact there)."""
+    torch.manual_seed(0)
+    factory, shape = P1_CASES[name]
+    conv = factory().to(DT)
+    with torch.no_grad():
+        assert conv(torch.zeros(1, *shape, dtype=DT)).shape[2:].numel() == 1
+    model = nn.Sequential(conv, *_head(conv, shape, classes=4))
+    X, y = _data(shape, n=1, classes=4)
+    loss_fn = nn.CrossEntropyLoss()
+    exact_w = _exact_ggn_block(model, loss_fn, X, y, model[0].weight)
+    exact_b = _exact_ggn_block(model, loss_fn, X, y, model[0].bias)
+    g = conv.groups
+    n = conv.weight.numel() // g
+    for ext, field in _extensions(approx)[:2]:
+        ext_model = run_extended(model, loss_fn, X, y, ext)
+        factors = getattr(ext_model[0].weight, field)
+        for i in range(g):
+            block = exact_w[i * n : (i + 1) * n, i * n : (i + 1) * n]
+            close(torch.kron(factors[0][i], factors[1][i]), block, f"{name} {field} group {i}")
+        close(getattr(ext_model[0].bias, field)[0], exact_b, f"{name} {field} bias")
+        off = exact_w - factors.to_dense()
+        assert off.abs().max() > 1e-6, "the blocks between groups are not zero here"
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("name", sorted(P1_CASES))
+def test_kflr_exact_with_mse_on_the_output(name, approx):
+    """MSE on the layer's output, ``P = 1``, any batch size: the output curvature is the same
+    for every sample and block-diagonal over the groups, so ``to_dense()`` is the exact
+    GGN block (KFLR and KFRA)."""
+    torch.manual_seed(0)
+    factory, shape = P1_CASES[name]
+    conv = factory().to(DT)
+    model = nn.Sequential(conv, nn.Flatten())
+    X = torch.randn(4, *shape, dtype=DT)
+    with torch.no_grad():
+        y = torch.randn_like(model(X))
+    loss_fn = nn.MSELoss()
+    exact = _exact_ggn_block(model, loss_fn, X, y, model[0].weight)
+    for ext, field in _extensions(approx)[:2]:
+        ext_model = run_extended(model, loss_fn, X, y, ext)
+        close(getattr(ext_model[0].weight, field).to_dense(), exact, f"{name} {field} (MSE)")
+
+
+@pytest.mark.parametrize("mode", ["factored", "heuristic", "correct"])
+def test_optimizer_step_is_the_twins(mode):
+    """``KroneckerPreconditioner`` on a grouped layer moves each group as the twin's layer."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=False).to(DT)
+    shape = (4, 4, 4)
+    start = conv.weight.detach().clone()
+    head = _head(conv, shape)
+    grouped = extend(nn.Sequential(conv, *copy.deepcopy(head)))
+    twin = extend(nn.Sequential(slice_twin(copy.deepcopy(conv), shape), *copy.deepcopy(head)))
+    X, y = _data(shape)
+    for model in (grouped, twin):
+        opt = KroneckerPreconditioner(
+            model.parameters(), curvature="kflr", lr=0.5, damping=1e-2, damping_mode=mode
+        )
+        for _ in range(2):  # the second step uses the moving averages
+            opt.zero_grad()
+            with backprop(*opt.extensions):
+                extend(nn.CrossEntropyLoss())(model(X), y).backward()
+            opt.step()
+    layers = twin_layers(twin[0])
+    for i, layer in enumerate(layers):
+        close(grouped[0].weight[3 * i : 3 * (i + 1)], layer.weight, f"{mode}: group {i}")
+    assert not torch.equal(grouped[0].weight, start), "the step moved the weight"
+    close(grouped[-1].weight, twin[-1].weight, f"{mode}: head")
+
+
+def _spd(*shape: int) -> torch.Tensor:
+    M = torch.randn(*shape, dtype=DT)
+    return M @ M.mT + 0.1 * torch.eye(shape[-1], dtype=DT)
+
+
+def test_grouped_kronecker_factors_match_dense():
+    """``to_dense`` is ``block_diag_i(kron(G_i, A_i))``; ``mv`` and ``solve`` agree with it."""
+    torch.manual_seed(0)
+    shape = torch.Size([6, 2, 3])  # g = 3 groups of [2, 6]
+    G, A = _spd(3, 2, 2), _spd(3, 6, 6)
+    kron = KroneckerFactors([G, A], shape)
+    dense = torch.block_diag(*(torch.kron(G[i], A[i]) for i in range(3)))
+    close(kron.to_dense(), dense, "to_dense")
+    v = torch.randn(2, *shape, dtype=DT)
+    close(kron.mv(v), (v.reshape(2, -1) @ dense.T).reshape(v.shape), "mv")
+    system = dense + 0.3 * torch.eye(shape.numel(), dtype=DT)
+    expected = torch.linalg.solve(system, v.reshape(2, -1).T).T.reshape(v.shape)
+    close(kron.solve(v, 0.3), expected, "solve")
+    assert kron.groups == 3
+    import pickle
+
+    again = pickle.loads(pickle.dumps(kron))
+    assert again.groups == 3 and again.param_shape == shape and not again.transposed
+    with pytest.raises(ValueError, match="do not match parameter shape"):
+        KroneckerFactors([G, A[:2]], shape)
+    with pytest.raises(ValueError, match="square factors"):
+        KroneckerFactors([G, A[0]], shape)
