@@ -146,7 +146,10 @@ def test_patches_and_input_factors(name):
 
 P1_CASES = {  # one output position (P = 1), (factory, input shape)
     "1d": (lambda: nn.ConvTranspose1d(2, 3, 3, padding=1), (2, 1)),
-    "2d_stride": (lambda: nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 1)), (2, 2, 1)),
+    "2d_stride": (
+        lambda: nn.ConvTranspose2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 1)),
+        (2, 2, 1),
+    ),
     "3d": (lambda: nn.ConvTranspose3d(2, 2, (1, 2, 3), padding=(0, 1, 1)), (2, 1, 2, 1)),
     "1d_groups": (lambda: nn.ConvTranspose1d(4, 6, 3, padding=1, groups=2), (4, 1)),
 }
