@@ -236,3 +236,38 @@ def test_grouped_kronecker_factors_match_dense():
         KroneckerFactors([G, A[:2]], shape)
     with pytest.raises(ValueError, match="square factors"):
         KroneckerFactors([G, A[0]], shape)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_hessian_factors_through_local_and_diagonal_factors_are_the_twins(bias):
+    """``HBP("hessian", "exact", "sqrt")`` behind ``conv -> tanh -> conv -> tanh``: the residuals
+    reach the first (grouped) layer as diagonal and local factors; its groups' factors are still
+    the twin's (with and without a bias: the grouped ``G`` is then formed per group)."""
+    torch.manual_seed(0)
+    shape = (4, 5, 5)
+    conv = nn.Conv2d(4, 4, 3, groups=4, padding=1, bias=bias).to(DT)
+    rest = nn.Sequential(
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, groups=2, stride=2).to(DT),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(24, 3, dtype=DT),
+    )
+    grouped = nn.Sequential(conv, *copy.deepcopy(rest))
+    twin = nn.Sequential(slice_twin(conv, shape), *copy.deepcopy(rest))
+    X, y = _data(shape)
+    loss_fn = nn.CrossEntropyLoss()
+    for approx in ("expand", "reduce"):
+        ext = exts.HBP("hessian", "exact", "sqrt", kfac_approx=approx)
+        ours = run_extended(grouped, loss_fn, X, y, ext)
+        theirs = run_extended(twin, loss_fn, X, y, ext)
+        G, A = ours[0].weight.hbp
+        for i, layer in enumerate(twin_layers(theirs[0])):
+            G_i, A_i = layer.weight.hbp
+            close(G[i], G_i, f"hessian G group {i} ({approx})")
+            close(A[i], A_i, f"hessian A group {i} ({approx})")
+            if bias:
+                close(_block(ours[0].bias.hbp[0], i, 4), layer.bias.hbp[0], f"bias {i}")
+        second, second_twin = ours[2].weight.hbp, theirs[2].weight.hbp
+        for a, b in zip(second, second_twin):
+            close(a, b, f"the second grouped layer ({approx})")

@@ -69,7 +69,13 @@ class ConvOutputKronecker(KroneckerRoles):
     _kron_transposed: bool = False
 
     def kron_from_sqrt_weight(self, call: ModuleCall, factors: list[Factor], approx: str):
-        return self._weight_kron(call, self._sqrt_output_factor(call, factors, approx), approx)
+        # a grouped weight without a trainable bias needs only the G_g: g (C_out/g)^2 entries
+        # instead of C_out^2 (a depthwise layer: C_out times fewer); with one, the full G is
+        # formed for the bias anyway and its blocks are taken
+        bias = call.module.bias
+        groups = 1 if bias is not None and bias.requires_grad else call.module.groups
+        G = self._sqrt_output_factor(call, factors, approx, groups)
+        return self._weight_kron(call, G, approx)
 
     def kron_from_average_weight(self, call: ModuleCall, mat, approx: str):
         return self._weight_kron(call, self._average_output_factor(call, mat, approx), approx)
@@ -79,10 +85,11 @@ class ConvOutputKronecker(KroneckerRoles):
 
         Group ``g`` of a grouped weight sees only its own input channels and writes only its
         own output channels: its block is ``G[g, g] kron A_g``, as for a convolution of
-        those channels alone; the blocks between groups are dropped.
+        those channels alone; the blocks between groups are dropped. ``G``: ``[C_out, C_out]``
+        or its blocks ``[g, C_out/g, C_out/g]`` already.
         """
         groups = call.module.groups
-        if groups != 1:
+        if groups != 1 and G.dim() == 2:
             G = group_blocks(G, groups)
         factors = [G, self.input_factor(call, approx)]
         if not self._kron_transposed and groups == 1:
@@ -91,39 +98,56 @@ class ConvOutputKronecker(KroneckerRoles):
 
     # [G, A] for the weight, [G] for the bias: KroneckerRoles
 
-    def _sqrt_output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
-        """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``."""
+    def _sqrt_output_factor(
+        self, call: ModuleCall, factors: list[Factor], approx: str, groups: int = 1
+    ) -> Tensor:
+        """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``;
+        with ``groups > 1`` only its diagonal blocks ``[groups, C_out/groups, C_out/groups]``."""
 
         def of_local(f: LocalFactor) -> Tensor:  # the columns on their patches: zero elsewhere
-            key = ("conv_local_G", id(f), approx)  # one pass for weight and bias
+            key = ("conv_local_G", id(f), approx, groups)  # one pass for weight and bias
             if key not in call.cache:
                 chunks = f.chunks()
-                call.cache[key] = sum(self._output_factor(c.columns(), approx) for c in chunks)
+                call.cache[key] = sum(
+                    self._output_factor(c.columns(), approx, groups) for c in chunks
+                )
             return call.cache[key]
 
         def of_dense(f: SqrtFactor) -> Tensor:
-            key = ("conv_G", id(f.S), approx)  # one product for weight and bias
+            key = ("conv_G", id(f.S), approx, groups)  # one product for weight and bias
             cached = call.cache.get(key)
             if cached is None or cached[0] is not f.S:
-                cached = call.cache[key] = (f.S, self._output_factor(f, approx))
+                cached = call.cache[key] = (f.S, self._output_factor(f, approx, groups))
             return cached[1]
 
         # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
         def of_diagonal(f: DiagonalFactor) -> Tensor:
-            return torch.diag(f.signed_square().flatten(2).sum((0, 2)))
+            d = f.signed_square().flatten(2).sum((0, 2))
+            return torch.diag(d) if groups == 1 else torch.diag_embed(d.reshape(groups, -1))
 
         return sum(f.match(dense=of_dense, diagonal=of_diagonal, local=of_local) for f in factors)
 
-    def _output_factor(self, f: SqrtFactor, approx: str) -> Tensor:
-        """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce)."""
+    def _output_factor(self, f: SqrtFactor, approx: str, groups: int = 1) -> Tensor:
+        """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce), or its
+        ``groups`` diagonal blocks ``[groups, C_out/groups, C_out/groups]``."""
         S, Ssigned = f.S.flatten(3), f.signed().flatten(3)  # [V, N, C_out, P]
         if approx == "reduce":
-            return einsum(Ssigned.sum(3), S.sum(3), "v n o, v n q -> o q")
+            a, b = Ssigned.sum(3), S.sum(3)
+            if groups == 1:
+                return einsum(a, b, "v n o, v n q -> o q")
+            a, b = a.unflatten(2, (groups, -1)), b.unflatten(2, (groups, -1))
+            return einsum(a, b, "v n g o, v n g q -> g o q")
         V, N, C_out, P = S.shape
-        if C_out > P:  # sum_{r,p} a b^T as the weight gradient of a 1x1 convolution
+        m = C_out // groups
+        if m > P:  # sum_{r,p} a b^T as the weight gradient of a (grouped) 1x1 convolution
             a, b = Ssigned.reshape(V * N, C_out, P), S.reshape(V * N, C_out, P)
-            return _CONV_WEIGHT[1](b, [C_out, C_out, 1], a).reshape(C_out, C_out)
-        return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
+            G = _CONV_WEIGHT[1](b, [C_out, m, 1], a, groups=groups).reshape(groups, m, m)
+            return G[0] if groups == 1 else G
+        if groups == 1:
+            return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
+        a = Ssigned.flatten(0, 1).unflatten(1, (groups, -1))  # [R, g, m, P], m <= P
+        b = S.flatten(0, 1).unflatten(1, (groups, -1))
+        return (a @ b.mT).sum(0)
 
     def _average_output_factor(
         self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
