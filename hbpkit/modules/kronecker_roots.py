@@ -125,7 +125,8 @@ class ConvRoots(KroneckerRootRoles):
         if call.module.groups != 1:
             raise NotImplementedError(
                 f"Kronecker roots of {call.module} (groups={call.module.groups}) are not "
-                "supported: a grouped convolution has one input factor per group"
+                "supported: a grouped convolution has one input factor per group (KFAC, KFLR, "
+                "KFRA and HBP give its Kronecker factors per group)"
             )
 
     def positions(self, call: ModuleCall) -> int:

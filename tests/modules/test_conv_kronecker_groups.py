@@ -271,3 +271,59 @@ def test_hessian_factors_through_local_and_diagonal_factors_are_the_twins(bias):
         second, second_twin = ours[2].weight.hbp, theirs[2].weight.hbp
         for a, b in zip(second, second_twin):
             close(a, b, f"the second grouped layer ({approx})")
+
+
+def test_factorwise_reduction_keeps_the_layout(monkeypatch):
+    """``KroneckerFactorwise`` (the distributed reduction of ``p.kflr``) sums grouped and
+    transposed factors factor by factor and keeps their layout (two equal ranks, simulated)."""
+    import hbpkit.collectives as collectives
+
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda t, group=None: t.mul_(2))
+    torch.manual_seed(0)
+    grouped = KroneckerFactors([_spd(3, 2, 2), _spd(3, 6, 6)], torch.Size([6, 2, 3]))
+    transposed = KroneckerFactors([_spd(2, 2), _spd(4, 4)], torch.Size([2, 2, 2]), True)
+    weights = collectives.ShardWeights(loss=0.5, samples=0.25, world_size=2, sizes=None)
+    reduced = collectives.all_reduce_kronecker([grouped, transposed], weights)
+    for before, after in zip((grouped, transposed), reduced):
+        assert isinstance(after, KroneckerFactors)
+        assert (after.groups, after.transposed) == (before.groups, before.transposed)
+        close(after[0], 2 * 0.5 * before[0], "G = sum_r w_r G_r")
+        close(after[1], 2 * 0.25 * before[1], "A = sum_r a_r A_r")
+
+
+def test_kfra_from_position_blocks_equals_dense(monkeypatch):
+    """KFRA (expand) with a budget that forces position blocks at the grouped layers' outputs
+    gives the dense path's factors (and does use the blocks)."""
+    from hbpkit.curvature.blocks import PositionBlocks
+    from hbpkit.curvature.memory import MemoryPolicy
+
+    used = []
+    original = PositionBlocks.sum_blocks
+
+    def spy(self):
+        used.append(self.blocks.shape)
+        return original(self)
+
+    monkeypatch.setattr(PositionBlocks, "sum_blocks", spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(4, 4, 3, groups=4, padding=1, bias=False),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(400, 3),
+    ).to(DT)
+    X, y = _data((2, 10, 10))
+    loss_fn = nn.CrossEntropyLoss()
+    runs = []
+    for budget in (2**40, 1_000_000):
+        memory = MemoryPolicy(max_dense_bytes=budget)
+        runs.append(run_extended(net, loss_fn, X, y, exts.KFRA(), memory=memory))
+        assert bool(used) == (budget < 2**40), "only the small budget uses position blocks"
+    dense, blocks = runs
+    for k in (0, 2):
+        for p, q in zip(dense[k].parameters(), blocks[k].parameters()):
+            assert len(p.kfra) == len(q.kfra)
+            for a, b in zip(p.kfra, q.kfra):
+                close(b, a, f"layer {k}: blocks vs dense")
