@@ -29,7 +29,7 @@ from twins import run_extended
 
 import hbpkit.extensions as exts
 from hbpkit import KroneckerFactors, backprop, extend
-from hbpkit.optim import KroneckerPreconditioner
+from hbpkit.optim import FOOF, ISAAC, KroneckerPreconditioner, SubsampledNaturalGradient
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -327,3 +327,45 @@ def test_kfra_from_position_blocks_equals_dense(monkeypatch):
             assert len(p.kfra) == len(q.kfra)
             for a, b in zip(p.kfra, q.kfra):
                 close(b, a, f"layer {k}: blocks vs dense")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params: ("kronecker_roots", exts.KroneckerRoots("exact")),
+        lambda params: ("input_covariance", exts.InputCovariance()),
+        lambda params: ("kfac_empirical", exts.EmpiricalKFAC()),
+        lambda params: (
+            "kronecker_roots",
+            *__import__("hbpkit.optim").optim.ISAAC(params).extensions,
+        ),
+        lambda params: (
+            "input_covariance",
+            *__import__("hbpkit.optim").optim.FOOF(params).extensions,
+        ),
+        lambda params: (
+            "kronecker_roots",
+            *__import__("hbpkit.optim").optim.SubsampledNaturalGradient(params).extensions,
+        ),
+    ],
+    ids=["KroneckerRoots", "InputCovariance", "EmpiricalKFAC", "ISAAC", "FOOF", "NaturalGradient"],
+)
+@pytest.mark.parametrize(
+    "layer",
+    [lambda: nn.Conv1d(4, 4, 2, groups=2), lambda: nn.ConvTranspose1d(4, 4, 2, groups=2)],
+    ids=["grouped", "transposed"],
+)
+def test_root_extensions_refuse_before_writing(layer, make):
+    """The roots (and the optimizers built on them) have no per-group or transposed layout yet:
+    refused before the backward pass, naming the layer, nothing written."""
+    torch.manual_seed(0)
+    conv = layer().to(DT)
+    X, y = torch.randn(2, 4, 4, dtype=DT), torch.tensor([0, 2])
+    features = conv(X[:1]).numel()
+    model = extend(nn.Sequential(conv, nn.Flatten(), nn.Linear(features, 3, dtype=DT)))
+    field, *extensions = make(list(model.parameters()))
+    name = type(model[0]).__name__
+    with pytest.raises(NotImplementedError, match=f"{name}|groups=2"):
+        with backprop(*extensions):
+            extend(nn.CrossEntropyLoss())(model(X), y).backward()
+    assert not any(hasattr(p, field) for p in model.parameters())
