@@ -337,15 +337,15 @@ def test_kfra_from_position_blocks_equals_dense(monkeypatch):
         lambda params: ("kfac_empirical", exts.EmpiricalKFAC()),
         lambda params: (
             "kronecker_roots",
-            *__import__("hbpkit.optim").optim.ISAAC(params).extensions,
+            *ISAAC(params).extensions,
         ),
         lambda params: (
             "input_covariance",
-            *__import__("hbpkit.optim").optim.FOOF(params).extensions,
+            *FOOF(params).extensions,
         ),
         lambda params: (
             "kronecker_roots",
-            *__import__("hbpkit.optim").optim.SubsampledNaturalGradient(params).extensions,
+            *SubsampledNaturalGradient(params).extensions,
         ),
     ],
     ids=["KroneckerRoots", "InputCovariance", "EmpiricalKFAC", "ISAAC", "FOOF", "NaturalGradient"],
