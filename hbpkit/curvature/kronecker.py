@@ -133,7 +133,8 @@ class KroneckerFactors(tuple):
     def to_dense(self) -> Tensor:
         """The block as a ``[p.numel(), p.numel()]`` matrix in ``p.flatten()`` order."""
         G, A = self._grouped_factors()
-        out = torch.block_diag(*(torch.kron(g, a) for g, a in zip(G, A)))
+        # torch.kron needs contiguous operands (a transposed view raises)
+        out = torch.block_diag(*(torch.kron(g.contiguous(), a.contiguous()) for g, a in zip(G, A)))
         if not self.transposed:
             return out
         numel = self.param_shape.numel()

@@ -329,43 +329,95 @@ def test_kfra_from_position_blocks_equals_dense(monkeypatch):
                 close(b, a, f"layer {k}: blocks vs dense")
 
 
+ROOT_USERS = {
+    "KroneckerRoots": lambda params: ("kronecker_roots", exts.KroneckerRoots("exact")),
+    "InputCovariance": lambda params: ("input_covariance", exts.InputCovariance()),
+    "EmpiricalKFAC": lambda params: ("kfac_empirical", exts.EmpiricalKFAC()),
+    "ISAAC": lambda params: ("kronecker_roots", *ISAAC(params).extensions),
+    "FOOF": lambda params: ("input_covariance", *FOOF(params).extensions),
+    "NaturalGradient": lambda params: (
+        "kronecker_roots",
+        *SubsampledNaturalGradient(params).extensions,
+    ),
+}
+REFUSING_LAYERS = {
+    "grouped": lambda: nn.Conv1d(4, 4, 2, groups=2),
+    "transposed": lambda: nn.ConvTranspose1d(4, 4, 2, groups=2),
+}
+#: the factors alone come per group; the roots (rows) do not
+GROUPED_OK = ("InputCovariance", "EmpiricalKFAC", "FOOF")
+
+
 @pytest.mark.parametrize(
-    "make",
+    "layer_id, user",
     [
-        lambda params: ("kronecker_roots", exts.KroneckerRoots("exact")),
-        lambda params: ("input_covariance", exts.InputCovariance()),
-        lambda params: ("kfac_empirical", exts.EmpiricalKFAC()),
-        lambda params: (
-            "kronecker_roots",
-            *ISAAC(params).extensions,
-        ),
-        lambda params: (
-            "input_covariance",
-            *FOOF(params).extensions,
-        ),
-        lambda params: (
-            "kronecker_roots",
-            *SubsampledNaturalGradient(params).extensions,
-        ),
+        (layer, user)
+        for layer in REFUSING_LAYERS
+        for user in ROOT_USERS
+        if not (layer == "grouped" and user in GROUPED_OK)
     ],
-    ids=["KroneckerRoots", "InputCovariance", "EmpiricalKFAC", "ISAAC", "FOOF", "NaturalGradient"],
 )
-@pytest.mark.parametrize(
-    "layer",
-    [lambda: nn.Conv1d(4, 4, 2, groups=2), lambda: nn.ConvTranspose1d(4, 4, 2, groups=2)],
-    ids=["grouped", "transposed"],
-)
-def test_root_extensions_refuse_before_writing(layer, make):
+def test_root_extensions_refuse_before_writing(layer_id, user):
     """The roots (and the optimizers built on them) have no per-group or transposed layout yet:
-    refused before the backward pass, naming the layer, nothing written."""
+    refused before the backward pass, naming the layer, nothing written (grouped layers get
+    ``InputCovariance`` and ``EmpiricalKFAC``, and so ``FOOF``, per group)."""
     torch.manual_seed(0)
-    conv = layer().to(DT)
+    conv = REFUSING_LAYERS[layer_id]().to(DT)
     X, y = torch.randn(2, 4, 4, dtype=DT), torch.tensor([0, 2])
     features = conv(X[:1]).numel()
     model = extend(nn.Sequential(conv, nn.Flatten(), nn.Linear(features, 3, dtype=DT)))
-    field, *extensions = make(list(model.parameters()))
+    field, *extensions = ROOT_USERS[user](list(model.parameters()))
     name = type(model[0]).__name__
     with pytest.raises(NotImplementedError, match=f"{name}|groups=2"):
         with backprop(*extensions):
             extend(nn.CrossEntropyLoss())(model(X), y).backward()
     assert not any(hasattr(p, field) for p in model.parameters())
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_input_covariance_and_empirical_kfac_are_the_twins(approx):
+    """``InputCovariance`` and ``EmpiricalKFAC`` of a grouped layer: per group the twin's
+    (the empirical ``G`` from the gradients of the true labels); ``kfac_empirical``'s ``A`` is
+    ``input_covariance``."""
+    conv, shape = _conv("2d_g2_stride")
+    head = _head(conv, shape)
+    grouped = nn.Sequential(conv, *copy.deepcopy(head))
+    twin = nn.Sequential(slice_twin(conv, shape), *copy.deepcopy(head))
+    X, y = _data(shape)
+    loss_fn = nn.CrossEntropyLoss()
+    extensions = [exts.InputCovariance(kfac_approx=approx), exts.EmpiricalKFAC(kfac_approx=approx)]
+    ours = run_extended(grouped, loss_fn, X, y, *extensions)
+    theirs = run_extended(twin, loss_fn, X, y, *extensions)
+    cov, (G, A) = ours[0].weight.input_covariance, ours[0].weight.kfac_empirical
+    assert cov.shape == A.shape == (2, 18, 18) and G.shape == (2, 3, 3)
+    close(A, cov, "EmpiricalKFAC's A is InputCovariance")
+    for i, layer in enumerate(twin_layers(theirs[0])):
+        close(cov[i], layer.weight.input_covariance, f"input covariance group {i}")
+        G_i, A_i = layer.weight.kfac_empirical
+        close(G[i], G_i, f"empirical G group {i}")
+        close(A[i], A_i, f"empirical A group {i}")
+        G_bias = ours[0].bias.kfac_empirical[0]
+        close(_block(G_bias, i, 2), layer.bias.kfac_empirical[0], f"empirical bias {i}")
+
+
+def test_foof_step_is_the_twins():
+    """``FOOF`` on a grouped layer moves each group as the twin's layer (two steps)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, groups=2, padding=1).to(DT)
+    shape = (4, 4, 4)
+    start = conv.weight.detach().clone()
+    head = _head(conv, shape)
+    grouped = extend(nn.Sequential(conv, *copy.deepcopy(head)))
+    twin = extend(nn.Sequential(slice_twin(copy.deepcopy(conv), shape), *copy.deepcopy(head)))
+    X, y = _data(shape)
+    for model in (grouped, twin):
+        opt = FOOF(model.parameters(), lr=0.3, damping=0.5, ema=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            with backprop(*opt.extensions):
+                extend(nn.CrossEntropyLoss())(model(X), y).backward()
+            opt.step()
+    for i, layer in enumerate(twin_layers(twin[0])):
+        close(grouped[0].weight[3 * i : 3 * (i + 1)], layer.weight, f"FOOF weight group {i}")
+        close(grouped[0].bias[3 * i : 3 * (i + 1)], layer.bias, f"FOOF bias group {i}")
+    assert not torch.equal(grouped[0].weight, start), "the step moved the weight"

@@ -219,7 +219,8 @@ _REDUCE_NEEDS_DENSE = (
 def group_blocks(G: Tensor, groups: int) -> Tensor:
     """``[C, C] -> [groups, C/groups, C/groups]``: the diagonal blocks of ``G``."""
     m = G.shape[0] // groups
-    return torch.diagonal(G.reshape(groups, m, groups, m), dim1=0, dim2=2).permute(2, 0, 1)
+    blocks = torch.diagonal(G.reshape(groups, m, groups, m), dim1=0, dim2=2).permute(2, 0, 1)
+    return blocks.contiguous()
 
 
 def grouped_input_factor(u: Tensor, groups: int, approx: str) -> Tensor:
