@@ -162,7 +162,9 @@ DAMPING_MODES = {
 def _as_groups(first: Tensor, grad: Tensor, transposed: bool) -> Tensor:
     """``grad`` as ``[g, m, k]`` in the layout of factors whose first is ``first``."""
     groups = first.shape[0] if first.dim() == 3 else 1
-    return matricise(grad, grad.shape, groups, transposed)
+    if transposed:
+        return matricise(grad, grad.shape, groups, True)
+    return grad.reshape(groups, first.shape[-1], -1)  # [m, m] may span several dimensions
 
 
 def _from_groups(out: Tensor, grad: Tensor, transposed: bool) -> Tensor:

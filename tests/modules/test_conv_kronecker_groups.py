@@ -421,3 +421,28 @@ def test_foof_step_is_the_twins():
         close(grouped[0].weight[3 * i : 3 * (i + 1)], layer.weight, f"FOOF weight group {i}")
         close(grouped[0].bias[3 * i : 3 * (i + 1)], layer.bias, f"FOOF bias group {i}")
     assert not torch.equal(grouped[0].weight, start), "the step moved the weight"
+
+
+@pytest.mark.parametrize("mode", ["factored", "heuristic", "correct"])
+def test_optimizer_layout_of_one_factor_over_several_dims(mode):
+    """A one-factor block over a parameter of several dimensions (``LayerNorm((2, 3))``'s
+    ``[6, 6]``) is preconditioned as one ``[6, 1]`` matrix, not per first dimension: the
+    ``"correct"`` step is ``KroneckerFactors.solve``."""
+    torch.manual_seed(0)
+    model = extend(
+        nn.Sequential(
+            nn.Linear(6, 6), nn.Unflatten(1, (2, 3)), nn.LayerNorm((2, 3)), nn.Flatten()
+        ).to(DT)
+    )
+    X, y = torch.randn(4, 6, dtype=DT), torch.tensor([0, 1, 2, 5])
+    weight = model[2].weight
+    opt = KroneckerPreconditioner([weight], "kflr", lr=1.0, damping=0.1, damping_mode=mode)
+    with backprop(*opt.extensions):
+        extend(nn.CrossEntropyLoss())(model(X), y).backward()
+    before, grad, factors = weight.detach().clone(), weight.grad.clone(), weight.kflr
+    assert len(factors) == 1 and factors[0].shape == (6, 6)
+    opt.step()
+    if mode == "correct":
+        close(weight.detach(), before - factors.solve(grad, 0.1), "correct step")
+    else:
+        assert weight.shape == before.shape and not torch.equal(weight.detach(), before)
