@@ -175,7 +175,7 @@ def all_reduce_kronecker(
         if len(f) == 2:
             scaled.append(f[1] * weights.samples)
     reduced = iter(all_reduce_sum(scaled, group))
-    return [KroneckerFactors([next(reduced) for _ in f], f.param_shape) for f in factors]
+    return [f.like([next(reduced) for _ in f]) for f in factors]
 
 
 # ------------------------------------------------------------------------------ reductions

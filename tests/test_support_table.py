@@ -61,7 +61,7 @@ def test_rows_and_cells():
     assert cells["LayerNorm"]["DiagHessian"] == "exact"
     assert cells["Embedding"]["BatchGrad"] == "exact"
     assert cells["Embedding"]["KFLR"] == "≈¹"
-    assert cells["ConvTranspose2d"]["KFLR"] == "✗"
+    assert cells["ConvTranspose2d"]["KFLR"] == cells["Conv2d"]["KFRA"] == "≈"
     assert cells["Sigmoid"]["BatchGrad"] == "–"
     assert cells["Sigmoid"]["HMP"] == "✓"
 

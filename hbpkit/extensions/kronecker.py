@@ -20,6 +20,14 @@ BACKPROPS = ("sqrt", "batch-average")
 KFAC_APPROXES = ("expand", "reduce")
 
 
+def as_kronecker_factors(factors, param) -> KroneckerFactors:
+    """The rules' factors as :class:`KroneckerFactors` of ``param``; rules of a layout other
+    than the default (groups, transposed convolutions) return them as such already."""
+    if isinstance(factors, KroneckerFactors):
+        return factors
+    return KroneckerFactors(factors, param.shape)
+
+
 class HBP(SecondOrder):
     """Hessian backpropagation with a choice of curvature, loss Hessian and strategy.
 
@@ -88,7 +96,7 @@ class HBP(SecondOrder):
             factors = rules.kron_from_sqrt(call, name, message, self.kfac_approx)
         else:
             factors = rules.kron_from_average(call, name, message, self.kfac_approx)
-        return KroneckerFactors(factors, param.shape)
+        return as_kronecker_factors(factors, param)
 
     def __repr__(self) -> str:
         return (

@@ -36,7 +36,7 @@ from hbpkit.collectives import (
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.extensions.base import Extension, check_choice, check_mc_samples
-from hbpkit.extensions.kronecker import KFAC_APPROXES
+from hbpkit.extensions.kronecker import KFAC_APPROXES, as_kronecker_factors
 from hbpkit.extensions.messages import Message, SqrtMessage
 from hbpkit.modules.base import LossRules
 from hbpkit.modules.kronecker_roots import reduction_scale
@@ -240,8 +240,9 @@ def _output_root(rules, call: ModuleCall, factor, approx: str) -> Tensor:
 class InputCovariance(Extension):
     """``A = a^T a / b``, the input factor of each weight alone, ``input_covariance``.
 
-    ``[n, n]`` for a weight (``n = D_in``, or ``C_in prod(k)`` for a convolution),
-    ``[[1]]`` for a bias (its input is the constant 1). Computed from the layer
+    ``[n, n]`` for a weight (``n = D_in``, or ``C_in prod(k)`` for a convolution; ``[g, n, n]``
+    with ``n = C_in/g prod(k)`` for a convolution with ``g > 1`` groups), ``[[1]]`` for a
+    bias (its input is the constant 1). Computed from the layer
     input that the forward pass recorded: nothing is backpropagated, no extra
     forward or backward pass runs; hbpkit forms the Gram matrix in the layer's hook
     during the ordinary ``backward()`` (where the input is still held), and shares
@@ -263,7 +264,7 @@ class InputCovariance(Extension):
         return ["param_input_factor"]
 
     def check(self, call: ModuleCall, rules) -> None:
-        _check_roots(call, rules)
+        _check_roots(call, rules, per_group=True)
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
         return rules.param_input_factor(call, name, self.kfac_approx, param)
@@ -292,10 +293,13 @@ class EmpiricalKFAC(KroneckerRoots):
         """The roots' rules, and the Kronecker factors of ``G`` (``kron_of_output_factor``)."""
         return [*super().required_param_rules(rules), "kron_of_output_factor"]
 
+    def check(self, call: ModuleCall, rules) -> None:
+        _check_roots(call, rules, per_group=True)
+
     def param_quantity(self, rules, call, name, param, grad_output, message) -> KroneckerFactors:
         roots = super().param_quantity(rules, call, name, param, grad_output, message)
         factors = rules.kron_of_output_factor(call, name, roots.output_factor(), self.kfac_approx)
-        return KroneckerFactors(factors, param.shape)
+        return as_kronecker_factors(factors, param)
 
     def __repr__(self) -> str:
         return f"EmpiricalKFAC(kfac_approx={self.kfac_approx!r})"
@@ -304,8 +308,10 @@ class EmpiricalKFAC(KroneckerRoots):
 __all__ = ["EmpiricalKFAC", "FactorRoots", "InputCovariance", "KroneckerRoots", "RootsReduction"]
 
 
-def _check_roots(call: ModuleCall, rules) -> None:
-    """A layer with roots (``KroneckerRootRoles``) refuses what has no single pair of roots."""
+def _check_roots(call: ModuleCall, rules, per_group: bool = False) -> None:
+    """A layer with roots (``KroneckerRootRoles``) refuses what has no single pair of roots;
+    ``per_group``: the extension saves factors only, which may be per group (grouped
+    convolutions, hbpkit/modules/kronecker_roots.py)."""
     validate_roots = getattr(rules, "validate_roots", None)
     if validate_roots is not None:
-        validate_roots(call)
+        validate_roots(call, per_group=per_group)

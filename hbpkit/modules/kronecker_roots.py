@@ -69,8 +69,9 @@ class KroneckerRootRoles:
     """What the root extensions take per parameter role (a mixin of the Linear and Conv
     rules): the weight's input root and input factor, the bias's constant input ``1``."""
 
-    def validate_roots(self, call: ModuleCall) -> None:
-        """Refuse, before the pass, a layer whose roots are not one pair ``(a, g_bar)``."""
+    def validate_roots(self, call: ModuleCall, per_group: bool = False) -> None:
+        """Refuse, before the pass, a layer whose roots are not one pair ``(a, g_bar)``;
+        ``per_group``: the extension needs only the factors, which may be per group."""
 
     param_input_root = per_role("param_input_root")
     param_input_factor = per_role("param_input_factor")
@@ -119,14 +120,26 @@ class LinearRoots(KroneckerRootRoles):
 
 class ConvRoots(KroneckerRootRoles):
     """Kronecker roots of ``nn.Conv1d/2d/3d`` with ``groups=1`` (eq. S.14, one row per patch);
-    a mixin of :class:`~hbpkit.modules.conv.ConvRules`."""
+    a mixin of :class:`~hbpkit.modules.conv.ConvRules`.
 
-    def validate_roots(self, call: ModuleCall) -> None:
-        if call.module.groups != 1:
+    With ``groups > 1`` the rows of ``a`` (all input channels) and ``g_bar`` (all output
+    channels) are not the roots of the per-group factors (hbpkit/modules/conv/kronecker.py),
+    so :class:`KroneckerRoots` refuses them; the factors alone (``InputCovariance``,
+    ``EmpiricalKFAC``) come per group: ``A_g`` of the group's patches, ``G_g`` the diagonal
+    blocks of ``g_bar^T g_bar``.
+    """
+
+    def validate_roots(self, call: ModuleCall, per_group: bool = False) -> None:
+        if call.module.groups != 1 and not per_group:
             raise NotImplementedError(
                 f"Kronecker roots of {call.module} (groups={call.module.groups}) are not "
-                "supported: a grouped convolution has one input factor per group"
+                "supported: a grouped convolution has one input factor per group (KFAC, KFLR, "
+                "KFRA, HBP, EmpiricalKFAC and InputCovariance give its factors per group)"
             )
+
+    def kron_of_output_factor_weight(self, call: ModuleCall, G: Tensor, approx: str) -> list:
+        """``[G, A]`` (S.14), per group for ``groups > 1`` (the diagonal blocks of ``G``)."""
+        return self._weight_kron(call, G, approx)
 
     def positions(self, call: ModuleCall) -> int:
         """``P``, the output positions that share the kernel."""

@@ -181,7 +181,10 @@ class DistributedKroneckerPreconditioner(_Distributed, KroneckerPreconditioner):
         """
         R = dist.get_world_size(self.group)
         me = dist.get_rank(self.group)
-        costs = [float(sum(f.shape[0] ** 3 for f in self.state[p]["factors"])) for _, p in due]
+        costs = [  # a grouped factor [g, n, n] costs g n^3
+            float(sum(f[..., 0, 0].numel() * f.shape[-1] ** 3 for f in self.state[p]["factors"]))
+            for _, p in due
+        ]
         owners = assign_to_ranks(costs, R)
         mine = [i for i, owner in enumerate(owners) if owner == me]
         dtype = due[0][1].dtype

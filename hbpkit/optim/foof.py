@@ -12,6 +12,8 @@ from :class:`~hbpkit.extensions.InputCovariance`, computed without extra passes)
    batch in and warms up on 50 batches, which this order makes unnecessary).
 3. **Direction** ``D = grad P`` (eq. 6: ``(Delta W)^T = (lambda I + A A^T)^{-1} A E^T``;
    the weight matricised as ``[m, rest]``). A bias, input ``1``: ``D = grad / (1 + lambda)``.
+   A grouped convolution (``Sigma`` ``[g, n, n]``, one per group): per group, the weight's
+   group ``i`` matricised as ``[m/g, n]``.
 4. **Step** with heavy-ball momentum and decoupled weight decay::
 
        buf <- momentum * buf + D;   p <- p - lr * lambda * buf - lr * weight_decay * p
@@ -129,8 +131,14 @@ class FOOF(torch.optim.Optimizer):
         elif (-t) % T < S:
             state["sigma"].mul_(group["ema"]).add_(cov, alpha=1.0 - group["ema"])
         if t % T == 0 or "inverse" not in state:
-            state["inverse"] = spd_inverse(state["sigma"], group["damping"])
-        d = (p.grad.reshape(p.shape[0], -1) @ state["inverse"]).reshape(p.shape)
+            sigma, damping = state["sigma"], group["damping"]
+            if sigma.dim() == 3:  # per group of a grouped convolution
+                state["inverse"] = torch.stack([spd_inverse(s, damping) for s in sigma])
+            else:
+                state["inverse"] = spd_inverse(sigma, damping)
+        inverse = state["inverse"]
+        rows = (inverse.shape[0], -1) if inverse.dim() == 3 else (p.shape[0],)
+        d = (p.grad.reshape(*rows, inverse.shape[-1]) @ inverse).reshape(p.shape)
         d = heavy_ball(state, d, group["momentum"])
         if group["weight_decay"] != 0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])

@@ -35,6 +35,13 @@ block in ``p.flatten()`` order, the weight matricised as ``[out, rest]``):
 4. **Momentum** (heavy ball, as ``torch.optim.SGD`` without dampening):
    ``buf <- momentum * buf + D``; then ``p <- p - lr * buf``.
 
+Grouped factors (a convolution with ``groups = g > 1``: ``G`` ``[g, m, m]``, ``A``
+``[g, k, k]``, the block block-diagonal over the groups, ``hbpkit/curvature/kronecker.py``)
+are damped and inverted group by group, each group like the weight of a layer of its own
+(its own ``pi``), and the gradient is matricised per group (``[g, m, k]``); transposed
+convolutions' factors (``transposed``) matricise each group with its first two dimensions
+swapped. So the step on a grouped convolution is the step on its ``g`` separate convolutions.
+
 Curvature factors are read on every step (the moving average needs them), so
 every backward pass before ``step()`` runs inside ``backprop(*opt.extensions)``.
 """
@@ -48,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hbpkit.curvature.kronecker import matricise, unmatricise
 from hbpkit.optim.curvatures import (
     KRONECKER_CURVATURES,
     CurvatureOptimizer,
@@ -128,31 +136,64 @@ def correct_inverses(factors: list[Tensor], damping: float) -> list[Tensor]:
     return [Q_g, Q_a, 1.0 / (eig_g[:, None] * eig_a[None, :] + damping)]
 
 
-#: ``damping_mode -> (factors, damping) -> state[p]["inverses"]``
+def per_group(invert: Callable[[list[Tensor], float], list[Tensor]]):
+    """``invert`` applied to each group of grouped factors ``[g, n, n]`` (results stacked);
+    ungrouped factors ``[n, n]`` go to ``invert`` as they are."""
+
+    def grouped(factors: list[Tensor], damping: float) -> list[Tensor]:
+        if factors[0].dim() == 2:
+            return invert(factors, damping)
+        each = [invert([f[i] for f in factors], damping) for i in range(factors[0].shape[0])]
+        return [torch.stack(parts) for parts in zip(*each)]
+
+    grouped.__name__ = grouped.__qualname__ = invert.__name__
+    grouped.__doc__ = invert.__doc__
+    return grouped
+
+
+#: ``damping_mode -> (factors, damping) -> state[p]["inverses"]`` (grouped factors per group)
 DAMPING_MODES = {
-    "factored": damped_inverses,
-    "heuristic": heuristic_inverses,
-    "correct": correct_inverses,
+    "factored": per_group(damped_inverses),
+    "heuristic": per_group(heuristic_inverses),
+    "correct": per_group(correct_inverses),
 }
 
 
-def precondition_correct(inverses: list[Tensor], grad: Tensor) -> Tensor:
-    """``(G kron A + damping I)^{-1} grad`` from :func:`correct_inverses`, shaped like ``grad``."""
+def _as_groups(first: Tensor, grad: Tensor, transposed: bool) -> Tensor:
+    """``grad`` as ``[g, m, k]`` in the layout of factors whose first is ``first``."""
+    groups = first.shape[0] if first.dim() == 3 else 1
+    if transposed:
+        return matricise(grad, grad.shape, groups, True)
+    return grad.reshape(groups, first.shape[-1], -1)  # [m, m] may span several dimensions
+
+
+def _from_groups(out: Tensor, grad: Tensor, transposed: bool) -> Tensor:
+    groups = out.shape[0]
+    return unmatricise(out, grad.shape, groups, transposed)
+
+
+def precondition_correct(inverses: list[Tensor], grad: Tensor, transposed: bool = False) -> Tensor:
+    """``(G kron A + damping I)^{-1} grad`` from :func:`correct_inverses`, shaped like ``grad``
+    (grouped inverses per group; ``transposed``: the factors' layout, see the module doc)."""
     Q_g, scale = inverses[0], inverses[-1]
-    V = grad.reshape(Q_g.shape[0], -1)
+    V = _as_groups(Q_g, grad, transposed)
+    Q_g, scale = Q_g.reshape(-1, *Q_g.shape[-2:]), scale.reshape(-1, *scale.shape[-2:])
     if len(inverses) == 3:
-        Q_a = inverses[1]
-        return (Q_g @ ((Q_g.T @ V @ Q_a) * scale) @ Q_a.T).reshape(grad.shape)
-    return (Q_g @ ((Q_g.T @ V) * scale)).reshape(grad.shape)
+        Q_a = inverses[1].reshape(-1, *inverses[1].shape[-2:])
+        out = Q_g @ ((Q_g.mT @ V @ Q_a) * scale) @ Q_a.mT
+    else:
+        out = Q_g @ ((Q_g.mT @ V) * scale)
+    return _from_groups(out, grad, transposed)
 
 
-def precondition(inverses: list[Tensor], grad: Tensor) -> Tensor:
-    """``G_inv grad A_inv`` (or ``G_inv grad``), shaped like ``grad``."""
-    V = grad.reshape(inverses[0].shape[0], -1)
-    out = inverses[0] @ V
+def precondition(inverses: list[Tensor], grad: Tensor, transposed: bool = False) -> Tensor:
+    """``G_inv grad A_inv`` (or ``G_inv grad``), shaped like ``grad`` (grouped inverses per
+    group; ``transposed``: the factors' layout, see the module doc)."""
+    V = _as_groups(inverses[0], grad, transposed)
+    out = inverses[0].reshape(-1, *inverses[0].shape[-2:]) @ V
     if len(inverses) == 2:
-        out = out @ inverses[1].T
-    return out.reshape(grad.shape)
+        out = out @ inverses[1].reshape(-1, *inverses[1].shape[-2:]).mT
+    return _from_groups(out, grad, transposed)
 
 
 class KroneckerPreconditioner(CurvatureOptimizer):
@@ -184,7 +225,8 @@ class KroneckerPreconditioner(CurvatureOptimizer):
             ``HBP("pch-abs", "average", "batch-average")`` with ``curvature="hbp"``.
 
     See the module docstring for the formulas. ``opt.state[p]`` holds ``"step"``,
-    ``"factors"`` (the averages), ``"inverses"`` and ``"momentum_buffer"``.
+    ``"factors"`` (the averages), ``"inverses"``, ``"transposed"`` (the factors' layout)
+    and ``"momentum_buffer"``.
     """
 
     def __init__(
@@ -246,6 +288,7 @@ class KroneckerPreconditioner(CurvatureOptimizer):
     def _average(self, group: dict, p: Tensor, factors: tuple) -> bool:
         """Fold the new factors into the moving average; whether ``p``'s inverses are due."""
         state = self.state[p]
+        state["transposed"] = bool(getattr(factors, "transposed", False))
         factors = [f.detach() for f in factors]
         if "factors" not in state:
             state["factors"] = [f.clone() for f in factors]
@@ -271,10 +314,11 @@ class KroneckerPreconditioner(CurvatureOptimizer):
     def _descend(self, group: dict, p: Tensor) -> None:
         """Precondition ``p.grad``, apply momentum, take the step."""
         state = self.state[p]
+        transposed = state.get("transposed", False)
         if group.get("damping_mode", "factored") == "correct":
-            d = precondition_correct(state["inverses"], p.grad.detach())
+            d = precondition_correct(state["inverses"], p.grad.detach(), transposed)
         else:
-            d = precondition(state["inverses"], p.grad.detach())
+            d = precondition(state["inverses"], p.grad.detach(), transposed)
         d = heavy_ball(state, d, group["momentum"])
         p.add_(d, alpha=-group["lr"])
         state["step"] = state.get("step", 0) + 1

@@ -130,11 +130,9 @@ def test_local_factors_switch_is_read_from_the_pass():
 @pytest.mark.parametrize("groups", [1, 2])
 def test_chunk_sizes_do_not_change_results(groups):
     """The tiniest chunks and buffers give the default policy's results, pass after pass
-    (Kronecker factors need ``groups = 1``; grouped weights take the chunked diagonal)."""
+    (grouped weights take the chunked diagonal and per-group Kronecker factors)."""
     model, X, y, loss_fn = _problem(groups)
-    extensions = [DiagGGNExact(), DiagHessian(), BatchGrad()]
-    if groups == 1:
-        extensions += [KFAC(), KFRA()]
+    extensions = [DiagGGNExact(), DiagHessian(), BatchGrad(), KFAC(), KFRA()]
     default = _run(model, X, y, loss_fn, extensions)
     tiny = _run(model, X, y, loss_fn, extensions, TINY_CHUNKS)
     again = _run(model, X, y, loss_fn, extensions)

@@ -32,7 +32,6 @@ from hbpkit.modules.tables import SECOND_ORDER
 DT = torch.float64
 N = 3
 E = 7  # embedding rows
-TRANSPOSE_REFUSED = r"Kronecker factors .* of ConvTranspose"
 
 
 @dataclass(frozen=True)
@@ -200,16 +199,8 @@ NORMALIZATION = {
 }
 
 
-def _conv(factory, shape, kron_refused=None, **forward_kwargs):
-    return RuleCase(
-        factory,
-        (N, *shape),
-        forward_kwargs=forward_kwargs,
-        layout="first",
-        kron_refused=kron_refused,
-        # grouped convolutions: the weight only (the bias block needs no input factor)
-        kron_refused_for=("weight",) if kron_refused == "groups" else ("weight", "bias"),
-    )
+def _conv(factory, shape, **forward_kwargs):
+    return RuleCase(factory, (N, *shape), forward_kwargs=forward_kwargs, layout="first")
 
 
 CONVOLUTION = {
@@ -219,11 +210,8 @@ CONVOLUTION = {
             4, 6, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2, bias=False
         ),
         (4, 5, 6),
-        kron_refused="groups",
     ),
-    "Conv2d_depthwise": _conv(
-        lambda: nn.Conv2d(3, 3, 3, groups=3, padding=1), (3, 4, 4), kron_refused="groups"
-    ),
+    "Conv2d_depthwise": _conv(lambda: nn.Conv2d(3, 3, 3, groups=3, padding=1), (3, 4, 4)),
     "Conv2d_same_even": _conv(lambda: nn.Conv2d(2, 3, (2, 4), padding="same"), (2, 4, 5)),
     "Conv2d_valid": _conv(lambda: nn.Conv2d(2, 3, 2, padding="valid", stride=(2, 1)), (2, 4, 5)),
     "Conv2d_reflect": _conv(
@@ -244,32 +232,24 @@ CONVOLUTION = {
         lambda: nn.Conv3d(2, 2, (2, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1)), (2, 3, 4, 4)
     ),
     "Conv3d_circular_groups": _conv(
-        lambda: nn.Conv3d(2, 4, 2, groups=2, padding=1, padding_mode="circular"),
-        (2, 2, 3, 3),
-        kron_refused="groups",
+        lambda: nn.Conv3d(2, 4, 2, groups=2, padding=1, padding_mode="circular"), (2, 2, 3, 3)
     ),
     "ConvTranspose2d": _conv(
-        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
-        (2, 3, 4),
-        kron_refused=TRANSPOSE_REFUSED,
+        lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), (2, 3, 4)
     ),
     "ConvTranspose2d_groups_dilation_nobias": _conv(
         lambda: nn.ConvTranspose2d(
             4, 6, (2, 3), dilation=2, output_padding=1, groups=2, bias=False
         ),
         (4, 3, 3),
-        kron_refused=TRANSPOSE_REFUSED,
     ),
     "ConvTranspose1d_output_size": _conv(
         lambda: nn.ConvTranspose1d(2, 3, 3, stride=3, padding=1),
         (2, 4),
-        kron_refused=TRANSPOSE_REFUSED,
         output_size=(12,),
     ),
     "ConvTranspose3d": _conv(
-        lambda: nn.ConvTranspose3d(2, 2, 2, stride=(2, 1, 1), padding=(0, 1, 0)),
-        (2, 2, 3, 2),
-        kron_refused=TRANSPOSE_REFUSED,
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=(2, 1, 1), padding=(0, 1, 0)), (2, 2, 3, 2)
     ),
 }
 

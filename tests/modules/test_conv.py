@@ -273,11 +273,23 @@ def test_param_diag(case):
 
 
 def _unfold_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``u[n, s, p] = d z[n, 0, p] / d W[0, s]`` (groups = 1): ``[N, S, P]`` by autograd."""
+    """``u[n, s, p] = d z[n, 0, p] / d W[0, s]`` (groups = 1): ``[N, S, P]`` by autograd;
+    for ``g`` groups ``[N, g, S, P]``, group ``i``'s patches from its first output channel."""
     J = _param_jacobian(module, x, "weight")  # [N, C_out * P, C_out * S]
-    C_out = module.weight.shape[0]
+    C_out, g = module.weight.shape[0], module.groups
     J = J.reshape(x.shape[0], C_out, -1, C_out, J.shape[-1] // C_out)
-    return J[:, 0, :, 0, :].transpose(1, 2)
+    if g == 1:
+        return J[:, 0, :, 0, :].transpose(1, 2)
+    m = C_out // g
+    return torch.stack([J[:, i * m, :, i * m, :].transpose(1, 2) for i in range(g)], 1)
+
+
+def _group_blocks(G: torch.Tensor, g: int) -> torch.Tensor:
+    """``[g, C/g, C/g]``: the diagonal blocks of ``G`` ``[C, C]`` (``G`` itself for one group)."""
+    if g == 1:
+        return G
+    m = G.shape[0] // g
+    return torch.stack([G[i * m : (i + 1) * m, i * m : (i + 1) * m] for i in range(g)])
 
 
 def test_unfold_and_input_factors(conv_case):
@@ -286,13 +298,20 @@ def test_unfold_and_input_factors(conv_case):
     module = call.module
     unfold = rules.unfold(call)
     A = {approx: rules.input_factor(call, approx) for approx in ("expand", "reduce")}
+    u = _unfold_reference(module, x)
     if module.groups == 1:
-        u = _unfold_reference(module, x)
         close(unfold, u, f"unfold vs autograd: {name}")
         P = u.shape[2]
         close(A["expand"], torch.einsum("nsp,ntp->st", u, u) / (N * P), f"A expand: {name}")
         ubar = u.mean(2)
         close(A["reduce"], ubar.T @ ubar / N, f"A reduce: {name}")
+    else:  # per group of input channels, [g, S, S]
+        close(unfold, u.flatten(1, 2), f"unfold vs autograd: {name}")
+        P = u.shape[3]
+        expand = torch.einsum("ngsp,ngtp->gst", u, u) / (N * P)
+        close(A["expand"], expand, f"A expand (groups): {name}")
+        ubar = u.mean(3)
+        close(A["reduce"], torch.einsum("ngs,ngt->gst", ubar, ubar) / N, f"A reduce: {name}")
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
         pad = module.padding
         if isinstance(pad, str):
@@ -309,18 +328,13 @@ def test_unfold_and_input_factors(conv_case):
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_kron_factors_from_given_curvature(conv_case, approx):
-    """``G`` from sqrt factors / a batch-averaged matrix, by its definition; groups refused."""
-    name, rules, call, x, out = conv_case
+def test_kron_factors_from_given_curvature(case, approx):
+    """``G`` from sqrt factors / a batch-averaged matrix, by its definition (convolutions and
+    transposed convolutions); a grouped weight gets the diagonal blocks per group."""
+    name, rules, call, x, out = case
     module = call.module
     factors = _random_factors(out)
     H = torch.randn(out[0].numel(), out[0].numel(), dtype=DT)
-    if module.groups != 1:
-        with pytest.raises(NotImplementedError, match="groups"):
-            rules.kron_from_sqrt(call, "weight", factors, approx)
-        with pytest.raises(NotImplementedError, match="groups"):
-            rules.kron_from_average(call, "weight", H, approx)
-        return
     C_out = out.shape[1]
     expected = 0
     for f in factors:
@@ -339,10 +353,12 @@ def test_kron_factors_from_given_curvature(conv_case, approx):
         G_sqrt = rules.kron_from_sqrt(call, p, factors, approx)
         G_avg = rules.kron_from_average(call, p, H, approx)
         assert len(G_sqrt) == len(G_avg) == (2 if p == "weight" else 1)
-        close(G_sqrt[0], expected, f"G from sqrt: {name}.{p}")
-        close(G_avg[0], expected_avg, f"G from average: {name}.{p}")
+        g = module.groups if p == "weight" else 1
+        close(G_sqrt[0], _group_blocks(expected, g), f"G from sqrt: {name}.{p}")
+        close(G_avg[0], _group_blocks(expected_avg, g), f"G from average: {name}.{p}")
         if p == "weight":
             close(G_sqrt[1], rules.input_factor(call, approx), f"A: {name}")
+            close(G_avg[1], rules.input_factor(call, approx), f"A: {name}")
 
 
 def test_unfold_cached_once():
@@ -667,25 +683,6 @@ def test_reduce_bias_block_is_exact(config):
     model = run_extended(plain, loss_fn, X, y, exts.KFLR(kfac_approx="reduce"))
     _, ggn = _hessian_and_ggn(plain, loss_fn, X, y)
     close(model[0].bias.kflr[0], ggn["0.bias"], f"reduce bias exact: {config}")
-
-
-def test_kron_of_grouped_weight_refused():
-    plain, shape = _make_model("2d_groups_dilation")
-    X, y = _data(shape)
-    with pytest.raises(NotImplementedError, match=r"groups=2.*one \[G, A\]"):
-        run_extended(plain, nn.CrossEntropyLoss(), X, y, exts.KFLR())
-    model = extend(copy.deepcopy(plain))
-    loss = extend(nn.CrossEntropyLoss())(model(X), y)
-    with pytest.raises(NotImplementedError, match="groups"), backprop(exts.KFRA()):
-        loss.backward()
-    assert not any(hasattr(p, "kfra") for p in model.parameters())
-
-
-def test_kron_of_conv_transpose_refused():
-    plain, shape = _conv_transpose_model()
-    X, y = _data(shape)
-    with pytest.raises(NotImplementedError, match=r"Kronecker factors .* of ConvTranspose2d"):
-        run_extended(plain, nn.CrossEntropyLoss(), X, y, exts.KFLR())
 
 
 # --------------------------------------------------------------------------- memory budget

@@ -37,6 +37,7 @@ from rule_references import (
     param_jacobian,
     random_factors,
 )
+from torch import nn
 
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 
@@ -278,6 +279,9 @@ def test_kronecker_factors(name, approx):
             close(got_avg[0], expected, f"{name}.{p} G average")
             continue
         assert len(got_sqrt) == 2 and param.dim() >= 2, f"{name}.{p}"
+        if isinstance(r.module, nn.modules.conv._ConvNd):  # groups, transposed convolutions
+            _check_conv_weight_factors(r, f"{name}.{p}", Jp, got_sqrt, got_avg, M, H, B, approx)
+            continue
         C = param.shape[case.out_axis]
         ind = torch.nn.functional.one_hot(channels, C).to(DT)  # [D_out, C]
         G = torch.einsum("do,nde,eq->oq", ind, M * B, ind)
@@ -293,6 +297,48 @@ def test_kronecker_factors(name, approx):
         close(got_sqrt[1 - g], A, f"{name}.{p} A")
         close(got_avg[g], G_avg, f"{name}.{p} G average")
         close(got_avg[1 - g], A, f"{name}.{p} A average")
+
+
+def _check_conv_weight_factors(r: Recorded, what, Jp, got_sqrt, got_avg, M, H, B, approx):
+    """A (transposed) convolution's weight with ``g`` groups: group ``i``'s factors are those
+    of the matrix ``[C_out/g, S]`` that maps its patches to its output channels.
+
+    ``G_i``: the ``i``-th diagonal block of the output factor over all ``C_out`` channels;
+    ``A_i``: from the patches read off the weight Jacobian at the group's first output
+    channel ``o_i``, ``d z_{n,t,o_i} / dW`` over the group's entries in the matricised order:
+    ``W[o_i, :]`` for a convolution, ``W[c, o_i - i C_out/g, k]`` over the group's input
+    channels ``c`` (then ``k``) for a transposed one (its first two axes swapped).
+    """
+    module = r.module
+    g, transposed = module.groups, isinstance(module, nn.modules.conv._ConvTransposeNd)
+    for got in (got_sqrt, got_avg):
+        assert getattr(got, "transposed", False) == transposed, what
+        assert (got[0].dim() == 3 and got[0].shape[0] == g) if g > 1 else got[0].dim() == 2, what
+    C = r.out_shape[1]
+    _, channels = positions_and_channels(r.case, r.out_shape)
+    ind = torch.nn.functional.one_hot(channels, C).to(DT)  # [D_out, C]
+    G = torch.einsum("do,nde,eq->oq", ind, M * B, ind)
+    G_avg = ind.T @ (H * B) @ ind
+    W = module.weight
+    Jw = Jp.reshape(N, Jp.shape[1], *W.shape)  # [N, D_out, *W.shape]
+    m, c_g = C // g, module.in_channels // g
+    for i in range(g):
+        o = i * m
+        first = (channels == o).nonzero().flatten()  # the features of channel o, by position
+        if transposed:  # W [C_in, C_out/g, *k]: the group's input channels at column 0
+            a = Jw[:, first, i * c_g : (i + 1) * c_g, 0].flatten(2)
+        else:
+            a = Jw[:, first, o].flatten(2)
+        if approx == "expand":
+            A = torch.einsum("nts,ntu->su", a, a) / (a.shape[0] * a.shape[1])
+        else:
+            abar = a.mean(1)
+            A = abar.T @ abar / N
+        blocks = slice(o, o + m)
+        for got, G_ref, how in ((got_sqrt, G, "sqrt"), (got_avg, G_avg, "average")):
+            G_i, A_i = (got[0][i], got[1][i]) if g > 1 else (got[0], got[1])
+            close(G_i, G_ref[blocks, blocks], f"{what} G group {i} ({how})")
+            close(A_i, A, f"{what} A group {i} ({how})")
 
 
 def test_the_table_reaches_every_check():

@@ -22,8 +22,9 @@ position ``p``, ``D = C * prod(spatial)`` the number of features.
 A transposed convolution ``z = conv_transpose(x, W) + b`` (``W`` ``[C_in,
 C_out/groups, *k]``) is the adjoint of a convolution: its rules swap the roles
 of input and output (the input Jacobian's transpose is a convolution; the weight
-derivative pairs ``x`` with the patches of the output-side tensor). It gets all
-rules except Kronecker factors.
+derivative pairs ``x`` with the patches of the output-side tensor). Its Kronecker
+factors are those of eq. S.14 in the transposed geometry (the weight matricised with its
+first two dimensions swapped, the patches of the zero-stuffed input).
 
 Dense matrices over the features of a convolution grow like ``D^2`` (the
 batch-averaged matrix of KFRA; a diagonal factor backpropagated through the
@@ -33,7 +34,8 @@ convolution, ``[D_out, N, *in]``). Such products check their size against
 The rules are split by concern: :mod:`.geometry` (padding, windows, ``unfold``),
 :mod:`.base` (input Jacobians and parameter Jacobian products shared with the
 transposed convolution), :mod:`.diagonal` (the weight diagonal, the hot loop of
-DiagGGNExact), :mod:`.kronecker` (Kronecker factors), :mod:`.convolution`
+DiagGGNExact), :mod:`.kronecker` (Kronecker factors, per group of channels with ``groups > 1``),
+:mod:`.transpose_kronecker` (those of transposed convolutions), :mod:`.convolution`
 (:class:`ConvRules`) and :mod:`.transpose` (:class:`ConvTransposeRules`).
 """
 

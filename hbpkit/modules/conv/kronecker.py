@@ -1,4 +1,5 @@
 """Kronecker factors of the weight (``[G C_out x C_out, A S x S]``).
+
 The weight is shared over the ``P`` output positions; the exact block of one
 sample is ``sum_{v,p,q} (s_p s_q^T) kron (u_p u_q^T)`` (D.4), and ``kfac_approx``
 picks its Kronecker approximation:
@@ -23,10 +24,19 @@ an input entry ``1``, so it gets ``[G]`` of the chosen approximation; with
 D.4 for any ``N`` and ``P``.
 
 BackPACK 1.7.1 pairs the reduce ``G`` with ``P`` times the expand ``A`` (neither
-approximation). With ``groups > 1`` the weight block is a
-different Kronecker product per group (each group has its own ``A``), which does
-not fit one ``[G, A]``: Kronecker factors of grouped weights raise
-``NotImplementedError`` (the bias is fine).
+approximation).
+
+**Groups.** With ``groups = g > 1`` the weight ``[C_out, C_in/g, *k]`` is, per group,
+the matrix ``[C_out/g, C_in/g * prod(k)]`` of a convolution of the group's ``C_in/g``
+input channels into its ``C_out/g`` output channels (eq. S.14 per group). The
+approximation keeps the ``g`` diagonal blocks of the weight's curvature, each the
+factors of that convolution alone: ``G_g`` the ``g``-th diagonal ``[C_out/g, C_out/g]``
+block of the ``G`` above, ``A_g`` the ``A`` above on the group's patches ``u_g``
+``[C_in/g * prod(k)]``. The factors are ``[G [g, C_out/g, C_out/g], A [g, S, S]]``
+(``KroneckerFactors`` with groups: ``block_diag_g(G_g kron A_g)`` in ``p.flatten()``
+order); the blocks between groups are dropped (they are not zero unless the output
+curvature is block-diagonal over the groups, e.g. MSE on the layer's output). The bias
+keeps the full ``[G]``. Depthwise convolutions (``g = C_in``) have ``S = prod(k)``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from torch import Tensor
 from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
+from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.curvature.local import LocalFactor
 from hbpkit.curvature.memory import RAISE_BUDGET
 from hbpkit.modules.base import output_factor_from_average
@@ -45,81 +56,98 @@ from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _windows
 from hbpkit.modules.roles import KroneckerRoles
 
 
-class ConvKronecker(KroneckerRoles):
-    """Kronecker factors of ``nn.Conv1d/2d/3d`` (a mixin of :class:`ConvRules`)."""
+class ConvOutputKronecker(KroneckerRoles):
+    """The output side of the Kronecker factors of convolutions and transposed convolutions
+    (``G`` over the output channels, shared over the output positions), and the weight's
+    factors per group of channels.
 
-    def _check_kron_weight(self, call: ModuleCall) -> None:
-        if call.module.groups != 1:
-            raise NotImplementedError(
-                f"Kronecker factors of the weight of {call.module} (groups="
-                f"{call.module.groups}) are not supported: the block of a grouped convolution "
-                "is a different Kronecker product per group and does not fit one [G, A]"
-            )
+    Subclasses give the input factor ``A`` (``input_factor``: ``[S, S]``, ``[g, S, S]``
+    with ``g = groups > 1``); ``_kron_transposed`` says whether the weight's first two
+    dimensions are swapped before it is matricised (transposed convolutions).
+    """
 
-    def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
-        """``A`` ``[S, S]``: ``1/(NP) sum_{n,p} u u^T`` (expand) or ``1/N sum_n ubar ubar^T``.
+    _kron_transposed: bool = False
 
-        ``reduce`` averages the patches over positions on the strided view of the
-        input, without materialising ``[[x]]``.
+    def kron_from_sqrt_weight(self, call: ModuleCall, factors: list[Factor], approx: str):
+        # a grouped weight without a trainable bias needs only the G_g: g (C_out/g)^2 entries
+        # instead of C_out^2 (a depthwise layer: C_out times fewer); with one, the full G is
+        # formed for the bias anyway and its blocks are taken
+        bias = call.module.bias
+        groups = 1 if bias is not None and bias.requires_grad else call.module.groups
+        G = self._sqrt_output_factor(call, factors, approx, groups)
+        return self._weight_kron(call, G, approx)
+
+    def kron_from_average_weight(self, call: ModuleCall, mat, approx: str):
+        return self._weight_kron(call, self._average_output_factor(call, mat, approx), approx)
+
+    def _weight_kron(self, call: ModuleCall, G: Tensor, approx: str) -> list[Tensor]:
+        """``[G, A]``, or per group ``[G_g, A_g]`` with ``G_g`` the diagonal blocks of ``G``.
+
+        Group ``g`` of a grouped weight sees only its own input channels and writes only its
+        own output channels: its block is ``G[g, g] kron A_g``, as for a convolution of
+        those channels alone; the blocks between groups are dropped. ``G``: ``[C_out, C_out]``
+        or its blocks ``[g, C_out/g, C_out/g]`` already.
         """
-        key = ("conv_A", approx)
-        if key not in call.cache:
-            if approx == "reduce":
-                d = self._dims(call)
-                w = _windows(self._x_full(call), call.module)  # [N, C, *out, *k], a view
-                ubar = w.mean(tuple(range(2, 2 + d))).flatten(1)  # [N, C * prod(k)]
-                call.cache[key] = ubar.T @ ubar / ubar.shape[0]
-            else:
-                u = self.unfold(call)
-                N, K, P = u.shape
-                if 2 * K >= P and call.module.groups == 1:
-                    # sum_{n,p} u u^T is the weight gradient of the convolution of x with
-                    # the patches as output: one oneDNN call, no permuted copy of [[x]]
-                    m, d = call.module, self._dims(call)
-                    x = self._x_full(call)
-                    patches = u.reshape(N, K, *call.output_shape[2:])
-                    size = [K, *m.weight.shape[1:]]
-                    A = _CONV_WEIGHT[d](x, size, patches, stride=m.stride, dilation=m.dilation)
-                    call.cache[key] = A.reshape(K, K) / (N * P)
-                else:
-                    call.cache[key] = _gram(u) / (N * P)
-        return call.cache[key]
+        groups = call.module.groups
+        if groups != 1 and G.dim() == 2:
+            G = group_blocks(G, groups)
+        factors = [G, self.input_factor(call, approx)]
+        if not self._kron_transposed and groups == 1:
+            return factors
+        return KroneckerFactors(factors, call.module.weight.shape, self._kron_transposed)
 
     # [G, A] for the weight, [G] for the bias: KroneckerRoles
 
-    def _sqrt_output_factor(self, call: ModuleCall, factors: list[Factor], approx: str) -> Tensor:
-        """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``."""
+    def _sqrt_output_factor(
+        self, call: ModuleCall, factors: list[Factor], approx: str, groups: int = 1
+    ) -> Tensor:
+        """``G = sum_{v,n,p} sign s s^T`` (expand) or ``sum_{v,n} sign (sum_p s)(sum_p s)^T``;
+        with ``groups > 1`` only its diagonal blocks ``[groups, C_out/groups, C_out/groups]``."""
 
         def of_local(f: LocalFactor) -> Tensor:  # the columns on their patches: zero elsewhere
-            key = ("conv_local_G", id(f), approx)  # one pass for weight and bias
+            key = ("conv_local_G", id(f), approx, groups)  # one pass for weight and bias
             if key not in call.cache:
                 chunks = f.chunks()
-                call.cache[key] = sum(self._output_factor(c.columns(), approx) for c in chunks)
+                call.cache[key] = sum(
+                    self._output_factor(c.columns(), approx, groups) for c in chunks
+                )
             return call.cache[key]
 
         def of_dense(f: SqrtFactor) -> Tensor:
-            key = ("conv_G", id(f.S), approx)  # one product for weight and bias
+            key = ("conv_G", id(f.S), approx, groups)  # one product for weight and bias
             cached = call.cache.get(key)
             if cached is None or cached[0] is not f.S:
-                cached = call.cache[key] = (f.S, self._output_factor(f, approx))
+                cached = call.cache[key] = (f.S, self._output_factor(f, approx, groups))
             return cached[1]
 
         # diag(d_n) = sum_j d_n[j] e_j e_j^T: both approximations give the diagonal
         def of_diagonal(f: DiagonalFactor) -> Tensor:
-            return torch.diag(f.signed_square().flatten(2).sum((0, 2)))
+            d = f.signed_square().flatten(2).sum((0, 2))
+            return torch.diag(d) if groups == 1 else torch.diag_embed(d.reshape(groups, -1))
 
         return sum(f.match(dense=of_dense, diagonal=of_diagonal, local=of_local) for f in factors)
 
-    def _output_factor(self, f: SqrtFactor, approx: str) -> Tensor:
-        """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce)."""
+    def _output_factor(self, f: SqrtFactor, approx: str, groups: int = 1) -> Tensor:
+        """``G`` of one sqrt factor ``[V, N, C_out, *positions]`` (expand / reduce), or its
+        ``groups`` diagonal blocks ``[groups, C_out/groups, C_out/groups]``."""
         S, Ssigned = f.S.flatten(3), f.signed().flatten(3)  # [V, N, C_out, P]
         if approx == "reduce":
-            return einsum(Ssigned.sum(3), S.sum(3), "v n o, v n q -> o q")
+            a, b = Ssigned.sum(3), S.sum(3)
+            if groups == 1:
+                return einsum(a, b, "v n o, v n q -> o q")
+            a, b = a.unflatten(2, (groups, -1)), b.unflatten(2, (groups, -1))
+            return einsum(a, b, "v n g o, v n g q -> g o q")
         V, N, C_out, P = S.shape
-        if C_out > P:  # sum_{r,p} a b^T as the weight gradient of a 1x1 convolution
+        m = C_out // groups
+        if m > P:  # sum_{r,p} a b^T as the weight gradient of a (grouped) 1x1 convolution
             a, b = Ssigned.reshape(V * N, C_out, P), S.reshape(V * N, C_out, P)
-            return _CONV_WEIGHT[1](b, [C_out, C_out, 1], a).reshape(C_out, C_out)
-        return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
+            G = _CONV_WEIGHT[1](b, [C_out, m, 1], a, groups=groups).reshape(groups, m, m)
+            return G[0] if groups == 1 else G
+        if groups == 1:
+            return _gram(Ssigned.flatten(0, 1), S.flatten(0, 1))
+        a = Ssigned.flatten(0, 1).unflatten(1, (groups, -1))  # [R, g, m, P], m <= P
+        b = S.flatten(0, 1).unflatten(1, (groups, -1))
+        return (a @ b.mT).sum(0)
 
     def _average_output_factor(
         self, call: ModuleCall, mat: Tensor | PositionBlocks, approx: str
@@ -137,12 +165,80 @@ class ConvKronecker(KroneckerRoles):
         return output_factor_from_average(H, approx)
 
 
+class ConvKronecker(ConvOutputKronecker):
+    """Kronecker factors of ``nn.Conv1d/2d/3d`` (a mixin of :class:`ConvRules`)."""
+
+    def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
+        """``A`` ``[S, S]`` (``[g, S, S]`` for ``g = groups > 1``): ``1/(NP) sum_{n,p} u u^T``
+        (expand) or ``1/N sum_n ubar ubar^T`` (reduce), per group of input channels.
+
+        ``reduce`` averages the patches over positions on the strided view of the
+        input, without materialising ``[[x]]``.
+        """
+        key = ("conv_A", approx)
+        if key not in call.cache:
+            m, groups = call.module, call.module.groups
+            if approx == "reduce":
+                d = self._dims(call)
+                w = _windows(self._x_full(call), m)  # [N, C, *out, *k], a view
+                ubar = w.mean(tuple(range(2, 2 + d))).flatten(1)  # [N, C * prod(k)]
+                call.cache[key] = grouped_input_factor(ubar.unsqueeze(2), groups, approx)
+            else:
+                u = self.unfold(call)
+                N, K, P = u.shape
+                S = K // groups
+                if 2 * S >= P:
+                    # sum_{n,p} u u^T is the weight gradient of the (grouped) convolution of x
+                    # with the patches as output: one oneDNN call, no permuted copy of [[x]]
+                    d = self._dims(call)
+                    patches = u.reshape(N, K, *call.output_shape[2:])
+                    size = [K, *m.weight.shape[1:]]
+                    A = _CONV_WEIGHT[d](
+                        self._x_full(call),
+                        size,
+                        patches,
+                        stride=m.stride,
+                        dilation=m.dilation,
+                        groups=groups,
+                    )  # [g S, C_in/g, *k]: row block g pairs with the input channels of group g
+                    A = A.reshape(groups, S, S) / (N * P)
+                    call.cache[key] = A[0] if groups == 1 else A
+                else:
+                    call.cache[key] = grouped_input_factor(u, groups, approx)
+        return call.cache[key]
+
+
 _REDUCE_NEEDS_DENSE = (
     "KFRA / HBP(backprop='batch-average') with kfac_approx='reduce' needs all position blocks "
     "of the batch-averaged curvature at the output of {module}, whose dense form exceeds the "
     "memory budget (MemoryPolicy.max_dense_bytes); use kfac_approx='expand' (exact "
     "from the diagonal position blocks) or raise the budget with " + RAISE_BUDGET
 )
+
+
+def group_blocks(G: Tensor, groups: int) -> Tensor:
+    """``[C, C] -> [groups, C/groups, C/groups]``: the diagonal blocks of ``G``."""
+    m = G.shape[0] // groups
+    blocks = torch.diagonal(G.reshape(groups, m, groups, m), dim1=0, dim2=2).permute(2, 0, 1)
+    return blocks.contiguous()
+
+
+def grouped_input_factor(u: Tensor, groups: int, approx: str) -> Tensor:
+    """``A`` from patches ``u`` ``[N, groups * S, P]`` (rows group-major), per group.
+
+    ``"expand"``: ``1/(NP) sum_{n,p} u u^T``; ``"reduce"``: ``1/N sum_n ubar ubar^T`` with
+    ``ubar = 1/P sum_p u``. ``[S, S]`` for one group, else ``[groups, S, S]``.
+    """
+    N, _, P = u.shape
+    u = u.unflatten(1, (groups, -1))  # [N, g, S, P]
+    if approx == "reduce":
+        ubar = u.mean(3)
+        A = einsum(ubar, ubar, "n g s, n g t -> g s t") / N
+    elif u.shape[2] <= P:
+        A = (u @ u.mT).sum(0) / (N * P)
+    else:
+        A = einsum(u, u, "n g s p, n g t p -> g s t") / (N * P)
+    return A[0] if groups == 1 else A
 
 
 def _gram(a: Tensor, b: Tensor | None = None) -> Tensor:

@@ -10,9 +10,10 @@ from torch import Tensor
 from hbpkit.core.calls import ModuleCall
 from hbpkit.modules.conv.base import _ConvBase
 from hbpkit.modules.conv.geometry import _CONV, _CONV_TRANSPOSE, _flat_windows, _windows
+from hbpkit.modules.conv.transpose_kronecker import ConvTransposeKronecker
 
 
-class ConvTransposeRules(_ConvBase):
+class ConvTransposeRules(ConvTransposeKronecker, _ConvBase):
     """HBP rules of ``nn.ConvTranspose1d/2d/3d``, the adjoints of convolutions (D.4).
 
     ``z = conv_transpose(x, W) + b`` with ``W`` ``[C_in, C_out/groups, *k]``: the
@@ -21,7 +22,7 @@ class ConvTransposeRules(_ConvBase):
     ``[[g]]`` ``[C_out/groups * prod(k), P_in]`` the patches of the output-side
     tensor ``g`` (``unfold`` with the module's kernel, stride, padding, dilation).
     Any ``output_padding`` (also implied by ``output_size``), groups, dilation.
-    Kronecker factors are not supported.
+    Kronecker factors: :mod:`.transpose_kronecker`.
     """
 
     _output_left = False
@@ -98,15 +99,3 @@ class ConvTransposeRules(_ConvBase):
             patches = self.unfold_output(call, out)
         groups = call.module.groups
         return self._grouped(call, x), patches.unflatten(-2, (groups, -1))
-
-    def kron_from_sqrt(self, call, name, factors, approx) -> list[Tensor]:
-        raise self._no_kron(call)
-
-    def kron_from_average(self, call, name, mat, approx) -> list[Tensor]:
-        raise self._no_kron(call)
-
-    def _no_kron(self, call: ModuleCall) -> NotImplementedError:
-        return NotImplementedError(
-            f"Kronecker factors (KFAC, KFLR, KFRA, HBP) of {call.module} are not supported: "
-            "hbpkit has Kronecker factors for Linear and Conv1d/2d/3d only"
-        )
