@@ -308,8 +308,27 @@ def test_kronecker_factors_are_refused_naming_the_module(make):
     _refused(case("lstm"), ext, "LSTM 'rnn'", type(ext).__name__)
 
 
-def test_pchmp_of_recurrent_weights_is_refused():
-    _refused(case("gru"), PCHMP(), "GRU", "PCH")
+@pytest.mark.parametrize("modify", ["abs", "clip"])
+def test_pchmp_of_recurrent_weights_is_refused_or_exact(modify):
+    """PCH of a block nonlinear in its parameter modifies the eigenvalues of its own residual
+    ``R_p = H_p - G_p`` (the head is linear, so the output curvature is the GGN's): either
+    refused before anything is written, or ``G_p + m(R_p)`` times ``V``."""
+    c = case("gru")
+    try:
+        c.run(PCHMP(modify))
+    except NotImplementedError as error:
+        assert "GRU" in str(error) and "PCH" in str(error), str(error)
+        assert_nothing_attached(c.model)
+        return
+    torch.manual_seed(1)
+    for (p, _), (pname, _) in zip(c.params(), c.plain.named_parameters()):
+        G = _ggn_block(c.plain, c.lf_plain, c.X, c.y, pname)
+        values, vectors = torch.linalg.eigh(
+            _hessian_block(c.plain, c.lf_plain, c.X, c.y, pname) - G
+        )
+        B = G + (vectors * ref.MODIFY[f"pch-{modify}"](values)) @ vectors.T
+        V = torch.randn(2, *p.shape, dtype=DT)
+        close(p.pchmp(V), (V.reshape(2, -1) @ B).reshape(V.shape), f"pchmp {pname}")
 
 
 @pytest.mark.parametrize("ext", [BatchGrad, DiagGGNExact])
