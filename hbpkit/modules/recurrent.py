@@ -258,18 +258,6 @@ class RecurrentRules(GenericRules):
             call.cache[key] = RecurrentFunction(call, self)
         return call.cache[key]
 
-    def refusal(self, call: ModuleCall, method: str) -> str | None:
-        """Why these rules lack ``method`` (for the up-front error), or ``None``."""
-        if method.startswith("kron_from"):
-            names = ", ".join(n for n, _ in self.trainable_params(call.module))
-            return (
-                f"the weights of {describe(call.module)} ({names}) act on every time step; "
-                "their Kronecker factors (the expansion over time) are not implemented: use "
-                "DiagGGNExact, DiagHessian or the products GGNMP / HMP for them, or freeze "
-                "them (requires_grad=False)"
-            )
-        return None
-
 
 #: the rules of the recurrent modules (one object serves all three)
 RECURRENT_RULES = RecurrentRules()
