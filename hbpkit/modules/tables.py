@@ -23,6 +23,7 @@ from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules,
 from hbpkit.modules.normalization import NORMALIZATION
 from hbpkit.modules.padding import PADDING
 from hbpkit.modules.pooling import POOLING
+from hbpkit.modules.recurrent import RECURRENT
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
 from hbpkit.modules.sum import SumRules
 from hbpkit.regions import LinearRegion, Region, SelectionRegion
@@ -38,6 +39,7 @@ SELECTIONS = GenericRules(linear_in_input=True, structure="selection")
 PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR, **CONVOLUTIONS}
 PARAMETRIC.update(NORMALIZATION)
 PARAMETRIC[nn.Embedding] = EmbeddingRules()
+PARAMETRIC.update(RECURRENT)  # nn.LSTM, nn.GRU, nn.RNN (modules/recurrent.py)
 
 #: rules of every module curvature can be backpropagated through
 BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
