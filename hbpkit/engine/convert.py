@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from hbpkit.branching import Sum
+from hbpkit.engine.attention import inline_twins
 from hbpkit.engine.partition import Partition, is_shape_query
 from hbpkit.modules.tables import is_registered
 
@@ -77,6 +78,7 @@ def convert(model: nn.Module) -> fx.GraphModule:
             f"hbpkit.convert could not trace {type(model).__name__} with torch.fx: {error}"
         ) from error
     gm = fx.GraphModule(model, graph, type(model).__name__)
+    inline_twins(gm)  # attention modules as their twins' code (hbpkit/attention.py)
     counter = 0
     rewritten: set[fx.Node] = set()
     for node in list(gm.graph.nodes):

@@ -1,0 +1,496 @@
+"""Attention after ``hbpkit.convert``: twins of ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` (``hbpkit/attention.py``, ``hbpkit/engine/attention.py``).
+
+* The twin computes the module's function (float64 round-off) for every option it takes,
+  and the calls it does not take stay whole modules (the generic path).
+* Every extension on converted models (a plain self-attention model, ViT-like models with
+  pre- and post-norm encoder layers) against brute-force definitions through ``torch.func``
+  on the original model: per-sample gradients, GGN / Hessian diagonals and products per
+  block (dense Jacobians, the loss Hessian w.r.t. the output; the exact Hessian block).
+* Kronecker factors of the projections: KFLR exact at ``N = 1``, ``T = 1``; on ``[N, T, E]``
+  the Linear rules' ``kfac_approx`` factors, equal to those of a hand-written model with
+  separate ``nn.Linear`` modules.
+
+float64; ``rtol=1e-8, atol=1e-10``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import hbpkit
+import hbpkit.extensions as exts
+from hbpkit import backprop, extend
+from hbpkit.attention import SelfAttentionTwin
+
+DT = torch.float64
+TOL = {"rtol": 1e-8, "atol": 1e-10}
+E, HEADS, C = 4, 2, 3
+
+
+def close(actual: Tensor, expected: Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------------- models
+class AttentionModel(nn.Module):
+    """``Linear`` embedding, one ``nn.MultiheadAttention`` call, ``Linear`` head, mean over
+    tokens. ``call``: the call's keyword options; ``masks``: which masks are passed
+    (``"attn"``: a causal boolean mask, ``"float"``: an additive float mask, ``"padding"``:
+    padding from the input's last feature, ``> 0`` where a token is padding)."""
+
+    def __init__(
+        self, T: int, masks: tuple[str, ...] = (), call: dict | None = None, **options
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, E)
+        self.mha = nn.MultiheadAttention(E, HEADS, **options)
+        self.head = nn.Linear(E, C)
+        self.masks, self.call = masks, dict(call or {})
+        self.uses_weights = self.call.get("need_weights", False)
+        S = T + int(options.get("add_bias_kv", False)) + int(options.get("add_zero_attn", False))
+        if self.uses_weights:
+            per_head = self.call.get("average_attn_weights", True)
+            self.weights_head = nn.Linear(T * S * (1 if per_head else HEADS), C)
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        self.register_buffer("causal", causal)
+        self.register_buffer("additive", torch.randn(T, T, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        kwargs = dict(self.call)
+        if "attn" in self.masks:
+            kwargs["attn_mask"] = self.causal
+        if "float" in self.masks:
+            kwargs["attn_mask"] = self.additive
+        if "padding" in self.masks:
+            kwargs["key_padding_mask"] = x[:, :, -1] > 0
+        if not self.mha.batch_first:
+            h = h.transpose(0, 1)
+        out, weights = self.mha(h, h, h, **kwargs)
+        if not self.mha.batch_first:
+            out = out.transpose(0, 1)
+        logits = self.head(out).mean(1)
+        if self.uses_weights:
+            logits = logits + self.weights_head(weights.flatten(1))
+        return logits
+
+
+class ViT(nn.Module):
+    """A tiny ViT: ``Conv2d`` patch embedding (or ``Linear`` on tokens), a class token and a
+    positional embedding (bare parameters), encoder layers, a ``Linear`` head on the class
+    token."""
+
+    def __init__(self, norm_first: bool, layers: int = 1, conv: bool = True) -> None:
+        super().__init__()
+        self.conv = conv
+        self.embed = nn.Conv2d(1, E, 2, stride=2) if conv else nn.Linear(3, E)
+        T = 4 if conv else 3  # patches of a 4x4 image, or tokens
+        self.cls = nn.Parameter(torch.randn(1, 1, E))
+        self.pos = nn.Parameter(torch.randn(1, T + 1, E))
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                E, HEADS, 6, dropout=0.0, batch_first=True, norm_first=norm_first
+            )
+            for _ in range(layers)
+        )
+        self.head = nn.Linear(E, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        if self.conv:
+            h = h.flatten(2).transpose(1, 2)  # [N, T, E]
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for layer in self.encoder:
+            h = layer(h)
+        return self.head(h[:, 0])
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+            if isinstance(m, nn.MultiheadAttention):
+                for p in (m.in_proj_bias, m.out_proj.bias, m.bias_k, m.bias_v):
+                    if p is not None:
+                        p.normal_()
+    return model.to(DT)
+
+
+def _tokens(N: int, T: int, padding: bool = False) -> Tensor:
+    X = torch.randn(N, T, 3, dtype=DT)
+    if padding:  # sample n: its last n tokens are padding (never all of them)
+        X[..., -1] = -1.0
+        for n in range(N):
+            if n:
+                X[n, T - min(n, T - 1) :, -1] = 1.0
+    return X
+
+
+# ------------------------------------------------------------------ the twin's function
+MHA_CASES = {
+    "default": ({}, (), {}),
+    "no-bias": ({"bias": False}, (), {}),
+    "seq-first": ({"batch_first": False}, (), {}),
+    "causal-mask": ({}, ("attn",), {}),
+    "is-causal": ({}, ("attn",), {"is_causal": True}),
+    "float-mask": ({}, ("float",), {}),
+    "padding": ({}, ("padding",), {}),
+    "padding-and-causal": ({}, ("attn", "padding"), {"is_causal": True}),
+    "weights": ({}, (), {"need_weights": True}),
+    "weights-per-head": ({}, ("float",), {"need_weights": True, "average_attn_weights": False}),
+    "bias-kv": ({"add_bias_kv": True}, ("attn", "padding"), {}),
+    "zero-attn": ({"add_zero_attn": True}, ("float", "padding"), {}),
+    "bias-kv-zero-attn-weights": (
+        {"add_bias_kv": True, "add_zero_attn": True, "batch_first": False},
+        ("padding",),
+        {"need_weights": True},
+    ),
+    "dropout-eval": ({"dropout": 0.3}, ("attn",), {"is_causal": True}),
+}
+
+
+def _attention_model(case: str, T: int = 4) -> AttentionModel:
+    options, masks, call = MHA_CASES[case]
+    options = {"batch_first": True, **options}
+    torch.manual_seed(0)
+    model = _randomize(AttentionModel(T, masks, call, **options))
+    if options.get("dropout", 0.0) > 0:
+        model.eval()
+    return model
+
+
+def _twins(converted: nn.Module) -> list[nn.Module]:
+    return [m for m in converted.modules() if isinstance(m, SelfAttentionTwin)]
+
+
+def _called(converted: torch.fx.GraphModule) -> list[nn.Module]:
+    return [
+        converted.get_submodule(n.target) for n in converted.graph.nodes if n.op == "call_module"
+    ]
+
+
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_twin_computes_the_module(case):
+    model = _attention_model(case)
+    X = _tokens(3, 4, padding="padding" in MHA_CASES[case][1])
+    converted = hbpkit.convert(model)
+    called = _called(converted)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in called), case
+    (twin,) = _twins(converted)
+    assert twin.in_proj in called and model.mha.out_proj in called
+    assert twin.in_proj.weight is model.mha.in_proj_weight
+    assert twin.in_proj.bias is model.mha.in_proj_bias
+    assert converted.hbpkit_twin_1 is twin
+    expected = model(X)
+    assert expected.isfinite().all()
+    close(converted(X), expected, case)
+    if case == "dropout-eval":  # train mode follows the module: dropout is applied
+        converted.train()
+        torch.manual_seed(3)
+        assert twin.dropout.training and (converted(X) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("conv", [True, False], ids=["conv", "linear"])
+def test_encoder_layer_twin_computes_the_layer(norm_first, conv):
+    torch.manual_seed(0)
+    model = _randomize(ViT(norm_first, layers=2, conv=conv))
+    X = torch.randn(3, 1, 4, 4, dtype=DT) if conv else _tokens(3, 3)
+    converted = hbpkit.convert(model)
+    called = _called(converted)
+    assert not any(isinstance(m, nn.TransformerEncoderLayer) for m in called)
+    for layer in model.encoder:
+        for m in (layer.linear1, layer.linear2, layer.norm1, layer.norm2, layer.self_attn.out_proj):
+            assert m in called
+    assert {id(t.in_proj.weight) for t in _twins(converted)} == {
+        id(layer.self_attn.in_proj_weight) for layer in model.encoder
+    }
+    close(converted(X), model(X), "ViT")
+    with torch.no_grad():  # eval and no grad: the layer's fused fast path (float round-off)
+        model.eval()
+        torch.testing.assert_close(converted(X), model(X))
+
+
+def test_encoder_layer_with_masks_and_gelu():
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, E)
+            self.layer = nn.TransformerEncoderLayer(
+                E, HEADS, 6, dropout=0.0, activation="gelu", batch_first=True
+            )
+            self.head = nn.Linear(E, C)
+
+        def forward(self, x):
+            T = x.shape[1]
+            mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=x.dtype)
+            h = self.layer(self.embed(x), mask, x[:, :, -1] > 0, is_causal=True)
+            return self.head(h).mean(1)
+
+    torch.manual_seed(0)
+    model = _randomize(Masked())
+    X = _tokens(3, 4, padding=True)
+    converted = hbpkit.convert(model)
+    assert not any(isinstance(m, nn.TransformerEncoderLayer) for m in _called(converted))
+    assert any(isinstance(m, nn.GELU) for m in _called(converted))
+    close(converted(X), model(X), "masked encoder layer")
+
+
+class CrossAttention(nn.Module):
+    """Queries from one Linear, keys and values from another (``kdim``: their width)."""
+
+    def __init__(self, kdim: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, E), nn.Linear(3, kdim)
+        self.mha = nn.MultiheadAttention(E, HEADS, batch_first=True, kdim=kdim, vdim=kdim)
+        self.head = nn.Linear(E, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kv = self.b(x)
+        return self.head(self.mha(self.a(x), kv, kv)[0]).mean(1)
+
+
+@pytest.mark.parametrize("kdim", [E, 3], ids=["cross", "separate-weights"])
+def test_calls_without_a_twin_stay_whole_modules(kdim):
+    """Cross-attention (slices of a packed weight cannot be Linear weights), also with
+    separate q/k/v weights: the MultiheadAttention call stays, served by the generic path."""
+    torch.manual_seed(0)
+    model = _randomize(CrossAttention(kdim))
+    assert model.mha._qkv_same_embed_dim == (kdim == E)
+    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
+    converted = hbpkit.convert(copy.deepcopy(model))
+    assert converted.mha in _called(converted) and not _twins(converted)
+    close(converted(X), model(X), "cross-attention")
+    _run_and_check(model, extend(converted), X, y, f"whole MHA (kdim={kdim})")
+
+
+# ------------------------------------------------------------------ brute-force reference
+def _function(model: nn.Module):
+    def f(params: dict[str, Tensor], X: Tensor) -> Tensor:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no forward-mode AD
+            return functional_call(model, params, (X,))
+
+    return f
+
+
+def reference(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict:
+    """``{name: {...}}`` per parameter of the original ``model``: per-sample gradients
+    ``[N, *p]`` (of ``loss_fn(f(x_n), y_n) / N``), the GGN block ``sum_n J_n^T H_n J_n`` and
+    the Hessian block ``d2 L / dp2``, ``[P, P]``."""
+    f = _function(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    N = X.shape[0]
+    out = f(params, X).detach()
+    H = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    result = {}
+    for name, p in params.items():
+
+        def with_p(q: Tensor, name: str = name) -> dict[str, Tensor]:
+            return {**params, name: q}
+
+        grads = torch.stack(
+            [
+                grad(lambda q: loss_fn(f(with_p(q), X[n : n + 1]), y[n : n + 1]) / N)(p)
+                for n in range(N)
+            ]
+        )
+        J = jacrev(lambda q: f(with_p(q), X))(p).reshape(out.numel(), p.numel())
+        Hp = hessian(lambda q: loss_fn(f(with_p(q), X), y))(p).reshape(p.numel(), p.numel())
+        result[name] = {"grads": grads, "ggn": J.T @ H @ J, "hessian": Hp}
+    return result
+
+
+EXTENSIONS = [
+    exts.BatchGrad(),
+    exts.BatchL2(),
+    exts.SumGradSquared(),
+    exts.Variance(),
+    exts.DiagGGNExact(),
+    exts.DiagHessian(),
+    exts.GGNMP(),
+    exts.HMP(),
+    exts.KFLR(),
+    exts.KFAC(),
+    exts.KFRA(),
+    exts.HBP("hessian", "exact", "sqrt"),
+]
+
+
+def _run_and_check(plain: nn.Module, model: nn.Module, X: Tensor, y: Tensor, what: str) -> None:
+    """Every extension of :data:`EXTENSIONS` in one backward pass of ``model`` (converted,
+    extended) against :func:`reference` on ``plain`` (its unconverted copy, same values)."""
+    loss_fn = nn.CrossEntropyLoss()
+    with backprop(*EXTENSIONS):
+        extend(loss_fn)(model(X), y).backward()
+    refs = reference(plain, loss_fn, X, y)
+    N = X.shape[0]
+    named = dict(model.named_parameters())
+    assert set(named) == set(refs), (set(named) ^ set(refs), what)
+    torch.manual_seed(2)
+    for name, r in refs.items():
+        q, g = named[name], r["grads"]
+        P = q.numel()
+        w = f"{what} {name}"
+        close(q.grad_batch, g, f"grad_batch {w}")
+        close(q.batch_l2, g.flatten(1).square().sum(1), f"batch_l2 {w}")
+        close(q.sum_grad_squared, g.square().sum(0), f"sum_grad_squared {w}")
+        close(q.variance, g.square().sum(0) / N - (g.sum(0) / N).square(), f"variance {w}")
+        close(q.diag_ggn_exact, r["ggn"].diagonal().reshape(q.shape), f"diag_ggn {w}")
+        close(q.diag_h, r["hessian"].diagonal().reshape(q.shape), f"diag_h {w}")
+        V = torch.randn(2, *q.shape, dtype=DT)
+        close(q.ggnmp(V).reshape(2, P), V.reshape(2, P) @ r["ggn"], f"ggnmp {w}")
+        close(q.hmp(V).reshape(2, P), V.reshape(2, P) @ r["hessian"], f"hmp {w}")
+
+
+def _kronecker_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ids = {id(p) for m in linear for p in m.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+
+
+@pytest.mark.parametrize("case", ["default", "seq-first", "padding-and-causal", "weights"])
+def test_attention_model_every_extension(case):
+    model = _attention_model(case)
+    X = _tokens(3, 4, padding="padding" in MHA_CASES[case][1])
+    y = torch.tensor([0, 2, 1])
+    converted = hbpkit.convert(copy.deepcopy(model))
+    _run_and_check(model, extend(converted), X, y, case)
+
+
+@pytest.mark.parametrize(
+    ("norm_first", "conv"),
+    [(False, True), pytest.param(True, False, marks=pytest.mark.slow)],
+    ids=["post-norm-conv", "pre-norm-linear"],
+)
+def test_vit_every_extension(norm_first, conv):
+    torch.manual_seed(0)
+    model = _randomize(ViT(norm_first, conv=conv))
+    X = torch.randn(3, 1, 4, 4, dtype=DT) if conv else _tokens(3, 3)
+    y = torch.tensor([0, 2, 1])
+    converted = hbpkit.convert(copy.deepcopy(model))
+    _run_and_check(model, extend(converted), X, y, "ViT")
+    for _, p in _kronecker_params(converted):
+        assert p.kflr.to_dense().shape == (p.numel(), p.numel())
+
+
+# ---------------------------------------------------------------------- Kronecker factors
+class OneLayer(nn.Module):
+    """``Linear`` embedding, a pre-norm encoder layer, ``Linear`` head on the first token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, E), nn.Linear(E, C)
+        self.layer = nn.TransformerEncoderLayer(
+            E, HEADS, 6, dropout=0.0, batch_first=True, norm_first=True
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(self.embed(x))[:, 0])
+
+
+@pytest.mark.parametrize("model_kind", ["mha", "encoder-layer"])
+def test_kflr_exact_for_one_sample_and_one_token(model_kind):
+    """N = 1, T = 1: no weight sharing over tokens or samples, so KFLR (and KFRA) of every
+    Linear layer, the attention projections included, is its exact GGN block (S.12)."""
+    torch.manual_seed(0)
+    if model_kind == "mha":
+        model = _randomize(AttentionModel(1, batch_first=True))
+    else:
+        model = _randomize(OneLayer())
+    X, y = _tokens(1, 1), torch.tensor([2])
+    converted = extend(hbpkit.convert(copy.deepcopy(model)))
+    loss_fn = nn.CrossEntropyLoss()
+    with backprop(exts.KFLR(), exts.KFRA()):
+        extend(loss_fn)(converted(X), y).backward()
+    refs = reference(model, loss_fn, X, y)
+    params = _kronecker_params(converted)
+    assert len(params) >= 6
+    for name, p in params:
+        close(p.kflr.to_dense(), refs[name]["ggn"], f"kflr {name}")
+        close(p.kfra.to_dense(), refs[name]["ggn"], f"kfra {name}")
+
+
+class HandWritten(nn.Module):
+    """:class:`AttentionModel` with attention written out: separate ``nn.Linear`` modules."""
+
+    def __init__(self, model: AttentionModel) -> None:
+        super().__init__()
+        self.embed, self.head = copy.deepcopy(model.embed), copy.deepcopy(model.head)
+        self.in_proj, self.out_proj = nn.Linear(E, 3 * E), copy.deepcopy(model.mha.out_proj)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(model.mha.in_proj_weight)
+            self.in_proj.bias.copy_(model.mha.in_proj_bias)
+        self.to(DT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.in_proj(self.embed(x)).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (HEADS, -1)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.out_proj(o.transpose(1, 2).flatten(2))).mean(1)
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_projection_factors_equal_hand_written_linears(kfac_approx):
+    """KFAC (same draws), KFLR, KFRA and HBP factors of in_proj / out_proj on ``[N, T, E]``:
+    the Linear rules' ``kfac_approx`` factors, as for separate Linear modules."""
+    model = _attention_model("default")
+    hand = HandWritten(model)
+    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
+    ours = extend(hbpkit.convert(model))
+    theirs = extend(hbpkit.convert(hand))
+    fields = ("kfac", "kflr", "kfra", "hbp")
+    results = []
+    for m in (ours, theirs):
+        loss_fn = extend(nn.CrossEntropyLoss())
+        torch.manual_seed(5)
+        with backprop(
+            exts.KFAC(kfac_approx=kfac_approx),
+            exts.KFLR(kfac_approx=kfac_approx),
+            exts.KFRA(kfac_approx=kfac_approx),
+            exts.HBP("hessian", "exact", "sqrt", kfac_approx=kfac_approx),
+        ):
+            loss_fn(m(X), y).backward()
+        mods = (model.mha, model.mha.out_proj) if m is ours else (hand.in_proj, hand.out_proj)
+        in_w = mods[0].in_proj_weight if m is ours else mods[0].weight
+        in_b = mods[0].in_proj_bias if m is ours else mods[0].bias
+        results.append([in_w, in_b, mods[1].weight, mods[1].bias])
+    for a, b in zip(*results):
+        for field in fields:
+            fa, fb = getattr(a, field), getattr(b, field)
+            assert len(fa) == len(fb)
+            for i, (u, v) in enumerate(zip(fa, fb)):
+                close(u, v, f"{field}[{i}] {tuple(a.shape)}")
+
+
+def test_against_curvlinops_kfac():
+    """curvlinops' KFACLinearOperator (type-2 / exact, expand) on the twin's projections."""
+    curvlinops = pytest.importorskip("curvlinops")
+    model = _attention_model("default")
+    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
+    converted = extend(hbpkit.convert(copy.deepcopy(model)))
+    with backprop(exts.KFLR()):
+        extend(nn.CrossEntropyLoss())(converted(X), y).backward()
+    hand = HandWritten(model)
+    params = [hand.in_proj.weight, hand.in_proj.bias, hand.out_proj.weight, hand.out_proj.bias]
+    kfac = curvlinops.KFACLinearOperator(
+        hand, nn.CrossEntropyLoss(), params, [(X, y)], fisher_type="type-2", kfac_approx="expand"
+    )
+    dense = kfac @ torch.eye(sum(p.numel() for p in params), dtype=DT)
+    ours = [converted.hbpkit_twin_1.in_proj.weight, converted.hbpkit_twin_1.in_proj.bias]
+    ours += [converted.hbpkit_twin_1.out_proj.weight, converted.hbpkit_twin_1.out_proj.bias]
+    start = 0
+    for p in ours:
+        P = p.numel()
+        close(p.kflr.to_dense(), dense[start : start + P, start : start + P], "curvlinops")
+        start += P
