@@ -51,20 +51,19 @@ class AttentionDropout(nn.Dropout):
 
 @fx.wrap
 def attention_mask(
-    x: Tensor,
     attn_mask: Tensor | None,
     key_padding_mask: Tensor | None,
     num_heads: int,
     pad: int,
+    dtype: torch.dtype,
 ) -> Tensor | None:
     """The additive mask ``M`` of the attention logits, broadcastable to ``[N, H, T, S]``.
 
-    ``x``: the queries ``[N, T, E]`` (for the shapes and dtype); ``attn_mask``: ``[T, S]``
-    or ``[N * H, T, S]``, boolean (``True``: masked) or additive; ``key_padding_mask``
-    ``[N, S]``; ``pad``: key columns appended after the mask was made (``add_bias_kv``,
-    ``add_zero_attn``), never masked. As ``F.multi_head_attention_forward`` merges them.
+    ``attn_mask``: ``[T, S]`` or ``[N * H, T, S]``, boolean (``True``: masked) or additive;
+    ``key_padding_mask`` ``[N, S]``; ``pad``: key columns appended after the masks were
+    made (``add_bias_kv``, ``add_zero_attn``), never masked; ``dtype``: the queries'. As
+    ``F.multi_head_attention_forward`` merges them. The masks are not differentiated.
     """
-    dtype = x.dtype
     kpm = F._canonical_mask(
         mask=key_padding_mask,
         mask_name="key_padding_mask",
@@ -80,20 +79,20 @@ def attention_mask(
         target_type=dtype,
         check_other=False,
     )
-    N, T = x.shape[0], x.shape[1]
     if mask is not None:
         if mask.dim() == 2:
             mask = mask.reshape(1, 1, *mask.shape)
-        elif mask.dim() == 3 and mask.shape[0] == N * num_heads:
-            mask = mask.reshape(N, num_heads, *mask.shape[1:])
+        elif mask.dim() == 3 and mask.shape[0] % num_heads == 0:
+            mask = mask.reshape(-1, num_heads, *mask.shape[1:])  # [N, H, T, S]
         else:
             raise NotImplementedError(
-                f"attn_mask of shape {tuple(mask.shape)} for {N} sample(s) of {T} tokens: "
-                "hbpkit needs [T, S] or [N * num_heads, T, S] (with N the samples of the call)"
+                f"attn_mask of shape {tuple(mask.shape)}: hbpkit needs [T, S] or "
+                f"[N * num_heads, T, S] with num_heads = {num_heads}"
             )
         mask = F.pad(mask, (0, pad))
     if kpm is not None:
-        kpm = F.pad(kpm, (0, pad)).reshape(N, 1, 1, -1)
+        kpm = F.pad(kpm, (0, pad))
+        kpm = kpm.reshape(kpm.shape[0], 1, 1, kpm.shape[1])
         mask = kpm if mask is None else mask + kpm
     return mask
 
@@ -160,11 +159,11 @@ class SelfAttentionTwin(nn.Module):
         mask = None
         if (self.has_attn_mask and not self.causal) or self.has_key_padding_mask:
             mask = attention_mask(
-                x,
                 attn_mask if self.has_attn_mask and not self.causal else None,
                 key_padding_mask if self.has_key_padding_mask else None,
                 self.num_heads,
                 pad,
+                x.dtype,
             )
         weights = None
         if self.need_weights or self.dropout is not None:
@@ -173,7 +172,7 @@ class SelfAttentionTwin(nn.Module):
             if mask is not None:
                 logits = logits + mask
             elif self.has_attn_mask:  # causal hint and dropout: the mask as given
-                logits = logits + attention_mask(x, attn_mask, None, self.num_heads, pad)
+                logits = logits + attention_mask(attn_mask, None, self.num_heads, pad, x.dtype)
             weights = torch.softmax(logits, dim=-1)
             if self.dropout is not None:
                 weights = self.dropout(weights)

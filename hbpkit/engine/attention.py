@@ -125,9 +125,7 @@ def _twin(module: nn.Module, node: fx.Node) -> tuple[nn.Module, tuple] | None:
     return None
 
 
-def _replace(
-    gm: fx.GraphModule, node: fx.Node, name: str, graph: fx.Graph, inputs: tuple
-) -> bool:
+def _replace(gm: fx.GraphModule, node: fx.Node, name: str, graph: fx.Graph, inputs: tuple) -> bool:
     """Copy ``graph`` (the twin's, targets under ``name``) before ``node`` and let ``node``'s
     users use its output; ``False`` (nothing changed) where a user needs what the twin does
     not return as a node (a ``None`` output in use, the output tuple as a whole)."""
