@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, jacrev
+from torch.func import functional_call, hessian, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hbpkit
@@ -291,28 +291,30 @@ def _function(model: nn.Module):
 
 def reference(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict:
     """``{name: {...}}`` per parameter of the original ``model``: per-sample gradients
-    ``[N, *p]`` (of ``loss_fn(f(x_n), y_n) / N``), the GGN block ``sum_n J_n^T H_n J_n`` and
-    the Hessian block ``d2 L / dp2``, ``[P, P]``."""
+    ``[N, *p]`` (of ``loss_fn(f(x_n), y_n) / N``, from the whole batch's forward pass: the
+    samples are independent), the GGN block ``sum_n J_n^T H_n J_n`` and the Hessian block
+    ``d2 L / dp2``, ``[P, P]``."""
     f = _function(model)
     params = {n: p.detach() for n, p in model.named_parameters()}
     N = X.shape[0]
     out = f(params, X).detach()
     H = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    assert loss_fn.reduction == "mean"
+
+    def terms(o: Tensor) -> Tensor:  # [N]: the loss's term of each sample
+        return torch.stack([loss_fn(o[n : n + 1], y[n : n + 1]) for n in range(N)]) / N
+
     result = {}
     for name, p in params.items():
 
-        def with_p(q: Tensor, name: str = name) -> dict[str, Tensor]:
-            return {**params, name: q}
+        def out_of(q: Tensor, name: str = name) -> Tensor:  # the output as a function of p
+            return f({**params, name: q}, X)
 
-        grads = torch.stack(
-            [
-                grad(lambda q, n=n: loss_fn(f(with_p(q), X[n : n + 1]), y[n : n + 1]) / N)(p)
-                for n in range(N)
-            ]
-        )
-        J = jacrev(lambda q: f(with_p(q), X))(p).reshape(out.numel(), p.numel())
-        Hp = hessian(lambda q: loss_fn(f(with_p(q), X), y))(p).reshape(p.numel(), p.numel())
-        result[name] = {"grads": grads, "ggn": J.T @ H @ J, "hessian": Hp}
+        grads = jacrev(lambda q: terms(out_of(q)))(p)  # noqa: B023 (used in this iteration)
+        J = jacrev(out_of)(p).reshape(out.numel(), p.numel())
+        Hp = hessian(lambda q: loss_fn(out_of(q), y))(p)  # noqa: B023
+        P = p.numel()
+        result[name] = {"grads": grads, "ggn": J.T @ H @ J, "hessian": Hp.reshape(P, P)}
     return result
 
 
@@ -337,16 +339,23 @@ EXACT = EXTENSIONS[:8]
 
 
 def _run_and_check(
-    plain: nn.Module, model: nn.Module, X: Tensor, y: Tensor, what: str, extensions=EXTENSIONS
+    plain: nn.Module,
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    what: str,
+    extensions=EXTENSIONS,
+    named: dict[str, nn.Parameter] | None = None,
 ) -> None:
     """The ``extensions`` in one backward pass of ``model`` (converted, extended) against
-    :func:`reference` on ``plain`` (its unconverted copy, same values)."""
+    :func:`reference` on ``plain`` (its unconverted copy, same values); ``named``: the
+    parameters of ``model`` by their names in ``plain`` (default :func:`_same_parameters`)."""
     loss_fn = nn.CrossEntropyLoss()
     with backprop(*extensions):
         extend(loss_fn)(model(X), y).backward()
     refs = reference(plain, loss_fn, X, y)
     N = X.shape[0]
-    named = _same_parameters(plain, model)
+    named = _same_parameters(plain, model) if named is None else named
     torch.manual_seed(2)
     for name, r in refs.items():
         q, g = named[name], r["grads"]
@@ -427,6 +436,46 @@ def test_vit_every_extension(norm_first, conv):
     for p in params:
         for field in ("kflr", "kfac", "kfra", "hbp"):
             assert getattr(p, field).to_dense().shape == (p.numel(), p.numel())
+
+
+class FixedMask(nn.Module):
+    """Dropout with a given scaled mask ``m``: ``x * m``."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.mask
+
+
+def test_attention_dropout_in_train_mode():
+    """Dropout on the attention weights in train mode: an ``nn.Dropout`` module of the twin
+    (its mask read by the Dropout rules); every extension exact for the drawn mask, against
+    the reference on the twin with that mask fixed."""
+    model = _attention_model("dropout-eval").train()
+    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
+    plain = hbpkit.convert(copy.deepcopy(model))
+    converted = extend(hbpkit.convert(copy.deepcopy(model)))
+    dropout = converted.hbpkit_twin_1.dropout
+    assert dropout.training and dropout in _called(converted)
+    masks = []
+
+    def fix_mask(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        x = inputs[0].detach()  # the weights: 0 where the causal mask hides a key
+        masks.append(torch.where(x > 0, output.detach() / x, 0.0))  # 0 or 1 / (1 - p)
+        plain.hbpkit_twin_1.dropout = FixedMask(masks[-1])
+
+    dropout.register_forward_hook(fix_mask)
+    extensions = [e for e in EXTENSIONS if not isinstance(e, exts.KFRA)]  # two-input region
+    named = dict(converted.named_parameters())
+    _run_and_check(plain, converted, X, y, "dropout", extensions, named)
+    (mask,) = masks  # [N, H, T, T]; on the visible (causal) keys: dropped and kept entries
+    visible = mask[:, :, torch.ones(4, 4, dtype=torch.bool).tril()]
+    assert (visible == 0).any() and (visible != 0).any()
+    converted.mha.eval()  # the twin's dropout follows the module's mode
+    assert not dropout.training
+    close(converted(X), model.eval()(X), "dropout in eval mode")
 
 
 # ---------------------------------------------------------------------- Kronecker factors
