@@ -236,3 +236,38 @@ class EncoderLayerTwin(nn.Module):
             return self.residual2(x, self._ff_block(self.norm2(x)))
         x = self.norm1(self.residual1(x, self._sa_block(x, src_mask, src_key_padding_mask)))
         return self.norm2(self.residual2(x, self._ff_block(x)))
+
+
+class EncoderTwin(nn.Module):
+    """``nn.TransformerEncoder``: its layers' :class:`EncoderLayerTwin` s, then its ``norm``.
+
+    ``forward(src, mask, src_key_padding_mask)``. The module's ``is_causal=None`` (the mask
+    is examined) is the mask itself here: the same function. The nested-tensor fast path
+    (eval mode without gradients, with a padding mask) returns zeros at padded positions;
+    the twin computes the layers' ordinary path, as the module does with gradients.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.TransformerEncoder,
+        has_mask: bool = False,
+        has_key_padding_mask: bool = False,
+        is_causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayerTwin(layer, has_mask, has_key_padding_mask, is_causal)
+            for layer in encoder.layers
+        )
+        self.norm = encoder.norm
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = src
+        for layer in self.layers:
+            x = layer(x, mask, src_key_padding_mask)
+        return x if self.norm is None else self.norm(x)

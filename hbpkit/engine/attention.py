@@ -29,15 +29,17 @@ from typing import Any
 
 from torch import fx, nn
 
-from hbpkit.attention import EncoderLayerTwin, SelfAttentionTwin
+from hbpkit.attention import EncoderLayerTwin, EncoderTwin, SelfAttentionTwin
+
+TWINS = (SelfAttentionTwin, EncoderLayerTwin, EncoderTwin)
 
 
 class _TwinTracer(fx.Tracer):
-    """Traces into the twins; every other module (``nn.Linear``, ``nn.LayerNorm``, the
-    attention dropout) is a leaf, called as in the model."""
+    """Traces into the twins (and their ``nn.ModuleList``); every other module
+    (``nn.Linear``, ``nn.LayerNorm``, the attention dropout) is a leaf, called as in the model."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not isinstance(m, (SelfAttentionTwin, EncoderLayerTwin))
+        return not isinstance(m, (*TWINS, nn.ModuleList))
 
 
 def inline_twins(gm: fx.GraphModule) -> None:
@@ -74,55 +76,76 @@ def _bind(module: nn.Module, node: fx.Node) -> dict[str, Any] | None:
     return dict(bound.arguments)
 
 
-def _constant(value: Any) -> bool:
-    return not isinstance(value, fx.Node)
-
-
-def _tensor_or_none(value: Any) -> bool:
-    return value is None or isinstance(value, fx.Node)
-
-
 def _twin(module: nn.Module, node: fx.Node) -> tuple[nn.Module, tuple] | None:
     """The twin of the call ``node`` of ``module`` and the twin's inputs, or ``None``."""
-    if type(module) is nn.MultiheadAttention:
-        a = _bind(module, node)
-        if a is None or not module._qkv_same_embed_dim:
-            return None
-        x = a["query"]
-        if not isinstance(x, fx.Node) or a["key"] is not x or a["value"] is not x:
-            return None  # cross-attention: the generic path, as a whole
-        options = ("need_weights", "average_attn_weights", "is_causal")
-        if not all(_constant(a[k]) for k in options):
-            return None
-        masks = (a["attn_mask"], a["key_padding_mask"])
-        if not all(_tensor_or_none(m) for m in masks) or (a["is_causal"] and masks[0] is None):
-            return None  # the module refuses is_causal without a mask: let it say so
-        twin = SelfAttentionTwin(
-            module,
-            need_weights=bool(a["need_weights"]),
-            average_attn_weights=bool(a["average_attn_weights"]),
-            is_causal=bool(a["is_causal"]),
-            has_attn_mask=masks[0] is not None,
-            has_key_padding_mask=masks[1] is not None,
-        )
-        return twin, (x, *masks)
-    if type(module) is nn.TransformerEncoderLayer:
-        a = _bind(module, node)
-        if a is None or not module.self_attn._qkv_same_embed_dim:
-            return None
-        masks = (a["src_mask"], a["src_key_padding_mask"])
-        if not isinstance(a["src"], fx.Node) or not _constant(a["is_causal"]):
-            return None
-        if not all(_tensor_or_none(m) for m in masks) or (a["is_causal"] and masks[0] is None):
-            return None
-        twin = EncoderLayerTwin(
-            module,
-            has_mask=masks[0] is not None,
-            has_key_padding_mask=masks[1] is not None,
-            is_causal=bool(a["is_causal"]),
-        )
-        return twin, (a["src"], *masks)
-    return None
+    make = TWIN_MAKERS.get(type(module))  # exact types: a subclass may compute otherwise
+    a = None if make is None else _bind(module, node)
+    return None if a is None else make(module, node, a)
+
+
+def _masks(a: dict[str, Any], mask: str, padding: str, causal: str) -> tuple | None:
+    """The call's two masks (traced tensors or ``None``) and its causal hint (a constant),
+    ``None`` where the twin cannot take them (the module refuses the hint without a mask)."""
+    masks = (a[mask], a[padding])
+    if not all(m is None or isinstance(m, fx.Node) for m in masks) or _traced(a[causal]):
+        return None
+    if a[causal] and masks[0] is None:
+        return None
+    return (*masks, bool(a[causal]))
+
+
+def _traced(value: Any) -> bool:
+    return isinstance(value, fx.Node)
+
+
+def _attention_twin(mha: nn.MultiheadAttention, node: fx.Node, a: dict) -> tuple | None:
+    x = a["query"]
+    if not mha._qkv_same_embed_dim or not _traced(x) or a["key"] is not x or a["value"] is not x:
+        return None  # cross-attention, separate q/k/v weights: the generic path, as a whole
+    masks = _masks(a, "attn_mask", "key_padding_mask", "is_causal")
+    if masks is None or _traced(a["need_weights"]) or _traced(a["average_attn_weights"]):
+        return None
+    weights_used = any(
+        u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
+        for u in node.users
+    )
+    twin = SelfAttentionTwin(
+        mha,
+        need_weights=bool(a["need_weights"]) and weights_used,  # else as the module's output
+        average_attn_weights=bool(a["average_attn_weights"]),
+        is_causal=masks[2],
+        has_attn_mask=masks[0] is not None,
+        has_key_padding_mask=masks[1] is not None,
+    )
+    return twin, (x, *masks[:2])
+
+
+def _encoder_layer_twin(layer: nn.TransformerEncoderLayer, node: fx.Node, a: dict):
+    masks = _masks(a, "src_mask", "src_key_padding_mask", "is_causal")
+    if masks is None or not _traced(a["src"]) or not layer.self_attn._qkv_same_embed_dim:
+        return None
+    twin = EncoderLayerTwin(layer, masks[0] is not None, masks[1] is not None, masks[2])
+    return twin, (a["src"], *masks[:2])
+
+
+def _encoder_twin(encoder: nn.TransformerEncoder, node: fx.Node, a: dict):
+    masks = _masks(a, "mask", "src_key_padding_mask", "is_causal")
+    layers = list(encoder.layers)
+    if masks is None or not _traced(a["src"]):
+        return None
+    if not all(type(m) is nn.TransformerEncoderLayer for m in layers):
+        return None
+    if not all(m.self_attn._qkv_same_embed_dim for m in layers):
+        return None
+    twin = EncoderTwin(encoder, masks[0] is not None, masks[1] is not None, masks[2])
+    return twin, (a["src"], *masks[:2])
+
+
+TWIN_MAKERS = {
+    nn.MultiheadAttention: _attention_twin,
+    nn.TransformerEncoderLayer: _encoder_layer_twin,
+    nn.TransformerEncoder: _encoder_twin,
+}
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, name: str, graph: fx.Graph, inputs: tuple) -> bool:

@@ -88,19 +88,24 @@ class ViT(nn.Module):
     positional embedding (bare parameters), encoder layers, a ``Linear`` head on the class
     token."""
 
-    def __init__(self, norm_first: bool, layers: int = 1, conv: bool = True) -> None:
+    def __init__(
+        self, norm_first: bool, layers: int = 1, conv: bool = True, container: bool = False
+    ) -> None:
         super().__init__()
         self.conv = conv
         self.embed = nn.Conv2d(1, E, 2, stride=2) if conv else nn.Linear(3, E)
         T = 4 if conv else 3  # patches of a 4x4 image, or tokens
         self.cls = nn.Parameter(torch.randn(1, 1, E))
         self.pos = nn.Parameter(torch.randn(1, T + 1, E))
-        self.encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                E, HEADS, 6, dropout=0.0, batch_first=True, norm_first=norm_first
-            )
-            for _ in range(layers)
+        make = lambda: nn.TransformerEncoderLayer(  # noqa: E731
+            E, HEADS, 6, dropout=0.0, batch_first=True, norm_first=norm_first
         )
+        if container:  # nn.TransformerEncoder: copies of the layer, a final norm
+            self.encoder = nn.TransformerEncoder(
+                make(), layers, norm=nn.LayerNorm(E), enable_nested_tensor=False
+            )
+        else:
+            self.encoder = nn.ModuleList(make() for _ in range(layers))
         self.head = nn.Linear(E, C)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,8 +115,11 @@ class ViT(nn.Module):
         # expand_as, not expand(h.shape[0], ...): a size of a module output reaches the
         # region as a constant (the whole batch's) and breaks its per-sample evaluation
         h = torch.cat([self.cls.expand_as(h[:, :1]), h], dim=1) + self.pos
-        for layer in self.encoder:
-            h = layer(h)
+        if isinstance(self.encoder, nn.TransformerEncoder):
+            h = self.encoder(h)
+        else:
+            for layer in self.encoder:
+                h = layer(h)
         return self.head(h[:, 0])
 
 
@@ -190,6 +198,7 @@ def test_twin_computes_the_module(case):
     called = _called(converted)
     assert not any(isinstance(m, nn.MultiheadAttention) for m in called), case
     (twin,) = _twins(converted)
+    assert twin.need_weights == MHA_CASES[case][2].get("need_weights", False)  # used weights
     assert twin.in_proj in called and model.mha.out_proj in called
     assert twin.in_proj.weight is model.mha.in_proj_weight
     assert twin.in_proj.bias is model.mha.in_proj_bias
@@ -203,20 +212,26 @@ def test_twin_computes_the_module(case):
         assert twin.dropout.training and (converted(X) - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("container", [False, True], ids=["layers", "TransformerEncoder"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 @pytest.mark.parametrize("conv", [True, False], ids=["conv", "linear"])
-def test_encoder_layer_twin_computes_the_layer(norm_first, conv):
+def test_encoder_layer_twin_computes_the_layer(norm_first, conv, container):
     torch.manual_seed(0)
-    model = _randomize(ViT(norm_first, layers=2, conv=conv))
+    model = _randomize(ViT(norm_first, layers=2, conv=conv, container=container))
     X = torch.randn(3, 1, 4, 4, dtype=DT) if conv else _tokens(3, 3)
     converted = hbpkit.convert(model)
     called = _called(converted)
-    assert not any(isinstance(m, nn.TransformerEncoderLayer) for m in called)
-    for layer in model.encoder:
+    assert not any(
+        isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) for m in called
+    )
+    if container:
+        assert model.encoder.norm in called
+    for layer in model.encoder.layers if container else model.encoder:
         for m in (layer.linear1, layer.linear2, layer.norm1, layer.norm2, layer.self_attn.out_proj):
             assert m in called
     assert {id(t.in_proj.weight) for t in _twins(converted)} == {
-        id(layer.self_attn.in_proj_weight) for layer in model.encoder
+        id(layer.self_attn.in_proj_weight)
+        for layer in (model.encoder.layers if container else model.encoder)
     }
     close(converted(X), model(X), "ViT")
     with torch.no_grad():  # eval and no grad: the layer's fused fast path (float round-off)
@@ -412,13 +427,13 @@ def test_attention_model_every_extension(case):
 
 
 @pytest.mark.parametrize(
-    ("norm_first", "conv"),
-    [(False, True), pytest.param(True, False, marks=pytest.mark.slow)],
-    ids=["post-norm-conv", "pre-norm-linear"],
+    ("norm_first", "conv", "container"),
+    [(False, True, False), (True, False, False), (True, True, True)],
+    ids=["post-norm-conv", "pre-norm-linear", "pre-norm-conv-TransformerEncoder"],
 )
-def test_vit_every_extension(norm_first, conv):
+def test_vit_every_extension(norm_first, conv, container):
     torch.manual_seed(0)
-    model = _randomize(ViT(norm_first, conv=conv))
+    model = _randomize(ViT(norm_first, conv=conv, container=container))
     X = torch.randn(3, 1, 4, 4, dtype=DT) if conv else _tokens(3, 3)
     y = torch.tensor([0, 2, 1])
     converted = _converted(model)
@@ -432,7 +447,8 @@ def test_vit_every_extension(norm_first, conv):
     with backprop(*EXTENSIONS[8:]):
         extend(nn.CrossEntropyLoss())(converted(X), y).backward()
     params = [p for p in converted.parameters() if p.requires_grad]
-    assert len(params) == 16  # Conv2d, 2 LayerNorms, 5 Linears (in_proj included): 2 each
+    assert len(params) == 16 + 2 * container  # Conv2d or Linear, 2 LayerNorms, 5 Linears
+    # (in_proj included), the TransformerEncoder's norm: 2 each
     for p in params:
         for field in ("kflr", "kfac", "kfra", "hbp"):
             assert getattr(p, field).to_dense().shape == (p.numel(), p.numel())
