@@ -128,7 +128,10 @@ class SelfAttentionTwin(nn.Module):
         self.in_proj.weight = mha.in_proj_weight  # the same Parameter objects
         self.in_proj.bias = mha.in_proj_bias
         self.out_proj = mha.out_proj
-        self.bias_k, self.bias_v = mha.bias_k, mha.bias_v
+        # in a child: a module with parameters of its own is recorded as a whole by extend()
+        self.kv_bias = (
+            None if mha.bias_k is None else nn.ParameterDict({"k": mha.bias_k, "v": mha.bias_v})
+        )
         self.dropout = AttentionDropout(mha) if mha.dropout > 0 else None
         self.num_heads, self.embed_dim = mha.num_heads, E
         self.batch_first, self.add_zero_attn = mha.batch_first, mha.add_zero_attn
@@ -147,9 +150,9 @@ class SelfAttentionTwin(nn.Module):
             x = x.transpose(0, 1)
         q, k, v = self.in_proj(x).chunk(3, dim=-1)  # [N, T, E] each
         pad = 0
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand_as(k[:, :1])], dim=1)
-            v = torch.cat([v, self.bias_v.expand_as(v[:, :1])], dim=1)
+        if self.kv_bias is not None:
+            k = torch.cat([k, self.kv_bias["k"].expand_as(k[:, :1])], dim=1)
+            v = torch.cat([v, self.kv_bias["v"].expand_as(v[:, :1])], dim=1)
             pad += 1
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         if self.add_zero_attn:  # [N, H, S, d]

@@ -62,6 +62,7 @@ class AttentionModel(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool).triu(1)
         self.register_buffer("causal", causal)
         self.register_buffer("additive", torch.randn(T, T, dtype=DT))
+        self.register_buffer("per_head", torch.randn(3 * HEADS, T, T, dtype=DT))  # N = 3
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.embed(x)
@@ -70,6 +71,8 @@ class AttentionModel(nn.Module):
             kwargs["attn_mask"] = self.causal
         if "float" in self.masks:
             kwargs["attn_mask"] = self.additive
+        if "3d" in self.masks:
+            kwargs["attn_mask"] = self.per_head
         if "padding" in self.masks:
             kwargs["key_padding_mask"] = x[:, :, -1] > 0
         if not self.mha.batch_first:
@@ -155,6 +158,7 @@ MHA_CASES = {
     "causal-mask": ({}, ("attn",), {}),
     "is-causal": ({}, ("attn",), {"is_causal": True}),
     "float-mask": ({}, ("float",), {}),
+    "3d-mask": ({}, ("3d",), {}),
     "padding": ({}, ("padding",), {}),
     "padding-and-causal": ({}, ("attn", "padding"), {"is_causal": True}),
     "weights": ({}, (), {"need_weights": True}),
@@ -203,6 +207,7 @@ def test_twin_computes_the_module(case):
     assert twin.in_proj.weight is model.mha.in_proj_weight
     assert twin.in_proj.bias is model.mha.in_proj_bias
     assert converted.hbpkit_twin_1 is twin
+    assert not list(twin.parameters(recurse=False))  # extend() enters it: hooks on in/out_proj
     expected = model(X)
     assert expected.isfinite().all()
     close(converted(X), expected, case)
@@ -414,7 +419,9 @@ def _kronecker_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
 
 
-@pytest.mark.parametrize("case", ["default", "seq-first", "padding-and-causal", "weights"])
+@pytest.mark.parametrize(
+    "case", ["default", "seq-first", "padding-and-causal", "weights", "3d-mask", "bias-kv"]
+)
 def test_attention_model_every_extension(case):
     model = _attention_model(case)
     X = _tokens(3, 4, padding="padding" in MHA_CASES[case][1])
@@ -423,6 +430,8 @@ def test_attention_model_every_extension(case):
     extensions = EXTENSIONS
     if case == "weights":  # the model's ``logits + weights_head(...)``: a two-input region,
         extensions = [e for e in EXTENSIONS if not isinstance(e, exts.KFRA)]  # refused by KFRA
+    if case == "bias-kv":  # bias_k / bias_v: parameters of the region, no Kronecker factors
+        extensions = EXACT
     _run_and_check(model, converted, X, y, case, extensions)
 
 
