@@ -274,3 +274,80 @@ class EncoderTwin(nn.Module):
         for layer in self.layers:
             x = layer(x, mask, src_key_padding_mask)
         return x if self.norm is None else self.norm(x)
+
+
+class DecoderLayerTwin(nn.Module):
+    """``nn.TransformerDecoderLayer`` as traceable code: a :class:`SelfAttentionTwin` for
+    ``self_attn``, the layer's own ``multihead_attn`` for the cross-attention (a call of the
+    whole module: its packed weight serves queries and keys of different tensors), its
+    other submodules, :class:`hbpkit.branching.Sum` for the three residual additions.
+
+    ``forward(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+    memory_key_padding_mask) -> [N, T, E]`` (or ``[T, N, E]``).
+    """
+
+    def __init__(
+        self,
+        layer: nn.TransformerDecoderLayer,
+        masks: tuple[bool, bool, bool, bool] = (False, False, False, False),
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.masks = masks  # which of the four masks are given
+        self.self_attn = SelfAttentionTwin(
+            layer.self_attn,
+            is_causal=tgt_is_causal,
+            has_attn_mask=masks[0],
+            has_key_padding_mask=masks[2],
+        )
+        self.multihead_attn, self.memory_is_causal = layer.multihead_attn, memory_is_causal
+        self.linear1, self.linear2 = layer.linear1, layer.linear2
+        self.norm1, self.norm2, self.norm3 = layer.norm1, layer.norm2, layer.norm3
+        self.dropout, self.dropout1 = layer.dropout, layer.dropout1
+        self.dropout2, self.dropout3 = layer.dropout2, layer.dropout3
+        self.activation = ACTIVATIONS.get(layer.activation, lambda: layer.activation)()
+        self.residual1, self.residual2, self.residual3 = Sum(), Sum(), Sum()
+        self.norm_first = layer.norm_first
+
+    def _sa_block(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None) -> Tensor:
+        return self.dropout1(self.self_attn(x, mask, kpm)[0])
+
+    def _mha_block(
+        self, x: Tensor, memory: Tensor, mask: Tensor | None, kpm: Tensor | None
+    ) -> Tensor:
+        out = self.multihead_attn(
+            x,
+            memory,
+            memory,
+            attn_mask=mask,
+            key_padding_mask=kpm,
+            is_causal=self.memory_is_causal,
+            need_weights=False,
+        )[0]
+        return self.dropout2(out)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        given = (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask)
+        tgt_mask, memory_mask, tgt_kpm, memory_kpm = (
+            m if has else None for m, has in zip(given, self.masks)
+        )
+        x = tgt
+        if self.norm_first:
+            x = self.residual1(x, self._sa_block(self.norm1(x), tgt_mask, tgt_kpm))
+            x = self.residual2(x, self._mha_block(self.norm2(x), memory, memory_mask, memory_kpm))
+            return self.residual3(x, self._ff_block(self.norm3(x)))
+        x = self.norm1(self.residual1(x, self._sa_block(x, tgt_mask, tgt_kpm)))
+        x = self.norm2(self.residual2(x, self._mha_block(x, memory, memory_mask, memory_kpm)))
+        return self.norm3(self.residual3(x, self._ff_block(x)))

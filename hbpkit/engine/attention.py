@@ -1,7 +1,7 @@
 """Attention modules of a traced model replaced by their twins' code (:mod:`hbpkit.attention`).
 
 ``torch.fx`` treats every ``torch.nn`` module as a leaf: ``nn.MultiheadAttention`` and
-``nn.TransformerEncoderLayer`` are single ``call_module`` nodes, which the generic path
+the transformer layers are single ``call_module`` nodes, which the generic path
 differentiates as a whole (exact, but per-sample ``vmap`` and no Kronecker factors).
 :func:`inline_twins` replaces each such node by the traced graph of a twin that computes the
 same function with the same parameter objects: the projections become ``nn.Linear`` calls
@@ -14,7 +14,10 @@ A call is replaced where its twin computes exactly what the module does:
   the packed ``in_proj_weight`` (``kdim = vdim = embed_dim``), any ``attn_mask``,
   ``key_padding_mask``, ``is_causal``, ``need_weights``, ``average_attn_weights``,
   ``add_bias_kv``, ``add_zero_attn``, ``batch_first`` and dropout;
-* ``nn.TransformerEncoderLayer``: always (its attention is self-attention), masks included.
+* ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` (of such layers): always
+  (their attention is self-attention), masks included;
+* ``nn.TransformerDecoderLayer``: its self-attention as above; its cross-attention stays a
+  call of its ``multihead_attn``, served as a whole by the generic path.
 
 Other calls are kept as the whole module on the generic path: cross-attention (slices of one
 packed weight cannot be the weights of separate ``nn.Linear`` modules), separate
@@ -29,9 +32,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from hbpkit.attention import EncoderLayerTwin, EncoderTwin, SelfAttentionTwin
+from hbpkit.attention import DecoderLayerTwin, EncoderLayerTwin, EncoderTwin, SelfAttentionTwin
 
-TWINS = (SelfAttentionTwin, EncoderLayerTwin, EncoderTwin)
+TWINS = (SelfAttentionTwin, EncoderLayerTwin, EncoderTwin, DecoderLayerTwin)
 
 
 class _TwinTracer(fx.Tracer):
@@ -52,18 +55,27 @@ def inline_twins(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
-        made = _twin(gm.get_submodule(node.target), node)
-        if made is None:
-            continue
-        twin, inputs = made
+        module = gm.get_submodule(node.target)
+        made = _twin(module, node)
         name = f"hbpkit_twin_{count + 1}"
-        graph = _TwinTracer().trace(twin)
-        if not _replace(gm, node, name, graph, inputs):
-            continue
-        gm.add_submodule(name, twin)
-        count += 1
-    if count:
-        gm.graph.lint()
+        if made is not None and _replace(gm, node, name, made[1], _TwinTracer().trace(made[0])):
+            gm.add_submodule(name, made[0])
+            count += 1
+        elif type(module) in TWIN_MAKERS:
+            _positional(module, node)
+    for node in gm.graph.nodes:  # the cross-attention calls of the twins' code
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) in TWIN_MAKERS:
+            _positional(gm.get_submodule(node.target), node)
+    gm.graph.lint()
+
+
+def _positional(module: nn.Module, node: fx.Node) -> None:
+    """Pass every argument of a call kept whole positionally: a forward hook sees the
+    positional inputs only, and the generic path replays the call from them (masks given
+    by keyword would be lost)."""
+    a = _bind(module, node)
+    if a is not None:
+        node.args, node.kwargs = tuple(a.values()), {}
 
 
 def _bind(module: nn.Module, node: fx.Node) -> dict[str, Any] | None:
@@ -141,14 +153,28 @@ def _encoder_twin(encoder: nn.TransformerEncoder, node: fx.Node, a: dict):
     return twin, (a["src"], *masks[:2])
 
 
+def _decoder_layer_twin(layer: nn.TransformerDecoderLayer, node: fx.Node, a: dict):
+    names = ("tgt_mask", "memory_mask", "tgt_key_padding_mask", "memory_key_padding_mask")
+    tgt = _masks(a, "tgt_mask", "tgt_key_padding_mask", "tgt_is_causal")
+    memory = _masks(a, "memory_mask", "memory_key_padding_mask", "memory_is_causal")
+    if tgt is None or memory is None or not _traced(a["tgt"]) or not _traced(a["memory"]):
+        return None
+    if not layer.self_attn._qkv_same_embed_dim:
+        return None
+    masks = tuple(a[n] for n in names)
+    twin = DecoderLayerTwin(layer, tuple(m is not None for m in masks), tgt[2], memory[2])
+    return twin, (a["tgt"], a["memory"], *masks)
+
+
 TWIN_MAKERS = {
     nn.MultiheadAttention: _attention_twin,
     nn.TransformerEncoderLayer: _encoder_layer_twin,
     nn.TransformerEncoder: _encoder_twin,
+    nn.TransformerDecoderLayer: _decoder_layer_twin,
 }
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, name: str, graph: fx.Graph, inputs: tuple) -> bool:
+def _replace(gm: fx.GraphModule, node: fx.Node, name: str, inputs: tuple, graph: fx.Graph) -> bool:
     """Copy ``graph`` (the twin's, targets under ``name``) before ``node`` and let ``node``'s
     users use its output; ``False`` (nothing changed) where a user needs what the twin does
     not return as a node (a ``None`` output in use, the output tuple as a whole)."""

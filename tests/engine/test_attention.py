@@ -279,25 +279,71 @@ class CrossAttention(nn.Module):
         self.head = nn.Linear(E, C)
 
     def forward(self, x: Tensor) -> Tensor:
-        kv = self.b(x)
-        return self.head(self.mha(self.a(x), kv, kv)[0]).mean(1)
+        kv, padding = self.b(x), x[:, :, -1] > 0
+        return self.head(self.mha(self.a(x), kv, kv, key_padding_mask=padding)[0]).mean(1)
 
 
 @pytest.mark.parametrize("kdim", [E, 3], ids=["cross", "separate-weights"])
 def test_calls_without_a_twin_stay_whole_modules(kdim):
     """Cross-attention (slices of a packed weight cannot be Linear weights), also with
-    separate q/k/v weights: the MultiheadAttention call stays, served by the generic path."""
+    separate q/k/v weights: the MultiheadAttention call stays, served by the generic path,
+    its mask given by keyword passed positionally (a forward hook sees only those)."""
     torch.manual_seed(0)
     model = _randomize(CrossAttention(kdim))
     assert model.mha._qkv_same_embed_dim == (kdim == E)
-    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
+    X, y = _tokens(3, 4, padding=True), torch.tensor([0, 2, 1])
     converted = _converted(model)
     assert converted.mha in _called(converted) and not _twins(converted)
+    (call,) = [n for n in converted.graph.nodes if n.target == "mha"]
+    assert not call.kwargs and len(call.args) == 8
     close(converted(X), model(X), "cross-attention")
     _run_and_check(model, converted, X, y, f"whole MHA (kdim={kdim})", EXACT)
     with pytest.raises(NotImplementedError, match="MultiheadAttention 'mha'.*KFLR"):
         with backprop(exts.KFLR()):
             extend(nn.CrossEntropyLoss())(converted(X), y).backward()
+
+
+class Seq2Seq(nn.Module):
+    """Memory and target tokens from one input (all its tokens, its last two), a
+    ``nn.TransformerDecoderLayer`` with a causal target mask and memory padding (the
+    cross-attention's masks given by keyword: ``convert`` passes them positionally)."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.memory, self.target = nn.Linear(3, E), nn.Linear(3, E)
+        self.decoder = nn.TransformerDecoderLayer(
+            E, HEADS, 6, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        self.head = nn.Linear(E, C)
+        # 2 target tokens: a [T, S] mask with T = N would be read as per-sample by the
+        # generic path (its inputs of N rows are split over the samples)
+        self.register_buffer("causal", torch.ones(2, 2, dtype=torch.bool).triu(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        memory, tgt = self.memory(x), self.target(x[:, 2:])  # [N, 4, E], [N, 2, E]
+        h = self.decoder(
+            tgt, memory, self.causal, memory_key_padding_mask=x[:, :, -1] > 0, tgt_is_causal=True
+        )
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_decoder_layer_self_attention_twin(norm_first):
+    """The decoder layer's self-attention becomes Linear projections; its cross-attention
+    stays a call of the whole ``multihead_attn`` (the generic path); every extension without
+    Kronecker factors exact, which the cross-attention's parameters refuse."""
+    torch.manual_seed(0)
+    model = _randomize(Seq2Seq(norm_first))
+    X, y = _tokens(3, 4, padding=True), torch.tensor([0, 2, 1])
+    converted = _converted(model)
+    called = _called(converted)
+    assert not any(isinstance(m, nn.TransformerDecoderLayer) for m in called)
+    assert converted.decoder.multihead_attn in called
+    assert not any(m is converted.decoder.self_attn for m in called)
+    (twin,) = _twins(converted)
+    assert twin.in_proj.weight is converted.decoder.self_attn.in_proj_weight
+    close(converted(X), model(X), "decoder layer")
+    _run_and_check(model, converted, X, y, "decoder layer", EXACT)
 
 
 # ------------------------------------------------------------------ brute-force reference
