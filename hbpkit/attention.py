@@ -1,8 +1,8 @@
 """Traceable twins of ``torch.nn``'s attention modules: the same function, the same parameters.
 
-:func:`hbpkit.convert` replaces a call of ``nn.MultiheadAttention`` (self-attention) and of
-``nn.TransformerEncoderLayer`` by the inlined graph of its twin
-(``hbpkit/engine/attention.py``). In the twin the projections are ordinary modules with rules
+:func:`hbpkit.convert` replaces a call of ``nn.MultiheadAttention`` (self-attention),
+``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder`` and ``nn.TransformerDecoderLayer``
+by the inlined graph of its twin (``hbpkit/engine/attention.py``). In the twin the projections are ordinary modules with rules
 (Kronecker factors included) and the attention itself is functional code, which ``convert``
 turns into a parameter-free region (the generic path, ``hbpkit/modules/generic.py``).
 
