@@ -55,15 +55,12 @@ def inline_twins(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
-        module = gm.get_submodule(node.target)
-        made = _twin(module, node)
+        made = _twin(gm.get_submodule(node.target), node)
         name = f"hbpkit_twin_{count + 1}"
         if made is not None and _replace(gm, node, name, made[1], _TwinTracer().trace(made[0])):
             gm.add_submodule(name, made[0])
             count += 1
-        elif type(module) in TWIN_MAKERS:
-            _positional(module, node)
-    for node in gm.graph.nodes:  # the cross-attention calls of the twins' code
+    for node in gm.graph.nodes:  # calls kept whole, the twins' cross-attention included
         if node.op == "call_module" and type(gm.get_submodule(node.target)) in TWIN_MAKERS:
             _positional(gm.get_submodule(node.target), node)
     gm.graph.lint()

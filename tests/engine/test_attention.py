@@ -616,26 +616,26 @@ def test_projection_factors_equal_hand_written_linears(kfac_approx):
     X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
     ours = extend(hbpkit.convert(model))
     theirs = extend(hbpkit.convert(hand))
-    fields = ("kfac", "kflr", "kfra", "hbp")
-    results = []
+    mha = model.mha
+    pairs = [  # (twin's, hand-written's)
+        (mha.in_proj_weight, hand.in_proj.weight),
+        (mha.in_proj_bias, hand.in_proj.bias),
+        (mha.out_proj.weight, hand.out_proj.weight),
+        (mha.out_proj.bias, hand.out_proj.bias),
+    ]
     for m in (ours, theirs):
-        loss_fn = extend(nn.CrossEntropyLoss())
-        torch.manual_seed(5)
+        torch.manual_seed(5)  # the same Monte-Carlo draws for KFAC
         with backprop(
             exts.KFAC(kfac_approx=kfac_approx),
             exts.KFLR(kfac_approx=kfac_approx),
             exts.KFRA(kfac_approx=kfac_approx),
             exts.HBP("hessian", "exact", "sqrt", kfac_approx=kfac_approx),
         ):
-            loss_fn(m(X), y).backward()
-        mods = (model.mha, model.mha.out_proj) if m is ours else (hand.in_proj, hand.out_proj)
-        in_w = mods[0].in_proj_weight if m is ours else mods[0].weight
-        in_b = mods[0].in_proj_bias if m is ours else mods[0].bias
-        results.append([in_w, in_b, mods[1].weight, mods[1].bias])
-    for a, b in zip(*results):
-        for field in fields:
+            extend(nn.CrossEntropyLoss())(m(X), y).backward()
+    for a, b in pairs:
+        for field in ("kfac", "kflr", "kfra", "hbp"):
             fa, fb = getattr(a, field), getattr(b, field)
-            assert len(fa) == len(fb)
+            assert len(fa) == len(fb) == a.dim()  # (G, A) for a weight, (G,) for a bias
             for i, (u, v) in enumerate(zip(fa, fb)):
                 close(u, v, f"{field}[{i}] {tuple(a.shape)}")
 
