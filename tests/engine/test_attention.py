@@ -600,11 +600,15 @@ class HandWritten(nn.Module):
             self.in_proj.bias.copy_(model.mha.in_proj_bias)
         self.to(DT)
 
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.in_proj(self.embed(x)).chunk(3, dim=-1)
+    @staticmethod
+    def attention(qkv: Tensor) -> Tensor:
+        """``[N, T, 3E] -> [N, T, E]``: head split, attention, head merge."""
+        q, k, v = qkv.chunk(3, dim=-1)
         q, k, v = (t.unflatten(-1, (HEADS, -1)).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.head(self.out_proj(o.transpose(1, 2).flatten(2))).mean(1)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.out_proj(self.attention(self.in_proj(self.embed(x))))).mean(1)
 
 
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
@@ -640,24 +644,56 @@ def test_projection_factors_equal_hand_written_linears(kfac_approx):
                 close(u, v, f"{field}[{i}] {tuple(a.shape)}")
 
 
-def test_against_curvlinops_kfac():
-    """curvlinops' KFACLinearOperator (type-2 / exact, expand) on the twin's projections."""
-    curvlinops = pytest.importorskip("curvlinops")
+def _definition_factors(hand: HandWritten, X: Tensor, y: Tensor, which: str, approx: str):
+    """``(G, A)`` of ``hand.in_proj`` or ``hand.out_proj`` from their definitions on
+    ``[N, T, D]`` (Eschenhagen et al., 2023): ``M_n`` the exact GGN w.r.t. the layer's output
+    ``z_n`` ``[T D_out, T D_out]`` (dense Jacobians of the rest of the model, the loss
+    Hessian); ``expand``: ``G = sum_{n,t} M_n[t, t]``, ``A = 1/(N T) sum_{n,t} x x^T``;
+    ``reduce``: ``G = sum_{n,t,s} M_n[t, s]``, ``A = 1/N sum_n xbar xbar^T``."""
+    loss_fn = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        x_in = hand.embed(X)
+        z_in = hand.in_proj(x_in)
+    attention = HandWritten.attention
+
+    def from_z_in(z: Tensor) -> Tensor:
+        return hand.head(hand.out_proj(attention(z))).mean(1)
+
+    def from_z_out(z: Tensor) -> Tensor:
+        return hand.head(z).mean(1)
+
+    x, z, rest = (x_in, z_in, from_z_in) if which == "in" else (None, None, from_z_out)
+    if which == "out":
+        with torch.no_grad():
+            x = attention(z_in)
+            z = hand.out_proj(x)
+    N, T, D = z.shape
+    with sdpa_kernel(SDPBackend.MATH):
+        out = rest(z)
+        J = jacrev(rest)(z).reshape(out.numel(), N, T, D)
+    H = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    M = torch.einsum("anti,ab,bmsj->ntimsj", J, H, J)  # block-diagonal over samples
+    M = torch.stack([M[n, :, :, n] for n in range(N)])  # [N, T, D, T, D]
+    if approx == "expand":
+        G = torch.einsum("ntitj->ij", M)
+        A = torch.einsum("nti,ntj->ij", x, x) / (N * T)
+    else:
+        G = torch.einsum("ntisj->ij", M)
+        xbar = x.mean(1)
+        A = xbar.T @ xbar / N
+    return G, A
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_projection_kflr_equals_its_definition(kfac_approx):
+    """KFLR of in_proj_weight / out_proj.weight (the twin's Linear calls) against the
+    definition of the weight-sharing factors, formed without hbpkit."""
     model = _attention_model("default")
-    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
-    converted = extend(hbpkit.convert(copy.deepcopy(model)))
-    with backprop(exts.KFLR()):
-        extend(nn.CrossEntropyLoss())(converted(X), y).backward()
     hand = HandWritten(model)
-    params = [hand.in_proj.weight, hand.in_proj.bias, hand.out_proj.weight, hand.out_proj.bias]
-    kfac = curvlinops.KFACLinearOperator(
-        hand, nn.CrossEntropyLoss(), params, [(X, y)], fisher_type="type-2", kfac_approx="expand"
-    )
-    dense = kfac @ torch.eye(sum(p.numel() for p in params), dtype=DT)
-    ours = [converted.hbpkit_twin_1.in_proj.weight, converted.hbpkit_twin_1.in_proj.bias]
-    ours += [converted.hbpkit_twin_1.out_proj.weight, converted.hbpkit_twin_1.out_proj.bias]
-    start = 0
-    for p in ours:
-        P = p.numel()
-        close(p.kflr.to_dense(), dense[start : start + P, start : start + P], "curvlinops")
-        start += P
+    X, y = _tokens(3, 4), torch.tensor([0, 2, 1])
+    with backprop(exts.KFLR(kfac_approx=kfac_approx)):
+        extend(nn.CrossEntropyLoss())(extend(hbpkit.convert(model))(X), y).backward()
+    for which, p in (("in", model.mha.in_proj_weight), ("out", model.mha.out_proj.weight)):
+        G, A = _definition_factors(hand, X, y, which, kfac_approx)
+        close(p.kflr[0], G, f"G {which}_proj {kfac_approx}")
+        close(p.kflr[1], A, f"A {which}_proj {kfac_approx}")
