@@ -2,9 +2,10 @@
 
 :func:`hbpkit.convert` replaces a call of ``nn.MultiheadAttention`` (self-attention),
 ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder`` and ``nn.TransformerDecoderLayer``
-by the inlined graph of its twin (``hbpkit/engine/attention.py``). In the twin the projections are ordinary modules with rules
-(Kronecker factors included) and the attention itself is functional code, which ``convert``
-turns into a parameter-free region (the generic path, ``hbpkit/modules/generic.py``).
+by the inlined graph of its twin (``hbpkit/engine/attention.py``). In the twin the
+projections are ordinary modules with rules (Kronecker factors included) and the attention
+itself is functional code, which ``convert`` turns into a parameter-free region (the
+generic path, ``hbpkit/modules/generic.py``).
 
 Shapes: ``N`` samples, ``T`` tokens (queries), ``S`` keys, ``E`` embedding, ``H`` heads,
 ``d = E / H``. Internally every tensor is batch-first, ``[N, T, E]``.
