@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.nn.modules.loss import _Loss
 
 from hbpkit.branching import Sum
+from hbpkit.engine.attention import inline_twins
 from hbpkit.engine.partition import Partition, attribute_of, is_shape_query
 from hbpkit.modules.tables import is_registered
 from hbpkit.reshaping import MergeBatch
@@ -79,6 +80,7 @@ def convert(model: nn.Module) -> fx.GraphModule:
             f"hbpkit.convert could not trace {type(model).__name__} with torch.fx: {error}"
         ) from error
     gm = fx.GraphModule(model, graph, type(model).__name__)
+    inline_twins(gm)  # attention modules as their twins' code (hbpkit/attention.py)
     counter = 0
     rewritten: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
