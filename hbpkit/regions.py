@@ -47,6 +47,14 @@ class Region(nn.Module):
         with replaying():  # modules inside the region record no calls of their own
             return self.graph(*inputs)
 
+    def called_modules(self) -> list[nn.Module]:
+        """The modules the region's code calls (modules without rules join a region)."""
+        return [
+            self.graph.get_submodule(n.target)
+            for n in self.graph.graph.nodes
+            if n.op == "call_module"
+        ]
+
     def extra_repr(self) -> str:
         ops = [
             getattr(n.target, "__name__", str(n.target))

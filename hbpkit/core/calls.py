@@ -211,7 +211,12 @@ def describe(module: nn.Module) -> str:
     name = type(module).__name__
     named = f"{name} '{path}'" if path else name
     source = getattr(module, "source", "")  # a region: the model's code it runs
-    return f"{named} (from {source})" if isinstance(source, str) and source else named
+    if isinstance(source, str) and source:
+        named = f"{named} (from {source}"
+        inner = getattr(module, "called_modules", None)
+        calls = [describe(m) for m in inner()] if inner is not None else []
+        named += f", calling {', '.join(calls)})" if calls else ")"
+    return named
 
 
 def call_of(output: Tensor) -> ModuleCall | None:

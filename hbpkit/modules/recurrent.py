@@ -155,6 +155,15 @@ def recurrence(module: nn.Module, params: dict[str, Tensor], args: list[Any]) ->
     return output, h_n
 
 
+def _recurrence_call(
+    module: nn.Module, params: dict[str, Tensor], args: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """:func:`recurrence` as the generic path calls a module (``hx`` may come by keyword)."""
+    if kwargs.get("hx") is not None:
+        args = [*args, kwargs["hx"]]
+    return recurrence(module, params, list(args))
+
+
 def _map_state(f: Callable[[Tensor], Any], hx: Any) -> Any:
     """``f`` applied to the tensors of an initial state (a tensor, a tuple of them, ``None``)."""
     if hx is None:
@@ -169,9 +178,9 @@ class RecurrentFunction(CallFunction):
     ``x`` has its batch dimension first, the initial state ``hx`` second."""
 
     def per_sample(self, params: dict[str, Tensor], *args: Any) -> Tensor:
-        x, *rest = args
+        x, *rest = args  # (an initial state given by keyword comes last)
         args = [x.unsqueeze(0), *(_map_state(lambda t: t.unsqueeze(1), h) for h in rest)]
-        return self.function(self.module, params, args)[0].squeeze(0)
+        return recurrence(self.module, params, args)[0].squeeze(0)
 
     def in_dims(self) -> tuple[Any, ...]:
         return (0, *(_map_state(lambda t: 1, h) for h in self.inputs[1:]))
@@ -194,8 +203,8 @@ class RecurrentRules(GenericRules):
     def __init__(self) -> None:
         super().__init__(linear_in_input=False, structure="general", linear_in_params=False)
 
-    def function(self, module: nn.Module) -> Callable[[nn.Module, dict, list], Any]:
-        return recurrence
+    def function(self, module: nn.Module) -> Callable[[nn.Module, dict, list, dict], Any]:
+        return _recurrence_call
 
     def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> object:
         """The first sample's output, which :meth:`validate` replays (a copy, ``[T, D * P]``)."""
@@ -222,7 +231,7 @@ class RecurrentRules(GenericRules):
                 f"{name} has dropout={module.dropout} between its layers in training mode: "
                 "its mask cannot be replayed; call eval() on it or set dropout=0"
             )
-        hx = call.inputs[1] if len(call.inputs) > 1 else None
+        hx = call.inputs[1] if len(call.inputs) > 1 else call.kwargs.get("hx")
         states = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
         if any(t.requires_grad for t in states):
             raise NotImplementedError(

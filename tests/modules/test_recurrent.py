@@ -379,8 +379,8 @@ def test_initial_state_with_gradients_is_refused():
     _refused(Case(lambda: convert(Learned()), "ce", "mean", (N, T, C)), BatchGrad(), "hx")
 
 
-def test_initial_state_passed_as_keyword_is_refused():
-    """The forward hook does not see ``hx=...``: the replay check catches it."""
+def test_initial_state_passed_as_keyword_is_exact():
+    """``rnn(x, hx=...)``: the keyword is recorded and replayed (first order, diagonals)."""
 
     class Keyword(nn.Module):
         def __init__(self):
@@ -391,8 +391,7 @@ def test_initial_state_passed_as_keyword_is_refused():
             out, _ = self.rnn(x, hx=initial_state(self.rnn, x))
             return self.fc(out[:, -1])
 
-    c = Case(lambda: convert(Keyword()), "ce", "mean", (N, T, C))
-    _refused(c, BatchGrad(), "RNN 'rnn'", "positionally")
+    first_and_diag_against_plain(Case(lambda: convert(Keyword()), "ce", "mean", (N, T, C)))
 
 
 def test_final_state_towards_the_loss_is_refused():
