@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from hbpkit.core.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall, describe
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def check_dense_budget(
     if nbytes > budget:
         described = "" if isinstance(shape, int) else f" {tuple(shape)} {dtype}"
         raise DenseBudgetError(
-            f"{what} through {call.module} needs a dense{described} tensor "
+            f"{what} through {describe(call.module)} needs a dense{described} tensor "
             f"({nbytes / 1e9:.3g} GB), above the budget of {budget / 1e9:.3g} GB "
             f"(MemoryPolicy.max_dense_bytes). {advice}, shrink the layer, or raise "
             f"the budget with {RAISE_BUDGET}"

@@ -239,8 +239,9 @@ class PassPlan:
             blocks = blocks_out.get(id(call), False)
             if blocks and _own_trainable(call.module) and (dense or not rules.kron_from_blocks):
                 raise NotImplementedError(
-                    f"the batch-averaged curvature at the output of {call.module} is carried as "
-                    "position blocks (its dense form exceeds the memory budget, "
+                    "the batch-averaged curvature at the output of "
+                    f"{describe(call.module)} is carried as position blocks (its dense form "
+                    "exceeds the memory budget, "
                     "MemoryPolicy.max_dense_bytes), from which "
                     f"{dense[0] if dense else describe(call.module)} cannot form "
                     "its quantity; use kfac_approx='expand', a per-sample extension "
@@ -258,6 +259,8 @@ class PassPlan:
             local = takes_local and parent_accepts_local(call)
             call.plan = CallPlan(blocks, takes_local, local)
             rules.check_budget(call, averaged and not blocks, diagonal and not local)
+            if not rules.linear_in_input:
+                rules.check_residual_budget(call, keys)
             local_columns = columns_out.get(id(call), 0)
             if diagonal and local and not rules.keeps_diagonal:
                 local_columns += call.output_shape[1:].numel()

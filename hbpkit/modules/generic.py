@@ -206,6 +206,42 @@ class GenericRules(ModuleRules):
                     "training mode, which couples the samples; call eval() on it"
                 )
 
+    # the memory budget, checked before the pass (engine/plan.py) -------------------------
+    def check_budget(self, call: ModuleCall, batch_averaged: bool, diagonal_factors: bool) -> None:
+        """A diagonal factor made dense, or the per-sample columns of a batch-averaged
+        matrix: ``[D_out, N, *in]`` each (``ea_jac_t_mat_jac_prod``)."""
+        if not ((diagonal_factors and not self.keeps_diagonal) or batch_averaged):
+            return
+        shape = call.output_shape
+        for slot in followed_slots(call):
+            x = call.inputs[slot]
+            what = "Batch-averaged backpropagation" if batch_averaged else "A dense factor"
+            check_dense_budget(call, (shape[1:].numel(), *x.shape), x.dtype, what, DIAGONAL_ADVICE)
+
+    def check_residual_budget(self, call: ModuleCall, messages: list) -> None:
+        """The per-sample dense residual ``[N, D, D]`` (and its ``D`` columns), which sqrt
+        factors, batch averages and PCH products need; Hessian products use
+        Hessian-vector products instead."""
+        dense = [
+            m
+            for m in messages
+            if getattr(m, "curvature", "ggn") != "ggn"
+            and (m.residual_factors or m.batch_averaged or m.curvature != "hessian")
+        ]
+        if not dense:
+            return
+        xs = [call.inputs[i] for i in followed_slots(call)]
+        if not xs:
+            return
+        D = sum(x[0].numel() for x in xs)
+        check_dense_budget(
+            call,
+            (2 * D, xs[0].shape[0], D),
+            xs[0].dtype,
+            "The per-sample residual (eq. 7)",
+            GENERIC_ADVICE,
+        )
+
     def _function(self, call: ModuleCall) -> CallFunction:
         key = ("generic_function",)
         if key not in call.cache:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hbpkit.core.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.modules.losses import _scale
 from hbpkit.modules.roles import per_role
 
@@ -132,7 +132,7 @@ class ConvRoots(KroneckerRootRoles):
     def validate_roots(self, call: ModuleCall, per_group: bool = False) -> None:
         if call.module.groups != 1 and not per_group:
             raise NotImplementedError(
-                f"Kronecker roots of {call.module} (groups={call.module.groups}) are not "
+                f"Kronecker roots of {describe(call.module)} (groups={call.module.groups}) are not "
                 "supported: a grouped convolution has one input factor per group (KFAC, KFLR, "
                 "KFRA, HBP, EmpiricalKFAC and InputCovariance give its factors per group)"
             )

@@ -52,7 +52,7 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from hbpkit.core.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor, modify_eigenvalues
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.base import ModuleRules, output_factor_from_sqrt
@@ -454,8 +454,8 @@ class BatchNormRules(AffineParamRules):
         while upstream is not None:
             if any(p.requires_grad for p in upstream.module.parameters()):
                 raise NotImplementedError(
-                    f"{call.module} follows {type(upstream.module).__name__}, which has trainable "
-                    f"parameters; {type(call.module).__name__} {TRAIN_MODE_REASON}"
+                    f"{describe(call.module)} follows {type(upstream.module).__name__}, which "
+                    f"has trainable parameters; {type(call.module).__name__} {TRAIN_MODE_REASON}"
                 )
             upstream = upstream.parent
 

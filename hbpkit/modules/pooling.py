@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from hbpkit.core.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.factors import Jacobian
 from hbpkit.curvature.local import ConvTransposeStep, LocalStep, SelectStep
@@ -64,8 +64,9 @@ class _LinearMapRules(ModuleRules):
         x = call.inputs[0]
         if not isinstance(x, Tensor) or x.dim() <= self._mapped_dims(call.module):
             raise NotImplementedError(
-                f"{call.module} maps all axes of its input of shape {tuple(x.shape)}, the batch "
-                "axis included; hbpkit needs a batched input [N, *features]"
+                f"{describe(call.module)} maps all axes of its input of shape "
+                f"{tuple(x.shape)}, the batch axis included; hbpkit needs a batched input "
+                "[N, *features]"
             )
 
     def _mapped_dims(self, module: nn.Module) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from hbpkit.core.calls import ModuleCall
+from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.memory import RAISE_BUDGET, DenseBudgetError
 
@@ -41,6 +41,10 @@ class StructuredForms:
         output; raises :class:`~hbpkit.curvature.memory.DenseBudgetError`. Default: nothing
         to densify.
         """
+
+    def check_residual_budget(self, call: ModuleCall, messages: list) -> None:
+        """Refuse before the pass a residual (eq. 7) this module would form densely for
+        ``messages`` (the pass's messages); default: nothing dense."""
 
     def supports_local(self, call: ModuleCall) -> bool:
         """Whether :meth:`local_step` backpropagates local factors through ``call``.
@@ -83,8 +87,9 @@ class StructuredForms:
         """
         arrives = "position blocks" if from_blocks else "a dense matrix"
         raise DenseBudgetError(
-            f"{call.module} cannot backpropagate batch-averaged curvature that arrives as "
-            f"{arrives} exactly in position blocks (the dense form exceeds the memory budget, "
+            f"{describe(call.module)} cannot backpropagate batch-averaged curvature that "
+            f"arrives as {arrives} exactly in position blocks (the dense form exceeds the "
+            "memory budget, "
             "MemoryPolicy.max_dense_bytes); use a per-sample extension (KFLR, KFAC) "
             f"or raise the budget with {RAISE_BUDGET}"
         )

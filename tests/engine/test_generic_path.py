@@ -432,3 +432,25 @@ def test_pch_products_of_a_parameter_without_rules(modify):
     w = model[1].w
     V = torch.randn(2, *w.shape, dtype=DT)
     close(w.pchmp(V).reshape(2, -1), V.reshape(2, -1) @ pch, "pchmp of a parameter without rules")
+
+
+def test_the_dense_residual_is_checked_before_the_pass():
+    """The per-sample residual of a nonlinear module without rules is dense ``[N, D, D]``:
+    over the budget, DiagHessian is refused before anything is written; the GGN and
+    Hessian products (Hessian-vector products) need no dense residual and run."""
+    from hbpkit import MemoryPolicy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 40), FunctionalTanh(), nn.Linear(40, 3))
+    small = MemoryPolicy(max_dense_bytes=2 * 40 * N * 40 * 8 - 1)
+    X, y = torch.randn(N, 5, dtype=DT), torch.tensor([0, 2, 1])
+    ours = extend(copy.deepcopy(model).double())
+    loss = extend(nn.CrossEntropyLoss())(ours(X), y)
+    with pytest.raises(NotImplementedError, match=r"per-sample residual.*FunctionalTanh '1'"):
+        with backprop(DiagHessian(), memory=small):
+            loss.backward()
+    assert_nothing_attached(ours)
+    for ext in (DiagGGNExact(), HMP()):
+        loss = extend(nn.CrossEntropyLoss())(ours(X), y)
+        with backprop(ext, memory=small):
+            loss.backward()
