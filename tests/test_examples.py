@@ -18,6 +18,16 @@ def test_digits_demo_kronecker_step_beats_gradient_descent():
     assert results["kflr"][1] > 0.9
 
 
+def test_transformer_example_is_consistent():
+    """The converted transformer: GGN diagonal and GGN products agree on the class token,
+    per-sample gradients of the bare parameters sum to the gradient, every Linear (the
+    attention's projections included) has KFAC factors."""
+    results = load_example("transformer_curvature").main(batch=16)
+    assert results["error"] < 1e-10
+    assert results["grad_batch_sums_to_grad"] < 1e-12
+    assert len(results["kfac"]) == 6
+
+
 def test_every_example_runs_in_a_test():
     """Each script in ``examples/`` (helpers start with ``_``) is named, as a string, by a
     test that runs it (``load_example("name")``, a parametrised list, or ``"name.py"``)."""
