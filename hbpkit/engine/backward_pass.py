@@ -162,7 +162,8 @@ class BackwardPass:
                 message = self._handlers[message].for_params(messages[message], call)
             for name, param in trainable(module, rules.param_names(module)):
                 if id(param) in self.plan.tied:  # combined over its uses at commit
-                    part = ext.tied_contribution(rules, call, name, grad_output)
+                    raw = messages.get(ext.message) if ext.message is not None else None
+                    part = ext.tied_contribution(rules, call, name, grad_output, raw)
                     self.tied.setdefault((id(param), ext.savefield), (param, ext, []))[2].append(
                         part
                     )

@@ -299,6 +299,16 @@ class PassPlan:
         if not self.tied:
             return
         refused = [e for e in self.extensions if not e.combines_tied_uses]
+        for ext in self.extensions:
+            if ext in refused:
+                continue
+            for c, _ in (u for uses in self.tied.values() for u in uses):
+                rules = dict(self.rules(c))[ext]
+                missing = [
+                    m for m in ext.required_tied_rules(rules) if not rules_implement(rules, m)
+                ]
+                if missing:
+                    self._refuse_missing(c, ext, rules, missing, "for a tied parameter's use")
         if refused:
             where = next(iter(self.tied.values()))
             names = ", ".join(f"{describe(c.module)}.{n}" for c, n in where)

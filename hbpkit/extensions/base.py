@@ -34,10 +34,15 @@ class Extension:
     combines_tied_uses: bool = False
 
     def tied_contribution(
-        self, rules: Any, call: ModuleCall, name: str, grad_output: Tensor
+        self, rules: Any, call: ModuleCall, name: str, grad_output: Tensor, factors: Any = None
     ) -> Any:
-        """What one use of a tied parameter contributes (see :attr:`combines_tied_uses`)."""
+        """What one use of a tied parameter contributes (see :attr:`combines_tied_uses`);
+        ``factors``: the message at the call's output, by origin (sqrt factors)."""
         raise NotImplementedError
+
+    def required_tied_rules(self, rules: Any) -> list[str]:
+        """The rule methods :meth:`tied_contribution` calls on ``rules``."""
+        return []
 
     def combine_tied(self, contributions: list[Any]) -> Any:
         """The quantity of a tied parameter from the contributions of all its uses."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from hbpkit.collectives import WeightedSum
+from hbpkit.curvature.memory import check_dense_budget
 from hbpkit.extensions.base import check_mc_samples
 from hbpkit.extensions.messages import SqrtMessage
 from hbpkit.extensions.second_order import SecondOrder
@@ -33,6 +34,55 @@ class _Diagonal(SecondOrder):
         if self._with_own_residual(rules):  # + diag(sum_n sum_k d2z_nk/dp2 dz_nk)
             diag = diag + rules.param_residual_diag(call, name, grad_output, self.message.curvature)
         return diag
+
+    # a tied parameter (several uses): the columns of each origin are summed over the
+    # uses before they are squared, sum_{v,n} sign (sum_c J_{c,n}^T s_{c,v,n})**2 (eq. 7).
+    # Exact for the GGN; the Hessian of tied uses also has mixed second derivatives of a
+    # later use in its parameter and its input (cross blocks), which this does not hold
+    @property
+    def combines_tied_uses(self) -> bool:
+        return self.message.curvature == "ggn"
+
+    def required_tied_rules(self, rules) -> list[str]:
+        needed = ["param_jac_t_columns"]
+        return needed + (["param_residual_diag"] if self._with_own_residual(rules) else [])
+
+    def tied_contribution(self, rules, call, name, grad_output, factors=None) -> tuple:
+        columns = {}
+        for origin, f in factors.items():
+            check_dense_budget(
+                call,
+                (f.dense().S.shape[0], grad_output.shape[0], *_shape(call, name)),
+                grad_output.dtype,
+                "The columns of a tied parameter's use",
+                "use BatchGrad for tied parameters, or untie them",
+            )
+            columns[origin] = rules.param_jac_t_columns(call, name, f)
+        residual = None
+        if self._with_own_residual(rules):
+            residual = rules.param_residual_diag(call, name, grad_output, self.message.curvature)
+        return columns, residual
+
+    def combine_tied(self, contributions: list[tuple]) -> Tensor:
+        summed: dict = {}
+        diag = 0
+        for columns, residual in contributions:
+            for origin, c in columns.items():
+                summed[origin] = (
+                    c if origin not in summed else summed[origin]._replace(S=summed[origin].S + c.S)
+                )
+            if residual is not None:
+                diag = diag + residual
+        for c in summed.values():
+            diag = diag + c.signed_square().sum((0, 1))
+        return diag
+
+
+def _shape(call, name: str) -> tuple[int, ...]:
+    module = call.module
+    for part in name.split("."):
+        module = getattr(module, part)
+    return tuple(module.shape)
 
 
 class DiagGGNExact(_Diagonal):

@@ -28,7 +28,10 @@ class _FirstOrder(Extension):
     # every statistic is then formed from that sum
     combines_tied_uses = True
 
-    def tied_contribution(self, rules, call, name, grad_output) -> Tensor:
+    def required_tied_rules(self, rules) -> list[str]:
+        return ["batch_grad"]
+
+    def tied_contribution(self, rules, call, name, grad_output, factors=None) -> Tensor:
         return rules.cached_batch_grad(call, name, grad_output)
 
     def combine_tied(self, contributions: list[Tensor]) -> Tensor:

@@ -21,6 +21,7 @@ from hbpkit.curvature.factors import (
     DiagonalResidual,
     Factor,
     Jacobian,
+    SqrtFactor,
     modify_eigenvalues,
 )
 from hbpkit.modules.structure import StructuredForms
@@ -201,6 +202,12 @@ class ModuleRules(StructuredForms):
     def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
         """``diag(sum_n sum_v sign (J_p^T S)(J_p^T S)^T)``, shape ``param.shape``."""
         raise self._missing("param_diag")
+
+    def param_jac_t_columns(self, call: ModuleCall, name: str, factor: Factor) -> SqrtFactor:
+        """``J_{p,n}^T S[v, n]`` per column and sample, ``[V, N, *param.shape]`` with the
+        factor's signs: what one use of a tied parameter contributes to its diagonals (the
+        uses' columns are summed before squaring)."""
+        raise self._missing("param_jac_t_columns")
 
     def kron_from_sqrt(
         self, call: ModuleCall, name: str, factors: list[Factor], approx: str

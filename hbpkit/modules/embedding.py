@@ -132,6 +132,11 @@ class EmbeddingRules(ModuleRules):
 
         return sum(f.match(dense=of_dense, diagonal=of_diagonal) for f in factors)
 
+    def param_jac_t_columns(self, call: ModuleCall, name: str, factor: Factor) -> SqrtFactor:
+        """``sum_t e_{i_{n,t}} s_{v,n,t}^T`` per column and sample, ``[V, N, E, D]``."""
+        f = factor.dense()
+        return SqrtFactor(self._scatter(call, self._positions(call, f.S, 1)), f.sign)
+
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
         """``A`` ``[E, E]``: ``diag(counts) / (N T)`` (expand), ``mean_n cbar cbar^T`` (reduce)."""
         key = ("embedding_A", approx)

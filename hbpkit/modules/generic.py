@@ -494,6 +494,11 @@ class GenericRules(ModuleRules):
 
     param_only_cache = (("generic_batch_grad",), ("generic_param_diag",))
 
+    def param_jac_t_columns(self, call: ModuleCall, name: str, factor: Factor) -> SqrtFactor:
+        f = factor.dense()
+        columns = self._per_sample_vjp(call, f.S)[name]  # [N, V, *p]
+        return SqrtFactor(columns.transpose(0, 1), f.sign)
+
     def param_jac_mat_prod(self, call: ModuleCall, name: str, mat: Tensor) -> Tensor:
         """``[K, *p] -> [K, N, *out]``: one batched forward-mode product per column."""
         f = self._function(call)

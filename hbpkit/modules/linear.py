@@ -153,6 +153,16 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
             result = result + SqrtFactor(S.sum(2), sign).signed_square().sum((0, 1))
         return result
 
+    param_jac_t_columns = per_role("param_jac_t_columns")
+
+    def param_jac_t_columns_weight(self, call: ModuleCall, factor: Factor) -> SqrtFactor:
+        S, sign = _position_columns(factor)  # S.8c per column: sum_t s_t x_t^T
+        return SqrtFactor(einsum(S, self._x(call), "v n t o, n t i -> v n o i"), sign)
+
+    def param_jac_t_columns_bias(self, call: ModuleCall, factor: Factor) -> SqrtFactor:
+        S, sign = _position_columns(factor)
+        return SqrtFactor(S.sum(2), sign)
+
     def input_factor(self, call: ModuleCall, approx: str) -> Tensor:
         """A ``[D_in, D_in]``: ``1/(NT) sum x x^T`` (expand), ``1/N sum xbar xbar^T`` (reduce)."""
         key = ("linear_A", approx)
