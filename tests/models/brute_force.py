@@ -201,14 +201,15 @@ class BruteForce:
         return self.hessian_matmul(name, eye).flatten(1).diagonal().reshape(p.shape)
 
     # ---------------------------------------------------------------- KFLR, batch size 1
-    def kflr_output_layer(self, layer: nn.Linear) -> tuple[Tensor, Tensor]:
+    def kflr_output_layer(self, layer_name: str) -> tuple[Tensor, Tensor]:
         """``(G, A)`` of KFLR at batch size 1 for the ``Linear`` whose output is the model's.
 
         ``G``: the loss Hessian w.r.t. the output (``[out, out]``), ``A = a a^T`` with ``a``
-        the layer's input (``[in, in]``). The caller asserts that ``layer`` produces the
-        model output (this helper checks that its output equals it).
+        the layer's input (``[in, in]``). The layer must produce the model output (checked).
         """
         c = self.case
+        layer = c.model.get_submodule(layer_name)
+        assert isinstance(layer, nn.Linear), layer_name
         assert c.batch_size == 1, "KFLR is exact at batch size 1"
         seen: dict[str, Tensor] = {}
         handle = layer.register_forward_hook(
