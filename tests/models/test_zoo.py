@@ -131,17 +131,19 @@ for _model, _why in NO_EXACT_LIMIT.items():
         if EXPECTED[_model, _ext] == "exact":
             EXPECTED[_model, _ext] = _why
 
-#: cases of seconds (float64 references or hbpkit work): marked ``slow``
-SLOW_MODELS = {name for name, family in zoo.MODELS.items() if family.slow}
+#: cases of seconds (float64 references or hbpkit work): marked ``slow``; three cheap cases
+#: of the small ResNet stay in the default run, so torchvision's code is in it
 SLOW_CASES: set[tuple[str, str]] = {
     ("mobilenet-v3-small", "HMP"),
     ("mobilenet-v3-small", "DiagHessian"),
+    *(("resnet-1111", ext) for ext in EXTENSIONS if ext not in ("BatchGrad", "BatchL2", "KFLR")),
+    *(("resnet18", ext) for ext in EXTENSIONS),
 }
 #: cases of minutes (Hessian-vector products and 1000 Monte-Carlo draws through a ResNet):
 #: ``slow`` and skipped unless the environment sets ``HBPKIT_ZOO_HEAVY=1``
 HEAVY_CASES: set[tuple[str, str]] = {
     (model, ext)
-    for model in SLOW_MODELS
+    for model in ("resnet18", "resnet-1111")
     for ext in ("DiagHessian", "DiagGGNMC", *(("HMP",) if model == "resnet18" else ()))
 }
 HEAVY = os.environ.get("HBPKIT_ZOO_HEAVY") == "1"
@@ -152,7 +154,7 @@ def cases():
     for (model, ext), expected in EXPECTED.items():
         marks = []
         if not expected.startswith("refused"):
-            if model in SLOW_MODELS or (model, ext) in SLOW_CASES:
+            if (model, ext) in SLOW_CASES | HEAVY_CASES:
                 marks.append(pytest.mark.slow)
             if (model, ext) in HEAVY_CASES:
                 marks.append(pytest.mark.skipif(not HEAVY, reason="set HBPKIT_ZOO_HEAVY=1"))
