@@ -144,7 +144,7 @@ SLOW_CASES: set[tuple[str, str]] = {
 HEAVY_CASES: set[tuple[str, str]] = {
     (model, ext)
     for model in ("resnet18", "resnet-1111")
-    for ext in ("DiagHessian", "DiagGGNMC", *(("HMP",) if model == "resnet18" else ()))
+    for ext in ("DiagHessian", "DiagGGNMC", *(("HMP", "KFAC") if model == "resnet18" else ()))
 }
 HEAVY = os.environ.get("HBPKIT_ZOO_HEAVY") == "1"
 
