@@ -33,6 +33,10 @@ loss module through ``extend``, then one forward pass, the user's criterion and 
 
 The table is what hbpkit's main branch does today; when support lands, a refused case
 fails (nothing is raised) and the entry is updated to ``"exact"``.
+
+Cost: the default run (``-m "not slow"``) takes well under a minute; ``slow`` marks the
+cases of seconds; the ResNets' Hessian diagonals, 1000-draw Monte-Carlo checks and
+ResNet-18's HMP take minutes each and run only with ``HBPKIT_ZOO_HEAVY=1``.
 """
 
 from __future__ import annotations
