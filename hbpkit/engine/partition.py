@@ -8,8 +8,9 @@ without rules (``nn.MultiheadAttention`` as a whole, with the indexing of its tu
 output) and modules applied to constants only (``self.pos(torch.arange(T))``).
 Connected op nodes form a region; each output of a region (an op node used outside it) becomes one
 :class:`~hbpkit.regions.Region` module computing it from the region's inputs (module
-outputs, the model's inputs, sizes). Shape arithmetic (``x.size(0)``, ``D // heads``)
-is not an op: it stays in the model and reaches regions as an input value.
+outputs, the model's inputs). Shape arithmetic (``x.size(0)``, ``D // heads``) is not
+an op: it stays in the model, and a region that uses a size computes it itself from the
+tensor it queries (a per-sample replay then sees the sample's sizes).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class Partition:
         made = []
         for members in self.regions:
             inside = set(members)
-            outputs = [n for n in members if any(u not in inside for u in n.users)]
+            outputs = [n for n in members if _used_outside(n, inside)]
             for out in outputs:
                 made.append(self._replace_output(out, inside))
         for n in reversed(self.nodes):
@@ -163,16 +164,24 @@ class Partition:
 
     def _replace_output(self, out: fx.Node, inside: set[fx.Node]) -> Region:
         needed, stack = set(), [out]
-        while stack:  # the region's nodes ``out`` depends on
+        while stack:  # the region's nodes ``out`` depends on, with the sizes they query
             n = stack.pop()
             if n in needed:
                 continue
             needed.add(n)
-            stack.extend(a for a in n.all_input_nodes if a in inside)
-        members = sorted(needed, key=self.position.__getitem__)
-        inputs = sorted(  # tensors first (the call's input ``x``), then sizes
-            {a for n in members for a in n.all_input_nodes if a not in inside},
-            key=lambda a: (is_shape_query(a), self.position[a]),
+            stack.extend(a for a in n.all_input_nodes if a in inside or is_shape_query(a))
+        # a size of a tensor the region computes with is computed in the region, so that a
+        # per-sample replay sees the sample's (``x.shape[0]`` is 1); other sizes are values
+        used = {a for n in needed if not is_shape_query(n) for a in n.all_input_nodes}
+        for n in [n for n in needed if is_shape_query(n)]:
+            if not _queries(n, used | (needed & inside)):
+                needed.discard(n)
+        needed = {n for n in needed if not is_shape_query(n) or _feeds(n, needed)}
+        position = {n: i for i, n in enumerate(self.gm.graph.nodes)}  # (regions made so far)
+        members = sorted(needed, key=position.__getitem__)
+        inputs = sorted(  # tensors first (the call's input ``x``), then other values
+            {a for n in members for a in n.all_input_nodes if a not in needed},
+            key=lambda a: (is_shape_query(a), position[a]),
         )
         graph, env, attributes = fx.Graph(), {}, {}
         for i, a in enumerate(inputs):
@@ -193,12 +202,39 @@ class Partition:
         kind = _kind(members, {a for a in inputs if a in self.batched})
         region = kind(fx.GraphModule(attributes, graph, kind.__name__), _source(members))
         region.batched_inputs = tuple(a in self.batched for a in inputs)
+        batched = any(region.batched_inputs)
         name = f"hbpkit_region_{len([m for m in self.gm.modules() if isinstance(m, Region)])}"
         self.gm.add_submodule(name, region)
         with self.gm.graph.inserting_before(out):
             node = self.gm.graph.call_module(name, tuple(inputs))
         out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in inside)
+        if batched:
+            self.batched.add(node)
         return region
+
+
+def _used_outside(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether ``node``'s value is used outside the region ``inside`` other than through
+    sizes the region's own nodes query (those the region computes itself)."""
+    for user in node.users:
+        if user in inside:
+            continue
+        if not is_shape_query(user) or _used_outside(user, inside):
+            return True
+    return False
+
+
+def _queries(size: fx.Node, tensors: set[fx.Node]) -> bool:
+    """Whether the size ``size`` is of one of ``tensors`` (through a chain of sizes)."""
+    for a in size.all_input_nodes:
+        if a in tensors or (is_shape_query(a) and _queries(a, tensors)):
+            return True
+    return False
+
+
+def _feeds(size: fx.Node, needed: set[fx.Node]) -> bool:
+    """Whether ``size`` is used by a node in ``needed`` (it stays in the region)."""
+    return any(u in needed for u in size.users)
 
 
 def attribute_of(gm: nn.Module, target: str) -> object:

@@ -90,8 +90,12 @@ class PassPlan:
         self.root = self.roots[0]
         self.graph = graph = CallGraph(self.roots)
         self.calls, params = reachable(self.roots)
-        known = {id(c) for c in self.calls}  # a pass that takes one more loss: its calls so far
-        self.calls += [c for c in earlier if id(c) not in known]
+        known = {id(c) for c in self.calls}  # a pass that takes one more loss: its calls so far;
+        # virtual calls (a view between the model and the loss, engine/views.py)
+        for c in (*earlier, *graph.order):
+            if id(c) not in known:
+                known.add(id(c))
+                self.calls.append(c)
         for call in (*self.calls, *graph.order):  # the rules read the policy from their call
             call.memory = memory
         self._rules = {

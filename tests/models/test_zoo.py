@@ -42,6 +42,7 @@ ResNet-18's HMP take minutes each and run only with ``HBPKIT_ZOO_HEAVY=1``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import brute_force as bf_mod
@@ -110,26 +111,19 @@ NO_EXACT_LIMIT = {
 }
 
 # --------------------------------------------------------------------------- expectations
-CONVERT_MUL = "refused: hbpkit.convert cannot rewrite `mul`"
-CONVERT_TRANSPOSE = "refused: hbpkit.convert cannot rewrite `transpose`"
-CONVERT_GETITEM = "refused: hbpkit.convert cannot rewrite `getitem`"
-CONVERT_CAT = "refused: hbpkit.convert cannot rewrite `cat`"
-PER_PIXEL_CE = "refused: CrossEntropyLoss needs logits [N, C]"
+#: Kronecker factors need Kronecker structure: a parameter on the generic path has none
+NO_KRONECKER = "refused: has no rules of its own"
 
-EXPECTED: dict[tuple[str, str], str] = {}
-for _ext in EXTENSIONS:
-    EXPECTED["mobilenet-v3-small", _ext] = CONVERT_MUL  # squeeze-excitation's scale * input
-    EXPECTED["vit", _ext] = CONVERT_TRANSPOSE  # patch tokens, cls token cat, x[:, 0]
-    EXPECTED["gpt", _ext] = CONVERT_GETITEM  # pos[:, :T], qkv split, attention
-    EXPECTED["lstm", _ext] = CONVERT_GETITEM  # out, _ = rnn(x); out[:, -1]
-    EXPECTED["gru", _ext] = CONVERT_GETITEM
-    EXPECTED["unet-upsample", _ext] = CONVERT_CAT  # the skip connection
-    EXPECTED["unet-convtranspose", _ext] = CONVERT_CAT
-    for _model in ("resnet18", "resnet-1111"):
-        EXPECTED[_model, _ext] = "exact"
-    # first-order extensions need no loss Hessian; the others refuse [N, C, H, W] logits
-    first_order = _ext in ("BatchGrad", "BatchL2", "SumGradSquared", "Variance")
-    EXPECTED["dwsep-pixelshuffle", _ext] = "exact" if first_order else PER_PIXEL_CE
+EXPECTED: dict[tuple[str, str], str] = {
+    (model, ext): "exact"
+    for model in zoo.MODELS
+    for ext in EXTENSIONS
+}
+for _ext in KRONECKER:
+    for _model in ("vit", "gpt"):  # bare class token / positional embedding in a region
+        EXPECTED[_model, _ext] = NO_KRONECKER
+    for _model in ("lstm", "gru"):  # the recurrent weights (modules/recurrent.py)
+        EXPECTED[_model, _ext] = NO_KRONECKER
 for _model, _why in NO_EXACT_LIMIT.items():
     for _ext in KRONECKER:
         if EXPECTED[_model, _ext] == "exact":
@@ -185,11 +179,14 @@ def written(model) -> list[str]:
 
 
 def check_kronecker_shapes(name, p, factors):
+    """Square, finite factors whose product has the parameter's size (grouped
+    convolutions: one pair per group, see ``KroneckerFactors.to_dense``)."""
     assert isinstance(factors, tuple) and 1 <= len(factors) <= 2, name
-    sizes = [f.shape[0] for f in factors]
     for f in factors:
-        assert f.dim() == 2 and f.shape[0] == f.shape[1] and torch.isfinite(f).all(), name
-    assert torch.tensor(sizes).prod().item() == p.numel(), (name, sizes, p.shape)
+        assert f.shape[-1] == f.shape[-2] and torch.isfinite(f).all(), name
+    groups = factors[0].shape[0] if factors[0].dim() == 3 else 1
+    size = groups * math.prod(f.shape[-1] for f in factors)
+    assert size == p.numel(), (name, [tuple(f.shape) for f in factors], p.shape)
 
 
 # --------------------------------------------------------------------------- the checks
