@@ -154,7 +154,8 @@ def _Instance(module_type: type) -> object:  # noqa: N802
 def family(rules: object) -> str:
     if isinstance(rules, UnsupportedRules):
         return "not supported"
-    return type(rules).__module__.rsplit(".", 1)[-1]
+    parts = type(rules).__module__.split(".")
+    return parts[-2] if parts[-1] == "rules" else parts[-1]  # a package's rules.py: its name
 
 
 def rows() -> list[tuple[str, list[str], list[str], str]]:
