@@ -115,9 +115,7 @@ NO_EXACT_LIMIT = {
 NO_KRONECKER = "refused: has no rules of its own"
 
 EXPECTED: dict[tuple[str, str], str] = {
-    (model, ext): "exact"
-    for model in zoo.MODELS
-    for ext in EXTENSIONS
+    (model, ext): "exact" for model in zoo.MODELS for ext in EXTENSIONS
 }
 for _ext in KRONECKER:
     for _model in ("vit", "gpt"):  # bare class token / positional embedding in a region
