@@ -20,6 +20,7 @@ Shape queries (``x.size(0)``, ``x.shape``) and arithmetic on them are kept.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ from hbpkit.branching import Sum
 from hbpkit.engine.attention import inline_twins
 from hbpkit.engine.partition import Partition, attribute_of, is_shape_query
 from hbpkit.modules.tables import is_registered
-from hbpkit.reshaping import MergeBatch
+from hbpkit.reshaping import MergeBatch, ReducedLoss
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -134,6 +135,9 @@ def _module_for(node: fx.Node, rewritten: set[fx.Node]) -> tuple[nn.Module, tupl
         if args and isinstance(args[0], fx.Node) and _module_output(args[0], rewritten):
             return loss, (args[0], args[1] if len(args) > 1 else kwargs["target"])
         return None
+    reduced = _reduced_loss(node)
+    if reduced is not None:
+        return reduced
     if _merges_batch(node) and all(_is_loss(u) for u in node.users):
         if _module_output(args[0], rewritten):  # view(-1, C) is flatten(0, 1) for 3 dims only
             return MergeBatch(None if _is_flatten(node) else 3), (args[0],)
@@ -188,6 +192,23 @@ def _loss_module(node: fx.Node) -> nn.Module | None:
         return module_type(**options)
     except TypeError:  # an option the module does not take
         return None
+
+
+def _reduced_loss(node: fx.Node) -> tuple[nn.Module, tuple] | None:
+    """``loss_fn(x, y).sum()`` / ``.mean()`` of an unreduced loss module (``reduction="none"``,
+    ``F.cross_entropy(..., reduction="none")`` rewritten before) as ``ReducedLoss``."""
+    is_method = node.op == "call_method" and node.target in ("sum", "mean")
+    is_function = node.op == "call_function" and node.target in (torch.sum, torch.mean)
+    if not (is_method or is_function) or len(node.args) != 1 or node.kwargs:
+        return None
+    source = node.args[0]
+    if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+        return None
+    loss = source.graph.owning_module.get_submodule(source.target)
+    if not isinstance(loss, _Loss) or loss.reduction != "none" or len(source.args) != 2:
+        return None
+    reduce = "sum" if node.target in ("sum", torch.sum) else "mean"
+    return ReducedLoss(copy.deepcopy(loss), reduce), tuple(source.args)  # (its own module)
 
 
 def _is_loss(node: fx.Node) -> bool:

@@ -199,3 +199,37 @@ def test_resnet_against_backpack_converter():
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p.diag_ggn_exact, q.diag_ggn_exact, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(p.grad_batch, q.grad_batch, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_unreduced_functional_loss_then_reduced(reduce):
+    """``F.cross_entropy(out, y, reduction="none").mean()`` in ``forward`` becomes a
+    ``ReducedLoss``; per-sample gradients and the GGN diagonal are exact."""
+    from torch.func import functional_call, hessian
+
+    from hbpkit.extensions import BatchGrad, DiagGGNExact
+    from hbpkit.reshaping import ReducedLoss
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x, y):
+            per = F.cross_entropy(self.b(torch.tanh(self.a(x))), y, reduction="none")
+            return per.sum() if reduce == "sum" else per.mean()
+
+    torch.manual_seed(0)
+    model = WithLoss().double()
+    X, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 2, 1, 1])
+    converted = extend(hbpkit.convert(copy.deepcopy(model)))
+    assert any(isinstance(m, ReducedLoss) for m in converted.modules())
+    with hbpkit.backprop(BatchGrad(), DiagGGNExact()):
+        converted(X, y).backward()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    last = params["b.weight"]  # behind the last nonlinearity: the GGN block is the Hessian's
+    H = hessian(lambda w: functional_call(model, {**params, "b.weight": w}, (X, y)))(last)
+    expected = H.reshape(last.numel(), -1).diagonal().reshape(last.shape)
+    torch.testing.assert_close(converted.b.weight.diag_ggn_exact, expected, rtol=1e-10, atol=1e-12)
+    for p in converted.parameters():
+        torch.testing.assert_close(p.grad_batch.sum(0), p.grad, rtol=1e-10, atol=1e-12)
