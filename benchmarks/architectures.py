@@ -75,6 +75,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ARCHS = ("fcnn", "cnn", "c3d3")
 LIBS = ("hbpkit", "BackPACK")
@@ -143,6 +144,16 @@ def describe(exc: BaseException) -> tuple[str, str]:
     return "failed", text if len(text) <= 80 else text[:77] + "..."
 
 
+def clear_results(model: Any, fields: tuple[str, ...] = ()) -> None:
+    """Drop the gradients and the results ``fields`` (default: :data:`SAVEFIELDS`) from
+    ``model``'s parameters."""
+    for p in model.parameters():
+        p.grad = None
+        for field in fields or SAVEFIELDS:
+            if hasattr(p, field):
+                delattr(p, field)
+
+
 class Case:
     """One (library, extension) on its own deep copy of the model: ``run()`` times it."""
 
@@ -173,11 +184,7 @@ class Case:
         self.model, self.loss_fn = model, loss_fn
 
     def clear(self) -> None:
-        for p in self.model.parameters():
-            p.grad = None
-            for field in SAVEFIELDS:
-                if hasattr(p, field):
-                    delattr(p, field)
+        clear_results(self.model)
 
     def run(self) -> float:
         """Seconds for forward + loss + backward (inside the extension's context)."""

@@ -63,7 +63,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "models"), str(ROOT)]
 
 import torch  # noqa: E402
-from architectures import describe, emit, fmt_ratio, machine, rss_kib, run_worker  # noqa: E402
+from architectures import (  # noqa: E402
+    clear_results,
+    describe,
+    emit,
+    fmt_ratio,
+    machine,
+    rss_kib,
+    run_worker,
+)
 from torch import nn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
@@ -162,11 +170,7 @@ class Case:
         self.vectors = [torch.randn(PRODUCTS, *p.shape, generator=gen) for p in self.params]
 
     def clear(self) -> None:
-        for p in self.net.parameters():
-            p.grad = None
-            for field in SAVEFIELDS:
-                if hasattr(p, field):
-                    delattr(p, field)
+        clear_results(self.net, SAVEFIELDS)
 
     def _backward(self) -> None:
         loss = self.criterion(self.loss_fn, self.net(self.X), self.y)
