@@ -231,25 +231,40 @@ def setup(args):
 
 def worker_memory(args) -> None:
     """Phase 1: run one case once; report its peak RSS above the built model and data."""
-    import gc
 
     base, X, y = setup(args)
     try:
         case = Case(args.lib, None if args.lib == "plain" else args.ext, base, X, y)
         del base
-        gc.collect()
-        before, maxrss_before = rss_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        seconds = case.run()
     except Exception as exc:  # noqa: BLE001 - any failure is a table entry
         status, reason = describe(exc)
         emit(status=status, reason=reason)
         return
+    emit_peak(case.run, describe)
+
+
+def emit_peak(run: Any, describe_failure: Any) -> None:
+    """Run ``run()`` once in this (fresh) process and emit its peak RSS in MB above what the
+    process held before (``floor_mb``: peaks below the process's earlier maximum are not
+    seen), with ``seconds`` where ``run`` returns them; a failure is emitted as its
+    ``describe_failure(exc)``."""
+    import gc
+
+    gc.collect()
+    before, maxrss_before = rss_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        seconds = run()
+    except Exception as exc:  # noqa: BLE001 - any failure is a table entry
+        status, reason = describe_failure(exc)
+        emit(status=status, reason=reason)
+        return
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    extra = {"seconds": seconds} if isinstance(seconds, float) else {}
     emit(
         status="ok",
         peak_mb=(peak - before) * 1024 / 1e6,
-        floor_mb=max(0, maxrss_before - before) * 1024 / 1e6,  # peaks below are not seen
-        seconds=seconds,
+        floor_mb=max(0, maxrss_before - before) * 1024 / 1e6,
+        **extra,
     )
 
 

@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import time
@@ -67,9 +66,9 @@ from architectures import (  # noqa: E402
     clear_results,
     describe,
     emit,
+    emit_peak,
     fmt_ratio,
     machine,
-    rss_kib,
     run_worker,
 )
 from torch import nn  # noqa: E402
@@ -297,20 +296,7 @@ def worker_memory(args) -> None:
         emit(status=problem[0], reason=problem[1])
         return
     del base
-    gc.collect()
-    before, maxrss_before = rss_kib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        case.run()
-    except Exception as exc:  # noqa: BLE001
-        status, reason = failure(exc)
-        emit(status=status, reason=reason)
-        return
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    emit(
-        status="ok",
-        peak_mb=(peak - before) * 1024 / 1e6,
-        floor_mb=max(0, maxrss_before - before) * 1024 / 1e6,  # peaks below are not seen
-    )
+    emit_peak(case.run, failure)
 
 
 def memory_model(args, name: str) -> dict:

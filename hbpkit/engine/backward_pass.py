@@ -20,7 +20,7 @@ from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
-from hbpkit.engine.views import bridge_view
+from hbpkit.engine.views import bridge_view, is_virtual
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import LossRules
 
@@ -155,13 +155,12 @@ class BackwardPass:
             if self.second_order:
                 self._start(second_rules, call, grad_output)
             virtual = call.parents[0]  # a view to the model's output (engine/views.py)
-            if virtual is not None and virtual.origins == (None,) and self.owns(virtual):
-                if isinstance(virtual.inputs[0], Tensor) and virtual.inputs[0].is_meta:
-                    x = call.inputs[0]
-                    try:
-                        self.process(virtual, x.new_zeros(x.shape))  # (linear: no residual)
-                    finally:
-                        virtual.release()
+            if virtual is not None and is_virtual(virtual) and self.owns(virtual):
+                x = call.inputs[0]
+                try:
+                    self.process(virtual, x.new_zeros(x.shape))  # (linear: no residual)
+                finally:
+                    virtual.release()
             return
         messages = self._collect(call)
         for ext, rules in self.plan.rules(call):

@@ -52,7 +52,6 @@ ELEMENTWISE_FUNCTIONS: dict[Callable | str, type[nn.Module]] = {
     F.elu: nn.ELU,
     F.softplus: nn.Softplus,
 }
-SHAPE_METHODS = ("size", "dim")
 
 
 class _Tracer(fx.Tracer):
@@ -278,39 +277,9 @@ def _flattens_batch(node: fx.Node) -> bool:
     return False
 
 
-def _is_shape(arg: object) -> bool:
-    """Whether ``arg`` is a shape query (``x.size()``, ``x.shape``, an entry of them)."""
-    if not isinstance(arg, fx.Node):
-        return False
-    if arg.op == "call_method" and arg.target in SHAPE_METHODS:
-        return True
-    if arg.op == "call_function" and arg.target is getattr and arg.args[1] == "shape":
-        return True
-    return arg.op == "call_function" and arg.target is operator.getitem and _is_shape(arg.args[0])
-
-
 def _hashable(key: object) -> bool:
     try:
         hash(key)
     except TypeError:
         return False
     return True
-
-
-def _describe(node: fx.Node, why: str) -> str:
-    name = getattr(node.target, "__name__", str(node.target))
-    where = _source_line(node.stack_trace) or f"node {node.name}"
-    return f"`{name}` ({node.op} at {where}: {why})"
-
-
-def _source_line(stack_trace: str | None) -> str | None:
-    """``file:line`` of the innermost frame outside torch in an fx stack trace."""
-    frames = [
-        line.strip()
-        for line in (stack_trace or "").splitlines()
-        if line.strip().startswith('File "') and "/torch/" not in line
-    ]
-    if not frames:
-        return None
-    path, _, rest = frames[-1][len('File "') :].partition('", line ')
-    return f"{path}:{rest.split(',')[0]}"

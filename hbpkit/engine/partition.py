@@ -101,7 +101,6 @@ class Partition:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
-        self.position = {n: i for i, n in enumerate(self.nodes)}
         self.batched = self._batched()
         self.ops: set[fx.Node] = set()
         for n in self.nodes:

@@ -49,6 +49,12 @@ def bridge_view(loss: ModuleCall) -> ModuleCall | None:
     return call
 
 
+def is_virtual(call: ModuleCall) -> bool:
+    """Whether ``call`` was inserted by :func:`bridge_view` (no hook: the pass runs it)."""
+    x = call.inputs[0] if call.inputs else None
+    return isinstance(x, torch.Tensor) and x.is_meta
+
+
 def _module(source: tuple[int, ...], target: tuple[int, ...]) -> nn.Module | None:
     """The module that maps ``source`` to ``target`` as the view does, if any."""
     if source == target:
