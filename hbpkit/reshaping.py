@@ -59,7 +59,7 @@ class ReducedLoss(nn.Module):
 
     ``forward(input, target, weight=None)``: ``weight`` (positional, so that the
     rules see it) is a number, ``[N]`` (one per sample) or of the unreduced loss's shape;
-    it may be negative (the curvature is then signed) and carries no gradient.
+    it may be negative (the curvature is then signed) and must not require grad.
     """
 
     def __init__(self, loss: nn.Module, reduce: str = "sum") -> None:
@@ -79,7 +79,12 @@ class ReducedLoss(nn.Module):
     ) -> Tensor:
         per = self.loss(input, target)
         if weight is not None:
-            weight = torch.as_tensor(weight, dtype=per.dtype, device=per.device).detach()
+            if isinstance(weight, Tensor) and weight.requires_grad:
+                raise ValueError(
+                    "ReducedLoss: the loss weight requires grad; its curvature is not the loss's "
+                    "(pass weight.detach() if it is data)"
+                )
+            weight = torch.as_tensor(weight, dtype=per.dtype, device=per.device)
             if weight.dim() == 1 and per.dim() > 1 and weight.shape[0] == per.shape[0]:
                 weight = weight.reshape(-1, *([1] * (per.dim() - 1)))
             per = per * weight

@@ -195,19 +195,51 @@ def _loss_module(node: fx.Node) -> nn.Module | None:
 
 def _reduced_loss(node: fx.Node) -> tuple[nn.Module, tuple] | None:
     """``loss_fn(x, y).sum()`` / ``.mean()`` of an unreduced loss module (``reduction="none"``,
-    ``F.cross_entropy(..., reduction="none")`` rewritten before) as ``ReducedLoss``."""
+    ``F.cross_entropy(..., reduction="none")`` rewritten before) as ``ReducedLoss``; also
+    ``(loss_fn(x, y) * w).sum()`` with weights ``w`` that are data (an input, a buffer, a
+    number), not computed from parameters."""
     is_method = node.op == "call_method" and node.target in ("sum", "mean")
     is_function = node.op == "call_function" and node.target in (torch.sum, torch.mean)
     if not (is_method or is_function) or len(node.args) != 1 or node.kwargs:
         return None
-    source = node.args[0]
+    source, weight = _weighted(node.args[0])
     if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
         return None
     loss = source.graph.owning_module.get_submodule(source.target)
     if not isinstance(loss, _Loss) or loss.reduction != "none" or len(source.args) != 2:
         return None
     reduce = "sum" if node.target in ("sum", torch.sum) else "mean"
-    return ReducedLoss(copy.deepcopy(loss), reduce), tuple(source.args)  # (its own module)
+    args = tuple(source.args) if weight is None else (*source.args, weight)
+    return ReducedLoss(copy.deepcopy(loss), reduce), args  # (its own module)
+
+
+def _weighted(node: object) -> tuple[object, object]:
+    """``(per, w)`` for ``per * w`` / ``w * per`` / ``per.mul(w)`` with ``w`` data and ``per``
+    used only there, else ``(node, None)``."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or len(node.args) != 2:
+        return node, None
+    is_mul = (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+        node.op == "call_method" and node.target == "mul"
+    )
+    if not is_mul or node.kwargs:
+        return node, None
+    a, b = node.args
+    for per, weight in ((a, b), (b, a)):
+        if isinstance(per, fx.Node) and per.op == "call_module" and _is_data(weight):
+            return per, weight
+    return node, None
+
+
+def _is_data(value: object) -> bool:
+    """Whether ``value`` is a number, or a tensor computed from the model's inputs and
+    buffers only (no module call, no parameter): a loss weight without gradient."""
+    if isinstance(value, (int, float)):
+        return True
+    if not isinstance(value, fx.Node) or value.op == "call_module":
+        return False
+    if value.op == "get_attr":
+        return not isinstance(attribute_of(value.graph.owning_module, value.target), nn.Parameter)
+    return all(_is_data(a) for a in value.all_input_nodes)
 
 
 def _is_loss(node: fx.Node) -> bool:

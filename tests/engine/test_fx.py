@@ -233,3 +233,69 @@ def test_unreduced_functional_loss_then_reduced(reduce):
     torch.testing.assert_close(converted.b.weight.diag_ggn_exact, expected, rtol=1e-10, atol=1e-12)
     for p in converted.parameters():
         torch.testing.assert_close(p.grad_batch.sum(0), p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+@pytest.mark.parametrize("weights", ["per_sample", "number", "buffer"])
+def test_weighted_unreduced_loss_then_reduced(reduce, weights):
+    """``(F.cross_entropy(out, y, reduction="none") * w).sum()`` becomes a weighted
+    ``ReducedLoss`` (weights an input, a number or a buffer, negative ones included);
+    per-sample gradients and the GGN diagonal equal their ``torch.func`` definitions."""
+    from torch.func import functional_call, hessian, jacrev
+
+    from hbpkit.extensions import BatchGrad, DiagGGNExact
+    from hbpkit.reshaping import ReducedLoss
+
+    class WeightedLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+            self.register_buffer("w", torch.tensor([0.5, -1.0, 2.0, 1.5], dtype=DT))
+
+        def forward(self, x, y, w):
+            per = F.cross_entropy(self.b(torch.tanh(self.a(x))), y, reduction="none")
+            if weights == "per_sample":
+                weighted = per * w
+            elif weights == "number":
+                weighted = 0.75 * per
+            else:
+                weighted = per.mul(self.w)
+            return weighted.sum() if reduce == "sum" else torch.mean(weighted)
+
+    torch.manual_seed(0)
+    model = WeightedLoss().double()
+    X, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 2, 1, 1])
+    w = torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=DT)
+    converted = extend(hbpkit.convert(copy.deepcopy(model)))
+    assert any(isinstance(m, ReducedLoss) for m in converted.modules())
+    with hbpkit.backprop(BatchGrad(), DiagGGNExact()):
+        converted(X, y, w).backward()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    last = params["b.weight"]  # behind the last nonlinearity: the GGN block is the Hessian's
+    H = hessian(lambda v: functional_call(model, {**params, "b.weight": v}, (X, y, w)))(last)
+    expected = H.reshape(last.numel(), -1).diagonal().reshape(last.shape)
+    torch.testing.assert_close(converted.b.weight.diag_ggn_exact, expected, rtol=1e-10, atol=1e-12)
+
+    factor = {"per_sample": w, "number": torch.full((4,), 0.75, dtype=DT), "buffer": model.w}
+    scale = factor[weights] / (len(y) if reduce == "mean" else 1)
+
+    def terms(p):  # the batch loss's per-sample terms w_n l_n (/ N for "mean")
+        hidden = torch.tanh(F.linear(X, p["a.weight"], p["a.bias"]))
+        logits = F.linear(hidden, p["b.weight"], p["b.bias"])
+        return scale * F.cross_entropy(logits, y, reduction="none")
+
+    per_sample = jacrev(terms)(params)
+    for name, p in converted.named_parameters():
+        torch.testing.assert_close(p.grad_batch, per_sample[name], rtol=1e-10, atol=1e-12)
+    for p in converted.parameters():
+        torch.testing.assert_close(p.grad_batch.sum(0), p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_reduced_loss_refuses_a_weight_with_gradient():
+    """A loss weight computed from parameters is not data: a clear error, not a silent detach."""
+    from hbpkit.reshaping import ReducedLoss
+
+    loss = ReducedLoss(nn.MSELoss(reduction="none"))
+    weight = torch.ones(3, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match="loss weight requires grad"):
+        loss(torch.randn(3, 2, dtype=DT), torch.randn(3, 2, dtype=DT), weight)
