@@ -70,3 +70,23 @@ class LinearRegion(Region):
 
 class SelectionRegion(LinearRegion):
     """A region whose every output entry is a copy of one input entry, or zero."""
+
+
+class RecordedOps(nn.Module):
+    """Functional operations between extended modules that only the autograd graph saw.
+
+    ``extend()`` alone records modules; where a model computes between them
+    (``self.fc2(torch.relu(self.fc1(x)) * 2)``), the backward pass stands one
+    ``RecordedOps`` in for the operations, as a virtual call whose derivatives come from
+    the recorded graph (``hbpkit/modules/generic/recorded.py``). It is never called.
+
+    Args:
+        source: the autograd nodes and the module they feed, for error messages.
+    """
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def forward(self, *inputs: Any) -> Any:
+        raise RuntimeError("RecordedOps stands for recorded autograd operations; it is not run")

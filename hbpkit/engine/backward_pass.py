@@ -20,6 +20,7 @@ from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
+from hbpkit.engine.recorded_ops import bridge_recorded
 from hbpkit.engine.views import bridge_view, is_virtual
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import LossRules
@@ -46,6 +47,8 @@ class BackwardState:
         try:
             if isinstance(call.rules, LossRules) and not call.released:
                 bridge_view(call)  # logits.view(-1, V) between the model and the loss
+                if any(e.needs_backprop for e in self.extensions):
+                    bridge_recorded(call)  # functional code between modules
             if self.pass_ is not None and not self.pass_.owns(call):
                 if not isinstance(call.rules, LossRules):
                     raise NotImplementedError(
@@ -154,13 +157,7 @@ class BackwardPass:
         if isinstance(second_rules, LossRules):
             if self.second_order:
                 self._start(second_rules, call, grad_output)
-            virtual = call.parents[0]  # a view to the model's output (engine/views.py)
-            if virtual is not None and is_virtual(virtual) and self.owns(virtual):
-                x = call.inputs[0]
-                try:
-                    self.process(virtual, x.new_zeros(x.shape))  # (linear: no residual)
-                finally:
-                    virtual.release()
+            self._process_virtual_parents(call, grad_output)
             return
         messages = self._collect(call)
         for ext, rules in self.plan.rules(call):
@@ -190,6 +187,19 @@ class BackwardPass:
                     for key, value in messages.items()
                 },
             )
+        self._process_virtual_parents(call, grad_output)
+
+    def _process_virtual_parents(self, call: ModuleCall, grad_output: Tensor) -> None:
+        """Process the virtual calls that feed ``call`` (a view before the loss,
+        ``engine/views.py``; functional code between modules, ``engine/recorded_ops.py``):
+        they have no hook, and ``call`` is their only consumer. Their ``grad_output`` is
+        zeros: they carry no parameters, and no residual of eq. 7 is formed for them."""
+        for parent in dict.fromkeys(p for p in call.parents if p is not None):
+            if is_virtual(parent) and self.owns(parent):
+                try:
+                    self.process(parent, grad_output.new_zeros(parent.output_shape))
+                finally:
+                    parent.release()
 
     def _collect(self, call: ModuleCall) -> dict[Any, Any]:
         """The messages at ``call``'s output, merged over its consumers."""

@@ -89,6 +89,8 @@ def _forward_hook(module: nn.Module, inputs: tuple, kwargs: dict, output: object
 
 
 def _on_output_grad(call: ModuleCall, grad_output: Tensor) -> None:
+    if is_replaying():  # a derivative through the recorded graph (modules/generic/recorded.py)
+        return
     state = current()
     try:
         if state is not None:

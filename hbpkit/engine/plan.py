@@ -37,6 +37,7 @@ from hbpkit.curvature.memory import (
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import DEFAULTS_BUILT_ON, LossRules, UnsupportedRules, rules_implement
 from hbpkit.modules.generic import GenericRules
+from hbpkit.modules.generic.recorded import CONVERT_ADVICE, RecordedGraphRules
 
 
 def trainable(module: nn.Module, names: list[str]) -> list[tuple[str, nn.Parameter]]:
@@ -400,6 +401,12 @@ class PassPlan:
             for m in missing
         )
         them = "it" if len(missing) == 1 else "them"
+        if isinstance(rules, RecordedGraphRules):
+            raise NotImplementedError(
+                f"{name} is functional code between modules, seen only in the autograd graph, "
+                "which gives the transposed Jacobian products that per-sample gradients, GGN "
+                f"diagonals, KFAC and KFLR need, but not {methods}, which {ext!r} needs {purpose}; {CONVERT_ADVICE}"
+            )
         if isinstance(rules, GenericRules):
             raise NotImplementedError(
                 f"{name} has no rules of its own: the generic path (autograd) gives it "

@@ -18,6 +18,7 @@ from hbpkit.modules.batch_reshape import RESHAPING
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.embedding import EmbeddingRules
 from hbpkit.modules.generic import GenericRules
+from hbpkit.modules.generic.recorded import RecordedGraphRules
 from hbpkit.modules.linear import LinearRules
 from hbpkit.modules.losses import BCEWithLogitsLossRules, CrossEntropyLossRules, MSELossRules
 from hbpkit.modules.normalization import NORMALIZATION
@@ -26,7 +27,7 @@ from hbpkit.modules.pooling import POOLING
 from hbpkit.modules.recurrent import RECURRENT
 from hbpkit.modules.reshape import DropoutRules, FlattenRules
 from hbpkit.modules.sum import SumRules
-from hbpkit.regions import LinearRegion, Region, SelectionRegion
+from hbpkit.regions import LinearRegion, RecordedOps, Region, SelectionRegion
 
 LINEAR = LinearRules()
 
@@ -61,6 +62,7 @@ BACKPROPAGATABLE: dict[type, ModuleRules | LossRules] = {
     Region: GENERIC,
     LinearRegion: GenericRules(linear_in_input=True),
     SelectionRegion: SELECTIONS,
+    RecordedOps: RecordedGraphRules(),
     nn.PixelShuffle: SELECTIONS,
     nn.PixelUnshuffle: SELECTIONS,
     nn.ChannelShuffle: SELECTIONS,

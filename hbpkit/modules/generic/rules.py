@@ -46,7 +46,57 @@ from hbpkit.modules.generic.parameters import GenericParameters
 from hbpkit.modules.generic.residual import GenericResiduals
 
 
-class GenericRules(GenericParameters, GenericResiduals, ModuleRules):
+class InputProducts:
+    """Transposed-Jacobian products of a call with several inputs, built on the rules'
+    ``jac_t_mat_prod_inputs(call, M) -> [J_i^T M for every followed input]``, their
+    ``input_slots``, ``per_input`` and ``structure``: the generic path, and the
+    functional operations an extended model computes between modules (``recorded.py``)."""
+
+    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
+        self._single_input(call, "jac_t_mat_prod")
+        return self.jac_t_mat_prod_inputs(call, mat)[0]
+
+    def _single_input(self, call: ModuleCall, what: str) -> None:
+        if self.per_input(call):
+            raise NotImplementedError(
+                f"{describe(call.module)} has {len(self.input_slots(call))} inputs that require "
+                f"gradients; {what} of {type(self).__name__} needs one (this extension cannot "
+                "backpropagate through it)"
+            )
+
+    def transposed_jacobian(self, call: ModuleCall) -> Jacobian:
+        return self.input_jacobians(call)[0]
+
+    def input_jacobians(self, call: ModuleCall) -> list[Jacobian]:
+        """One transposed Jacobian per followed input, with the rules' structure."""
+        slots = self.input_slots(call)
+
+        def densify(N: int, dtype: torch.dtype) -> None:
+            check_dense_budget(
+                call,
+                (call.output_shape[1:].numel(), N, *call.output_shape[1:]),
+                dtype,
+                "Densifying a diagonal curvature factor",
+                DIAGONAL_ADVICE,
+            )
+
+        return [
+            Jacobian(lambda m, i=i: self.jac_t_mat_prod_inputs(call, m)[i], self.structure, densify)
+            for i in range(len(slots))
+        ]
+
+    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
+        self._single_input(call, "jac_t_factor")
+        return factor.jac_t(self.transposed_jacobian(call))
+
+    def jac_t_factor_inputs(self, call: ModuleCall, factor: Factor) -> list[Factor]:
+        """``[J_i^T S for every followed input]``, the columns (and signs) of ``S`` kept."""
+        if isinstance(factor, SqrtFactor):  # one batched product for all inputs
+            return [SqrtFactor(S, factor.sign) for S in self.jac_t_mat_prod_inputs(call, factor.S)]
+        return [factor.jac_t(jac) for jac in self.input_jacobians(call)]
+
+
+class GenericRules(GenericParameters, GenericResiduals, InputProducts, ModuleRules):
     """Rules for any module or function, from ``torch.func`` (the generic path).
 
     Args:
@@ -195,49 +245,6 @@ class GenericRules(GenericParameters, GenericResiduals, ModuleRules):
 
         return vmap(push)(*mats)
 
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        self._single_input(call, "jac_t_mat_prod")
-        return self.jac_t_mat_prod_inputs(call, mat)[0]
-
     def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         self._single_input(call, "jac_mat_prod")
         return self.jac_mat_prod_inputs(call, [mat])
-
-    def _single_input(self, call: ModuleCall, what: str) -> None:
-        if self.per_input(call):
-            raise NotImplementedError(
-                f"{describe(call.module)} has {len(followed_slots(call))} inputs that require "
-                f"gradients; {what} of the generic path needs one (this extension cannot "
-                "backpropagate through it)"
-            )
-
-    def transposed_jacobian(self, call: ModuleCall) -> Jacobian:
-        return self.input_jacobians(call)[0]
-
-    def input_jacobians(self, call: ModuleCall) -> list[Jacobian]:
-        """One transposed Jacobian per followed input, with the rules' structure."""
-        slots = followed_slots(call)
-
-        def densify(N: int, dtype: torch.dtype) -> None:
-            check_dense_budget(
-                call,
-                (call.output_shape[1:].numel(), N, *call.output_shape[1:]),
-                dtype,
-                "Densifying a diagonal curvature factor",
-                DIAGONAL_ADVICE,
-            )
-
-        return [
-            Jacobian(lambda m, i=i: self.jac_t_mat_prod_inputs(call, m)[i], self.structure, densify)
-            for i in range(len(slots))
-        ]
-
-    def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
-        self._single_input(call, "jac_t_factor")
-        return factor.jac_t(self.transposed_jacobian(call))
-
-    def jac_t_factor_inputs(self, call: ModuleCall, factor: Factor) -> list[Factor]:
-        """``[J_i^T S for every followed input]``, the columns (and signs) of ``S`` kept."""
-        if isinstance(factor, SqrtFactor):  # one batched product for all inputs
-            return [SqrtFactor(S, factor.sign) for S in self.jac_t_mat_prod_inputs(call, factor.S)]
-        return [factor.jac_t(jac) for jac in self.input_jacobians(call)]
