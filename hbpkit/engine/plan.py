@@ -405,7 +405,8 @@ class PassPlan:
             raise NotImplementedError(
                 f"{name} is functional code between modules, seen only in the autograd graph, "
                 "which gives the transposed Jacobian products that per-sample gradients, GGN "
-                f"diagonals, KFAC and KFLR need, but not {methods}, which {ext!r} needs {purpose}; {CONVERT_ADVICE}"
+                f"diagonals, KFAC and KFLR need, but not {methods}, which {ext!r} needs "
+                f"{purpose}; {CONVERT_ADVICE}"
             )
         if isinstance(rules, GenericRules):
             raise NotImplementedError(
