@@ -86,7 +86,9 @@ class BackwardPass:
         self.root = plan.root
         self.graph = graph = plan.graph
         keys = dict.fromkeys(e.message for e in self.second_order)
-        self._handlers = {k: k if graph.is_chain else k.for_dag() for k in keys}
+        # the DAG forms also where a tied parameter's uses meet (their cross terms)
+        chain = graph.is_chain and not plan.tied
+        self._handlers = {k: k if chain else k.for_dag() for k in keys}
         # messages not yet delivered to each call's output, from how many consumer links
         self._waiting = {
             id(c): n

@@ -314,6 +314,11 @@ class PassPlan:
                 ]
                 if missing:
                     self._refuse_missing(c, ext, rules, missing, "for a tied parameter's use")
+            for where in self.tied.values():
+                reason = ext.tied_refusal([(dict(self.rules(c))[ext], n) for c, n in where])
+                if reason is not None:
+                    names = ", ".join(f"{describe(c.module)}.{n}" for c, n in where)
+                    raise NotImplementedError(f"{ext!r} for the parameter of {names}: {reason}")
         if refused:
             where = next(iter(self.tied.values()))
             names = ", ".join(f"{describe(c.module)}.{n}" for c, n in where)
@@ -321,7 +326,8 @@ class PassPlan:
                 f"a parameter is used {len(where)} times in one forward pass ({names}: a module "
                 "called several times, or weights tied between modules); "
                 f"{refused[0]!r} cannot combine its uses yet; per-sample gradients and their "
-                "statistics (BatchGrad, BatchL2, SumGradSquared, Variance) are exact for it"
+                "statistics, the GGN diagonals (DiagGGNExact, DiagGGNMC), GGN products (GGNMP) "
+                "and KFAC / KFLR with kfac_approx='expand' are computed for it"
             )
 
     def _check_call(self, call: ModuleCall) -> None:

@@ -48,6 +48,11 @@ class Extension:
         """The quantity of a tied parameter from the contributions of all its uses."""
         raise NotImplementedError
 
+    def tied_refusal(self, uses: list[tuple[Any, str]]) -> str | None:
+        """Why the uses of one tied parameter, ``[(rules, name)]``, cannot be combined by
+        this extension (checked before the pass), or ``None``."""
+        return None
+
     @property
     def accepts_position_blocks(self) -> bool:
         """Whether the parameter quantity can be formed from position blocks.

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from hbpkit.collectives import ProductAllReduce
 from hbpkit.core.calls import ModuleCall
 from hbpkit.extensions.base import check_choice
+from hbpkit.extensions.graph_curvature import GraphCurvature
 from hbpkit.extensions.messages import OutputCurvature, ProductMessage
 from hbpkit.extensions.second_order import SecondOrder
 from hbpkit.modules.base import ModuleRules
@@ -91,6 +92,39 @@ class BlockProduct:
         )
 
 
+class TiedBlockProduct:
+    """``V [K, *S] -> [K, *S]``: the exact GGN block of a parameter used by several calls.
+
+    ``J_p = sum_u J_{p,u}`` over its uses ``u`` (the chain rule), so the block is
+    ``sum_{u,u'} J_{p,u}^T G_{u,u'} J_{p,u'}`` with ``G_{u,u'}`` the GGN between the uses'
+    outputs: one push of every ``J_{p,u'} V`` through the recorded graph at once and the
+    cotangents read at every use (:meth:`GraphCurvature.apply`).
+    """
+
+    __slots__ = ("uses", "curvature", "shape")
+
+    def __init__(self, uses: list[tuple], shape: torch.Size) -> None:
+        self.uses = [(rules, call, name) for rules, call, name, _ in uses]
+        graph = uses[0][3]
+        self.curvature = GraphCurvature(graph, tuple(call for _, call, _ in self.uses))
+        self.shape = shape
+        for _, call, _ in self.uses:
+            call.keep()
+
+    def __call__(self, V: Tensor) -> Tensor:
+        if V.dim() != len(self.shape) + 1 or V.shape[1:] != self.shape:
+            raise ValueError(
+                f"expected V of shape [K, {', '.join(map(str, self.shape))}] for a parameter "
+                f"tied over {len(self.uses)} uses, got {tuple(V.shape)}"
+            )
+        with torch.no_grad():
+            JV = [rules.param_jac_mat_prod(call, name, V) for rules, call, name in self.uses]
+            out = 0
+            for (rules, call, name), cot in zip(self.uses, self.curvature.apply(JV)):
+                out = out + rules.param_jac_t_mat_prod_sum(call, name, cot)
+        return out
+
+
 class _CurvMatProd(SecondOrder):
     """Base of the product extensions: one :class:`BlockProduct` per parameter."""
 
@@ -126,6 +160,23 @@ class _CurvMatProd(SecondOrder):
                 rules, call, name, param.shape, message, residual, curvature
             )
         return call.cache[key]
+
+    # a tied parameter: the GGN block of the sum over its uses (TiedBlockProduct); the
+    # Hessian's has mixed second derivatives of a later use in its parameter and its input
+    @property
+    def combines_tied_uses(self) -> bool:
+        return self.message.curvature == "ggn"
+
+    def required_tied_rules(self, rules: ModuleRules) -> list[str]:
+        return ["param_jac_mat_prod", "param_jac_t_mat_prod_sum"]
+
+    def tied_contribution(self, rules, call, name, grad_output, factors=None) -> tuple:
+        return rules, call, name, factors  # factors: the pass's ProductGraph
+
+    def combine_tied(self, contributions: list[tuple]) -> TiedBlockProduct:
+        rules, call, name, _ = contributions[0]
+        shape = dict(call.module.named_parameters())[name].shape
+        return TiedBlockProduct(contributions, shape)
 
 
 class GGNMP(_CurvMatProd):

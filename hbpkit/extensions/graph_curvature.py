@@ -67,36 +67,57 @@ class ProductGraph:
 
 
 class GraphCurvature:
-    """``[K, N, *out] -> [K, N, *out]``: the exact per-sample curvature at ``source``'s output."""
+    """``[K, N, *out] -> [K, N, *out]``: the exact per-sample curvature at ``source``'s output.
 
-    __slots__ = ("graph", "source", "_region", "_members")
+    With several sources (the calls of one tied parameter, each use's output),
+    :meth:`apply` takes one tangent per source and returns, per source, the curvature
+    between its output and all of them applied, ``sum_s' H_{s,s'} m_s'``: the tangents
+    are pushed from every source at once (a source downstream of another adds its own to
+    what reaches it), and the cotangents are read at every source's output.
+    """
 
-    def __init__(self, graph: ProductGraph, source: ModuleCall) -> None:
+    __slots__ = ("graph", "sources", "_region", "_members")
+
+    def __init__(self, graph: ProductGraph, source: ModuleCall | tuple[ModuleCall, ...]) -> None:
         self.graph = graph
-        self.source = source
+        self.sources = source if isinstance(source, tuple) else (source,)
         self._region: list[ModuleCall] | None = None
         self._members: set[ModuleCall] = set()
 
+    @property
+    def source(self) -> ModuleCall:
+        return self.sources[0]
+
     def __call__(self, mat: Tensor) -> Tensor:
+        return self.apply([mat])[0]
+
+    def apply(self, mats: list[Tensor]) -> list[Tensor]:
+        """Per source ``[K, N, *out_s]`` -> per source ``[K, N, *out_s]``."""
         if self._region is None:
-            self._region = self.graph.region(self.source)
-            self._members = {self.source, *self._region}
-        nodes, source = self.graph.nodes, self.source
-        tangent_out: dict[ModuleCall, Tensor] = {source: mat}
+            reached = {c for s in self.sources for c in self.graph.region(s)}
+            self._region = [c for c in reversed(self.graph.nodes) if c in reached]
+            self._members = {*self.sources, *self._region}
+        nodes = self.graph.nodes
+        injected = dict(zip(self.sources, mats))
+        region = set(self._region)
+        tangent_out = {s: m for s, m in injected.items() if s not in region}
         tangent_in: dict[ModuleCall, Tensor] = {}
         for call in self._region:  # 1. forward-mode push
             rules = nodes[call][0]
             if per_input(rules, call):  # one tangent per input (zero outside the region)
                 t = [tangent_out.get(call.parents[i]) for i in rules.input_slots(call)]
                 tangent_in[call] = t
-                tangent_out[call] = rules.jac_mat_prod_inputs(call, t)
-                continue
-            t = _sum(tangent_out[p] for p in input_parents(call) if p in tangent_out)
-            tangent_in[call] = t
-            if not isinstance(rules, LossRules):
-                tangent_out[call] = rules.jac_mat_prod(call, t)
+                out = rules.jac_mat_prod_inputs(call, t)
+            else:
+                t = _sum(tangent_out[p] for p in input_parents(call) if p in tangent_out)
+                tangent_in[call] = t
+                if isinstance(rules, LossRules):
+                    continue
+                out = rules.jac_mat_prod(call, t)
+            tangent_out[call] = out + injected[call] if call in injected else out
         del tangent_out
         cotangent: dict[ModuleCall, Tensor] = {}
+        at_source: dict[ModuleCall, Tensor] = {}
 
         def send(parent: ModuleCall | None, out: Tensor) -> None:
             if parent in self._members:
@@ -109,26 +130,31 @@ class GraphCurvature:
                 out = rules.hessian_mat_prod(call, t)
                 if residual is not None:
                     out = residual * out
-            elif per_input(rules, call):
+                for parent in input_parents(call):
+                    send(parent, out)
+                continue
+            cot = cotangent.pop(call)
+            if call in injected:  # a source downstream of another: read its output here
+                at_source[call] = cot
+            if per_input(rules, call):
                 slots = rules.input_slots(call)
-                outs = list(rules.jac_t_mat_prod_inputs(call, cotangent.pop(call)))
+                outs = list(rules.jac_t_mat_prod_inputs(call, cot))
                 if residual is not None:  # couples the inputs: d2z / dx_i dx_j
                     K = next(m.shape[0] for m in t if m is not None)
                     full = [
-                        m if m is not None else mat.new_zeros(K, *call.inputs[i].shape)
+                        m if m is not None else mats[0].new_zeros(K, *call.inputs[i].shape)
                         for m, i in zip(t, slots)
                     ]
                     outs = [o + r for o, r in zip(outs, residual(full))]
                 for slot, o in zip(slots, outs):
                     send(call.parents[slot], o)
                 continue
-            else:
-                out = rules.jac_t_mat_prod(call, cotangent.pop(call))
-                if residual is not None:
-                    out = out + residual * t
+            out = rules.jac_t_mat_prod(call, cot)
+            if residual is not None:
+                out = out + residual * t
             for parent in input_parents(call):
                 send(parent, out)
-        return cotangent[source]
+        return [at_source[s] if s in at_source else cotangent[s] for s in self.sources]
 
 
 def _sum(tensors) -> Tensor:

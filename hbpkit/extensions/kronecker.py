@@ -98,6 +98,42 @@ class HBP(SecondOrder):
             factors = rules.kron_from_average(call, name, message, self.kfac_approx)
         return as_kronecker_factors(factors, param)
 
+    # a tied parameter (a block applied twice): its uses are taken as extra positions of a
+    # shared weight, kfac_approx="expand" (Grosse and Martens 2016; a Linear on [N, U, D]
+    # with the U uses as positions gives the same factors): the output factors summed,
+    # the input factors averaged over the uses, G = sum_u G_u, A = mean_u A_u
+    @property
+    def combines_tied_uses(self) -> bool:
+        return self.backprop == "sqrt" and self.kfac_approx == "expand"
+
+    def required_tied_rules(self, rules) -> list[str]:
+        return ["kron_from_sqrt"]
+
+    def tied_refusal(self, uses: list) -> str | None:
+        kinds = {type(rules).__name__ for rules, _ in uses}
+        if len(kinds) > 1:
+            return (
+                f"its uses have Kronecker factors of different kinds ({', '.join(sorted(kinds))}, "
+                "e.g. an embedding tied to the output layer), which one Kronecker product cannot "
+                "combine; DiagGGNExact, GGNMP and per-sample gradients are exact for it"
+            )
+        return None
+
+    def tied_contribution(self, rules, call, name, grad_output, factors=None) -> tuple:
+        kron = rules.kron_from_sqrt(call, name, list(factors.values()), "expand")
+        return rules.kron_output_factor, kron
+
+    def combine_tied(self, contributions: list[tuple]) -> KroneckerFactors:
+        output, first = contributions[0]
+        U = len(contributions)
+        combined = [
+            sum(kron[i] for _, kron in contributions) * (1 if i == output else 1 / U)
+            for i in range(len(first))
+        ]
+        if isinstance(first, KroneckerFactors):
+            return first.like(combined)  # (its layout: groups, transposed)
+        return combined
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(curvature={self.curvature!r}, "

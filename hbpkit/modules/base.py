@@ -86,6 +86,9 @@ class ModuleRules(StructuredForms):
     linear_in_params: bool = True
     #: a short remark for the support table (docs/supported-modules.md)
     support_note: str = ""
+    #: the position of the output factor ``G`` (the one that carries the loss's curvature)
+    #: among the Kronecker factors (``[G, A]``; an embedding's ``[A, G]``)
+    kron_output_factor: int = 0
 
     def param_names(self, module: nn.Module) -> list[str]:
         """Names of the module's parameters that these rules handle."""

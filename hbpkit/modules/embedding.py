@@ -153,6 +153,8 @@ class EmbeddingRules(ModuleRules):
             call.cache[key] = A
         return call.cache[key]
 
+    kron_output_factor = 1  # [A over the vocabulary rows, G over the embedding columns]
+
     def kron_from_sqrt(
         self, call: ModuleCall, name: str, factors: list[Factor], approx: str
     ) -> list[Tensor]:

@@ -232,13 +232,13 @@ def test_scaled_loss_scales_the_curvature():
 
 
 def test_shared_module_and_functional_branching_are_refused():
-    """A shared module's curvature needs its uses combined: refused for KFLR; a branch
-    merged by a functional ``+`` is exact."""
+    """A shared module's Hessian needs its uses' mixed terms: refused; a branch merged by a
+    functional ``+`` is exact."""
     lin = nn.Linear(3, 3).double()
     shared = extend(nn.Sequential(lin, nn.Tanh(), lin))
     X, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])
     with pytest.raises(NotImplementedError, match="used 2 times"):
-        _run(shared, extend(nn.CrossEntropyLoss()), KFLR(), data=(X, y))
+        _run(shared, extend(nn.CrossEntropyLoss()), DiagHessian(), data=(X, y))
 
     class Branch(nn.Module):
         def __init__(self, live: bool):

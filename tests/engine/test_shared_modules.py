@@ -5,8 +5,8 @@ Each call of an extended module is its own record (its own input, output and cap
 state), so sharing a parameter-free module changes nothing: every quantity must equal
 the one of the same model with a separate copy of the module per call, and the
 first-order and diagonal quantities must equal their autograd definitions. A module
-*with* parameters called twice (tied weights) gets exact first-order quantities; curvature
-of tied weights is refused before the pass.
+*with* parameters called twice (tied weights) gets exact first-order quantities, GGN diagonals,
+GGN products and Kronecker factors (its uses as positions); the Hessian's is refused.
 """
 
 from __future__ import annotations
@@ -235,15 +235,96 @@ def test_diagonals_of_embedding_tied_to_the_output_layer():
     torch.testing.assert_close(emb.weight.diag_ggn_exact, ggn["0.weight"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("make", [exts.KFLR, exts.GGNMP])
-def test_curvature_of_tied_parameters_is_refused(make):
-    """Curvature needs the Jacobians of all uses summed before squaring: refused (for now)
-    before anything is written, naming the uses."""
+def _ggn_blocks(model, loss_fn, X, y):
+    """Each parameter's GGN block ``J_p^T H_z J_p`` by definition (``torch.func``)."""
+    from torch.func import functional_call, hessian, jacrev
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    out = model(X).detach()
+    J = jacrev(lambda p: functional_call(model, p, (X,)))(params)
+    Hz = hessian(lambda z: loss_fn(z, y))(out).reshape(out.numel(), out.numel())
+    return {k: J[k].reshape(out.numel(), -1).T @ Hz @ J[k].reshape(out.numel(), -1) for k in J}
+
+
+def _tied_models():
+    torch.manual_seed(0)
     lin = nn.Linear(3, 3).double()
-    model = extend(nn.Sequential(lin, nn.Tanh(), lin))
-    X, y = torch.randn(2, 3, dtype=DT), torch.tensor([0, 1])
+    twice = nn.Sequential(nn.Linear(4, 3).double(), nn.Tanh(), lin, nn.Sigmoid(), lin)
+    emb, head = nn.Embedding(5, 3).double(), nn.Linear(3, 5, bias=False).double()
+    head.weight = emb.weight
+    tied = nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 3).double(), nn.Tanh(), head)
+    return {
+        "applied_twice": (twice, torch.randn(4, 4, dtype=DT), torch.tensor([0, 1, 2, 1])),
+        "embedding_and_head": (
+            tied,
+            torch.tensor([[1, 2], [3, 4], [0, 0]]),
+            torch.tensor([0, 4, 2]),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["applied_twice", "embedding_and_head"])
+def test_ggn_products_of_tied_parameters(name):
+    """``p.ggnmp`` of a tied parameter multiplies by the GGN block of the sum of its uses
+    (cross terms between the uses included), for every parameter."""
+    model, X, y = _tied_models()[name]
+    blocks = _ggn_blocks(copy.deepcopy(model), nn.CrossEntropyLoss(), X, y)
+    ours = extend(model)
+    with backprop(exts.GGNMP()):
+        extend(nn.CrossEntropyLoss())(ours(X), y).backward()
+    for k, p in ours.named_parameters():
+        V = torch.randn(2, *p.shape, dtype=DT)
+        expected = (blocks[k] @ V.flatten(1).T).T.reshape(V.shape)
+        torch.testing.assert_close(p.ggnmp(V), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_kronecker_factors_of_a_linear_applied_twice():
+    """KFLR of a tied weight takes its uses as positions (``expand``): ``G = sum_u G_u``
+    with ``G_u = sum_n J_{u,n}^T H_n J_{u,n}`` (``J_{u,n}``: the model output's Jacobian
+    w.r.t. use ``u``'s output) and ``A = mean_u 1/N sum_n x_{u,n} x_{u,n}^T``."""
+    from torch.func import hessian, jacrev, vmap
+
+    model, X, y = _tied_models()["applied_twice"]
+    first, act1, lin, act2, _ = model
+    with torch.no_grad():
+        x1 = act1(first(X))
+        x2 = act2(lin(x1))
+    N = len(X)
+
+    def output(x, e1, e2):  # perturbations e_u added to the outputs of the two uses
+        return lin(act2(lin(act1(first(x))) + e1)) + e2
+
+    zero = torch.zeros(3, dtype=DT)
+    J = vmap(jacrev(output, argnums=(1, 2)), in_dims=(0, None, None))(X, zero, zero)
+    out = model(X).detach()
+    Hz = hessian(lambda z: nn.CrossEntropyLoss()(z, y))(out)  # [N, C, N, C], block-diagonal
+    H = torch.stack([Hz[n, :, n] for n in range(N)])
+    G = sum(torch.einsum("nco,ncd,ndp->op", Ju, H, Ju) for Ju in J)
+    A = (x1.T @ x1 + x2.T @ x2) / (2 * N)
+    ours = extend(model)
+    with backprop(exts.KFLR()):
+        extend(nn.CrossEntropyLoss())(ours(X), y).backward()
+    torch.testing.assert_close(lin.weight.kflr[0], G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lin.weight.kflr[1], A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lin.bias.kflr[0], G, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, make, match",
+    [
+        ("applied_twice", exts.DiagHessian, r"used 2 times.*Linear '2'.weight"),
+        ("applied_twice", exts.HMP, r"used 2 times.*Linear '2'.weight"),
+        ("applied_twice", lambda: exts.KFLR(kfac_approx="reduce"), r"used 2 times"),
+        ("embedding_and_head", exts.KFLR, r"Kronecker factors of different kinds"),
+    ],
+)
+def test_curvature_of_tied_parameters_that_is_refused(name, make, match):
+    """What cannot combine the uses is refused before anything is written, naming them."""
+    model, X, y = _tied_models()[name]
+    model = extend(model)
     loss = extend(nn.CrossEntropyLoss())(model(X), y)
-    with pytest.raises(NotImplementedError, match=r"used 2 times.*Linear '0'.weight"):
-        with backprop(make()):
+    ext = make()
+    with pytest.raises(NotImplementedError, match=match):
+        with backprop(ext):
             loss.backward()
-    assert not any(hasattr(lin.weight, f) for f in ("kflr", "ggnmp"))
+    assert not any(hasattr(p, ext.savefield) for p in model.parameters())
