@@ -88,7 +88,7 @@ class BackwardPass:
         keys = dict.fromkeys(e.message for e in self.second_order)
         # the DAG forms also where a tied parameter's uses meet (their cross terms)
         chain = graph.is_chain and not plan.tied
-        self._handlers = {k: k if chain else k.for_dag() for k in keys}
+        self._handlers = {k: k if chain and not k.dag_always else k.for_dag() for k in keys}
         # messages not yet delivered to each call's output, from how many consumer links
         self._waiting = {
             id(c): n

@@ -21,6 +21,7 @@ to every origin ``o`` of curvature (the loss Hessian, each residual): exact.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from torch import Tensor
@@ -36,7 +37,9 @@ class ProductGraph:
     def __init__(self) -> None:
         self.nodes: dict[ModuleCall, tuple[ModuleRules | LossRules, Tensor | None]] = {}
         self._consumers: dict[ModuleCall, list[ModuleCall]] | None = None
-        self._at: dict[int, GraphCurvature] = {}
+        # weak: a GraphCurvature holds its graph, and the graph must not hold it back (a
+        # cycle would keep the forward data alive until the garbage collector runs)
+        self._at: weakref.WeakValueDictionary[int, GraphCurvature] = weakref.WeakValueDictionary()
 
     def add(
         self, rules: ModuleRules | LossRules, call: ModuleCall, residual: Tensor | None
@@ -46,9 +49,10 @@ class ProductGraph:
 
     def curvature_at(self, call: ModuleCall) -> GraphCurvature:
         """The output curvature of ``call`` (one object per call: extensions share it)."""
-        if id(call) not in self._at:
-            self._at[id(call)] = GraphCurvature(self, call)
-        return self._at[id(call)]
+        curvature = self._at.get(id(call))
+        if curvature is None:
+            curvature = self._at[id(call)] = GraphCurvature(self, call)
+        return curvature
 
     def region(self, source: ModuleCall) -> list[ModuleCall]:
         """The recorded calls downstream of ``source``, in forward (topological) order."""
@@ -76,7 +80,7 @@ class GraphCurvature:
     what reaches it), and the cotangents are read at every source's output.
     """
 
-    __slots__ = ("graph", "sources", "_region", "_members")
+    __slots__ = ("graph", "sources", "_region", "_members", "__weakref__")
 
     def __init__(self, graph: ProductGraph, source: ModuleCall | tuple[ModuleCall, ...]) -> None:
         self.graph = graph

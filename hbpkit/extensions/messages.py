@@ -78,6 +78,7 @@ class Message:
     residual_factors = False  # modules add (diagonal) residual factors to the message
     per_input = True  # can send each input of a multi-input call its own message
     several_losses = False  # can take the curvature of losses that join a running pass
+    dag_always = False  # the pass runs the for_dag() variant on chains too
 
     def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
         """The methods of a module's ``rules`` that ``propagate`` calls (default: none).
@@ -296,6 +297,11 @@ class ProductMessage(Message):
     """
 
     curvature: str
+
+    # the DAG form (graph_curvature.py) costs the same Jacobian products on a chain, and
+    # takes every loss that joins the pass (each one more curvature source of the graph)
+    dag_always = True
+    several_losses = True
 
     def required_rules(self, rules: ModuleRules, branching: bool = False) -> list[str]:
         """``J^T H_z (J m)`` (eq. 7), plus the residual ``r * m`` (S.9) of a module nonlinear

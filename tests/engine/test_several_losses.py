@@ -2,7 +2,8 @@
 
 The curvature of a weighted sum of losses is the weighted sum of their curvatures: the
 diagonals equal ``torch.func.hessian`` of the summed loss, and Kronecker factors built
-from sqrt factors are the weighted sums of the single-loss factors.
+from sqrt factors are the weighted sums of the single-loss factors; the products are the
+Hessian blocks of the summed loss.
 """
 
 from __future__ import annotations
@@ -108,16 +109,64 @@ def test_two_losses_on_one_output():
     torch.testing.assert_close(last.diag_ggn_exact, last.diag_h, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("make", [exts.GGNMP, exts.KFRA])
-def test_products_and_batch_averages_refuse_several_losses(make):
+def _hessian_blocks(model, loss_of_outputs, X):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        out = functional_call(model, p, (X,))
+        return loss_of_outputs(*out) if isinstance(out, tuple) else loss_of_outputs(out)
+
+    H = hessian(loss)(params)
+    return {k: H[k][k].reshape(p.numel(), -1) for k, p in params.items()}
+
+
+@pytest.mark.parametrize("weight", [0.5, -0.5], ids=["positive", "negative"])
+def test_products_of_a_weighted_sum_of_losses(weight):
+    """``p.hmp`` / ``p.ggnmp`` of ``l1 + w l2`` on two heads: the Hessian blocks of the
+    summed loss (``torch.func``); the GGN's at the heads, whose outputs are linear in them."""
+    model, X, y1, y2 = _data()
+    ours = extend(copy.deepcopy(model))
+    ce, mse = extend(nn.CrossEntropyLoss()), extend(nn.MSELoss())
+    a, b = ours(X)
+    with backprop(exts.HMP(), exts.GGNMP()):
+        (ce(a, y1) + weight * mse(b, y2)).backward()
+    blocks = _hessian_blocks(
+        model, lambda a, b: F.cross_entropy(a, y1) + weight * F.mse_loss(b, y2), X
+    )
+    torch.manual_seed(1)
+    for name, p in ours.named_parameters():
+        V = torch.randn(3, *p.shape, dtype=DT)
+        expected = (blocks[name] @ V.flatten(1).T).T.reshape(V.shape)
+        torch.testing.assert_close(p.hmp(V), expected, rtol=1e-10, atol=1e-12)
+        if name.startswith("h"):
+            torch.testing.assert_close(p.ggnmp(V), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_products_of_two_losses_on_one_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    target = torch.randn(5, 3, dtype=DT)
+    ours = extend(copy.deepcopy(model))
+    out = ours(X)
+    with backprop(exts.HMP()):
+        (extend(nn.CrossEntropyLoss())(out, y) + extend(nn.MSELoss())(out, target)).backward()
+    blocks = _hessian_blocks(model, lambda z: F.cross_entropy(z, y) + F.mse_loss(z, target), X)
+    for name, p in ours.named_parameters():
+        V = torch.randn(2, *p.shape, dtype=DT)
+        expected = (blocks[name] @ V.flatten(1).T).T.reshape(V.shape)
+        torch.testing.assert_close(p.hmp(V), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_averages_refuse_several_losses():
     model, X, y1, y2 = _data()
     ours = extend(model)
     a, b = ours(X)
     loss = extend(nn.CrossEntropyLoss())(a, y1) + extend(nn.MSELoss())(b, y2)
     with pytest.raises(NotImplementedError, match="several losses in one backward pass"):
-        with backprop(make()):
+        with backprop(exts.KFRA()):
             loss.backward()
-    assert not any(hasattr(p, make().savefield) for p in ours.parameters())
+    assert not any(hasattr(p, "kfra") for p in ours.parameters())
 
 
 def test_losses_of_separate_models_in_one_backward():
