@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
-from hbpkit.engine.plan import PassPlan, trainable
+from hbpkit.engine.plan import PassPlan
 from hbpkit.engine.views import bridge_view, is_virtual
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import LossRules
@@ -29,10 +29,14 @@ class BackwardState:
     """The per-context state: at most one unfinished :class:`BackwardPass`."""
 
     def __init__(
-        self, extensions: tuple[Extension, ...], memory: MemoryPolicy = DEFAULT_POLICY
+        self,
+        extensions: tuple[Extension, ...],
+        memory: MemoryPolicy = DEFAULT_POLICY,
+        selection: frozenset[int] | None = None,
     ) -> None:
         self.extensions = extensions
         self.memory = memory
+        self.selection = selection  # backprop(..., modules=...): ids of the modules
         self.pass_: BackwardPass | None = None
 
     def process(self, call: ModuleCall, grad_output: Tensor) -> None:
@@ -55,7 +59,7 @@ class BackwardState:
                     )
                 self.pass_.add_root(call)  # another loss of a sum (multi-task, auxiliary)
             if self.pass_ is None:  # the plan raises before anything is computed
-                plan = PassPlan(self.extensions, call, self.memory)
+                plan = PassPlan(self.extensions, call, self.memory, selection=self.selection)
                 # a backward pass that creates a graph runs its hooks with grad mode on
                 self.pass_ = BackwardPass(plan, create_graph=torch.is_grad_enabled())
             with torch.no_grad():
@@ -111,7 +115,11 @@ class BackwardPass:
         """
         processed = {id(c) for c in self.plan.calls} - self._pending
         plan = PassPlan(
-            self.extensions, [*self.plan.roots, loss], self.plan.memory, earlier=self.plan.calls
+            self.extensions,
+            [*self.plan.roots, loss],
+            self.plan.memory,
+            earlier=self.plan.calls,
+            selection=self.plan.selection,
         )
         graph = plan.graph
         for c in plan.calls:  # cannot happen in autograd's order; never silently wrong
@@ -138,7 +146,7 @@ class BackwardPass:
             for ext, rules in self.plan.rules(call):
                 if rules is None or isinstance(rules, LossRules):
                     continue
-                for _, param in trainable(call.module, rules.param_names(call.module)):
+                for _, param in self.plan.trainable(call, rules.param_names(call.module)):
                     if hasattr(param, ext.savefield):
                         delattr(param, ext.savefield)
 
@@ -150,8 +158,8 @@ class BackwardPass:
             for ext, rules in plan.rules(call):
                 if rules is None or isinstance(rules, LossRules):
                     continue
-                if getattr(ext, "differentiable", False) and trainable(
-                    call.module, rules.param_names(call.module)
+                if getattr(ext, "differentiable", False) and plan.trainable(
+                    call, rules.param_names(call.module)
                 ):
                     ext.check_graph(call)
 
@@ -192,12 +200,15 @@ class BackwardPass:
         for ext, rules in self.plan.rules(call):
             if rules is None:
                 continue
+            params = self.plan.trainable(call, rules.param_names(module))
+            if not params:  # (outside a selection of modules: carries messages only)
+                continue
             message = None
             if ext.message is not None:
                 message = ext.message
                 message = self._handlers[message].for_params(messages[message], call)
             graph = graph_grad is not None and getattr(ext, "differentiable", False)
-            for name, param in trainable(module, rules.param_names(module)):
+            for name, param in params:
                 tied = id(param) in self.plan.tied  # combined over its uses at commit
                 if graph:  # create_graph: the quantity keeps its graph
                     with torch.enable_grad():
