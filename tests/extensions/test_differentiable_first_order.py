@@ -203,3 +203,19 @@ def test_batch_norm_in_training_mode_is_refused_before_anything_is_written():
         loss = loss_fn(model(X), y)
         torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
     assert all(p.grad_batch.requires_grad for p in model.parameters())
+
+
+def test_weight_sharing_over_positions_keeps_its_graph():
+    """Linear on ``[N, T, D]``: every sample's gradient sums over its positions."""
+    torch.manual_seed(3)
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)))
+    model = model.double()
+    loss_fn = extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(N, 2, 3, dtype=torch.float64), torch.randint(0, 2, (N,))
+    f = _quantities(model, loss_fn, y, use_grad=True)
+    inputs = _inputs(model, X)
+    ours = f(*inputs)
+    expected = _reference(model, loss_fn, y)(*_inputs(model, X))
+    for a, e in zip(ours, expected):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(f, inputs)
