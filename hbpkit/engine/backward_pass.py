@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
-from hbpkit.engine.plan import PassPlan, trainable
+from hbpkit.engine.plan import PassPlan
 from hbpkit.engine.recorded_ops import bridge_recorded
 from hbpkit.engine.views import bridge_view, is_virtual
 from hbpkit.extensions.base import Extension
@@ -30,10 +30,14 @@ class BackwardState:
     """The per-context state: at most one unfinished :class:`BackwardPass`."""
 
     def __init__(
-        self, extensions: tuple[Extension, ...], memory: MemoryPolicy = DEFAULT_POLICY
+        self,
+        extensions: tuple[Extension, ...],
+        memory: MemoryPolicy = DEFAULT_POLICY,
+        selection: frozenset[int] | None = None,
     ) -> None:
         self.extensions = extensions
         self.memory = memory
+        self.selection = selection  # backprop(..., modules=...): ids of the modules
         self.pass_: BackwardPass | None = None
 
     def process(self, call: ModuleCall, grad_output: Tensor) -> None:
@@ -58,9 +62,12 @@ class BackwardState:
                     )
                 self.pass_.add_root(call)  # another loss of a sum (multi-task, auxiliary)
             if self.pass_ is None:  # the plan raises before anything is computed
-                self.pass_ = BackwardPass(PassPlan(self.extensions, call, self.memory))
+                plan = PassPlan(self.extensions, call, self.memory, selection=self.selection)
+                # a backward pass that creates a graph runs its hooks with grad mode on
+                self.pass_ = BackwardPass(plan, create_graph=torch.is_grad_enabled())
             with torch.no_grad():
-                self.pass_.process(call, grad_output.detach())
+                graph_grad = grad_output if self.pass_.create_graph else None
+                self.pass_.process(call, grad_output.detach(), graph_grad)
             if self.pass_.finished:
                 self.pass_.commit()
                 self.pass_ = None
@@ -79,7 +86,10 @@ class BackwardPass:
     extensions process every call on its own.
     """
 
-    def __init__(self, plan: PassPlan) -> None:
+    def __init__(self, plan: PassPlan, create_graph: bool = False) -> None:
+        self.create_graph = create_graph
+        if create_graph:
+            self._check_graph(plan.calls, plan)
         self.plan = plan
         self.extensions = plan.extensions
         self.second_order = plan.second_order
@@ -110,7 +120,11 @@ class BackwardPass:
         """
         processed = {id(c) for c in self.plan.calls} - self._pending
         plan = PassPlan(
-            self.extensions, [*self.plan.roots, loss], self.plan.memory, earlier=self.plan.calls
+            self.extensions,
+            [*self.plan.roots, loss],
+            self.plan.memory,
+            earlier=self.plan.calls,
+            selection=self.plan.selection,
         )
         graph = plan.graph
         for c in plan.calls:  # cannot happen in autograd's order; never silently wrong
@@ -120,6 +134,8 @@ class BackwardPass:
                     "which it feeds, reached this backward pass"
                 )
         new = [c for c in plan.calls if id(c) not in processed and not self.owns(c)]
+        if self.create_graph:
+            self._check_graph(new, plan)
         self.plan, self.graph = plan, graph
         self._drop_previous_results(new)
         self._pending = {id(c) for c in plan.calls} - processed
@@ -135,9 +151,22 @@ class BackwardPass:
             for ext, rules in self.plan.rules(call):
                 if rules is None or isinstance(rules, LossRules):
                     continue
-                for _, param in trainable(call.module, rules.param_names(call.module)):
+                for _, param in self.plan.trainable(call, rules.param_names(call.module)):
                     if hasattr(param, ext.savefield):
                         delattr(param, ext.savefield)
+
+    @staticmethod
+    def _check_graph(calls: list[ModuleCall], plan: PassPlan) -> None:
+        """With create_graph: refuse, before anything is computed, the calls whose
+        differentiable quantities (first-order extensions) cannot keep their graph."""
+        for call in calls:
+            for ext, rules in plan.rules(call):
+                if rules is None or isinstance(rules, LossRules):
+                    continue
+                if getattr(ext, "differentiable", False) and plan.trainable(
+                    call, rules.param_names(call.module)
+                ):
+                    ext.check_graph(call)
 
     def owns(self, call: ModuleCall) -> bool:
         return id(call) in self._pending
@@ -147,7 +176,12 @@ class BackwardPass:
         return not self._pending
 
     # processing ---------------------------------------------------------------------------
-    def process(self, call: ModuleCall, grad_output: Tensor) -> None:
+    def process(
+        self, call: ModuleCall, grad_output: Tensor, graph_grad: Tensor | None = None
+    ) -> None:
+        """Compute ``call``'s quantities and send its messages; ``grad_output`` detached,
+        ``graph_grad`` the same gradient with its graph where the pass creates one (the
+        differentiable extensions' quantities keep it)."""
         self._pending.discard(id(call))
         if self._waiting.get(id(call), 0) > 0:
             raise RuntimeError(
@@ -165,20 +199,33 @@ class BackwardPass:
         for ext, rules in self.plan.rules(call):
             if rules is None:
                 continue
+            params = self.plan.trainable(call, rules.param_names(module))
+            if not params:  # (outside a selection of modules: carries messages only)
+                continue
             message = None
             if ext.message is not None:
                 message = ext.message
                 message = self._handlers[message].for_params(messages[message], call)
-            for name, param in trainable(module, rules.param_names(module)):
-                if id(param) in self.plan.tied:  # combined over its uses at commit
+            graph = graph_grad is not None and getattr(ext, "differentiable", False)
+            for name, param in params:
+                tied = id(param) in self.plan.tied  # combined over its uses at commit
+                if graph:  # create_graph: the quantity keeps its graph
+                    with torch.enable_grad():
+                        if tied:
+                            part = ext.graph_tied_contribution(rules, call, name, graph_grad)
+                        else:
+                            value = ext.graph_quantity(rules, call, name, graph_grad)
+                elif tied:
                     raw = messages.get(ext.message) if ext.message is not None else None
                     part = ext.tied_contribution(rules, call, name, grad_output, raw)
+                else:
+                    value = ext.param_quantity(rules, call, name, param, grad_output, message)
+                if tied:
                     self.tied.setdefault((id(param), ext.savefield), (param, ext, []))[2].append(
                         part
                     )
-                    continue
-                value = ext.param_quantity(rules, call, name, param, grad_output, message)
-                self.staged.append((param, ext.savefield, value))
+                else:
+                    self.staged.append((param, ext.savefield, value))
         for key in getattr(second_rules, "param_only_cache", ()):
             call.cache.pop(key, None)
         if messages and self.plan.needs_messages(call):
@@ -249,7 +296,8 @@ class BackwardPass:
 
     def commit(self) -> None:
         for (_, field), (param, ext, parts) in self.tied.items():
-            self.staged.append((param, field, ext.combine_tied(parts)))
+            with torch.set_grad_enabled(self.create_graph):
+                self.staged.append((param, field, ext.combine_tied(parts)))
         for param, field, value in self.staged:
             setattr(param, field, value)
         self.staged = []

@@ -9,7 +9,10 @@ because autograd may run hooks on its own worker threads.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from types import TracebackType
+
+from torch import nn
 
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.extensions.base import Extension
@@ -36,9 +39,19 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
             its own savefield.
         memory: the :class:`~hbpkit.curvature.memory.MemoryPolicy` of the backward
             passes in the block (dense budget, chunk sizes; default ``MemoryPolicy()``).
+        modules: compute the quantities for these modules' parameters only (each module
+            with its submodules), e.g. ``modules=[model.head]`` for last-layer curvature:
+            curvature is backpropagated from the loss down to the lowest of them and no
+            further; the modules below need no rules (nor ``extend()``) and their
+            parameters get ``.grad`` only. Default: every parameter the loss depends on.
     """
 
-    def __init__(self, *extensions: Extension, memory: MemoryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        *extensions: Extension,
+        memory: MemoryPolicy | None = None,
+        modules: nn.Module | Iterable[nn.Module] | None = None,
+    ) -> None:
         for ext in extensions:
             if not isinstance(ext, Extension):
                 raise TypeError(
@@ -58,6 +71,7 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
             )
         self.extensions = tuple(extensions)
         self.memory = memory
+        self.selection = None if modules is None else _selection(modules)
         self._state = None
 
     def __enter__(self) -> backprop:
@@ -65,7 +79,7 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
 
         if self._state is not None:
             raise RuntimeError("this backprop(...) context is already active")
-        self._state = BackwardState(self.extensions, self.memory)
+        self._state = BackwardState(self.extensions, self.memory, self.selection)
         with _LOCK:
             _STACK.append(self._state)
         return self
@@ -76,3 +90,27 @@ class backprop:  # noqa: N801 (a context manager, named like BackPACK's)
         with _LOCK:
             _STACK.remove(self._state)
         self._state = None
+
+
+def _selection(modules: nn.Module | Iterable[nn.Module]) -> frozenset[int]:
+    """The ids of ``modules`` and of all their submodules (``backprop(..., modules=...)``)."""
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    try:
+        modules = list(modules)
+    except TypeError:
+        raise TypeError(
+            "backprop(..., modules=...) expects an nn.Module or an iterable of them, got "
+            f"{type(modules).__name__}"
+        ) from None
+    if not modules:
+        raise ValueError("backprop(..., modules=[]) selects no module; leave modules out")
+    ids = set()
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                "backprop(..., modules=...) expects nn.Module instances (e.g. [model.fc]), got "
+                f"{type(m).__name__} {m!r}"
+            )
+        ids.update(id(sub) for sub in m.modules())
+    return frozenset(ids)

@@ -13,6 +13,12 @@ parameters it reaches. :class:`PassPlan` then, once for the whole pass:
   or position blocks for batch averages, dense or local sqrt factors) and checks
   every dense tensor a rule will form against the memory budget.
 
+With a selection of modules (``backprop(..., modules=[model.head])``) only the
+selected modules' parameters count as trainable for the extensions: curvature flows
+from the loss down to the lowest selected call and no further, the calls below are
+neither checked nor computed (they need no rules, nor to be extended), and every other
+parameter gets its ``.grad`` from autograd alone.
+
 The pass (:mod:`hbpkit.engine.backward_pass`) and the rules read these decisions
 from ``call.plan``; an error here leaves nothing half-written.
 """
@@ -56,11 +62,12 @@ def _get(module: nn.Module, name: str) -> nn.Parameter | None:
     return getattr(module, leaf, None)
 
 
-def _lookup(ext: Extension, module: nn.Module) -> Any:
+def _lookup(ext: Extension, module: nn.Module, selected: bool = True) -> Any:
     """``ext``'s rules for ``module``: registered ones, else the generic path where the
     extension needs rules for it (it backpropagates curvature, or the module has
-    trainable parameters)."""
-    return ext.table.lookup(module, fallback=ext.needs_backprop or _own_trainable(module))
+    trainable parameters and is ``selected``)."""
+    own = selected and _own_trainable(module)
+    return ext.table.lookup(module, fallback=ext.needs_backprop or own)
 
 
 def _own_trainable(module: nn.Module) -> bool:
@@ -75,6 +82,8 @@ class PassPlan:
         calls: every extended call the pass reaches (first-order extensions process
             calls outside the graph too).
         second_order: the active extensions that backpropagate curvature.
+        selection: ids of the modules whose parameters the extensions compute for
+            (``backprop(..., modules=...)``), or ``None``: every module.
     """
 
     def __init__(
@@ -83,9 +92,11 @@ class PassPlan:
         roots: ModuleCall | list[ModuleCall],
         memory: MemoryPolicy = DEFAULT_POLICY,
         earlier: tuple[ModuleCall, ...] = (),
+        selection: frozenset[int] | None = None,
     ) -> None:
         self.extensions = extensions
         self.memory = memory
+        self.selection = selection
         self.second_order = [e for e in extensions if e.needs_backprop]
         self.roots = roots if isinstance(roots, list) else [roots]
         self.root = self.roots[0]
@@ -99,16 +110,38 @@ class PassPlan:
                 self.calls.append(c)
         for call in (*self.calls, *graph.order):  # the rules read the policy from their call
             call.memory = memory
-        self._rules = {
-            id(c): tuple((ext, _lookup(ext, c.module)) for ext in extensions) for c in self.calls
-        }
         # does any call upstream of a call have trainable parameters (needs messages)?
         self._needs: dict[int, bool] = {}
         for call in reversed(graph.order):
             self._needs[id(call)] = any(
-                self._needs[id(p)] or _own_trainable(p.module) for p in graph.parents[id(call)]
+                self._needs[id(p)] or self.owns_trainable(p) for p in graph.parents[id(call)]
             )
+        self._rules = {id(c): self._resolve(c) for c in self.calls}
         self._check(self.calls, params)
+
+    def selected(self, call: ModuleCall) -> bool:
+        """Whether the extensions compute ``call``'s parameter quantities (the selection)."""
+        return self.selection is None or id(call.module) in self.selection
+
+    def owns_trainable(self, call: ModuleCall) -> bool:
+        """Whether ``call``'s module has trainable parameters the extensions compute for."""
+        return self.selected(call) and _own_trainable(call.module)
+
+    def trainable(self, call: ModuleCall, names: list[str]) -> list[tuple[str, nn.Parameter]]:
+        """:func:`trainable` parameters ``names`` of ``call.module``, none outside the
+        selection."""
+        return trainable(call.module, names) if self.selected(call) else []
+
+    def _resolve(self, call: ModuleCall) -> tuple[tuple[Extension, Any], ...]:
+        """Every extension's rules for ``call``; outside the selection only the curvature
+        rules of calls that carry messages towards selected calls, else ``None``."""
+        if self.selected(call):
+            return tuple((ext, _lookup(ext, call.module)) for ext in self.extensions)
+        carries = self._needs.get(id(call), False)
+        return tuple(
+            (ext, _lookup(ext, call.module, False) if ext.needs_backprop and carries else None)
+            for ext in self.extensions
+        )
 
     def rules(self, call: ModuleCall) -> tuple[tuple[Extension, Any], ...]:
         """``(extension, rules or None)`` for every active extension, resolved once."""
@@ -120,7 +153,7 @@ class PassPlan:
 
     def receives(self, call: ModuleCall) -> bool:
         """Whether ``call`` needs the curvature at its output (its own or upstream parameters)."""
-        return self._needs[id(call)] or _own_trainable(call.module)
+        return self._needs[id(call)] or self.owns_trainable(call)
 
     # the checks --------------------------------------------------------------------------
     def _check(self, calls: list[ModuleCall], params: list[nn.Parameter]) -> None:
@@ -139,12 +172,22 @@ class PassPlan:
                 if not root.released:  # (a loss processed before another joined)
                     self._check_finite_loss_input(root)
         owned: set[int] = set()
+        selected = [c for c in calls if self.selected(c)]
+        if self.selection is not None and not [c for c in selected if c not in self.roots]:
+            raise ValueError(
+                "none of the modules given to backprop(..., modules=...) is reached by this "
+                "backward pass: pass modules of the model whose loss is differentiated "
+                "(extend() them)"
+            )
         for call in calls:
+            if self.selection is not None and all(r is None for _, r in self.rules(call)):
+                continue  # below the selection (or nothing to carry): not used
             self._check_call(call)
             owned.update(id(p) for p in call.module.parameters())
         self._check_tied(calls)
-        stray = [p for p in params if id(p) not in owned]
-        outside = [c for c in calls if c not in self.graph] if self.second_order else []
+        # with a selection, other parameters get their .grad only: none is stray
+        stray = [p for p in params if id(p) not in owned] if self.selection is None else []
+        outside = [c for c in selected if c not in self.graph] if self.second_order else []
         if stray or outside:
             self._refuse_outside(stray, outside)
         if self.second_order:
@@ -189,6 +232,8 @@ class PassPlan:
         for call in self.graph.order:
             if call in self.roots:
                 continue
+            if self.selection is not None and not self._needs[id(call)]:
+                continue  # no curvature goes below it: what computed its input is irrelevant
             origins = call.origins
             slots = followed_inputs(call) if len(origins) > 1 else (0,)
             for i in slots:
@@ -227,6 +272,9 @@ class PassPlan:
         checks read the pass's ``MemoryPolicy`` from the calls, as the rules do.
         """
         for call in self.graph.order:  # what parent_accepts_local reads
+            if self.selection is not None and call not in self.roots and not self.receives(call):
+                call.plan = CallPlan()  # below the selection: no curvature arrives
+                continue
             call.plan = CallPlan(takes_local=accepts_local(call.rules, call))
         keys = [e.message for e in self.second_order]
         averaged = any(k.batch_averaged for k in keys)
@@ -242,7 +290,7 @@ class PassPlan:
                 continue
             rules = call.rules
             blocks = blocks_out.get(id(call), False)
-            if blocks and _own_trainable(call.module) and (dense or not rules.kron_from_blocks):
+            if blocks and self.owns_trainable(call) and (dense or not rules.kron_from_blocks):
                 raise NotImplementedError(
                     "the batch-averaged curvature at the output of "
                     f"{describe(call.module)} is carried as position blocks (its dense form "
@@ -298,7 +346,7 @@ class PassPlan:
             rules = next((r for _, r in self.rules(call) if r is not None), None)
             if rules is None or isinstance(rules, LossRules):
                 continue
-            for name, p in trainable(call.module, rules.param_names(call.module)):
+            for name, p in self.trainable(call, rules.param_names(call.module)):
                 uses.setdefault(id(p), []).append((call, name))
         self.tied = {k: v for k, v in uses.items() if len(v) > 1}
         if not self.tied:
@@ -340,7 +388,7 @@ class PassPlan:
         validated = set()
         for ext, rules in self.rules(call):
             if rules is None:
-                if ext.needs_backprop or _own_trainable(module):
+                if ext.needs_backprop or self.owns_trainable(call):
                     raise NotImplementedError(
                         f"{name} is not supported by {ext!r}; register rules for it with "
                         "hbpkit.register(...)"
@@ -371,7 +419,7 @@ class PassPlan:
         if ext.needs_backprop and call not in self.graph:
             return  # refused as outside the graph (_refuse_outside)
         module = call.module
-        if trainable(module, rules.param_names(module)):
+        if self.trainable(call, rules.param_names(module)):
             missing = [m for m in ext.required_param_rules(rules) if not rules_implement(rules, m)]
             self._refuse_missing(call, ext, rules, missing, "for the module's parameters")
         if ext.message is not None and self._needs.get(id(call), False):
@@ -433,6 +481,8 @@ class PassPlan:
         """Parameters or modules the loss reaches outside the graph of extended modules."""
         if self.second_order:
             for call in self.graph.order:
+                if self.selection is not None and not self._needs[id(call)]:
+                    continue  # no curvature goes below it
                 for origin in call.origins[:1] if call in self.roots else call.origins:
                     if origin is not None:
                         self._refuse_hidden(call, origin)

@@ -3,6 +3,10 @@
 They need only the module's input and the gradient at its output, so they do
 not backpropagate anything; ``grad_batch[n]`` is the gradient of the ``n``-th
 term of the loss as reduced (``grad_batch.sum(0) == p.grad``).
+
+In a backward pass that creates a graph (``loss.backward(create_graph=True)``) they
+are differentiable: formed from per-sample gradients that keep their graph to the
+parameters and the inputs (``hbpkit/extensions/differentiable.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from hbpkit.collectives import (
     all_reduce_sum,
 )
 from hbpkit.extensions.base import Extension
+from hbpkit.extensions.differentiable import check_differentiable, graph_batch_grad
 from hbpkit.modules.tables import FIRST_ORDER
 
 
@@ -40,6 +45,21 @@ class _FirstOrder(Extension):
     def from_batch_grad(self, g: Tensor) -> Tensor:
         """The quantity from the per-sample gradients ``g`` ``[N, *p.shape]``."""
         raise NotImplementedError
+
+    # backward passes that create a graph (create_graph=True) --------------------------------
+    differentiable = True
+
+    def check_graph(self, call) -> None:
+        """Refuse, before the pass, a module whose per-sample gradients cannot keep a graph."""
+        check_differentiable(call)
+
+    def graph_quantity(self, rules, call, name, grad_output) -> Tensor:
+        """The quantity with its graph to ``grad_output``, the inputs and the parameters."""
+        return self.from_batch_grad(graph_batch_grad(call, rules, name, grad_output))
+
+    def graph_tied_contribution(self, rules, call, name, grad_output) -> Tensor:
+        """One use's per-sample gradients of a tied parameter, with their graph."""
+        return graph_batch_grad(call, rules, name, grad_output)
 
 
 class BatchGrad(_FirstOrder):
