@@ -49,7 +49,7 @@ def import_laplace() -> types.ModuleType:
             for name in missing:
                 lib.define(SCHEMAS[name])
             _LIBRARY.append(lib)
-    if importlib.util.find_spec("opt_einsum") is None and "opt_einsum" not in sys.modules:
+    if "opt_einsum" not in sys.modules and importlib.util.find_spec("opt_einsum") is None:
         stand_in = types.ModuleType("opt_einsum")
         stand_in.contract = torch.einsum
         sys.modules["opt_einsum"] = stand_in
