@@ -157,6 +157,20 @@ def test_sqrt_ggn_exact_equals_backpack(name, loss_fn):
         torch.testing.assert_close(p.sqrt_ggn_exact, q.sqrt_ggn_exact, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sqrt_ggn_exact_equals_backpack_bce(reduction):
+    """BCEWithLogitsLoss (BackPACK 1.7.1: scalar outputs only)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+    X, y = torch.randn(5, 4, dtype=DT), torch.rand(5, 1, dtype=DT).round()
+    loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)
+    ours = run_extended(model, loss_fn, X, y, hx.SqrtGGNExact())
+    theirs = run_backpack(model, loss_fn, X, y, bpext.SqrtGGNExact())
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert p.sqrt_ggn_exact.shape == (1, 5, *p.shape)
+        torch.testing.assert_close(p.sqrt_ggn_exact, q.sqrt_ggn_exact, rtol=1e-10, atol=1e-12)
+
+
 def test_sqrt_ggn_mc_shape_as_backpack_and_mean_is_the_ggn():
     torch.manual_seed(3)
     model = mlp().to(DT)
