@@ -81,8 +81,26 @@ def transposed():
     )  # fmt: skip
 
 
+class GRUHead(nn.Module):
+    """A GRU over 3 steps (the generic path on its recurrence), its last output classified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(4, 3, batch_first=True), nn.Linear(3, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def embedding():
+    return nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(12, 3))
+
+
 MODELS = {
     "mlp": (mlp, (4,)),
+    "embedding": (embedding, "tokens"),
+    "recurrent": (lambda: hbpkit.convert(GRUHead()), (3, 4)),
     "cnn": (cnn, (2, 4, 4)),
     "norms": (norms, (4,)),
     "transposed": (transposed, (4,)),
@@ -92,6 +110,8 @@ MODELS = {
 
 def _data(shape, N=5, C=3, seed=0):
     torch.manual_seed(seed)
+    if shape == "tokens":  # four tokens of a vocabulary of 7 per sample
+        return torch.randint(0, 7, (N, 4)), torch.randint(0, C, (N,))
     return torch.randn(N, *shape, dtype=DT), torch.randint(0, C, (N,))
 
 
