@@ -120,8 +120,8 @@ def implements(rules: ModuleRules, name: str) -> bool:
 
 def loss_cell(extension, rules: LossRules) -> str:
     needed = loss_rules(extension)
-    if not needed:
-        return "–"
+    if not needed:  # a message that needs nothing of the loss (BatchJacobian): any loss
+        return "✓" if extension.needs_backprop else "–"
     overridden = all(getattr(type(rules), n) is not getattr(LossRules, n) for n in needed)
     return "✓" if overridden else "✗"
 
