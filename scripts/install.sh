@@ -9,6 +9,10 @@
 # and torchvision) and without its dependency opt_einsum: where opt_einsum is importable,
 # torch.einsum reorders contractions and returns tensors of other strides, and torch.kron
 # fails on such a non-contiguous factor (tests/extensions/test_against_backpack.py, KFRA).
+# laplace-torch (hbpkit.integrations.laplace, the hbpkit[laplace] extra) likewise without
+# dependencies: only those its imports need (asdfghjkl ships the `asdl` package that
+# laplace/baselaplace.py imports; torchmetrics; tqdm); its opt_einsum is left out for the
+# same reason (examples/_laplace_env.py stands in for its one use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PYTHON:-python3} -m pip"
@@ -18,3 +22,5 @@ $PIP install --quiet --disable-pip-version-check --no-deps backpack-for-pytorch=
 $PIP install --quiet --disable-pip-version-check --no-deps torchvision==0.28.0
 $PIP install --quiet --disable-pip-version-check -c scripts/constraints.txt --no-deps \
     curvlinops-for-pytorch==3.0.1 einconv==0.1.0 linear_operator==0.6.1 tqdm
+$PIP install --quiet --disable-pip-version-check -c scripts/constraints.txt --no-deps \
+    laplace-torch==0.3 asdfghjkl==0.1a4 torchmetrics==1.9.0 lightning-utilities==0.15.3 tqdm

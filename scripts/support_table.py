@@ -65,6 +65,9 @@ COLUMNS = [
     ("GGNMP", ext.GGNMP(), "exact"),
     ("HMP", ext.HMP(), "exact"),
     ("PCHMP", ext.PCHMP(), "exact"),
+    ("SqrtGGNExact", ext.SqrtGGNExact(), "exact"),
+    ("SqrtGGNMC", ext.SqrtGGNMC(), "MC"),
+    ("BatchJacobian", ext.BatchJacobian(), "exact"),
 ]
 
 LEGEND = (
@@ -117,8 +120,8 @@ def implements(rules: ModuleRules, name: str) -> bool:
 
 def loss_cell(extension, rules: LossRules) -> str:
     needed = loss_rules(extension)
-    if not needed:
-        return "–"
+    if not needed:  # a message that needs nothing of the loss (BatchJacobian): any loss
+        return "✓" if extension.needs_backprop else "–"
     overridden = all(getattr(type(rules), n) is not getattr(LossRules, n) for n in needed)
     return "✓" if overridden else "✗"
 
@@ -203,7 +206,7 @@ MATRIX_ROWS = [(h, e) for h, e, _ in COLUMNS] + [
 MATRIX_COLUMNS = {
     "parameter rules": ["batch_grad", "param_diag", "kron_from_sqrt", "kron_from_average"]
     + ["param_jac_mat_prod", "param_jac_t_mat_prod_sum", "param_residual_mat_prod"]
-    + ["param_residual_diag"],
+    + ["param_residual_diag", "param_jac_t_columns"],
     "message rules": ["jac_t_mat_prod", "jac_mat_prod", "ea_jac_t_mat_jac_prod"]
     + list(RESIDUAL_RULES),
     "loss rules": ["sqrt_hessian", "sqrt_hessian_sampled", "sum_hessian", "hessian_mat_prod"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from example_scripts import EXAMPLES, load_example
 
 
@@ -37,3 +38,25 @@ def test_every_example_runs_in_a_test():
     assert scripts, f"no examples found in {EXAMPLES}"
     untested = [n for n in scripts if not re.search(rf"[\"']{n}(\.py)?[\"']", sources)]
     assert not untested, f"examples that no test runs: {untested}"
+
+
+def test_laplace_digits_example_agrees_with_curvlinops(tmp_path):
+    """The laplace-torch example, small (the MLP, one repeat, a short training): hbpkit's
+    backend gives curvlinops' predictive (same conventions) in every setting both fit,
+    BackPACK's on the MLP (no weight sharing), and writes the reliability diagram."""
+    env = load_example("_laplace_env")
+    try:
+        env.import_laplace()
+    except ImportError:
+        pytest.skip("laplace-torch is not installed (pip install hbpkit[laplace])")
+    png = tmp_path / "reliability.png"
+    example = load_example("laplace_digits")
+    results = example.main(repeats=1, models=("mlp",), steps=30, png=str(png))
+    assert png.stat().st_size > 0
+    rows = {k: v for k, v in results.items() if len(k) == 4}
+    assert len(rows) == 11  # 4 settings x 3 backends, less curvlinops' diag of all weights
+    for (name, subset, structure, label), row in rows.items():
+        ours = results[(name, subset, structure, "hbpkit")]
+        for key in ("nll", "acc", "ece", "prior"):
+            assert abs(row[key] - ours[key]) <= 1e-4 * max(1.0, abs(ours[key])), (key, label)
+    assert results[("mlp", "MAP")]["acc"] > 0.8

@@ -4,8 +4,10 @@ from hbpkit.extensions.base import Extension
 from hbpkit.extensions.curvmatprod import GGNMP, HMP, PCHMP
 from hbpkit.extensions.diagonal import DiagGGNExact, DiagGGNMC, DiagHessian
 from hbpkit.extensions.first_order import BatchGrad, BatchL2, SumGradSquared, Variance
+from hbpkit.extensions.jacobian import BatchJacobian
 from hbpkit.extensions.kronecker import HBP, KFAC, KFLR, KFRA
 from hbpkit.extensions.roots import EmpiricalKFAC, InputCovariance, KroneckerRoots
+from hbpkit.extensions.sqrt_ggn import SqrtGGNExact, SqrtGGNMC
 
 #: every extension class hbpkit provides, one savefield each: the one registry that
 #: savefield lookups (``hbpkit.distributed.all_reduce_quantities``) go through
@@ -27,6 +29,9 @@ EXTENSIONS: tuple[type[Extension], ...] = (
     BatchGrad,
     BatchL2,
     Variance,
+    SqrtGGNExact,
+    SqrtGGNMC,
+    BatchJacobian,
 )
 
 __all__ = [
@@ -39,6 +44,7 @@ __all__ = [
     "KFRA",
     "PCHMP",
     "BatchGrad",
+    "BatchJacobian",
     "BatchL2",
     "DiagGGNExact",
     "DiagGGNMC",
@@ -47,6 +53,8 @@ __all__ = [
     "Extension",
     "InputCovariance",
     "KroneckerRoots",
+    "SqrtGGNExact",
+    "SqrtGGNMC",
     "SumGradSquared",
     "Variance",
 ]

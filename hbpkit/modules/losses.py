@@ -145,6 +145,11 @@ class TermRules(LossRules):
     def terms_factor(self, terms: Terms) -> SqrtFactor:
         raise NotImplementedError
 
+    def terms_factor_columns(self, terms: Terms) -> SqrtFactor:
+        """An exact signed factor in BackPACK 1.7.1's column layout (``SqrtGGNExact``);
+        default :meth:`terms_factor` (the same columns, e.g. ``sqrt(2c) I`` for MSE)."""
+        return self.terms_factor(terms)
+
     def terms_sampled(self, terms: Terms, mc_samples: int) -> SqrtFactor:
         raise NotImplementedError
 
@@ -161,6 +166,10 @@ class TermRules(LossRules):
     def signed_sqrt_hessian(self, call: ModuleCall) -> SqrtFactor:
         """Exact signed factor ``[V, N, *in]``: ``sum_v sign S S^T = d2L/dx_n dx_n``."""
         return self.terms_factor(self._terms(call))
+
+    def signed_sqrt_hessian_columns(self, call: ModuleCall) -> SqrtFactor:
+        """Exact signed factor in BackPACK's column layout (:meth:`terms_factor_columns`)."""
+        return self.terms_factor_columns(self._terms(call))
 
     def signed_sqrt_hessian_sampled(self, call: ModuleCall, mc_samples: int) -> SqrtFactor:
         """Monte-Carlo signed factor, unbiased for ``d2L/dx_n dx_n``."""
@@ -350,19 +359,28 @@ class CrossEntropyLossRules(TermRules):
         factor of the same block. Column ``(v, q)`` of ``S`` is that factor's column ``v``
         at position ``q``, scaled by ``sqrt|m_{n,q}|``, and zero at the other positions.
         """
+        return self._factor(terms, rotate=True)
+
+    def terms_factor_columns(self, terms: Terms) -> SqrtFactor:
+        """``S`` ``[C P, N, C, *d]``: per position BackPACK 1.7.1's ``R = diag(sqrt p) - p
+        sqrt(p)^T`` itself (column ``v`` is ``sqrt(p_v) (e_v - p)``), without the reflection
+        of :meth:`terms_factor`, scaled by ``sqrt|m|``; one zero-sum column more per position."""
+        return self._factor(terms, rotate=False)
+
+    def _factor(self, terms: Terms, rotate: bool) -> SqrtFactor:
         x = terms.x
         p, mass = self.probs_and_mass(terms)
         N, C, P = p.shape
         if P > 1:
             check_dense_budget(
                 terms.call,
-                (max(C - 1, 1) * P, *x.shape),
+                ((max(C - 1, 1) if rotate else C) * P, *x.shape),
                 x.dtype,
                 f"The exact factor of the cross-entropy over {P} positions",
                 DENSE_CE_ADVICE,
             )
         rows = rearrange(p, "n c q -> (n q) c")
-        R = _softmax_root(rows) * mass.abs().sqrt().reshape(-1, 1, 1)  # [(n q), C, V]
+        R = _softmax_root(rows, rotate) * mass.abs().sqrt().reshape(-1, 1, 1)  # [(n q), C, V]
         V = R.shape[2]
         R = rearrange(R, "(n q) c v -> v q n c", n=N)
         if P == 1:
@@ -419,13 +437,13 @@ class CrossEntropyLossRules(TermRules):
         return product
 
 
-def _softmax_root(p: Tensor) -> Tensor:
+def _softmax_root(p: Tensor, rotate: bool = True) -> Tensor:
     """``[B, C] -> [B, C, max(C - 1, 1)]``: a factor of ``diag p - p p^T`` per row (see
-    :meth:`CrossEntropyLossRules.terms_factor`)."""
+    :meth:`CrossEntropyLossRules.terms_factor`); ``rotate=False``: ``R`` itself, ``[B, C, C]``."""
     B, C = p.shape
     sqrt_p = p.sqrt()
     R = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)  # [B, C(feature), C(v)]
-    if C == 1:  # p = 1: the Hessian is 0, keep one (zero) column
+    if C == 1 or not rotate:  # p = 1: the Hessian is 0, keep one (zero) column
         return R
     k = p.argmax(1)
     rows = torch.arange(B, device=p.device)
@@ -503,6 +521,9 @@ class ReducedLossRules(TermRules):
 
     def terms_factor(self, terms: Terms) -> SqrtFactor:
         return self._inner(terms.module).terms_factor(terms)
+
+    def terms_factor_columns(self, terms: Terms) -> SqrtFactor:
+        return self._inner(terms.module).terms_factor_columns(terms)
 
     def terms_sampled(self, terms: Terms, mc_samples: int) -> SqrtFactor:
         return self._inner(terms.module).terms_sampled(terms, mc_samples)

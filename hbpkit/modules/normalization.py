@@ -133,6 +133,12 @@ class AffineParamRules(ModuleRules):
         result = sum(f.match(dense=of_dense, diagonal=of_diagonal) for f in factors)
         return self._to_param(call, name, result)
 
+    def param_jac_t_columns(self, call: ModuleCall, name: str, factor: Factor) -> SqrtFactor:
+        """``[V, N, *param.shape]``: ``J_{p,n}^T S[v, n]``, summed over positions (S.8b)."""
+        f = factor.dense()
+        columns = self._param_derivative(call, name, f.S).sum(-2)  # [V, N, P]
+        return SqrtFactor(self._to_param(call, name, columns), f.sign)
+
     def kron_from_sqrt(
         self, call: ModuleCall, name: str, factors: list[Factor], approx: str
     ) -> list[Tensor]:

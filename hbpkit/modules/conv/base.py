@@ -12,7 +12,7 @@ from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature.factors import Jacobian
+from hbpkit.curvature.factors import Factor, Jacobian, SqrtFactor
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.base import ModuleRules
 from hbpkit.modules.conv.diagonal import ConvDiagonal
@@ -229,3 +229,23 @@ class _ConvBase(ConvDiagonal, ModuleRules):
 
     def summed_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         return grad_output.flatten(2).sum((0, 2))
+
+    # per-sample columns J_{p,n}^T S[v, n] (S.14 per column), for SqrtGGNExact / SqrtGGNMC,
+    # BatchJacobian and the diagonals of tied uses
+    param_jac_t_columns = per_role("param_jac_t_columns")
+
+    def param_jac_t_columns_weight(self, call: ModuleCall, factor: Factor) -> SqrtFactor:
+        """``[V, N, *weight.shape]``: ``S[v, n] [[x_n]]^T`` per column and sample (S.14)."""
+        f = factor.dense()
+        V, N = f.S.shape[:2]
+        left, right = self._weight_factors(call, f.S)
+        if self._output_left:
+            columns = einsum(left, right, "v n g a p, n g b p -> v n g a b")
+        else:
+            columns = einsum(left, right, "n g a p, v n g b p -> v n g a b")
+        return SqrtFactor(columns.reshape(V, N, *call.module.weight.shape), f.sign)
+
+    def param_jac_t_columns_bias(self, call: ModuleCall, factor: Factor) -> SqrtFactor:
+        """``[V, N, C_out]``: ``S[v, n]`` summed over positions."""
+        f = factor.dense()
+        return SqrtFactor(f.S.flatten(3).sum(3), f.sign)
