@@ -211,3 +211,19 @@ def test_samples_coupled_by_functional_code_are_refused():
     with pytest.raises(NotImplementedError, match="couples the samples"):
         _run(model, nn.CrossEntropyLoss(), X, y, DiagGGNExact())
     assert not any(hasattr(p, "diag_ggn_exact") for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_jacobians_and_ggn_square_roots(name):
+    """``BatchJacobian`` equals ``jacrev`` per sample; ``SqrtGGNExact``'s columns square to
+    the GGN diagonal."""
+    from hbpkit.extensions import BatchJacobian, SqrtGGNExact
+
+    model, loss_fn, X, y = _case(name, N=3)
+    ours = _run(copy.deepcopy(model), loss_fn, X, y, BatchJacobian(), SqrtGGNExact())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    J = jacrev(lambda p: functional_call(model, p, (X,)))(params)  # [N, C, *p]
+    diagonals = _ggn_diagonals(model, loss_fn, X, y)
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.jac_batch, J[k].transpose(0, 1), **TOL)
+        torch.testing.assert_close(p.sqrt_ggn_exact.square().sum((0, 1)), diagonals[k], **TOL)
