@@ -211,10 +211,12 @@ class HbpkitGGN(HbpkitInterface, GGNInterface):
         dict_key_y: str = "labels",
         stochastic: bool = False,
         num_samples: int = 1,
+        low_rank: int = 10,
     ) -> None:
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         self.stochastic = stochastic
         self.num_samples = num_samples
+        self.low_rank = low_rank
 
     def diag(
         self, x: Tensor | MutableMapping[str, Any], y: Tensor, **kwargs: Any
@@ -255,6 +257,26 @@ class HbpkitGGN(HbpkitInterface, GGNInterface):
         loss = self._run(x, y, ext)
         V = self._flat(self._collect(ext.savefield), 2).flatten(0, 1)  # [C N, P]
         return self.factor * loss, self.factor * (V.T @ V)
+
+    def eig_lowrank(self, data_loader: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U [P, k], factor * eigenvalues [k], factor * loss)`` for laplace's
+        ``LowRankLaplace``: the top ``low_rank`` eigenpairs of the exact GGN of the whole
+        data set (Lanczos over exact GGN products, :class:`hbpkit.operators.GGNOperator`),
+        those above laplace's threshold ``1e-6``; the loss summed over the batches."""
+        from hbpkit.operators import GGNOperator
+
+        if self.stochastic or self.last_layer or self.subnetwork_indices is not None:
+            raise NotImplementedError(
+                "HbpkitGGN.eig_lowrank takes the exact GGN of all weights (stochastic=False, "
+                "last_layer=False, no subnetwork_indices)"
+            )
+        batches = [(x, y) for x, y in data_loader]
+        operator = GGNOperator(self.model, self.lossfunc, batches, params=self.params)
+        values, vectors = operator.eigh_lowrank(min(self.low_rank, operator.shape[0]))
+        keep = values > 1e-6  # laplace's EPS for its low-rank backends
+        with torch.no_grad():
+            loss = sum(self._loss(x, y) for x, y in batches)
+        return vectors[:, keep], self.factor * values[keep], self.factor * loss
 
 
 class HbpkitEF(HbpkitInterface, EFInterface):

@@ -563,3 +563,22 @@ def test_unknown_options_are_refused(model, class_xy):
     X, y = class_xy
     with pytest.raises(ValueError, match=r"kron\(\) got unknown options \['damping'\]"):
         HbpkitGGN(model, "classification").kron(X, y, N=10, damping=1.0)
+
+
+def test_eig_lowrank_for_low_rank_laplace(float64):
+    """``HbpkitGGN.eig_lowrank``, what laplace's ``LowRankLaplace.fit`` calls: ``U diag(l)
+    U^T`` is the GGN of the data set where its rank is at most ``k`` (two outputs, 5 samples:
+    rank at most 10; ``k = 12``), the loss the summed one. (``LowRankLaplace`` itself refuses
+    to start without the ``asdfghjkl`` package, which only laplace's git fork provides.)"""
+    torch.manual_seed(0)
+    model = _counted(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(), 2)
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(2, (5,))
+    loader = DataLoader(TensorDataset(X, y), batch_size=2)  # three batches
+    U, values, loss = HbpkitGGN(copy.deepcopy(model), "classification", low_rank=12).eig_lowrank(
+        loader
+    )
+    dense_loss, dense = HbpkitGGN(copy.deepcopy(model), "classification").full(X, y)
+    assert U.shape[1] == values.shape[0] <= 12
+    _same(U @ torch.diag(values) @ U.T, dense, tol=1e-8)
+    _same(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), tol=1e-8)
+    _same(loss, dense_loss)
