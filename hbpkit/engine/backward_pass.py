@@ -22,6 +22,7 @@ from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
 from hbpkit.engine.views import bridge_view, is_virtual
 from hbpkit.extensions.base import Extension
+from hbpkit.extensions.coupled import GRADIENT_COLUMNS, LAZY, keep_coupled, resolve
 from hbpkit.modules.base import LossRules
 
 
@@ -83,11 +84,13 @@ class BackwardPass:
         self.root = plan.root
         self.graph = graph = plan.graph
         keys = dict.fromkeys(e.message for e in self.second_order)
+        if plan.coupled_first_order:  # gradient columns through batch statistics
+            keys[GRADIENT_COLUMNS] = None
         self._handlers = {k: k if graph.is_chain else k.for_dag() for k in keys}
         # messages not yet delivered to each call's output, from how many consumer links
         self._waiting = {
             id(c): n
-            for c in (graph.order if self.second_order else ())
+            for c in (graph.order if self._handlers else ())
             if (n := graph.consumers[id(c)]) and plan.receives(c)
         }
         self._inbox: dict[int, list[dict[Any, Any]]] = {}
@@ -120,7 +123,7 @@ class BackwardPass:
         self._pending = {id(c) for c in plan.calls} - processed
         self._waiting = {
             id(c): n - len(self._inbox.get(id(c), ()))
-            for c in (graph.order if self.second_order else ())
+            for c in (graph.order if self._handlers else ())
             if id(c) not in processed and (n := graph.consumers[id(c)]) and plan.receives(c)
         }
 
@@ -152,7 +155,7 @@ class BackwardPass:
         module = call.module
         second_rules = call.rules
         if isinstance(second_rules, LossRules):
-            if self.second_order:
+            if self._handlers:
                 self._start(second_rules, call, grad_output)
             virtual = call.parents[0]  # a view to the model's output (engine/views.py)
             if virtual is not None and is_virtual(virtual) and self.owns(virtual):
@@ -163,6 +166,11 @@ class BackwardPass:
                     virtual.release()
             return
         messages = self._collect(call)
+        columns = None  # the gradient columns through batch statistics (extensions/coupled.py)
+        if GRADIENT_COLUMNS in self._handlers:
+            if call in self.plan.roots and not messages:  # the pass starts at a module
+                messages = {GRADIENT_COLUMNS: LAZY}
+            columns = resolve(messages.get(GRADIENT_COLUMNS), grad_output)
         for ext, rules in self.plan.rules(call):
             if rules is None:
                 continue
@@ -171,6 +179,10 @@ class BackwardPass:
                 message = ext.message
                 message = self._handlers[message].for_params(messages[message], call)
             for name, param in trainable(module, rules.param_names(module)):
+                if columns is not None and ext.message is None:  # grad_batch[n] = sum_m
+                    key = ("batch_grad", name)  # J_{p,m}^T G[n, m], every statistic from it
+                    if key not in call.cache:
+                        call.cache[key] = rules.param_jac_t_mat_prod_sum(call, name, columns)
                 if id(param) in self.plan.tied:  # combined over its uses at commit
                     raw = messages.get(ext.message) if ext.message is not None else None
                     part = ext.tied_contribution(rules, call, name, grad_output, raw)
@@ -178,18 +190,21 @@ class BackwardPass:
                         part
                     )
                     continue
-                value = ext.param_quantity(rules, call, name, param, grad_output, message)
+                if columns is not None and ext.message is None:
+                    value = ext.from_batch_grad(call.cache[("batch_grad", name)])
+                else:
+                    value = ext.param_quantity(rules, call, name, param, grad_output, message)
                 self.staged.append((param, ext.savefield, value))
         for key in getattr(second_rules, "param_only_cache", ()):
             call.cache.pop(key, None)
         if messages and self.plan.needs_messages(call):
-            self._send(
-                call,
-                {
-                    key: self._handlers[key].propagate(second_rules, call, grad_output, value)
-                    for key, value in messages.items()
-                },
-            )
+            sent = {
+                key: self._handlers[key].propagate(second_rules, call, grad_output, value)
+                for key, value in messages.items()
+            }
+            if self.plan.coupling:  # coupled factors stay coupled through every rule
+                sent = {k: keep_coupled(messages[k], v, call) for k, v in sent.items()}
+            self._send(call, sent)
 
     def _collect(self, call: ModuleCall) -> dict[Any, Any]:
         """The messages at ``call``'s output, merged over its consumers."""
