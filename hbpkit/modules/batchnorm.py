@@ -79,7 +79,8 @@ class BatchNormRules(AffineParamRules):
     diagonal_jacobian = True  # eval mode; train mode overrides jac_t_factor
     support_note = (
         "eval mode: affine per channel; train mode: exact through the batch statistics "
-        "(coupled columns, docs/user-guide.md); Kronecker: one dense factor for gamma / beta"
+        "(coupled columns, docs/user-guide.md), KFRA refused; Kronecker: one dense factor "
+        "for gamma / beta"
     )
 
     def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> BatchNormCapture:
