@@ -126,6 +126,7 @@ def _check_budget(plan: Any) -> None:
     sqrt = [e.message for e in plan.second_order if hasattr(e.message, "loss_hessian")]
     residuals = any(m.residual_factors for m in sqrt)
     arriving: dict[int, tuple[int, int]] = {}  # per-sample and coupled columns
+    via: dict[int, ModuleCall] = {}  # the coupling call above each call (for the message)
     for call in plan.graph.order:
         if call.released:
             continue
@@ -141,23 +142,22 @@ def _check_budget(plan: Any) -> None:
                     coupled += N * numel
             elif residuals and not call.rules.linear_in_input:
                 per_sample += numel
-            if id(call) in coupling or id(call) in plan.below_coupling:
+            if id(call) in coupling:
+                via[id(call)] = call
+            if id(call) in via:
+                advice = f"{describe(via[id(call)].module)}: {COUPLED_ADVICE}"
                 if plan.coupled_first_order:
-                    check_dense_budget(
-                        call, (N, *x.shape), x.dtype, "The per-sample gradients", COUPLED_ADVICE
-                    )
+                    what = "The per-sample gradient columns"
+                    check_dense_budget(call, (N, *x.shape), x.dtype, what, advice)
                 if coupled:
-                    check_dense_budget(
-                        call,
-                        (coupled, *x.shape),
-                        x.dtype,
-                        "The coupled curvature columns",
-                        COUPLED_ADVICE,
-                    )
+                    what = "The coupled curvature columns"
+                    check_dense_budget(call, (coupled, *x.shape), x.dtype, what, advice)
             send = (per_sample, coupled)
         for parent in plan.graph.parents[id(call)]:
             old = arriving.get(id(parent), (0, 0))
             arriving[id(parent)] = (max(old[0], send[0]), max(old[1], send[1]))
+            if id(call) in via:
+                via.setdefault(id(parent), via[id(call)])
 
 
 def _loss_columns(root: ModuleCall, messages: list) -> int:

@@ -66,9 +66,9 @@ TRAIN_MODE_REASON = (
 
 #: what to do where the coupled curvature does not fit the memory budget
 COUPLED_ADVICE = (
-    "Behind a BatchNorm in train mode every curvature column spans the whole batch "
-    "(N times the columns of a per-sample factor); call model.eval() to use the running "
-    "statistics, use a smaller batch"
+    "in train mode it normalizes with the batch statistics, so below it every gradient "
+    "and curvature column spans the whole batch (N times the columns of per-sample "
+    "ones); call model.eval() to use the running statistics, use a smaller batch"
 )
 
 
@@ -303,13 +303,10 @@ class BatchNormRules(AffineParamRules):
             curvature = getattr(key, "curvature", "ggn")
             if curvature == "ggn" or (curvature == "hessian" and not _sqrt(key)):
                 continue
-            check_dense_budget(
-                call, (C, M, M), x.dtype, "The residual of eq. 7 in train mode", COUPLED_ADVICE
-            )
+            advice = f"{describe(call.module)}: {COUPLED_ADVICE}"
+            check_dense_budget(call, (C, M, M), x.dtype, "The batch residual of eq. 7", advice)
             if _sqrt(key):
-                check_dense_budget(
-                    call, (C * M, *x.shape), x.dtype, "Its coupled columns", COUPLED_ADVICE
-                )
+                check_dense_budget(call, (C * M, *x.shape), x.dtype, "Its coupled columns", advice)
 
 
 def _spatial_sum(t: Tensor) -> Tensor:

@@ -300,3 +300,43 @@ def test_eval_mode_unchanged():
             ]
         )
         close(p.grad_batch, per_sample, n)
+
+
+def test_functional_loss_first_order():
+    """The loss written functionally (not extended): the pass starts at the model's last
+    module, whose gradient holds the per-sample terms."""
+    model = _randomized("mlp")
+    X, y, criterion, terms = _data("mlp", "ce")
+    ours = extend(copy.deepcopy(model))
+    with backprop(hx.BatchGrad()):
+        nn.functional.cross_entropy(ours(X), y).backward()
+    gb = BatchReference(model, X, y, criterion, terms).grad_batch()
+    for n, p in ours.named_parameters():
+        close(p.grad_batch, gb[n], n)
+
+
+class TiedAroundBatchNorm(nn.Module):
+    """One Linear applied before and after a train-mode BatchNorm (a tied parameter with
+    one use coupled and one not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.out = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.lin(torch.tanh(self.bn(self.lin(x)))))
+
+
+def test_tied_parameter_across_batchnorm():
+    """Per-sample gradients and the GGN diagonal of a parameter used on both sides."""
+    torch.manual_seed(0)
+    model = TiedAroundBatchNorm().double()
+    X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    ours = extend(hbpkit.convert(copy.deepcopy(model)))
+    with backprop(hx.BatchGrad(), hx.DiagGGNExact()):
+        extend(nn.CrossEntropyLoss())(ours(X), y).backward()
+    ref = BatchReference(model, X, y, nn.CrossEntropyLoss(), mean_ce_terms)
+    gb = ref.grad_batch()
+    for n, p in ours.named_parameters():
+        close(p.grad_batch, gb[n], f"{n} grad_batch")
+        close(p.diag_ggn_exact.flatten(), ref.ggn_block(n).diagonal(), f"{n} diag_ggn_exact")
