@@ -85,8 +85,34 @@ class FunctionalCNN(nn.Module):
         return self.fc(torch.flatten(h, 1))
 
 
-INPUTS = {"mlp": (5,), "cnn": (1, 4, 4), "functional-cnn": (1, 4, 4)}
-BUILD = {"mlp": mlp, "cnn": cnn, "functional-cnn": FunctionalCNN}
+def conv1d() -> nn.Module:
+    """BatchNorm1d on ``[N, C, L]``; affine-free BatchNorm3d on ``[N, C, D, H, W]``."""
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)
+    )
+
+
+def conv3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2, affine=False), nn.Sigmoid(), nn.Flatten(),
+        nn.Linear(16, 3),
+    )  # fmt: skip
+
+
+INPUTS = {
+    "mlp": (5,),
+    "cnn": (1, 4, 4),
+    "functional-cnn": (1, 4, 4),
+    "conv1d": (2, 4),
+    "conv3d": (1, 3, 3, 3),
+}
+BUILD = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "functional-cnn": FunctionalCNN,
+    "conv1d": conv1d,
+    "conv3d": conv3d,
+}
 
 
 def _randomized(name: str) -> nn.Module:
@@ -94,7 +120,7 @@ def _randomized(name: str) -> nn.Module:
     model = BUILD[name]().double().train()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_()
     return model
@@ -131,7 +157,15 @@ def _named(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters())
 
 
-CASES = [("mlp", "ce"), ("mlp", "mse"), ("cnn", "ce"), ("cnn", "mse"), ("functional-cnn", "ce")]
+CASES = [
+    ("mlp", "ce"),
+    ("mlp", "mse"),
+    ("cnn", "ce"),
+    ("cnn", "mse"),
+    ("functional-cnn", "ce"),
+    ("conv1d", "ce"),
+    ("conv3d", "mse"),
+]
 
 
 @pytest.mark.parametrize("name, loss", CASES)
