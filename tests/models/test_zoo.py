@@ -134,6 +134,17 @@ TRAIN_MODELS = [m for m, family in zoo.MODELS.items() if family.train]
 for _model in TRAIN_MODELS:
     for _ext in KRONECKER:
         EXPECTED[_model, _ext] = "runs: coupled columns as extra samples (batch statistics)"
+    # the eigenvectors of each BatchNorm's batch residual, one coupled column each, exceed
+    # the default dense budget (2 GiB) at these sizes; exact on small models
+    # (tests/modules/test_batchnorm_train.py)
+    EXPECTED[_model, "DiagHessian"] = "refused: The coupled curvature columns"
+#: products compared in Frobenius norm (relative, or absolute below ``TOL["atol"]``), not
+#: entrywise: through MobileNet's batch statistics float64 roundoff is amplified to about
+#: 1e-8 relative in GGNMP and HMP alike near the input (1e-16 near the output; the GGN
+#: products still pass entrywise), far below any missing term (its Hessian products are
+#: 1000 times its GGN products there); the same products are exact to 1e-15 on the small
+#: models of tests/modules/test_batchnorm_train.py
+NORM_RTOL = {("mobilenet-v3-small-train", "HMP"): 1e-6}
 
 #: cases of seconds (float64 references or hbpkit work): marked ``slow``; three cheap cases
 #: of the small ResNet stay in the default run, so torchvision's code is in it
@@ -218,7 +229,9 @@ def check_first_order(ext, twin, bf):
 def check_diag_ggn(twin, bf, field="diag_ggn_exact", mc=False):
     diag = bf.ggn_diagonal()
     for name, p in twin.named_parameters():
-        if mc:
+        if mc and diag[name].norm() < TOL["atol"]:  # the loss does not depend on it (a
+            close(getattr(p, field), diag[name], f"{name}.{field}")  # bias before BatchNorm)
+        elif mc:
             err = rel_err(getattr(p, field), diag[name])
             assert err < MC_RTOL, f"{name}.{field}: relative error {err:.3f} >= {MC_RTOL}"
         else:
@@ -237,14 +250,19 @@ def check_diag_hessian(twin, bf):
         close(p.diag_h.flatten()[index], H_cols[torch.arange(len(index)), index], f"{name}.diag_h")
 
 
-def check_products(ext, twin, bf):
+def check_products(ext, twin, bf, rtol=None):
     gen = torch.Generator().manual_seed(0)
     for name, p in twin.named_parameters():
         V = torch.randn(K, *p.shape, dtype=p.dtype, generator=gen)
         if ext == "GGNMP":
-            close(p.ggnmp(V), bf.ggn_matmul(name, V), f"{name}.ggnmp")
+            ours, reference = p.ggnmp(V), bf.ggn_matmul(name, V)
         else:
-            close(p.hmp(V), bf.hessian_matmul(name, V), f"{name}.hmp")
+            ours, reference = p.hmp(V), bf.hessian_matmul(name, V)
+        if rtol is None:
+            close(ours, reference, f"{name}.{ext.lower()}")
+        else:
+            err = ((ours - reference).norm() / max(reference.norm(), TOL["atol"])).item()
+            assert err < rtol, f"{name}.{ext.lower()}: relative error {err:.2e} >= {rtol}"
 
 
 def check_kronecker(ext, twin, bf, model_name):
@@ -299,7 +317,7 @@ def test_zoo(model_name, ext):
     elif ext == "DiagHessian":
         check_diag_hessian(twin, bf)
     elif ext in ("GGNMP", "HMP"):
-        check_products(ext, twin, bf)
+        check_products(ext, twin, bf, NORM_RTOL.get((model_name, ext)))
     else:
         check_kronecker(ext, twin, bf, model_name)
 
