@@ -113,7 +113,11 @@ class BatchNormRules(AffineParamRules):
 
     def _mean_var(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
         cap = call.captured
-        return self._batch_statistics(call) if cap.batch_statistics else (cap.mean, cap.var)
+        if not cap.batch_statistics:
+            return cap.mean, cap.var
+        if "bn_batch_stats" not in call.cache:
+            call.cache["bn_batch_stats"] = self._batch_statistics(call)
+        return call.cache["bn_batch_stats"]
 
     def _channel(self, call: ModuleCall, c: Tensor) -> Tensor:
         """``[C] -> [C, 1, ...]`` against ``[N, C, *spatial]``."""
@@ -198,10 +202,7 @@ class BatchNormRules(AffineParamRules):
         """``mean_n diag[c] H diag[c] = H * c c^T`` (eval mode; train mode has no per-sample
         Jacobian to average: refused before the pass, ``engine/plan.py``)."""
         if self.couples_samples(call):
-            raise NotImplementedError(
-                f"{describe(call.module)} {TRAIN_MODE_REASON}: batch-averaged curvature "
-                "(KFRA, HBP with backprop='batch-average') is not defined through it"
-            )
+            raise _no_batch_average(call)
         c = self._scale(call).expand(call.output_shape[1:]).reshape(-1)
         return mat * torch.outer(c, c)
 
@@ -276,7 +277,7 @@ class BatchNormRules(AffineParamRules):
         """Eval mode: none. Train mode: refused before the pass (batch-averaged)."""
         if curvature == "ggn" or not self.couples_samples(call):
             return None
-        return self.ea_jac_t_mat_jac_prod(call, grad_output.new_zeros(0, 0))  # raises
+        raise _no_batch_average(call)
 
     def residual_mat_prod(
         self, call: ModuleCall, grad_output: Tensor, curvature: str
@@ -307,6 +308,14 @@ class BatchNormRules(AffineParamRules):
             check_dense_budget(call, (C, M, M), x.dtype, "The batch residual of eq. 7", advice)
             if _sqrt(key):
                 check_dense_budget(call, (C * M, *x.shape), x.dtype, "Its coupled columns", advice)
+
+
+def _no_batch_average(call: ModuleCall) -> NotImplementedError:
+    """Batch-averaged curvature through batch statistics (refused before the pass too)."""
+    return NotImplementedError(
+        f"{describe(call.module)} {TRAIN_MODE_REASON}: batch-averaged curvature (KFRA, HBP "
+        "with backprop='batch-average') has no per-sample Jacobian to average through it"
+    )
 
 
 def _spatial_sum(t: Tensor) -> Tensor:
