@@ -94,6 +94,52 @@ class SqrtFactor(NamedTuple):
         return SqrtFactor(jac.apply(self.S), self.sign)
 
 
+class CoupledFactor(SqrtFactor):
+    """Curvature whose columns span the whole batch: behind a BatchNorm in train mode.
+
+    With batch statistics every output of a ``BatchNorm`` depends on every sample's
+    input, so ``J^T`` of the batch map sends a column that lives on one sample to a
+    vector over all samples. ``S`` ``[C, N, *features]``: column ``c`` is one vector over
+    the batch, ``S[c, m]`` its part on sample ``m``; ``sign`` ``[C, N]`` (the same for
+    every ``m``) or ``None``. It represents the batch curvature ``sum_c sign_c s_c s_c^T``
+    (``[N D, N D]``, not block diagonal over samples). A per-sample factor ``[V, N]`` is
+    the coupled factor whose column ``(v, n)`` (index ``v N + n``) is zero except on
+    sample ``n`` (:func:`couple`).
+
+    Rules see it as a :class:`SqrtFactor` whose ``J^T`` (any per-sample map, applied to
+    every column and sample) keeps it coupled; a parameter derivative sums its columns
+    over the samples before squaring (``hbpkit.extensions.diagonal``), Kronecker factors
+    read its columns as extra samples (docs/user-guide.md, "BatchNorm in train mode").
+    """
+
+    __slots__ = ()
+
+    def jac_t(self, jac: Jacobian) -> CoupledFactor:
+        """``J^T S`` per column and sample, still coupled."""
+        return CoupledFactor(jac.apply(self.S), self.sign)
+
+    def column_signs(self) -> Tensor | None:
+        """``[C]``: the sign of each column (``None``: all ``+1``)."""
+        return None if self.sign is None else self.sign[:, 0]
+
+
+def couple(factor: Factor) -> CoupledFactor:
+    """``factor`` as a :class:`CoupledFactor`: column ``(v, n)`` (index ``v N + n``) is
+    ``S[v, n]`` on sample ``n`` and zero on the others, ``[V N, N, *features]``."""
+    if isinstance(factor, CoupledFactor):
+        return factor
+    if not isinstance(factor, (SqrtFactor, DiagonalFactor)):
+        raise TypeError(f"cannot couple a {type(factor).__name__}: make it dense first")
+    f = factor.dense()
+    V, N, features = f.S.shape[0], f.S.shape[1], f.S.shape[2:]
+    flat = f.S.reshape(V, N, -1)
+    S = flat.new_zeros(V, N, N, flat.shape[-1])
+    index = torch.arange(N, device=flat.device)
+    S[:, index, index] = flat
+    sign = None if f.sign is None else f.sign.reshape(V * N, 1).expand(V * N, N)
+    return CoupledFactor(S.reshape(V * N, N, *features), sign)
+
+
 class DiagonalFactor(NamedTuple):
     """Per-sample curvature ``diag[sign[n] * s[n]**2]``, a sqrt factor kept diagonal.
 
@@ -160,7 +206,8 @@ class DiagonalFactor(NamedTuple):
         return SqrtFactor(S, sign)
 
 
-Factor = SqrtFactor | DiagonalFactor  # and LocalFactor (hbpkit/curvature/local.py)
+#: and LocalFactor (hbpkit/curvature/local.py); a CoupledFactor is a SqrtFactor
+Factor = SqrtFactor | DiagonalFactor
 
 
 CURVATURE_OPTIONS = ("ggn", "hessian", "pch-abs", "pch-clip")
@@ -209,6 +256,10 @@ def add_factors(a: Factor, b: Factor, where: ModuleCall) -> Factor:
     Local factors (:mod:`hbpkit.curvature.local`) are made dense first.
     """
     a, b = (f if isinstance(f, (SqrtFactor, DiagonalFactor)) else f.to_dense(where) for f in (a, b))
+    if isinstance(a, CoupledFactor) or isinstance(b, CoupledFactor):  # one path through a
+        a, b = couple(a), couple(b)  # train-mode BatchNorm, the other not (a skip connection)
+        if a.S.shape == b.S.shape and _same_sign(a.sign, b.sign):
+            return CoupledFactor(a.S + b.S, a.sign)
     if isinstance(a, DiagonalFactor) and isinstance(b, DiagonalFactor):
         if a.s.shape == b.s.shape and _same_sign(a.sign, b.sign):
             return DiagonalFactor(a.s + b.s, a.sign)

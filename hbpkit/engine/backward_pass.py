@@ -23,6 +23,7 @@ from hbpkit.engine.plan import PassPlan
 from hbpkit.engine.recorded_ops import bridge_recorded
 from hbpkit.engine.views import bridge_view, is_virtual
 from hbpkit.extensions.base import Extension
+from hbpkit.extensions.coupled import GRADIENT_COLUMNS, LAZY, keep_coupled, resolve
 from hbpkit.modules.base import LossRules
 
 
@@ -51,8 +52,7 @@ class BackwardState:
         try:
             if isinstance(call.rules, LossRules) and not call.released:
                 bridge_view(call)  # logits.view(-1, V) between the model and the loss
-                if any(e.needs_backprop for e in self.extensions):
-                    bridge_recorded(call)  # functional code between modules
+                bridge_recorded(call)  # functional code between modules
             if self.pass_ is not None and not self.pass_.owns(call):
                 if not isinstance(call.rules, LossRules):
                     raise NotImplementedError(
@@ -96,13 +96,17 @@ class BackwardPass:
         self.root = plan.root
         self.graph = graph = plan.graph
         keys = dict.fromkeys(e.message for e in self.second_order)
+        if plan.coupled_first_order:  # gradient columns through batch statistics
+            keys[GRADIENT_COLUMNS] = None
         # the DAG forms also where a tied parameter's uses meet (their cross terms)
         chain = graph.is_chain and not plan.tied
-        self._handlers = {k: k if chain and not k.dag_always else k.for_dag() for k in keys}
+        self._handlers = {
+            k: k if chain and not getattr(k, "dag_always", False) else k.for_dag() for k in keys
+        }
         # messages not yet delivered to each call's output, from how many consumer links
         self._waiting = {
             id(c): n
-            for c in (graph.order if self.second_order else ())
+            for c in (graph.order if self._handlers else ())
             if (n := graph.consumers[id(c)]) and plan.receives(c)
         }
         self._inbox: dict[int, list[dict[Any, Any]]] = {}
@@ -141,7 +145,7 @@ class BackwardPass:
         self._pending = {id(c) for c in plan.calls} - processed
         self._waiting = {
             id(c): n - len(self._inbox.get(id(c), ()))
-            for c in (graph.order if self.second_order else ())
+            for c in (graph.order if self._handlers else ())
             if id(c) not in processed and (n := graph.consumers[id(c)]) and plan.receives(c)
         }
 
@@ -191,11 +195,16 @@ class BackwardPass:
         module = call.module
         second_rules = call.rules
         if isinstance(second_rules, LossRules):
-            if self.second_order:
+            if self._handlers:
                 self._start(second_rules, call, grad_output)
             self._process_virtual_parents(call, grad_output)
             return
         messages = self._collect(call)
+        columns = None  # the gradient columns through batch statistics (extensions/coupled.py)
+        if GRADIENT_COLUMNS in self._handlers:
+            if call in self.plan.roots and not messages:  # the pass starts at a module
+                messages = {GRADIENT_COLUMNS: LAZY}
+            columns = resolve(messages.get(GRADIENT_COLUMNS), grad_output)
         for ext, rules in self.plan.rules(call):
             if rules is None:
                 continue
@@ -208,6 +217,11 @@ class BackwardPass:
                 message = self._handlers[message].for_params(messages[message], call)
             graph = graph_grad is not None and getattr(ext, "differentiable", False)
             for name, param in params:
+                coupled = columns is not None and ext.message is None
+                if coupled:  # grad_batch[n] = sum_m J_{p,m}^T G[n, m], every statistic from it
+                    key = ("batch_grad", name)
+                    if key not in call.cache:
+                        call.cache[key] = rules.param_jac_t_mat_prod_sum(call, name, columns)
                 tied = id(param) in self.plan.tied  # combined over its uses at commit
                 if graph:  # create_graph: the quantity keeps its graph
                     with torch.enable_grad():
@@ -218,6 +232,8 @@ class BackwardPass:
                 elif tied:
                     raw = messages.get(ext.message) if ext.message is not None else None
                     part = ext.tied_contribution(rules, call, name, grad_output, raw)
+                elif coupled:
+                    value = ext.from_batch_grad(call.cache[("batch_grad", name)])
                 else:
                     value = ext.param_quantity(rules, call, name, param, grad_output, message)
                 if tied:
@@ -229,13 +245,13 @@ class BackwardPass:
         for key in getattr(second_rules, "param_only_cache", ()):
             call.cache.pop(key, None)
         if messages and self.plan.needs_messages(call):
-            self._send(
-                call,
-                {
-                    key: self._handlers[key].propagate(second_rules, call, grad_output, value)
-                    for key, value in messages.items()
-                },
-            )
+            sent = {
+                key: self._handlers[key].propagate(second_rules, call, grad_output, value)
+                for key, value in messages.items()
+            }
+            if self.plan.coupling:  # coupled factors stay coupled through every rule
+                sent = {k: keep_coupled(messages[k], v, call) for k, v in sent.items()}
+            self._send(call, sent)
         self._process_virtual_parents(call, grad_output)
 
     def _process_virtual_parents(self, call: ModuleCall, grad_output: Tensor) -> None:

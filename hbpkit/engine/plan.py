@@ -40,6 +40,7 @@ from hbpkit.curvature.memory import (
     MemoryPolicy,
     check_dense_budget,
 )
+from hbpkit.engine.coupling import below, check_coupling, couples, refuse_unlinked_coupling
 from hbpkit.extensions.base import Extension
 from hbpkit.modules.base import DEFAULTS_BUILT_ON, LossRules, UnsupportedRules, rules_implement
 from hbpkit.modules.generic import GenericRules
@@ -117,6 +118,13 @@ class PassPlan:
                 self._needs[id(p)] or self.owns_trainable(p) for p in graph.parents[id(call)]
             )
         self._rules = {id(c): self._resolve(c) for c in self.calls}
+        # train-mode BatchNorm with trainable parameters towards the input: coupled columns
+        self.coupling = [
+            c for c in graph.order if not c.released and self._needs[id(c)] and couples(c)
+        ]
+        self.below_coupling = below(graph, self.coupling)
+        #: whether the first-order extensions need the coupled gradient columns
+        self.coupled_first_order = bool(self.coupling) and len(self.second_order) < len(extensions)
         self._check(self.calls, params)
 
     def selected(self, call: ModuleCall) -> bool:
@@ -187,11 +195,17 @@ class PassPlan:
         self._check_tied(calls)
         # with a selection, other parameters get their .grad only: none is stray
         stray = [p for p in params if id(p) not in owned] if self.selection is None else []
-        outside = [c for c in selected if c not in self.graph] if self.second_order else []
+        linked = self.second_order or self.coupling  # messages need the calls linked
+        outside = [c for c in selected if c not in self.graph] if linked else []
+        if not linked:
+            refuse_unlinked_coupling(calls, self.graph)
         if stray or outside:
             self._refuse_outside(stray, outside)
-        if self.second_order:
+        if linked:
             self._check_hidden_paths()
+        if self.coupling:
+            check_coupling(self)
+        if self.second_order:
             self._decide_representations()
 
     def _check_several_losses(self) -> None:
@@ -271,11 +285,12 @@ class PassPlan:
         The pass reads the decisions from ``call.plan``; nothing decides them again. The
         checks read the pass's ``MemoryPolicy`` from the calls, as the rules do.
         """
-        for call in self.graph.order:  # what parent_accepts_local reads
+        for call in self.graph.order:  # what parent_accepts_local reads; coupled columns
             if self.selection is not None and call not in self.roots and not self.receives(call):
                 call.plan = CallPlan()  # below the selection: no curvature arrives
                 continue
-            call.plan = CallPlan(takes_local=accepts_local(call.rules, call))
+            local = id(call) not in self.below_coupling and accepts_local(call.rules, call)
+            call.plan = CallPlan(takes_local=local)  # (train-mode BatchNorm) stay dense
         keys = [e.message for e in self.second_order]
         averaged = any(k.batch_averaged for k in keys)
         dense = [e for e in self.second_order if not e.accepts_position_blocks]

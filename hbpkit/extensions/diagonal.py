@@ -10,8 +10,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from hbpkit.collectives import WeightedSum
+from hbpkit.curvature.factors import CoupledFactor, SqrtFactor
 from hbpkit.curvature.memory import check_dense_budget
 from hbpkit.extensions.base import check_mc_samples
+from hbpkit.extensions.coupled import coupled_columns, coupled_diag
 from hbpkit.extensions.messages import SqrtMessage
 from hbpkit.extensions.second_order import SecondOrder
 
@@ -30,7 +32,14 @@ class _Diagonal(SecondOrder):
         return ["param_diag"]
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        diag = rules.param_diag(call, name, message)
+        coupled = [f for f in message if isinstance(f, CoupledFactor)]  # behind a train-mode
+        if coupled:  # BatchNorm: columns summed over the samples before squaring
+            per_sample = [f for f in message if not isinstance(f, CoupledFactor)]
+            diag = sum(coupled_diag(rules, call, name, f) for f in coupled)
+            if per_sample:
+                diag = diag + rules.param_diag(call, name, per_sample)
+        else:
+            diag = rules.param_diag(call, name, message)
         if self._with_own_residual(rules):  # + diag(sum_n sum_k d2z_nk/dp2 dz_nk)
             diag = diag + rules.param_residual_diag(call, name, grad_output, self.message.curvature)
         return diag
@@ -57,7 +66,12 @@ class _Diagonal(SecondOrder):
                 "The columns of a tied parameter's use",
                 "use BatchGrad for tied parameters, or untie them",
             )
-            columns[origin] = rules.param_jac_t_columns(call, name, f)
+            if isinstance(f, CoupledFactor):  # [C, 1, *p]: summed over the samples
+                q = coupled_columns(rules, call, name, f).unsqueeze(1)
+                sign = None if f.sign is None else f.sign[:, :1]
+                columns[origin] = SqrtFactor(q, sign)
+            else:
+                columns[origin] = rules.param_jac_t_columns(call, name, f)
         residual = None
         if self._with_own_residual(rules):
             residual = rules.param_residual_diag(call, name, grad_output, self.message.curvature)
@@ -68,14 +82,25 @@ class _Diagonal(SecondOrder):
         diag = 0
         for columns, residual in contributions:
             for origin, c in columns.items():
-                summed[origin] = (
-                    c if origin not in summed else summed[origin]._replace(S=summed[origin].S + c.S)
-                )
+                if origin not in summed:
+                    summed[origin] = c
+                    continue
+                a = summed[origin]
+                if a.S.shape != c.S.shape:  # one use behind a train-mode BatchNorm: column
+                    a, c = _as_coupled(a), _as_coupled(c)  # (v, n) of the other is (v N + n)
+                summed[origin] = a._replace(S=a.S + c.S)
             if residual is not None:
                 diag = diag + residual
         for c in summed.values():
             diag = diag + c.signed_square().sum((0, 1))
         return diag
+
+
+def _as_coupled(c: SqrtFactor) -> SqrtFactor:
+    """Per-sample parameter columns ``[V, N, *p]`` as coupled ones ``[V N, 1, *p]``."""
+    V, N = c.S.shape[:2]
+    sign = None if c.sign is None else c.sign.reshape(V * N, 1)
+    return SqrtFactor(c.S.reshape(V * N, 1, *c.S.shape[2:]), sign)
 
 
 def _shape(call, name: str) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Rules of normalization layers: ``LayerNorm``, ``GroupNorm``, ``BatchNorm1d/2d/3d``.
+"""Rules of normalization layers: ``LayerNorm``, ``GroupNorm`` (and the affine parameters of
+``BatchNorm``).
 
 **LayerNorm, GroupNorm** act on each sample on its own but are nonlinear in it.
 Per sample, the features ``[*in]`` split into ``G`` groups of ``M`` entries
@@ -20,14 +21,8 @@ messages take it through :meth:`ModuleRules.residual_factor` (an eigendecomposit
 :meth:`~ModuleRules.residual_sum` and :meth:`~ModuleRules.residual_mat_prod`; PCH
 modifies its eigenvalues (for a diagonal residual those are its entries, S.9).
 
-**BatchNorm** in eval mode (running statistics) is an affine map per channel,
-``z = gamma * (x - mu) / sqrt(var + eps) + beta``: a diagonal Jacobian, no residual,
-every extension. In train mode it normalizes with the statistics of the batch,
-so each sample's output depends on every sample's input: per-sample gradients of
-the parameters before it and per-sample curvature factors through it are not
-defined. It is supported there only where that does not matter, when no module
-before it has trainable parameters (the input normalization of a network);
-otherwise every extension refuses before the backward pass, saying so.
+**BatchNorm** (eval and train mode) has its own file, ``hbpkit/modules/batchnorm.py``;
+it shares the parameter rules below.
 
 **Parameters** ``gamma``, ``beta`` (``LayerNorm``: shape ``normalized_shape``; ``GroupNorm``,
 ``BatchNorm``: ``[C]``) enter linearly: ``J_gamma v = v * xh``, ``J_beta v = v``, broadcast
@@ -52,7 +47,7 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-from hbpkit.core.calls import ModuleCall, describe
+from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor, modify_eigenvalues
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.base import ModuleRules, output_factor_from_sqrt
@@ -419,96 +414,8 @@ class GroupNormRules(GroupNormalizationRules):
     """``nn.GroupNorm``: ``num_groups`` groups of channels; parameters per channel."""
 
 
-# ------------------------------------------------------------------------------ BatchNorm
-class BatchNormCapture(NamedTuple):
-    """What the forward pass used: batch statistics or (a copy of) the running ones."""
-
-    batch_statistics: bool
-    mean: Tensor | None
-    var: Tensor | None
-
-
-TRAIN_MODE_REASON = (
-    "in train mode (or without running statistics) it normalizes with the statistics of "
-    "the batch, so every sample's output depends on every sample's input: the per-sample "
-    "gradients of the parameters before it, and the per-sample curvature factors "
-    "backpropagated through it, are not defined. hbpkit supports it there only when no "
-    "module before it has trainable parameters. Call model.eval() to use the running "
-    "statistics (an affine map per channel, every extension supported)"
-)
-
-
-class BatchNormRules(AffineParamRules):
-    """``nn.BatchNorm1d/2d/3d``; eval mode: ``z = c * x + b`` per channel (diagonal Jacobian)."""
-
-    diagonal_jacobian = True
-    support_note = (
-        "eval mode; train mode only with no trainable parameters before it (batch statistics "
-        "couple the samples: refused otherwise); Kronecker: one dense factor for gamma / beta"
-    )
-
-    def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> BatchNormCapture:
-        batch = module.training or module.running_mean is None or module.running_var is None
-        if batch:
-            return BatchNormCapture(True, None, None)
-        return BatchNormCapture(False, module.running_mean.clone(), module.running_var.clone())
-
-    def validate(self, call: ModuleCall) -> None:
-        if not call.captured.batch_statistics:
-            return
-        upstream = call.parent
-        while upstream is not None:
-            if any(p.requires_grad for p in upstream.module.parameters()):
-                raise NotImplementedError(
-                    f"{describe(call.module)} follows {type(upstream.module).__name__}, which "
-                    f"has trainable parameters; {type(call.module).__name__} {TRAIN_MODE_REASON}"
-                )
-            upstream = upstream.parent
-
-    def _batch_statistics(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
-        x = call.input
-        dims = [d for d in range(x.dim()) if d != 1]
-        return x.mean(dims), x.var(dims, unbiased=False)
-
-    def _mean_var(self, call: ModuleCall) -> tuple[Tensor, Tensor]:
-        cap = call.captured
-        return self._batch_statistics(call) if cap.batch_statistics else (cap.mean, cap.var)
-
-    def _channel(self, call: ModuleCall, c: Tensor) -> Tensor:
-        """``[C] -> [C, 1, ...]`` against ``[N, C, *spatial]``."""
-        return c.reshape(-1, *([1] * (len(call.output_shape) - 2)))
-
-    def xh(self, call: ModuleCall) -> Tensor:
-        if "bn_xh" not in call.cache:
-            mean, var = self._mean_var(call)
-            inv = self._channel(call, (var + call.module.eps).rsqrt())
-            call.cache["bn_xh"] = (call.input - self._channel(call, mean)) * inv
-        return call.cache["bn_xh"]
-
-    def _scale(self, call: ModuleCall) -> Tensor:
-        """``c = gamma / sqrt(var + eps)`` as ``[C, 1, ...]`` (eval mode)."""
-        if call.captured.batch_statistics:
-            raise NotImplementedError(f"{type(call.module).__name__} {TRAIN_MODE_REASON}")
-        module = call.module
-        c = (call.captured.var + module.eps).rsqrt()
-        if module.weight is not None:
-            c = c * module.weight.detach()
-        return self._channel(call, c)
-
-    def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return mat * self._scale(call)
-
-    jac_mat_prod = jac_t_mat_prod
-
-    # mean_n diag[c] H diag[c] = H * c c^T (c the same for every sample)
-    def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        c = self._scale(call).expand(call.output_shape[1:]).reshape(-1)
-        return mat * torch.outer(c, c)
-
-
-#: the normalization layers and their rules
+#: the normalization layers and their rules (BatchNorm: ``hbpkit/modules/batchnorm.py``)
 NORMALIZATION: dict[type, ModuleRules] = {
     nn.LayerNorm: LayerNormRules(),
     nn.GroupNorm: GroupNormRules(),
-    **{cls: BatchNormRules() for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
 }

@@ -15,6 +15,7 @@ from hbpkit.core.dispatch import DispatchTable
 from hbpkit.modules.activations import ACTIVATIONS, IdentityRules
 from hbpkit.modules.base import LossRules, ModuleRules
 from hbpkit.modules.batch_reshape import RESHAPING
+from hbpkit.modules.batchnorm import BATCHNORM
 from hbpkit.modules.conv import CONVOLUTIONS
 from hbpkit.modules.embedding import EmbeddingRules
 from hbpkit.modules.generic import GenericRules
@@ -39,6 +40,7 @@ SELECTIONS = GenericRules(linear_in_input=True, structure="selection")
 #: rules of every module with parameters (per-sample gradients need only these)
 PARAMETRIC: dict[type, ModuleRules] = {nn.Linear: LINEAR, **CONVOLUTIONS}
 PARAMETRIC.update(NORMALIZATION)
+PARAMETRIC.update(BATCHNORM)
 PARAMETRIC[nn.Embedding] = EmbeddingRules()
 PARAMETRIC.update(RECURRENT)  # nn.LSTM, nn.GRU, nn.RNN (modules/recurrent.py)
 

@@ -239,3 +239,73 @@ def _jacobian(f: Callable[[Params], Tensor], theta: Params) -> Params:
         grads = torch.autograd.grad(out[k], inputs, retain_graph=True, allow_unused=True)
         rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads)])
     return {n: torch.stack([r[i] for r in rows]) for i, n in enumerate(leaves)}
+
+
+class BatchBruteForce(BruteForce):
+    """The references through the statistics of the batch (a model in train mode whose
+    ``BatchNorm`` layers couple the samples): every output depends on every sample.
+
+    The functional forms run on a copy without running statistics (batch statistics, no
+    buffer written). ``t_n`` is sample ``n``'s term of the batch loss computed from the
+    batch output; per-sample gradients are ``d t_n / d theta`` through the batch map
+    (``jacrev`` of the vector of terms). The GGN is ``J^T H J`` with ``J`` the Jacobian of
+    the whole batch's flattened output ``[N O, P_b]`` and ``H`` the loss Hessian w.r.t. it
+    ``[N O, N O]``; Hessian products as in :class:`BruteForce` (of the batch loss).
+    """
+
+    def __init__(self, case: ZooCase) -> None:
+        super().__init__(case)
+        model = copy.deepcopy(self.case.model)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+        self.case = dataclasses.replace(self.case, model=model)
+        self._batch: tuple[Params, Tensor] | None = None
+
+    def terms(self, theta: Params) -> Tensor:
+        """``[N]``: each sample's term of the batch loss, from the batch output."""
+        c = self.case
+        out = self.output(theta, c.X)
+        return torch.stack(
+            [c.criterion(c.loss_fn, out[n : n + 1], c.y[n : n + 1]) for n in range(len(out))]
+        ) * _scale(c)
+
+    def check_terms(self) -> None:
+        torch.testing.assert_close(
+            self.terms(self.theta).sum(), self.loss(self.theta), rtol=1e-12, atol=1e-12
+        )
+
+    def per_sample_gradients(self) -> Params:
+        return _jacobian(self.terms, self.theta)
+
+    def _batch_factors(self) -> tuple[Params, Tensor]:
+        """``J`` (``{name: [N O, *shape]}``) and ``H`` ``[N O, N O]`` of the whole batch."""
+        if self._batch is None:
+            c = self.case
+            out = self.output(self.theta, c.X).detach()
+            J = _jacobian(lambda theta: self.output(theta, c.X).reshape(-1), self.theta)
+            H = torch.func.hessian(lambda o: c.criterion(c.loss_fn, o.reshape(out.shape), c.y))(
+                out.reshape(-1)
+            )
+            self._batch = (J, H)
+        return self._batch
+
+    def ggn_diagonal(self) -> Params:
+        J, H = self._batch_factors()
+        return {
+            name: torch.einsum("op,oq,qp->p", J[name].flatten(1), H, J[name].flatten(1)).reshape(
+                p.shape
+            )
+            for name, p in self.theta.items()
+        }
+
+    def ggn_matmul(self, name: str, V: Tensor) -> Tensor:
+        J, H = self._batch_factors()
+        Jb = J[name].flatten(1)
+        return (Jb.T @ (H @ (Jb @ V.flatten(1).T))).T.reshape(V.shape)
+
+    def ggn_block(self, name: str) -> Tensor:
+        J, H = self._batch_factors()
+        Jb = J[name].flatten(1)
+        return Jb.T @ H @ Jb

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import zoo
-from brute_force import BruteForce
+from brute_force import BatchBruteForce, BruteForce
 from torch import nn
 
 DT = torch.float64
@@ -133,4 +133,51 @@ def test_kflr_of_the_output_layer_at_batch_one_is_the_ggn_block():
 @pytest.mark.parametrize("name", [n for n, f in zoo.MODELS.items() if not f.slow])
 def test_zoo_loss_terms_add_up(name):
     """Each zoo model's per-sample terms sum to the batch loss (the per-sample convention)."""
-    BruteForce(zoo.build(name, batch=3)).check_terms()
+    reference = BatchBruteForce if zoo.MODELS[name].train else BruteForce
+    reference(zoo.build(name, batch=3)).check_terms()
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_batch_references_against_autograd_functional(loss):
+    """:class:`BatchBruteForce` (train-mode BatchNorm) against dense definitions on the flat
+    parameter vector: the GGN ``J^T H J`` of the whole batch, the Hessian, and the
+    per-sample gradients from one backward per loss term (through the batch output)."""
+    case = tiny(loss=loss)
+    torch.manual_seed(2)
+    case.model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Linear(3, 3))
+    case.model = case.model.to(DT).train()
+    theta0, out, L, where = flat_problem(case)
+    J = torch.autograd.functional.jacobian(lambda v: out(v).reshape(-1), theta0)
+    o = out(theta0).detach()
+    H_out = torch.autograd.functional.hessian(
+        lambda z: case.loss_fn(z.reshape(o.shape), case.y), o.reshape(-1)
+    )
+    H = torch.autograd.functional.hessian(L, theta0)
+    bf = BatchBruteForce(case)
+    for name in bf.theta:
+        Jb = J[:, where[name]]
+        torch.testing.assert_close(bf.ggn_block(name), Jb.T @ H_out @ Jb, **TOL)
+        V = torch.randn(2, Jb.shape[1], dtype=DT)
+        expected = V @ H[where[name], where[name]]
+        shape = bf.theta[name].shape
+        torch.testing.assert_close(
+            bf.hessian_matmul(name, V.reshape(2, *shape)).flatten(1), expected, **TOL
+        )
+    scale = 1 / len(case.X) if loss == "ce" else 1 / o.numel()  # the mean's reduction
+    v = theta0.clone().requires_grad_(True)
+    o_v = out(v)
+    per_term = [
+        torch.autograd.grad(_term(case, o_v, n, loss), v, retain_graph=True)[0]
+        for n in range(len(case.X))
+    ]
+    gb = bf.per_sample_gradients()
+    for name in bf.theta:
+        expected = torch.stack([g[where[name]] for g in per_term]) * scale
+        torch.testing.assert_close(gb[name].flatten(1), expected, **TOL)
+
+
+def _term(case, o, n, loss):
+    """Sample ``n``'s loss (unscaled) from the batch output ``o``."""
+    if loss == "ce":
+        return nn.functional.cross_entropy(o[n : n + 1], case.y[n : n + 1])
+    return (o[n] - case.y[n]).square().sum()

@@ -126,6 +126,25 @@ for _model, _why in NO_EXACT_LIMIT.items():
     for _ext in KRONECKER:
         if EXPECTED[_model, _ext] == "exact":
             EXPECTED[_model, _ext] = _why
+#: train mode (BatchNorm with batch statistics): every quantity of the batch loss through the
+#: batch statistics, against :class:`brute_force.BatchBruteForce`. Kronecker factors take
+#: the coupled columns as extra samples (docs/user-guide.md), exact nowhere: they run, at
+#: batch size 3 (train mode needs more than one value per channel)
+TRAIN_MODELS = [m for m, family in zoo.MODELS.items() if family.train]
+for _model in TRAIN_MODELS:
+    for _ext in KRONECKER:
+        EXPECTED[_model, _ext] = "runs: coupled columns as extra samples (batch statistics)"
+    # the eigenvectors of each BatchNorm's batch residual, one coupled column each, exceed
+    # the default dense budget (2 GiB) at these sizes; exact on small models
+    # (tests/modules/test_batchnorm_train.py)
+    EXPECTED[_model, "DiagHessian"] = "refused: The coupled curvature columns"
+#: products compared in Frobenius norm (relative, or absolute below ``TOL["atol"]``), not
+#: entrywise: through MobileNet's batch statistics float64 roundoff is amplified to about
+#: 1e-8 relative in GGNMP and HMP alike near the input (1e-16 near the output; the GGN
+#: products still pass entrywise), far below any missing term (its Hessian products are
+#: 1000 times its GGN products there); the same products are exact to 1e-15 on the small
+#: models of tests/modules/test_batchnorm_train.py
+NORM_RTOL = {("mobilenet-v3-small-train", "HMP"): 1e-6}
 
 #: cases of seconds (float64 references or hbpkit work): marked ``slow``; three cheap cases
 #: of the small ResNet stay in the default run, so torchvision's code is in it
@@ -134,13 +153,16 @@ SLOW_CASES: set[tuple[str, str]] = {
     ("mobilenet-v3-small", "DiagHessian"),
     *(("resnet-1111", ext) for ext in EXTENSIONS if ext not in ("BatchGrad", "BatchL2", "KFLR")),
     *(("resnet18", ext) for ext in EXTENSIONS),
+    *(("mobilenet-v3-small-train", e) for e in ("HMP", "DiagHessian", "DiagGGNMC", "KFAC")),
+    *(("resnet-1111-train", ext) for ext in EXTENSIONS if ext != "BatchGrad"),
+    *(("resnet18-train", ext) for ext in EXTENSIONS),
 }
 #: cases of minutes (Hessian-vector products and 1000 Monte-Carlo draws through a ResNet):
 #: ``slow`` and skipped unless the environment sets ``HBPKIT_ZOO_HEAVY=1``
 HEAVY_CASES: set[tuple[str, str]] = {
     (model, ext)
-    for model in ("resnet18", "resnet-1111")
-    for ext in ("DiagHessian", "DiagGGNMC", *(("HMP", "KFAC") if model == "resnet18" else ()))
+    for model in ("resnet18", "resnet-1111", "resnet18-train", "resnet-1111-train")
+    for ext in ("DiagHessian", "DiagGGNMC", *(("HMP", "KFAC") if "resnet18" in model else ()))
 }
 HEAVY = os.environ.get("HBPKIT_ZOO_HEAVY") == "1"
 
@@ -207,7 +229,9 @@ def check_first_order(ext, twin, bf):
 def check_diag_ggn(twin, bf, field="diag_ggn_exact", mc=False):
     diag = bf.ggn_diagonal()
     for name, p in twin.named_parameters():
-        if mc:
+        if mc and diag[name].norm() < TOL["atol"]:  # the loss does not depend on it (a
+            close(getattr(p, field), diag[name], f"{name}.{field}")  # bias before BatchNorm)
+        elif mc:
             err = rel_err(getattr(p, field), diag[name])
             assert err < MC_RTOL, f"{name}.{field}: relative error {err:.3f} >= {MC_RTOL}"
         else:
@@ -226,14 +250,19 @@ def check_diag_hessian(twin, bf):
         close(p.diag_h.flatten()[index], H_cols[torch.arange(len(index)), index], f"{name}.diag_h")
 
 
-def check_products(ext, twin, bf):
+def check_products(ext, twin, bf, rtol=None):
     gen = torch.Generator().manual_seed(0)
     for name, p in twin.named_parameters():
         V = torch.randn(K, *p.shape, dtype=p.dtype, generator=gen)
         if ext == "GGNMP":
-            close(p.ggnmp(V), bf.ggn_matmul(name, V), f"{name}.ggnmp")
+            ours, reference = p.ggnmp(V), bf.ggn_matmul(name, V)
         else:
-            close(p.hmp(V), bf.hessian_matmul(name, V), f"{name}.hmp")
+            ours, reference = p.hmp(V), bf.hessian_matmul(name, V)
+        if rtol is None:
+            close(ours, reference, f"{name}.{ext.lower()}")
+        else:
+            err = ((ours - reference).norm() / max(reference.norm(), TOL["atol"])).item()
+            assert err < rtol, f"{name}.{ext.lower()}: relative error {err:.2e} >= {rtol}"
 
 
 def check_kronecker(ext, twin, bf, model_name):
@@ -258,7 +287,7 @@ def check_kronecker(ext, twin, bf, model_name):
 @pytest.mark.parametrize(("model_name", "ext"), cases())
 def test_zoo(model_name, ext):
     expected = EXPECTED[model_name, ext]
-    batch = 1 if ext in KRONECKER else 3
+    batch = 1 if ext in KRONECKER and model_name not in TRAIN_MODELS else 3
     case = zoo.build(model_name, batch=batch)
     if expected.startswith("refused: "):
         twin = copy.deepcopy(case.model)
@@ -272,7 +301,7 @@ def test_zoo(model_name, ext):
         return
     torch.manual_seed(0)
     twin = run_hbpkit(case, ext)
-    bf = bf_mod.BruteForce(case)
+    bf = (bf_mod.BatchBruteForce if model_name in TRAIN_MODELS else bf_mod.BruteForce)(case)
     if expected.startswith("runs: "):
         assert ext in KRONECKER
         for name, p in twin.named_parameters():
@@ -288,7 +317,7 @@ def test_zoo(model_name, ext):
     elif ext == "DiagHessian":
         check_diag_hessian(twin, bf)
     elif ext in ("GGNMP", "HMP"):
-        check_products(ext, twin, bf)
+        check_products(ext, twin, bf, NORM_RTOL.get((model_name, ext)))
     else:
         check_kronecker(ext, twin, bf, model_name)
 
@@ -297,5 +326,5 @@ def test_expectations_cover_every_model_and_extension():
     assert set(EXPECTED) == {(m, e) for m in zoo.MODELS for e in EXTENSIONS}
     for value in EXPECTED.values():
         assert value == "exact" or value.startswith(("refused: ", "runs: ")), value
-    assert set(OUTPUT_LINEAR) | set(NO_EXACT_LIMIT) == set(zoo.MODELS)
+    assert set(OUTPUT_LINEAR) | set(NO_EXACT_LIMIT) | set(TRAIN_MODELS) == set(zoo.MODELS)
     assert TOL == {"rtol": 1e-8, "atol": 1e-10}

@@ -6,16 +6,20 @@ training loop does (e.g. ``loss_fn(logits.view(-1, V), y.view(-1))`` for the GPT
 and seeded random data with class targets. Sizes are chosen so that a float64 forward and
 backward takes well under a second at batch 3-4.
 
-Models whose forward couples the samples of a batch (``BatchNorm`` in train mode) or is
-random (``Dropout`` with ``p > 0`` in train mode) are built in ``eval()`` mode or with
-``dropout=0``: per-sample quantities and the references of :mod:`brute_force` need a
-deterministic forward that acts on each sample alone.
+Models whose forward is random (``Dropout`` with ``p > 0`` in train mode) are built in
+``eval()`` mode or with ``dropout=0``: the references of :mod:`brute_force` need a
+deterministic forward. The torchvision families are also built in train mode
+(``*-train``: ``BatchNorm`` normalizes with the statistics of the batch, so every sample's
+output depends on every sample's input; their references go through the whole batch,
+:class:`brute_force.BatchBruteForce`).
 
 Families (``MODELS``):
 
 * ``resnet18``: torchvision's ``resnet18`` (eval), ``[N, 3, 32, 32]``;
 * ``resnet-1111``: torchvision's ``ResNet(BasicBlock, [1, 1, 1, 1])`` (eval), ``[N, 3, 16, 16]``
   (torchvision's ``BasicBlock`` supports no width other than 64, so this is the small one);
+* ``resnet18-train``, ``resnet-1111-train``, ``mobilenet-v3-small-train``: the same in
+  train mode;
 * ``mobilenet-v3-small``: torchvision's ``mobilenet_v3_small(width_mult=0.25)`` (eval),
   ``[N, 3, 32, 32]``;
 * ``vit``: patch embedding by ``Conv2d``, a cls token and a positional embedding as bare
@@ -251,12 +255,16 @@ class Family:
     kind: str = "image"  # "image" | "tokens" (integer inputs, next-token targets) | "dense"
     criterion: Callable[[nn.Module, Tensor, Tensor], Tensor] = ce
     slow: bool = False  # heavy in float64: references and hbpkit take seconds per case
+    train: bool = False  # BatchNorm with batch statistics (the model in train mode)
 
 
 MODELS: dict[str, Family] = {
     "resnet18": Family(resnet18, (3, 32, 32), 5, slow=True),
     "resnet-1111": Family(resnet_1111, (3, 16, 16), 5, slow=True),
     "mobilenet-v3-small": Family(mobilenet_v3_small, (3, 32, 32), 5),
+    "resnet18-train": Family(resnet18, (3, 32, 32), 5, slow=True, train=True),
+    "resnet-1111-train": Family(resnet_1111, (3, 16, 16), 5, slow=True, train=True),
+    "mobilenet-v3-small-train": Family(mobilenet_v3_small, (3, 64, 64), 5, train=True),
     "vit": Family(ViT, (3, 8, 8), 5),
     "gpt": Family(GPT, (6,), 11, kind="tokens", criterion=ce_tokens),
     "lstm": Family(lambda: RNNClassifier(nn.LSTM), (4, 3), 4),
@@ -277,6 +285,11 @@ def build(name: str, batch: int = 3, seed: int = 0, reduction: str = "mean") -> 
     family = MODELS[name]
     torch.manual_seed(seed)
     model = family.build().to(DT)
+    if family.train:  # batch statistics; dropout off (random: no reference)
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
     if family.kind == "tokens":
         X = torch.randint(0, family.classes, (batch, *family.x_shape))
         y = torch.randint(0, family.classes, (batch, *family.x_shape))

@@ -312,26 +312,38 @@ def test_batchnorm_train_mode_as_first_module(loss):
 
 
 @pytest.mark.parametrize("ext", ALL_EXTENSIONS, ids=lambda e: e.__name__)
-def test_batchnorm_train_mode_after_parameters_refuses(ext):
-    """Every extension refuses, names the module and the reason, and attaches nothing."""
+def test_batchnorm_train_mode_after_parameters(ext):
+    """Through the batch statistics every per-sample extension runs (exact: see
+    ``test_batchnorm_train.py``); batch-averaged ones (KFRA) refuse, name the module and
+    the reason, and attach nothing."""
     case = Case(_train_bn_after_linear, "ce", "mean", (4, 5))
-    with pytest.raises(NotImplementedError, match=r"BatchNorm1d.*train mode.*model.eval\(\)"):
+    if ext().message is not None and ext().message.batch_averaged:
+        with pytest.raises(NotImplementedError, match=r"BatchNorm1d.*train mode.*model.eval\(\)"):
+            case.run(ext())
+        assert_nothing_attached(case.model)
+    else:
         case.run(ext())
-    assert_nothing_attached(case.model)
     case = Case(_train_bn_after_linear, "ce", "mean", (4, 5))
     case.model.eval()
     case.run(ext())  # eval mode: running statistics, supported
 
 
-def test_batchnorm_without_running_statistics_refuses_in_eval_mode():
-    """``track_running_stats=False`` normalizes with batch statistics even in eval mode."""
+def test_batchnorm_without_running_statistics_uses_batch_statistics_in_eval_mode():
+    """``track_running_stats=False`` normalizes with batch statistics even in eval mode:
+    the GGN diagonal is the one through the batch statistics."""
+    from batch_coupled import BatchReference, mean_ce_terms
+
     build = lambda: nn.Sequential(  # noqa: E731
         nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)
     )
     case = Case(build, "ce", "mean", (4, 5))
     case.model.eval()
-    with pytest.raises(NotImplementedError, match="train mode"):
-        case.run(DiagGGNExact())
+    case.run(DiagGGNExact())
+    plain = build().double().eval()
+    plain.load_state_dict(case.model.state_dict())
+    reference = BatchReference(plain, case.X, case.y, nn.CrossEntropyLoss(), mean_ce_terms)
+    for name, p in case.model.named_parameters():
+        close(p.diag_ggn_exact.flatten(), reference.ggn_block(name).diagonal(), name)
 
 
 def test_layernorm_without_batch_dimension_refuses():
