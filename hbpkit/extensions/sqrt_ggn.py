@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hbpkit.collectives import ReduceContext, Reduction, all_gather_batch
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature.factors import SqrtFactor
+from hbpkit.curvature.factors import CoupledFactor, SqrtFactor
 from hbpkit.extensions.base import check_mc_samples
 from hbpkit.extensions.messages import Factors, SqrtMessage, weighted
 from hbpkit.extensions.second_order import SecondOrder
@@ -79,6 +79,19 @@ class ColumnsInRankOrder(Reduction):
         ]
 
 
+def _columns(rules, call: ModuleCall, name: str, factor) -> SqrtFactor:
+    """``[V, N, *p]``: ``J_{p,n}^T S[v, n]`` per column and sample; behind a BatchNorm in
+    train mode (a :class:`CoupledFactor`, column ``(v, n)`` spread over every sample ``m``)
+    the sum ``sum_m J_{p,m}^T S[(v, n), m]``, the column of sample ``n``'s output."""
+    columns = rules.param_jac_t_columns(call, name, factor)
+    if not isinstance(factor, CoupledFactor):
+        return columns
+    N = columns.S.shape[1]
+    S = columns.S.sum(1)  # [V N, *p]
+    sign = factor.column_signs()
+    return SqrtFactor(S.reshape(-1, N, *S.shape[1:]), None if sign is None else sign.reshape(-1, N))
+
+
 class _SqrtGGN(SecondOrder):
     #: shards hold other samples: their columns stack along N, scaled by ``sqrt(w_r)``
     reduction = ColumnsInRankOrder(scaled=True)
@@ -87,9 +100,7 @@ class _SqrtGGN(SecondOrder):
         return ["param_jac_t_columns"]
 
     def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
-        return stack_columns(
-            [rules.param_jac_t_columns(call, name, f) for f in message], call, name
-        )
+        return stack_columns([_columns(rules, call, name, f) for f in message], call, name)
 
     # a tied parameter: the columns of its uses are summed (the Jacobian is the sum of the
     # uses' Jacobians), per origin, then stacked
@@ -99,7 +110,7 @@ class _SqrtGGN(SecondOrder):
         return ["param_jac_t_columns"]
 
     def tied_contribution(self, rules, call, name, grad_output, factors=None) -> tuple:
-        columns = {o: rules.param_jac_t_columns(call, name, f) for o, f in factors.items()}
+        columns = {o: _columns(rules, call, name, f) for o, f in factors.items()}
         return call, name, columns
 
     def combine_tied(self, contributions: list[tuple]) -> Tensor:

@@ -15,6 +15,7 @@ import copy
 import backpack.extensions as bpext
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 from twins import run_backpack, run_extended
@@ -251,17 +252,31 @@ def test_tied_parameters_sum_the_columns_of_their_uses():
     torch.testing.assert_close(_gram([p.sqrt_ggn_exact for p in params]), G, rtol=1e-10, atol=1e-12)
 
 
+def test_through_batch_norm_in_train_mode():
+    """Behind a BatchNorm with batch statistics a column of sample ``n``'s output spreads
+    over every sample: ``jac_batch[c, n]`` is the total derivative of ``f_{n,c}`` through the
+    batch statistics, and the columns square to the GGN of the batch map."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X, y = torch.randn(5, 3, dtype=DT), torch.tensor([0, 1, 1, 0, 1])
+    ours = extend(copy.deepcopy(model))
+    with backprop(hx.BatchJacobian(), hx.SqrtGGNExact()):
+        extend(nn.CrossEntropyLoss())(ours(X), y).backward()
+    model[1].track_running_stats = False  # the same batch map, without the in-place update
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    J = jacrev(lambda p: functional_call(model, p, (X,)))(params)  # [N, C, *p]
+    out = model(X).detach()
+    H = hessian(lambda z: F.cross_entropy(z, y))(out).reshape(out.numel(), -1)
+    for k, p in ours.named_parameters():
+        torch.testing.assert_close(p.jac_batch, J[k].transpose(0, 1), rtol=1e-10, atol=1e-12)
+        Jk = J[k].reshape(out.numel(), -1)
+        V = p.sqrt_ggn_exact.flatten(2).flatten(0, 1)
+        torch.testing.assert_close(V.T @ V, Jk.T @ H @ Jk, rtol=1e-10, atol=1e-12)
+
+
 def test_refused_before_anything_is_written():
-    """A module without a per-sample Jacobian (BatchNorm in training mode mixes samples)
-    is refused before the pass, and nothing lands on any parameter; a loss with negative
-    weights has signed GGN factors, which the columns cannot carry."""
-    model = extend(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(DT))
+    """A loss with negative weights has signed GGN factors, which the columns cannot carry."""
     X, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 1, 1, 0])
-    loss = extend(nn.CrossEntropyLoss())(model(X), y)
-    with pytest.raises(NotImplementedError, match="BatchNorm1d"):
-        with backprop(hx.BatchJacobian()):
-            loss.backward()
-    assert not any(hasattr(p, "jac_batch") for p in model.parameters())
     lin = extend(nn.Linear(3, 2).to(DT))
     loss = -extend(nn.CrossEntropyLoss())(lin(X), y)
     with pytest.raises(ValueError, match="negative"):
