@@ -13,8 +13,10 @@ the multiply-adds of both and the spread ``(max - min) / median`` of the wall ti
 
 ``diag-hessian``: one backward pass of ``DiagHessian`` per case, each in a fresh process
 (peak memory: ``ru_maxrss`` above the resident size after building the model and data),
-for the memory policies given by ``--policies`` (``MemoryPolicy`` keyword dicts), cases
-interleaved over ``--repeats`` rounds.
+for every source tree of ``--roots`` (e.g. a checkout of the code before and this one:
+``--roots /tmp/old .``) and memory policy of ``--policies`` (``MemoryPolicy`` keyword
+dicts), cases interleaved over ``--repeats`` rounds; ``check`` sums ``|diag_h|`` (the same
+for every root and policy up to round-off).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if "worker" not in sys.argv[1:2]:
     sys.path.insert(0, str(ROOT))
+else:  # a worker imports hbpkit from the source tree it is given (old vs new)
+    sys.path.insert(0, sys.argv[sys.argv.index("--root") + 1])
 
-from hbpkit.modules.conv.autocorrelation import patch_gram  # noqa: E402
 from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _flat_windows, _windows  # noqa: E402
 from hbpkit.modules.conv.kronecker import grouped_input_factor  # noqa: E402
 
@@ -62,6 +65,8 @@ def old_input_factor(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
 
 
 def new_input_factor(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    from hbpkit.modules.conv.autocorrelation import patch_gram
+
     A = patch_gram(x, conv.kernel_size, conv.stride, conv.dilation, 1)[0]
     out = x.shape[2] - conv.kernel_size[0] + 1
     return A / (x.shape[0] * out * out)
@@ -144,12 +149,14 @@ def worker_diag_hessian(args) -> None:
 def bench_diag_hessian(args) -> None:
     results: dict = {}
     for r in range(args.repeats):
-        cases = [(a, p) for a in args.archs for p in args.policies]
-        for arch, policy in cases if r % 2 == 0 else reversed(cases):
+        cases = [(a, p, root) for a in args.archs for p in args.policies for root in args.roots]
+        for arch, policy, root in cases if r % 2 == 0 else reversed(cases):
             cmd = [
                 sys.executable,
                 __file__,
                 "worker",
+                "--root",
+                str(Path(root).resolve()),
                 "--arch",
                 arch,
                 "--policy",
@@ -161,15 +168,16 @@ def bench_diag_hessian(args) -> None:
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rec = json.loads(out.strip().splitlines()[-1])
-            results.setdefault((arch, policy), []).append(rec)
-            print(arch, policy, rec, flush=True)
+            results.setdefault((arch, policy, root), []).append(rec)
+            print(arch, policy, root, rec, flush=True)
     print(f"DiagHessian, batch {args.batch}, {args.threads} thread(s), medians of {args.repeats}")
-    print("| net | policy | wall s | cpu s | peak MB |")
-    print("|---|---|---|---|---|")
-    for (arch, policy), recs in results.items():
+    print("| net | policy | root | wall s | cpu s | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for (arch, policy, root), recs in results.items():
         med = {k: statistics.median(r[k] for r in recs) for k in ("wall", "cpu", "peak_mb")}
         print(
-            f"| {arch} | {policy} | {med['wall']:.1f} | {med['cpu']:.1f} | {med['peak_mb']:.0f} |"
+            f"| {arch} | {policy} | {root} | {med['wall']:.1f} | {med['cpu']:.1f} | "
+            f"{med['peak_mb']:.0f} |"
         )
 
 
@@ -183,6 +191,8 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["{}"])
     parser.add_argument("--arch", default="cnn")
     parser.add_argument("--policy", default="{}")
+    parser.add_argument("--roots", nargs="+", default=[str(ROOT)])
+    parser.add_argument("--root", default=str(ROOT))
     args = parser.parse_args()
     {"A": bench_input_factor, "diag-hessian": bench_diag_hessian, "worker": worker_diag_hessian}[
         args.what
