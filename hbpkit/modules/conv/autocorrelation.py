@@ -61,24 +61,25 @@ def patch_gram(
     out, m = L - K + 1, C_hat // groups
     # B[b, a, 0, j] = sum X[a, q + j] X[b, q] over q < out (a, b in one group)
     B = _CONV_WEIGHT[2](X, [C_hat, m, 1, K], X[..., :out], groups=groups)
-    B = B.reshape(groups, m, m, K).permute(0, 2, 1, 3)  # [g, a, b, j]
+    B = B.reshape(groups, m, m, K).permute(0, 3, 2, 1).contiguous()  # [g, j, a, b]
     # Grams of the first and last K - 1 columns, E[e, g, (a, q), (b, r)] = sum X[a, q] X[b, r]
     # (e = 0 head, 1 tail), as one batched product of a small copy
     edges = torch.stack([X[..., : K - 1], X[..., out:]])  # [2, N, C Kf, Pf, K - 1]
     edges = edges.unflatten(2, (groups, m)).permute(0, 2, 1, 4, 3, 5)  # [2, g, N, Pf, a, q]
     edges = edges.reshape(2 * groups, N * Pf, m * (K - 1))
     E = torch.bmm(edges.mT, edges).reshape(2, groups, m, K - 1, m, K - 1)
-    D = E[1] - E[0]  # [g, a, q, b, r]
-    A = x.new_empty(groups, m, K, m, K)
+    D = (E[1] - E[0]).permute(0, 2, 4, 1, 3).contiguous()  # [g, q, r, a, b]
+    # contiguous [a, b] blocks at [k, k'], rearranged once at the end
+    blocks = x.new_empty(groups, K, K, m, m)
     for j in range(K):
-        block = B[..., j]  # t = 0
+        block = B[:, j]  # t = 0
         for t in range(K - j):
             if t > 0:  # the window moves by one: + column q + out, - column q (q = t - 1)
-                block = block + D[:, :, j + t - 1, :, t - 1]
-            A[:, :, j + t, :, t] = block
+                block = block + D[:, j + t - 1, t - 1]
+            blocks[:, j + t, t] = block
             if j > 0:
-                A[:, :, t, :, j + t] = block.mT
-    return A.reshape(groups, m * K, m * K)
+                blocks[:, t, j + t] = block.mT
+    return blocks.permute(0, 3, 1, 4, 2).reshape(groups, m * K, m * K)
 
 
 def _unfold_front(
