@@ -224,20 +224,42 @@ class LocalStep:
         raise NotImplementedError
 
 
+class _GeometryCache:
+    """The last value computed for one geometry: the chunks of one anchor row share their
+    geometry (they differ in channels only), and so do the passes of later consumers over
+    the same chunks. Holds one tensor of ``N C prod(A) prod(patch)`` entries (the windows
+    of the forward-pass tensor a step reads, not the chunk's columns)."""
+
+    def __init__(self) -> None:
+        self.key: LocalGeometry | None = None
+        self.value: Tensor | None = None
+
+    def get(self, geom: LocalGeometry, compute) -> Tensor:
+        if self.key != geom:
+            self.key, self.value = None, None  # free the old value before computing the new
+            self.value, self.key = compute(geom), geom
+        return self.value
+
+
 class ScaleStep(LocalStep):
     """``J^T = diag(d_n)`` (elementwise modules, S.9): multiply by ``d`` ``[N, C, *size]``."""
 
     def __init__(self, d: Tensor) -> None:
         self.d = d
+        self._windows = _GeometryCache()
 
     def geometry(self, geom: LocalGeometry) -> LocalGeometry:
         return geom
 
+    def _scale(self, geom: LocalGeometry) -> Tensor:
+        """``d`` on the patches, ``[*A, N, C, *patch]`` (contiguous: a fast broadcast over C_j)."""
+        w = windows(self.d, geom)  # [N, C, *A, *patch]
+        A = len(geom.anchors)
+        return w.permute([*range(2, 2 + A), 0, 1, *range(2 + A, w.dim())]).contiguous()
+
     def __call__(self, chunk: LocalValues) -> LocalValues:
-        w = windows(self.d, chunk.geom)  # [N, C, *A, *patch]
-        A = len(chunk.geom.anchors)
-        order = [*range(2, 2 + A), 0, 1, *range(2 + A, w.dim())]
-        return LocalValues(chunk.values * w.permute(order), chunk.sign, chunk.geom, True)
+        w = self._windows.get(chunk.geom, self._scale)
+        return LocalValues(chunk.values * w, chunk.sign, chunk.geom, True)
 
 
 class ShiftStep(LocalStep):
@@ -297,6 +319,7 @@ class SelectStep(LocalStep):
     def __init__(self, index: Tensor, kernel, stride, padding, dilation, size) -> None:
         self.index, self.kernel, self.stride = index, tuple(kernel), tuple(stride)
         self.padding, self.dilation, self.size = tuple(padding), tuple(dilation), tuple(size)
+        self._targets = _GeometryCache()
 
     def geometry(self, geom: LocalGeometry) -> LocalGeometry:
         return geom._replace(
@@ -311,6 +334,19 @@ class SelectStep(LocalStep):
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
         geom, new = chunk.geom, self.geometry(chunk.geom)
+        P_new = math.prod(new.patch)
+        local = self._targets.get(geom, self._local_targets)  # [A, N, C, P_old]
+        Aprod, Cj = math.prod(geom.anchors), chunk.values.shape[0]
+        vals = chunk.values.reshape(Cj, Aprod, *local.shape[1:])  # [C_j, A, N, C, P_old]
+        out = vals.new_zeros(*vals.shape[:-1], P_new + 1)
+        out.scatter_add_(-1, local.unsqueeze(0).expand_as(vals), vals)
+        values = out[..., :P_new].reshape(Cj, *geom.anchors, *vals.shape[2:4], *new.patch)
+        return LocalValues(values, chunk.sign, new, True)
+
+    def _local_targets(self, geom: LocalGeometry) -> Tensor:
+        """``[A, N, C, P_old]``: where each patch entry lands in the new patch (flat), or
+        ``P_new`` (a dropped slot) for entries outside the output map."""
+        new = self.geometry(geom)
         P_new = math.prod(new.patch)
         # flat input positions; -1 outside the output map (those entries go to a dropped slot)
         idx = windows(self.index, geom, fill=-1)  # [N, C, *A, *patch]
@@ -327,13 +363,7 @@ class SelectStep(LocalStep):
             local = local * new.patch[i] + (coord - anchor.reshape(shape))
         local = local.masked_fill_(idx < 0, P_new)
         Aprod, P_old = math.prod(geom.anchors), math.prod(geom.patch)
-        local = local.reshape(*local.shape[:2], Aprod, P_old).permute(2, 0, 1, 3)
-        Cj = chunk.values.shape[0]
-        vals = chunk.values.reshape(Cj, Aprod, *local.shape[1:])  # [C_j, A, N, C, P_old]
-        out = vals.new_zeros(*vals.shape[:-1], P_new + 1)
-        out.scatter_add_(-1, local.unsqueeze(0).expand_as(vals), vals)
-        values = out[..., :P_new].reshape(Cj, *geom.anchors, *vals.shape[2:4], *new.patch)
-        return LocalValues(values, chunk.sign, new, True)
+        return local.reshape(*local.shape[:2], Aprod, P_old).permute(2, 0, 1, 3).contiguous()
 
 
 def _column_chunks(total: int, per_column: int, max_bytes: int, itemsize: int) -> int:

@@ -215,3 +215,32 @@ def test_to_dense_places_patches():
                     if 0 <= i < 5 and 0 <= j < 6:
                         expected[a0, a1, i, j] = values[0, a0, a1, 0, 0, p0, p1]
     torch.testing.assert_close(dense.reshape(3, 2, 5, 6), expected)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == 2], ids=lambda c: f"2d-{c[0]}")
+def test_diag_hessian_same_for_every_chunk_budget(case, monkeypatch):
+    """The steps cache what they read of the forward pass per chunk geometry (the chunks of
+    one anchor row, the passes of later consumers): every chunk budget, from one column per
+    chunk to everything materialised, gives the same ``diag_h`` to round-off, and the caches
+    are hit (values reused, not only computed)."""
+    model, X = _random_cnn(*case)
+    model = extend(model)
+    y = torch.tensor([0, 2, 1])
+    hits, misses = [0], [0]
+    get = local_factor._GeometryCache.get
+
+    def spy(self, geom, compute):
+        (hits if self.key == geom else misses)[0] += 1
+        return get(self, geom, compute)
+
+    monkeypatch.setattr(local_factor._GeometryCache, "get", spy)
+    results = {}
+    for store, chunk in ((2**28, 2**27), (0, 2**14), (0, 2**12), (0, 2**10), (0, 1)):
+        results[store, chunk] = _run(model, X, y, [DiagHessian()], True, store, chunk, monkeypatch)
+    assert hits[0] > 0 and misses[0] > 0, (hits, misses)
+    reference = results[2**28, 2**27]["diag_h"]
+    for budget, result in results.items():
+        for a, b in zip(result["diag_h"], reference):
+            torch.testing.assert_close(
+                a, b, rtol=1e-12, atol=1e-15, msg=lambda m, budget=budget: f"{budget}: {m}"
+            )

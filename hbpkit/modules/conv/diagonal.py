@@ -111,17 +111,32 @@ class UnfoldedDiagonal:
         unfolded input ``[[x_n]]`` ``[S, *out]`` read on the same patch (zero outside).
         """
         G = call.module.groups
-        u = self.unfold(call)
-        u = windows(u.reshape(*u.shape[:2], *call.output_shape[2:]), chunk.geom)
-        u = u.reshape(u.shape[0], G, -1, math.prod(chunk.geom.anchors), math.prod(chunk.geom.patch))
-        v = chunk.values.reshape(
-            chunk.values.shape[0], u.shape[3], u.shape[0], G, -1, u.shape[-1]
-        )  # [C_j, A, N, G, C_out/G, P]
-        JtV = einsum(v, u, "j a n g o p, n g s a p -> j a n g o s")
+        u = self._local_patches(call, chunk.geom)  # [A, N, G, P, S/G]
+        A, N, _, P, S = u.shape
+        Cj = chunk.values.shape[0]
+        v = chunk.values.reshape(Cj, A, N, G, -1, P)  # [C_j, A, N, G, C_out/G, P]
+        v = v.permute(1, 2, 3, 0, 4, 5).reshape(A * N * G, -1, P)
+        JtV = torch.bmm(v, u.reshape(A * N * G, P, S))  # [(A N G), (C_j C_out/G), S/G]
         sq = JtV.square_()  # entries outside the output map meet zeros of the windowed input
+        sq = sq.view(A, N, G, Cj, -1)
         if chunk.sign is not None:
-            sq = sq.mul_(chunk.sign.reshape(*v.shape[:3], 1, 1, 1))
-        return sq.sum((0, 1, 2)).reshape(call.module.weight.shape)
+            sign = chunk.sign.reshape(Cj, A, N).permute(1, 2, 0)
+            sq = sq.mul_(sign.reshape(A, N, 1, Cj, 1))
+        return sq.sum((0, 1, 3)).reshape(call.module.weight.shape)
+
+    def _local_patches(self, call: ModuleCall, geom) -> Tensor:
+        """``[[x]]`` on the patches of ``geom``, ``[A, N, G, P_patch, S/G]`` (zero outside the
+        output map), cached for the last geometry: the chunks of one anchor row share it."""
+        cached = call.cache.get("conv_local_patches")
+        if cached is None or cached[0] != geom:
+            call.cache.pop("conv_local_patches", None)  # free the old one first
+            G = call.module.groups
+            u = self.unfold(call)
+            u = windows(u.reshape(*u.shape[:2], *call.output_shape[2:]), geom)  # [N, S, *A, *P]
+            u = u.reshape(u.shape[0], G, -1, math.prod(geom.anchors), math.prod(geom.patch))
+            cached = (geom, u.permute(3, 0, 1, 4, 2).contiguous())
+            call.cache["conv_local_patches"] = cached
+        return cached[1]
 
     def _param_diag_local_bias(self, call: ModuleCall, chunk: LocalValues) -> Tensor:
         """``sum_{j,n} sign (1^T v_{j,n})^2`` for local columns ``v``, ``[C_out]``."""

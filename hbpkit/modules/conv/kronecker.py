@@ -41,6 +41,8 @@ keeps the full ``[G]``. Depthwise convolutions (``g = C_in``) have ``S = prod(k)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import einsum, rearrange
 from torch import Tensor
@@ -52,6 +54,7 @@ from hbpkit.curvature.kronecker import KroneckerFactors
 from hbpkit.curvature.local import LocalFactor
 from hbpkit.curvature.memory import RAISE_BUDGET
 from hbpkit.modules.base import output_factor_from_average
+from hbpkit.modules.conv.autocorrelation import autocorrelation_applies, patch_gram
 from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _windows
 from hbpkit.modules.roles import KroneckerRoles
 
@@ -173,7 +176,9 @@ class ConvKronecker(ConvOutputKronecker):
         (expand) or ``1/N sum_n ubar ubar^T`` (reduce), per group of input channels.
 
         ``reduce`` averages the patches over positions on the strided view of the
-        input, without materialising ``[[x]]``.
+        input, without materialising ``[[x]]``; ``expand`` comes from the autocorrelation
+        of the input over kernel offsets (``autocorrelation.py``) where the last spatial
+        dimension has stride 1 and no dilation, else from ``[[x]]``.
         """
         key = ("conv_A", approx)
         if key not in call.cache:
@@ -183,6 +188,15 @@ class ConvKronecker(ConvOutputKronecker):
                 w = _windows(self._x_full(call), m)  # [N, C, *out, *k], a view
                 ubar = w.mean(tuple(range(2, 2 + d))).flatten(1)  # [N, C * prod(k)]
                 call.cache[key] = grouped_input_factor(ubar.unsqueeze(2), groups, approx)
+            elif autocorrelation_applies(
+                m.kernel_size, m.stride, m.dilation, call.output_shape[-1]
+            ):
+                # from the autocorrelation of the input over kernel offsets: same sums, about
+                # 1/k of the products of the patch Gram (autocorrelation.py, issue 17)
+                x = self._x_full(call)
+                A = patch_gram(x, m.kernel_size, m.stride, m.dilation, groups)
+                A = A / (x.shape[0] * math.prod(call.output_shape[2:]))
+                call.cache[key] = A[0] if groups == 1 else A
             else:
                 u = self.unfold(call)
                 N, K, P = u.shape
