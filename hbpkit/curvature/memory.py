@@ -70,6 +70,11 @@ class MemoryPolicy:
     ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams ``K^2 (N + 3)`` entries per pair of
     outputs, the sample loop ``N`` random additions; the cheaper one is taken."""
 
+    workspace_bytes: int = 2**30
+    """The most memory a pass keeps in its workspace of reused buffers, between its
+    calls and for the next pass from the same loss (``curvature/workspace.py``): large
+    dead messages are reused instead of faulting in fresh pages. ``0`` turns it off."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
+from hbpkit.curvature import workspace
+from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan, trainable
 from hbpkit.engine.views import bridge_view, is_virtual
@@ -56,12 +58,14 @@ class BackwardState:
                 self.pass_.add_root(call)  # another loss of a sum (multi-task, auxiliary)
             if self.pass_ is None:  # the plan raises before anything is computed
                 self.pass_ = BackwardPass(PassPlan(self.extensions, call, self.memory))
-            with torch.no_grad():
+            with torch.no_grad(), workspace.active(self.pass_.workspace):
                 self.pass_.process(call, grad_output.detach())
             if self.pass_.finished:
                 self.pass_.commit()
                 self.pass_ = None
         except BaseException:
+            if self.pass_ is not None:
+                self.pass_.workspace.finish()
             self.pass_ = None
             raise
 
@@ -95,6 +99,8 @@ class BackwardPass:
         self._drop_previous_results()
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
         self.tied: dict[tuple[int, str], tuple[nn.Parameter, Extension, list]] = {}
+        # buffers reused between calls and passes (ownership rule: curvature/workspace.py)
+        self.workspace = workspace.workspace_for(self.root.module, plan.memory.workspace_bytes)
 
     def add_root(self, loss: ModuleCall) -> None:
         """Take one more loss of a sum into the running pass: plan again over all losses.
@@ -190,6 +196,18 @@ class BackwardPass:
                     for key, value in messages.items()
                 },
             )
+        self._offer(messages)
+
+    def _offer(self, messages: dict[Any, Any]) -> None:
+        """Offer the consumed sqrt factors to the workspace: reused once nothing else holds
+        them (a factor sent on unchanged, or to a second parent, is still held)."""
+        for value in messages.values():
+            if isinstance(value, dict):
+                for f in value.values():
+                    if isinstance(f, SqrtFactor):
+                        self.workspace.offer(f.S)
+                    elif isinstance(f, DiagonalFactor):
+                        self.workspace.offer(f.s)
 
     def _collect(self, call: ModuleCall) -> dict[Any, Any]:
         """The messages at ``call``'s output, merged over its consumers."""
@@ -236,6 +254,7 @@ class BackwardPass:
         self._send(call, {key: h.initial(rules, call, weight) for key, h in self._handlers.items()})
 
     def commit(self) -> None:
+        self.workspace.finish()
         for (_, field), (param, ext, parts) in self.tied.items():
             self.staged.append((param, field, ext.combine_tied(parts)))
         for param, field, value in self.staged:

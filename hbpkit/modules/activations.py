@@ -15,6 +15,7 @@ from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature import workspace
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.local import LocalStep, ScaleStep, ShiftStep
 from hbpkit.modules.base import ModuleRules
@@ -76,7 +77,11 @@ class ElementwiseRules(ModuleRules):
         return call.cache["phi"]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return mat * self._d(call)[0]
+        """``[V, N, *in] -> [V, N, *in]``: ``phi'(x) * M`` (S.9), into a workspace buffer."""
+        d1 = self._d(call)[0]
+        if mat.shape[1:] != d1.shape or mat.dtype != d1.dtype:
+            return mat * d1
+        return torch.mul(mat, d1, out=workspace.empty(mat.shape, mat))
 
     jac_mat_prod = jac_t_mat_prod
 
