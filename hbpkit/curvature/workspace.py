@@ -16,12 +16,15 @@ object, and no other tensor (a view, a reshape sent on as a message, a factor se
 to two parents, a saved result) shares its storage (CPython's reference count and
 the storage's use count, checked in :meth:`Workspace._collect`). So a factor a call
 sends to two parents stays untouched until both have used it, and nothing a user
-can reach is ever overwritten. Buffers never leave the device they were allocated
-on, and reuse needs no host synchronisation.
+can reach is ever overwritten. Only CPU tensors are tracked: device allocators
+(CUDA's caching allocator) reuse freed blocks themselves, and nothing here reads a
+device tensor back to the host.
 
 The workspace of a pass lives as long as the loss module that started it (a weak
 dictionary, no attribute on the module), so the buffers of one pass serve the next
-one; its size is bounded by ``MemoryPolicy.workspace_bytes`` (``0``: off).
+one. It keeps a dead storage only for a request size of this pass or the last (at
+most one buffer per request, at most twice its size), within
+``MemoryPolicy.workspace_bytes`` (``0``: off); other storages are freed as before.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Workspace:
             and _use_count is not None
             and tensor.numel() * tensor.element_size() >= MIN_BYTES
             and not tensor.requires_grad
+            and tensor.device.type == "cpu"  # device allocators (CUDA's) cache blocks already
             and not any(t is tensor for t in self._offered)
         ):
             self._offered.append(tensor)
