@@ -2,10 +2,10 @@
 
 On the table S.2 nets (``fcnn``, ``cnn``, ``c3d3``, batch 128, float32, CrossEntropyLoss),
 one process times, interleaved over ``--repeats`` (after one warm-up), a plain forward +
-backward and, per extension, hbpkit with its default :class:`MemoryPolicy` ("after": the
-workspace of reused buffers, ``hbpkit/curvature/workspace.py``) and with
-``MemoryPolicy(workspace_bytes=0)`` ("before": every large temporary is fresh memory
-from the default allocator). Each configuration has its own deep copy of the model and
+backward and, per extension, hbpkit with ``MemoryPolicy(workspace_bytes=2**30)`` ("after":
+the workspace of reused buffers, ``hbpkit/curvature/workspace.py``) and with the default
+``MemoryPolicy()`` ("before", no workspace: every large temporary is fresh memory from the
+default allocator). Each configuration has its own deep copy of the model and
 its own loss module, so their workspaces are separate. Printed per case: the median time,
 its ratio to the plain pass, and the median minor page faults of one pass
 (``resource.getrusage(RUSAGE_SELF).ru_minflt``, 4 KiB each), with the default glibc
@@ -41,6 +41,7 @@ from hbpkit.curvature.memory import MemoryPolicy
 
 #: glibc tunables that keep freed memory for reuse (as in ``architectures.py``)
 REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+WORKSPACE = MemoryPolicy(workspace_bytes=2**30)
 FIELDS = ("kfac", "kflr", "diag_ggn_exact", "grad_batch", "diag_ggn_mc")
 
 
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
         y = torch.randint(0, 10, (args.batch,))
         cases: dict = {"plain": (copy.deepcopy(base), nn.CrossEntropyLoss(), None, None)}
         for ext in args.extensions:
-            for label, policy in (("before", MemoryPolicy(workspace_bytes=0)), ("after", None)):
+            for label, policy in (("before", None), ("after", WORKSPACE)):
                 model, loss = extend(copy.deepcopy(base)), extend(nn.CrossEntropyLoss())
                 cases[ext, label] = (model, loss, getattr(hx, ext), policy)
 

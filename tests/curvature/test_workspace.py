@@ -111,7 +111,7 @@ def test_results_equal_those_without_workspace(track_all, net, ext):
     model, X = model.to(DT), X.to(DT)
     y = torch.randint(0, 3, (X.shape[0],))
     results = {}
-    for label, policy in (("off", MemoryPolicy(workspace_bytes=0)), ("on", MemoryPolicy())):
+    for label, policy in (("off", MemoryPolicy()), ("on", MemoryPolicy(workspace_bytes=2**20))):
         m, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
         passes = []
         for _ in range(3):  # later passes reuse the buffers of earlier ones
