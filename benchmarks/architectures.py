@@ -1,4 +1,4 @@
-"""Time and peak memory of every extension on the paper's architectures: hbpkit vs BackPACK.
+"""Time and peak memory of every extension on the paper's architectures: hbpkit vs its peers.
 
 Architectures: ``fcnn``, ``cnn``, ``c3d3`` of the HBP supplement, table S.2
 (:mod:`hbpkit.architectures`), on random CIFAR-10-shaped inputs ``[B, 3, 32, 32]``, 10
@@ -7,7 +7,12 @@ BatchL2, SumGradSquared, Variance, DiagGGNExact, DiagGGNMC, DiagHessian, KFAC, K
 KFRA), the combination ``KFAC + DiagGGNExact + BatchGrad`` in one backward pass, and the
 extended model with no extension active. One case is ``forward + loss + backward`` of an
 (architecture, library, extension); the libraries are a plain (not extended) model,
-hbpkit and BackPACK, each on a deep copy of the same seeded weights.
+hbpkit, BackPACK and curvlinops, each on a deep copy of the same seeded weights. GGNMP is
+the backward pass plus one product ``p.ggnmp(V)`` per parameter (``PRODUCTS`` columns).
+curvlinops has no extensions: its rows are what it computes in place of one
+(:data:`CURVLINOPS`: K-FAC factors with ``fisher_type="mc"`` for KFAC and ``"type-2"`` for
+KFLR, products with the full GGN, and its randomized diagonal estimators, ``xdiag`` and
+``hutchinson_diag``, where they are its only way to a diagonal); "-" where it has none.
 
     python benchmarks/architectures.py                      # everything, batch 128
     python benchmarks/architectures.py --arch fcnn --repeats 3
@@ -55,7 +60,7 @@ as a floor ratio ``1 + extra / plain`` next to the measured ratios (see
 :func:`extra_flops`).
 
 Output: ``DIR/benchmark.md`` (tables, printed to stdout too), ``DIR/benchmark.png`` (one
-panel per architecture, ratios on a log axis, hbpkit next to BackPACK, failures marked)
+panel per architecture, ratios on a log axis, hbpkit next to its peers, failures marked)
 and ``DIR/benchmark.json`` (raw numbers); ``DIR`` defaults to ``benchmarks/results``.
 """
 
@@ -78,9 +83,12 @@ from pathlib import Path
 from typing import Any
 
 ARCHS = ("fcnn", "cnn", "c3d3")
-LIBS = ("hbpkit", "BackPACK")
+LIBS = ("hbpkit", "BackPACK")  # the libraries with extensions (also benchmarks/scaling.py)
+PEERS = (*LIBS, "curvlinops")  # the columns of this script's tables
 NUM_CLASSES = 10
 COMBO = "KFAC+DiagGGNExact+BatchGrad"
+PRODUCTS = 3  # columns of one GGN product (GGNMP: ``p.ggnmp(V)``; curvlinops: ``op @ V``)
+XDIAG_PRODUCTS = 10  # GGN products of curvlinops' xdiag estimate of the diagonal
 
 # name -> [(hbpkit class, BackPACK class, savefield), ...]; "none": extended, no extension
 EXTENSIONS: dict[str, list[tuple[str, str, str]]] = {
@@ -95,6 +103,7 @@ EXTENSIONS: dict[str, list[tuple[str, str, str]]] = {
     "KFAC": [("KFAC", "KFAC", "kfac")],
     "KFLR": [("KFLR", "KFLR", "kflr")],
     "KFRA": [("KFRA", "KFRA", "kfra")],
+    "GGNMP": [("GGNMP", "GGNMP", "ggnmp")],
     COMBO: [
         ("KFAC", "KFAC", "kfac"),
         ("DiagGGNExact", "DiagGGNExact", "diag_ggn_exact"),
@@ -103,9 +112,27 @@ EXTENSIONS: dict[str, list[tuple[str, str, str]]] = {
 }
 SAVEFIELDS = sorted({field for specs in EXTENSIONS.values() for _, _, field in specs})
 LABELS = {"none": "(extended, no extension)"}
+#: what curvlinops 3.0.1 computes in place of an extension (the rows it has no counterpart
+#: for are "-"): its K-FAC factors (``KFACLinearOperator(...).compute_kronecker_factors()``,
+#: Linear and Conv2d layers, without the gradient hbpkit and BackPACK also return), GGN
+#: products (``GGNLinearOperator @ V``), and, since it has no exact diagonal other than
+#: one product per parameter, the randomized estimates of the GGN's diagonal
+CURVLINOPS = {
+    "KFAC": "KFACLinearOperator, fisher_type='mc'",
+    "KFLR": "KFACLinearOperator, fisher_type='type-2'",
+    "DiagGGNExact": f"xdiag(GGNLinearOperator, {XDIAG_PRODUCTS}) (estimate)",
+    "DiagGGNMC": "hutchinson_diag(GGNLinearOperator, 1) (estimate)",
+    "GGNMP": f"GGNLinearOperator @ V, {PRODUCTS} columns (the full GGN: it has no blocks)",
+}
+
 PREFIX = "BENCH "  # marks the JSON lines a worker writes to stdout
 #: glibc tunables that keep freed memory in the heap for reuse (``--reuse-freed-memory``)
 REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
+def runs(lib: str, ext: str | None) -> bool:
+    """Whether ``lib`` has a counterpart of ``ext`` (curvlinops: :data:`CURVLINOPS`)."""
+    return lib != "curvlinops" or ext in CURVLINOPS
 
 
 # --------------------------------------------------------------------------------------
@@ -165,6 +192,14 @@ class Case:
         self.lib, self.ext, self.X, self.y = lib, ext, X, y
         model, loss_fn = copy.deepcopy(base), nn.CrossEntropyLoss()
         self.context = None
+        self.vectors = None
+        if ext == "GGNMP":
+            import torch
+
+            gen = torch.Generator().manual_seed(0)
+            self.vectors = [
+                torch.randn(PRODUCTS, *p.shape, generator=gen) for p in base.parameters()
+            ]
         if lib == "hbpkit":
             import hbpkit.extensions as hx
             from hbpkit import backprop, extend
@@ -181,6 +216,8 @@ class Case:
             classes = [getattr(bpe, bp) for _, bp, _ in EXTENSIONS[ext]]
             if classes:
                 self.context = lambda: backpack(*[c() for c in classes])
+        elif lib == "curvlinops" and ext not in CURVLINOPS:
+            raise ValueError(f"curvlinops has no counterpart of {ext}")
         self.model, self.loss_fn = model, loss_fn
 
     def clear(self) -> None:
@@ -193,15 +230,49 @@ class Case:
         self.clear()
         gc.collect()
         start = time.perf_counter()
-        loss = self.loss_fn(self.model(self.X), self.y)
-        if self.context is None:
-            loss.backward()
+        if self.lib == "curvlinops":
+            self.run_curvlinops()
         else:
-            with self.context():
+            loss = self.loss_fn(self.model(self.X), self.y)
+            if self.context is None:
                 loss.backward()
+            else:
+                with self.context():
+                    loss.backward()
+            if self.vectors is not None:  # GGNMP: one product per parameter
+                for p, V in zip(self.model.parameters(), self.vectors):
+                    p.ggnmp(V)
         elapsed = time.perf_counter() - start
         self.clear()
         return elapsed
+
+    def run_curvlinops(self) -> None:
+        """curvlinops' counterpart of the extension (:data:`CURVLINOPS`)."""
+        import curvlinops
+        import torch
+        from torch import nn
+
+        data = [(self.X, self.y)]
+        if self.ext in ("KFAC", "KFLR"):
+            layers = [m for m in self.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            params = [p for m in layers for p in m.parameters() if p.requires_grad]
+            fisher = "mc" if self.ext == "KFAC" else "type-2"
+            op = curvlinops.KFACLinearOperator(
+                self.model, self.loss_fn, params, data, check_deterministic=False,
+                fisher_type=fisher,
+            )  # fmt: skip
+            op.compute_kronecker_factors()
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        op = curvlinops.GGNLinearOperator(
+            self.model, self.loss_fn, params, data, check_deterministic=False
+        )
+        if self.ext == "GGNMP":
+            op @ torch.cat([v.flatten(1) for v in self.vectors], 1).T  # [P, PRODUCTS]
+        elif self.ext == "DiagGGNExact":
+            curvlinops.xdiag(op, XDIAG_PRODUCTS)
+        else:  # DiagGGNMC
+            curvlinops.hutchinson_diag(op, 1)
 
 
 def build_model(args):
@@ -381,6 +452,8 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
       one-sample backward products, ``(D_out + D_in) 2 P K O``; through an elementwise
       activation: the Gram of its derivatives ``N D^2``; plus ``A``: ``N P K^2``.
     * the combination: the sum of its three parts (only the unfold could be shared).
+    * GGNMP (``PRODUCTS`` columns): per column a Jacobian product ``J v`` and a transposed one
+      ``J^T u``, at least one plain forward + backward; a lower bound.
     """
     total, what = 0.0, ""
     weights = [L for L in layers if L["kind"] == "param"]
@@ -393,6 +466,8 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
         return sum(p[0] for p in parts), "sum of KFAC, DiagGGNExact, BatchGrad"
     if ext == "none":
         return 0.0, "nothing"
+    if ext == "GGNMP":  # a lower bound: per-parameter blocks repeat the layers above each
+        return PRODUCTS * plain_flops(layers, N), f"{PRODUCTS} x (J v and J^T u), one pass each"
     for L in weights:
         K, O, P = L["K"], L["O"], L["P"]
         W = 2 * N * P * K * O
@@ -474,7 +549,7 @@ def run_worker(cmd: list[str], timeout: float) -> tuple[list[dict], str | None]:
 def memory_phase(args, archs, names) -> dict:
     """(arch, lib, ext) -> record of phase 1 (ext None for the plain model)."""
     todo = [(arch, "plain", None) for arch in archs]
-    todo += [(arch, lib, ext) for arch in archs for ext in names for lib in LIBS]
+    todo += [(arch, lib, ext) for arch in archs for ext in names for lib in PEERS if runs(lib, ext)]
 
     def one(key):
         arch, lib, ext = key
@@ -516,7 +591,12 @@ def collect_times(records: list[dict], jobs: list, problem: str | None) -> dict:
 
 def time_phase(args, arch, names, memory) -> dict:
     """(lib, ext) -> {"times": [...], "slow": bool} or {"status", "reason"} for one arch."""
-    jobs = [(lib, ext) for ext in names for lib in LIBS if memory[arch, lib, ext]["status"] == "ok"]
+    jobs = [
+        (lib, ext)
+        for ext in names
+        for lib in PEERS
+        if runs(lib, ext) and memory[arch, lib, ext]["status"] == "ok"
+    ]
     cmd = worker_command(args, "time", arch, cases=json.dumps(jobs))
     start = time.perf_counter()
     limit = 2 * args.timeout * (args.repeats + 1)
@@ -562,7 +642,7 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
     except Exception:  # noqa: BLE001
         bp_version = "?"
     lines = [
-        "# hbpkit vs BackPACK on the architectures of table S.2",
+        "# hbpkit, BackPACK and curvlinops on the architectures of table S.2",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- machine: {machine()}; load average at the end "
@@ -601,9 +681,10 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
             f"plain forward + backward: {1e3 * plain_t:.1f} ms (median), peak {plain_mb}"
             + (f"; time phase: {res['problem']}" if res.get("problem") else ""),
             "",
-            "| extension | hbpkit time ratio | BackPACK time ratio | hbpkit/BackPACK "
-            "| hbpkit peak MB | BackPACK peak MB |",
-            "|---|---|---|---|---|---|",
+            "| extension | hbpkit time ratio | BackPACK time ratio | curvlinops time ratio "
+            "| hbpkit/BackPACK | hbpkit/curvlinops | hbpkit peak MB | BackPACK peak MB "
+            "| curvlinops peak MB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         layers = layer_shapes(arch)
         base_flops = plain_flops(layers, args.batch)
@@ -612,12 +693,15 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
             f"### cost model, {arch} (plain forward + backward: {base_flops / 1e9:.3g} GFLOP)",
             "",
             "| extension | extra GFLOP | floor ratio | hbpkit ratio (x floor) "
-            "| BackPACK ratio (x floor) | counted |",
-            "|---|---|---|---|---|---|",
+            "| BackPACK ratio (x floor) | curvlinops ratio (x floor) | counted |",
+            "|---|---|---|---|---|---|---|",
         ]
         for ext in names:
             ratios, cells, mems = {}, {}, {}
-            for lib in LIBS:
+            for lib in PEERS:
+                if not runs(lib, ext):
+                    cells[lib], mems[lib], ratios[lib] = "-", "-", None
+                    continue
                 mem = memory[arch, lib, ext]
                 if mem["status"] != "ok":
                     cells[lib] = f"{mem['status']}: {mem['reason']}"
@@ -632,12 +716,14 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
                 else:
                     ratios[lib] = statistics.median(t["times"]) / plain_t
                     cells[lib] = fmt_ratio(ratios[lib]) + (" (1 run)" if t.get("slow") else "")
-            hb, bp = ratios["hbpkit"], ratios["BackPACK"]
+            hb, bp, cl = ratios["hbpkit"], ratios["BackPACK"], ratios["curvlinops"]
             rel = f"{hb / bp:.2f}" if hb is not None and bp is not None else "-"
+            rel_cl = f"{hb / cl:.2f}" if hb is not None and cl is not None else "-"
             label = LABELS.get(ext, ext)
             lines.append(
-                f"| {label} | {cells['hbpkit']} | {cells['BackPACK']} | {rel} "
-                f"| {mems['hbpkit']} | {mems['BackPACK']} |"
+                f"| {label} | {cells['hbpkit']} | {cells['BackPACK']} | {cells['curvlinops']} "
+                f"| {rel} | {rel_cl} | {mems['hbpkit']} | {mems['BackPACK']} "
+                f"| {mems['curvlinops']} |"
             )
             chart[arch].append((label, ratios, cells))
             extra, what = extra_flops(ext, layers, args.batch)
@@ -649,11 +735,18 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
 
             cost_rows.append(
                 f"| {label} | {bound}{extra / 1e9:.3g} | {bound}{fmt_ratio(floor)} | {vs(hb)} "
-                f"| {vs(bp)} | {what} |"
+                f"| {vs(bp)} | {vs(cl)} | {what} |"
             )
         lines.append("")
         cost_rows.append("")
     lines += [
+        "curvlinops "
+        + _curvlinops_version()
+        + " computes, in place of an extension: "
+        + "; ".join(f"{ext}: `{what}`" for ext, what in CURVLINOPS.items())
+        + " (its K-FAC computes the factors of Linear and Conv2d layers only, without the "
+        "gradient hbpkit and BackPACK return too; the diagonal estimates are not exact).",
+        "",
         "## Cost model",
         "",
         "Floor ratio = 1 + (flops the extension cannot avoid) / (plain forward + backward "
@@ -663,6 +756,15 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
         "",
     ] + cost_rows
     return "\n".join(lines), chart
+
+
+def _curvlinops_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("curvlinops-for-pytorch")
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def minor_label(v: float) -> str:
@@ -681,17 +783,19 @@ def plot(chart: dict, path: Path, title: str) -> None:
 
     archs = list(chart)
     fig, axes = plt.subplots(len(archs), 1, figsize=(12, 3.6 * len(archs)), squeeze=False)
-    colors = {"hbpkit": "tab:blue", "BackPACK": "tab:orange"}
+    colors = {"hbpkit": "tab:blue", "BackPACK": "tab:orange", "curvlinops": "tab:green"}
     for ax, arch in zip(axes[:, 0], archs):
         rows = chart[arch]
         ok = [r for _, ratios, _ in rows for r in ratios.values() if r is not None]
         bottom = min([0.8] + [0.8 * r for r in ok])
         for i, (_label, ratios, cells) in enumerate(rows):
-            for j, lib in enumerate(LIBS):
-                x = i + (j - 0.5) * 0.4
+            for j, lib in enumerate(PEERS):
+                if cells[lib] == "-":  # no counterpart in this library
+                    continue
+                x = i + (j - 1) * 0.28
                 r = ratios[lib]
                 if r is not None:
-                    ax.bar(x, r - bottom, 0.38, bottom=bottom, color=colors[lib])
+                    ax.bar(x, r - bottom, 0.26, bottom=bottom, color=colors[lib])
                     ax.text(x, r, f"{r:.2g}", ha="center", va="bottom", fontsize=7)
                 else:
                     mark = "R" if cells[lib].startswith("refused") else "X"
@@ -716,7 +820,7 @@ def plot(chart: dict, path: Path, title: str) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: minor_label(v)))
         ax.tick_params(axis="y", which="minor", labelsize=6)
-        handles = [Patch(color=colors[lib], label=lib) for lib in LIBS]
+        handles = [Patch(color=colors[lib], label=lib) for lib in PEERS]
         ax.legend(handles=handles, fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -154,9 +154,14 @@ class DiagonalFactor(NamedTuple):
 
     @staticmethod
     def from_values(diag: Tensor) -> DiagonalFactor:
-        """The factor of ``diag[diag[n]]``; ``diag``: ``[N, *features]``."""
-        sign = None if bool((diag >= 0).all()) else torch.sign(diag)
-        return DiagonalFactor(diag.abs().sqrt(), sign)
+        """The factor of ``diag[diag[n]]``; ``diag``: ``[N, *features]``.
+
+        On the CPU the signs are dropped where all are ``+1``; on other devices they are
+        always kept, since testing them would wait for the device in every module's hook.
+        """
+        if diag.device.type == "cpu" and bool((diag >= 0).all()):
+            return DiagonalFactor(diag.abs().sqrt())
+        return DiagonalFactor(diag.abs().sqrt(), torch.sign(diag))
 
     def signed_square(self) -> Tensor:
         """``sign * s**2``, the diagonal per sample, ``[N, *features]``."""

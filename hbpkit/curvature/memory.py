@@ -70,6 +70,15 @@ class MemoryPolicy:
     ``MaxPoolRules.ea_jac_t_mat_jac_prod`` streams ``K^2 (N + 3)`` entries per pair of
     outputs, the sample loop ``N`` random additions; the cheaper one is taken."""
 
+    workspace_bytes: int = 0
+    """The most memory a pass keeps in its workspace of reused buffers, between its
+    calls and for the next pass from the same loss (``curvature/workspace.py``): large
+    dead messages are reused instead of faulting in fresh pages (on the CPU). Off
+    (``0``) by default: a kept buffer waits for its next use while the convolution and
+    pooling rules still allocate afresh, so the peak grows (measured on table S.2:
+    a third to a half fewer page faults, 25 to 75 % more peak memory; see
+    ``docs/benchmarks.md``); ``2**30`` turns it on."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
+from hbpkit.curvature import workspace
+from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan
 from hbpkit.engine.recorded_ops import bridge_recorded
@@ -65,13 +67,15 @@ class BackwardState:
                 plan = PassPlan(self.extensions, call, self.memory, selection=self.selection)
                 # a backward pass that creates a graph runs its hooks with grad mode on
                 self.pass_ = BackwardPass(plan, create_graph=torch.is_grad_enabled())
-            with torch.no_grad():
+            with torch.no_grad(), workspace.active(self.pass_.workspace):
                 graph_grad = grad_output if self.pass_.create_graph else None
                 self.pass_.process(call, grad_output.detach(), graph_grad)
             if self.pass_.finished:
                 self.pass_.commit()
                 self.pass_ = None
         except BaseException:
+            if self.pass_ is not None:
+                self.pass_.workspace.finish()
             self.pass_ = None
             raise
 
@@ -114,6 +118,8 @@ class BackwardPass:
         self._drop_previous_results()
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
         self.tied: dict[tuple[int, str], tuple[nn.Parameter, Extension, list]] = {}
+        # buffers reused between calls and passes (ownership rule: curvature/workspace.py)
+        self.workspace = workspace.workspace_for(self.root.module, plan.memory.workspace_bytes)
 
     def add_root(self, loss: ModuleCall) -> None:
         """Take one more loss of a sum into the running pass: plan again over all losses.
@@ -252,7 +258,19 @@ class BackwardPass:
             if self.plan.coupling:  # coupled factors stay coupled through every rule
                 sent = {k: keep_coupled(messages[k], v, call) for k, v in sent.items()}
             self._send(call, sent)
+        self._offer(messages)
         self._process_virtual_parents(call, grad_output)
+
+    def _offer(self, messages: dict[Any, Any]) -> None:
+        """Offer the consumed sqrt factors to the workspace: reused once nothing else holds
+        them (a factor sent on unchanged, or to a second parent, is still held)."""
+        for value in messages.values():
+            if isinstance(value, dict):
+                for f in value.values():
+                    if isinstance(f, SqrtFactor):
+                        self.workspace.offer(f.S)
+                    elif isinstance(f, DiagonalFactor):
+                        self.workspace.offer(f.s)
 
     def _process_virtual_parents(self, call: ModuleCall, grad_output: Tensor) -> None:
         """Process the virtual calls that feed ``call`` (a view before the loss,
@@ -311,6 +329,7 @@ class BackwardPass:
         self._send(call, {key: h.initial(rules, call, weight) for key, h in self._handlers.items()})
 
     def commit(self) -> None:
+        self.workspace.finish()
         for (_, field), (param, ext, parts) in self.tied.items():
             with torch.set_grad_enabled(self.create_graph):
                 self.staged.append((param, field, ext.combine_tied(parts)))

@@ -15,6 +15,7 @@ from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature import workspace
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.local import LocalStep, ScaleStep, ShiftStep
 from hbpkit.modules.base import ModuleRules
@@ -30,6 +31,16 @@ def _sigmoid(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor
 
 def _tanh(module: nn.Module, x: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     t = torch.tanh(x)
+    d1 = 1 - t.square()
+    return d1, -2 * t * d1 if second else None
+
+
+def _sigmoid_of_output(s: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
+    d1 = (1 - s).mul_(s)
+    return d1, d1 * (1 - 2 * s) if second else None
+
+
+def _tanh_of_output(t: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
     d1 = 1 - t.square()
     return d1, -2 * t * d1 if second else None
 
@@ -59,12 +70,33 @@ class ElementwiseRules(ModuleRules):
         derivatives: ``(module, x, second) -> (phi'(x), phi''(x) or None)``; default
             autograd. ``phi''`` is needed only if ``second``.
         piecewise_linear: ``phi'' = 0`` almost everywhere (no residual term).
+        of_output: ``(z, second) -> (phi'(x), phi''(x) or None)`` from the output
+            ``z = phi(x)`` (sigmoid, tanh): the forward pass's output is kept (autograd keeps
+            it too) and ``phi`` is not evaluated again.
+        output_backward: ``(M, z) -> phi'(x) * M`` in one kernel from the output
+            (``aten.sigmoid_backward``), used while ``phi'`` itself is not needed.
     """
 
-    def __init__(self, derivatives: Derivatives = _autograd, piecewise_linear: bool = False):
+    def __init__(
+        self,
+        derivatives: Derivatives = _autograd,
+        piecewise_linear: bool = False,
+        of_output: Callable[[Tensor, bool], tuple[Tensor, Tensor | None]] | None = None,
+        output_backward: Callable[..., Tensor] | None = None,
+    ):
         self._derivatives = derivatives
+        self._of_output = of_output
+        self._output_backward = output_backward
         self.linear_in_input = piecewise_linear
         self.diagonal_jacobian = True
+
+    def capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        """The output ``z = phi(x)`` where the derivatives follow from it (no copy)."""
+        return output.detach() if self._of_output is not None else None
+
+    def _output(self, call: ModuleCall) -> Tensor | None:
+        z = call.captured
+        return z if isinstance(z, Tensor) and z.shape == call.inputs[0].shape else None
 
     def _d(self, call: ModuleCall, second: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(phi'(x), phi''(x))``; ``phi''`` only if ``second`` (the residual needs it,
@@ -72,11 +104,26 @@ class ElementwiseRules(ModuleRules):
         second = second and not self.linear_in_input
         cached = call.cache.get("phi")
         if cached is None or (second and cached[1] is None):
-            call.cache["phi"] = self._derivatives(call.module, call.input, second)
+            z = self._output(call) if self._of_output is not None else None
+            if z is not None:
+                call.cache["phi"] = self._of_output(z, second)
+            else:
+                call.cache["phi"] = self._derivatives(call.module, call.input, second)
         return call.cache["phi"]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        return mat * self._d(call)[0]
+        """``[V, N, *in] -> [V, N, *in]``: ``phi'(x) * M`` (S.9), into a workspace buffer;
+        one kernel from the output where ``phi'`` is not needed otherwise."""
+        z = None
+        if self._output_backward is not None and "phi" not in call.cache:
+            z = self._output(call)
+        ref = self._d(call)[0] if z is None else z
+        if mat.shape[1:] != ref.shape or mat.dtype != ref.dtype:
+            return mat * self._d(call)[0]
+        out = workspace.empty(mat.shape, mat)
+        if z is not None:
+            return self._output_backward(mat, z, grad_input=out)
+        return torch.mul(mat, ref, out=out)
 
     jac_mat_prod = jac_t_mat_prod
 
@@ -142,8 +189,14 @@ class IdentityRules(ModuleRules):
         return PositionBlocks.from_dense(mat, tuple(call.input.shape[2:]))
 
 
-SIGMOID = ElementwiseRules(_sigmoid)
-TANH = ElementwiseRules(_tanh)
+SIGMOID = ElementwiseRules(
+    _sigmoid,
+    of_output=_sigmoid_of_output,
+    output_backward=torch.ops.aten.sigmoid_backward.grad_input,
+)
+TANH = ElementwiseRules(
+    _tanh, of_output=_tanh_of_output, output_backward=torch.ops.aten.tanh_backward.grad_input
+)
 RELU = ElementwiseRules(_relu, piecewise_linear=True)
 SMOOTH = ElementwiseRules()
 PIECEWISE_LINEAR = ElementwiseRules(piecewise_linear=True)

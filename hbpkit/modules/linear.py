@@ -183,15 +183,18 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
         T = self._x(call).shape[1]
 
         def of_dense(f: SqrtFactor) -> Tensor:
-            S, Ssigned = _positions(f.S, 1), _positions(f.signed(), 1)  # [V, N, T, out]
-            return position_gram(S, Ssigned, approx)
+            key = ("linear_G", id(f.S), approx)  # one product for the weight and the bias
+            cached = call.cache.get(key)
+            if cached is None or cached[0] is not f.S:
+                S, Ssigned = _positions(f.S, 1), _positions(f.signed(), 1)  # [V, N, T, out]
+                cached = call.cache[key] = (f.S, position_gram(S, Ssigned, approx))
+            return cached[1]
 
         def of_diagonal(f: DiagonalFactor) -> Tensor:  # one position: G stays diagonal
             return torch.diag(f.signed_square().sum(0))
 
-        return sum(
-            f.match(dense=of_dense, diagonal=of_diagonal if T == 1 else None) for f in factors
-        )
+        parts = [f.match(dense=of_dense, diagonal=of_diagonal if T == 1 else None) for f in factors]
+        return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
 
     def _average_output_factor(self, call: ModuleCall, mat: Tensor, approx: str) -> Tensor:
         """``G`` from the batch-averaged ``[T D_out, T D_out]`` (S.11)."""
