@@ -6,12 +6,13 @@ operators do; the products run in the operator's own dtype and device.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from hbpkit.operators.base import CurvatureOperator
+if TYPE_CHECKING:  # (base imports this module in to_scipy)
+    from hbpkit.operators.base import CurvatureOperator
 
 
 def to_scipy(operator: CurvatureOperator) -> Any:
