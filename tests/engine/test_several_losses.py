@@ -41,15 +41,9 @@ def _data():
 
 
 def _hessian_diag(model, loss_of_outputs, X):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p):
-        out = functional_call(model, p, (X,))
-        return loss_of_outputs(*out) if isinstance(out, tuple) else loss_of_outputs(out)
-
-    H = hessian(loss)(params)
     return {
-        k: H[k][k].reshape(p.numel(), -1).diagonal().reshape(p.shape) for k, p in params.items()
+        k: H.diagonal().reshape(p.shape)
+        for (k, H), p in zip(_hessian_blocks(model, loss_of_outputs, X).items(), model.parameters())
     }
 
 
