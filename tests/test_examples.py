@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from example_scripts import EXAMPLES, load_example
 
 
@@ -44,11 +43,7 @@ def test_laplace_digits_example_agrees_with_curvlinops(tmp_path):
     """The laplace-torch example, small (the MLP, one repeat, a short training): hbpkit's
     backend gives curvlinops' predictive (same conventions) in every setting both fit,
     BackPACK's on the MLP (no weight sharing), and writes the reliability diagram."""
-    env = load_example("_laplace_env")
-    try:
-        env.import_laplace()
-    except ImportError:
-        pytest.skip("laplace-torch is not installed (pip install hbpkit[laplace])")
+    load_example("_laplace_env").import_laplace()  # scripts/install.sh installs laplace-torch
     png = tmp_path / "reliability.png"
     example = load_example("laplace_digits")
     results = example.main(repeats=1, models=("mlp",), steps=30, png=str(png))

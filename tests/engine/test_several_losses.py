@@ -40,27 +40,15 @@ def _data():
     return model, X, torch.randint(0, 3, (6,)), torch.randn(6, 2, dtype=DT)
 
 
-def _hessian_diag(model, loss_of_outputs, X):
-    return {
-        k: H.diagonal().reshape(p.shape)
-        for (k, H), p in zip(_hessian_blocks(model, loss_of_outputs, X).items(), model.parameters())
-    }
+def _hessian_blocks(model, loss_of_outputs, X):
+    params = {k: v.detach() for k, v in model.named_parameters()}
 
+    def loss(p):
+        out = functional_call(model, p, (X,))
+        return loss_of_outputs(*out) if isinstance(out, tuple) else loss_of_outputs(out)
 
-@pytest.mark.parametrize("weight", [0.5, -0.5], ids=["positive", "negative"])
-def test_weighted_sum_of_two_heads_losses_is_exact(weight):
-    model, X, y1, y2 = _data()
-    ours = extend(copy.deepcopy(model))
-    ce, mse = extend(nn.CrossEntropyLoss()), extend(nn.MSELoss())
-    a, b = ours(X)
-    with backprop(exts.BatchGrad(), exts.DiagHessian()):
-        (ce(a, y1) + weight * mse(b, y2)).backward()
-    expected = _hessian_diag(
-        model, lambda a, b: F.cross_entropy(a, y1) + weight * F.mse_loss(b, y2), X
-    )
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.diag_h, expected[name], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(p.grad_batch.sum(0), p.grad, rtol=1e-10, atol=1e-12)
+    H = hessian(loss)(params)
+    return {k: H[k][k].reshape(p.numel(), -1) for k, p in params.items()}
 
 
 def test_kronecker_factors_add_up_over_losses():
@@ -94,62 +82,43 @@ def test_two_losses_on_one_output():
     target = torch.randn(5, 3, dtype=DT)
     ours = extend(copy.deepcopy(model))
     out = ours(X)
-    with backprop(exts.DiagGGNExact(), exts.DiagHessian()):
+    with backprop(exts.DiagGGNExact(), exts.DiagHessian(), exts.HMP()):
         (extend(nn.CrossEntropyLoss())(out, y) + extend(nn.MSELoss())(out, target)).backward()
-    expected = _hessian_diag(model, lambda z: F.cross_entropy(z, y) + F.mse_loss(z, target), X)
+    blocks = _hessian_blocks(model, lambda z: F.cross_entropy(z, y) + F.mse_loss(z, target), X)
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.diag_h, expected[name], rtol=1e-10, atol=1e-12)
+        diag = blocks[name].diagonal().reshape(p.shape)
+        torch.testing.assert_close(p.diag_h, diag, rtol=1e-10, atol=1e-12)
+        V = torch.randn(2, *p.shape, dtype=DT)
+        expected = (blocks[name] @ V.flatten(1).T).T.reshape(V.shape)
+        torch.testing.assert_close(p.hmp(V), expected, rtol=1e-10, atol=1e-12)
     last = ours[2].weight  # at the last layer the GGN is the Hessian
     torch.testing.assert_close(last.diag_ggn_exact, last.diag_h, rtol=1e-10, atol=1e-12)
 
 
-def _hessian_blocks(model, loss_of_outputs, X):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss(p):
-        out = functional_call(model, p, (X,))
-        return loss_of_outputs(*out) if isinstance(out, tuple) else loss_of_outputs(out)
-
-    H = hessian(loss)(params)
-    return {k: H[k][k].reshape(p.numel(), -1) for k, p in params.items()}
-
-
 @pytest.mark.parametrize("weight", [0.5, -0.5], ids=["positive", "negative"])
-def test_products_of_a_weighted_sum_of_losses(weight):
-    """``p.hmp`` / ``p.ggnmp`` of ``l1 + w l2`` on two heads: the Hessian blocks of the
-    summed loss (``torch.func``); the GGN's at the heads, whose outputs are linear in them."""
+def test_weighted_sum_of_two_heads_losses_is_exact(weight):
+    """``l1 + w l2`` on two heads: ``p.diag_h`` and ``p.hmp`` from the Hessian blocks of the
+    summed loss (``torch.func``), ``p.ggnmp`` too at the heads, whose outputs are linear in
+    them; the per-sample gradients sum to ``.grad``."""
     model, X, y1, y2 = _data()
     ours = extend(copy.deepcopy(model))
     ce, mse = extend(nn.CrossEntropyLoss()), extend(nn.MSELoss())
     a, b = ours(X)
-    with backprop(exts.HMP(), exts.GGNMP()):
+    with backprop(exts.BatchGrad(), exts.DiagHessian(), exts.HMP(), exts.GGNMP()):
         (ce(a, y1) + weight * mse(b, y2)).backward()
     blocks = _hessian_blocks(
         model, lambda a, b: F.cross_entropy(a, y1) + weight * F.mse_loss(b, y2), X
     )
     torch.manual_seed(1)
     for name, p in ours.named_parameters():
+        diag = blocks[name].diagonal().reshape(p.shape)
+        torch.testing.assert_close(p.diag_h, diag, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.grad_batch.sum(0), p.grad, rtol=1e-10, atol=1e-12)
         V = torch.randn(3, *p.shape, dtype=DT)
         expected = (blocks[name] @ V.flatten(1).T).T.reshape(V.shape)
         torch.testing.assert_close(p.hmp(V), expected, rtol=1e-10, atol=1e-12)
         if name.startswith("h"):
             torch.testing.assert_close(p.ggnmp(V), expected, rtol=1e-10, atol=1e-12)
-
-
-def test_products_of_two_losses_on_one_output():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    X, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
-    target = torch.randn(5, 3, dtype=DT)
-    ours = extend(copy.deepcopy(model))
-    out = ours(X)
-    with backprop(exts.HMP()):
-        (extend(nn.CrossEntropyLoss())(out, y) + extend(nn.MSELoss())(out, target)).backward()
-    blocks = _hessian_blocks(model, lambda z: F.cross_entropy(z, y) + F.mse_loss(z, target), X)
-    for name, p in ours.named_parameters():
-        V = torch.randn(2, *p.shape, dtype=DT)
-        expected = (blocks[name] @ V.flatten(1).T).T.reshape(V.shape)
-        torch.testing.assert_close(p.hmp(V), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_batch_averages_refuse_several_losses():
