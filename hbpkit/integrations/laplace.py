@@ -91,11 +91,13 @@ class HbpkitInterface(CurvatureInterface):
     # forward passes ---------------------------------------------------------------------
     def _output(self, x: Tensor | MutableMapping[str, Any]) -> Tensor:
         """The output whose curvature is taken: the model's, or for ``last_layer`` the last
-        layer's on the (detached) features, so only the extended last layer is in the graph."""
+        layer's on the features (computed without a graph), so only the extended last layer is
+        in the graph."""
         if not self.last_layer:
             return self.model(x)
-        _, phi = self.model.forward_with_features(x)
-        return self._model(phi.detach())
+        with torch.no_grad():  # the features are constants: no graph through the body
+            _, phi = self.model.forward_with_features(x)
+        return self._model(phi)
 
     def _loss(self, x: Tensor | MutableMapping[str, Any], y: Tensor) -> Tensor:
         f = self._output(x)

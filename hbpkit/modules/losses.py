@@ -343,8 +343,11 @@ class CrossEntropyLossRules(TermRules):
             t = target.reshape(N, -1)
             valid = (t != module.ignore_index).to(x.dtype)
             w_y = valid if w is None else valid * w[torch.where(valid > 0, t, 0)]
-            w_sum = float(C) if w is None else w.sum()
-            mass = (1 - eps) * w_y + (eps / C) * w_sum * valid
+            if eps == 0:
+                mass = w_y
+            else:
+                w_sum = float(C) if w is None else w.sum()
+                mass = (1 - eps) * w_y + (eps / C) * w_sum * valid
         coeff = _broadcast(terms.coeff, mass.reshape(N, *x.shape[2:])).reshape(N, -1)
         return p, mass * coeff
 
@@ -379,13 +382,13 @@ class CrossEntropyLossRules(TermRules):
                 f"The exact factor of the cross-entropy over {P} positions",
                 DENSE_CE_ADVICE,
             )
-        rows = rearrange(p, "n c q -> (n q) c")
-        R = _softmax_root(rows, rotate) * mass.abs().sqrt().reshape(-1, 1, 1)  # [(n q), C, V]
+        rows = p[:, :, 0] if P == 1 else rearrange(p, "n c q -> (n q) c")
+        R = _softmax_root(rows, rotate, mass.abs().sqrt().reshape(-1, 1))  # [(n q), C, V]
         V = R.shape[2]
-        R = rearrange(R, "(n q) c v -> v q n c", n=N)
         if P == 1:
-            S = R.reshape(V, N, *x.shape[1:])
+            S = R.permute(2, 0, 1).reshape(V, N, *x.shape[1:])
         else:  # column (v, q) lives at position q only
+            R = rearrange(R, "(n q) c v -> v q n c", n=N)
             S = torch.einsum("vqnc,qr->vqncr", R, torch.eye(P, dtype=x.dtype, device=x.device))
             S = S.reshape(V * P, N, *x.shape[1:])
         negative = mass < 0
@@ -437,24 +440,33 @@ class CrossEntropyLossRules(TermRules):
         return product
 
 
-def _softmax_root(p: Tensor, rotate: bool = True) -> Tensor:
+def _softmax_root(p: Tensor, rotate: bool = True, scale: Tensor | None = None) -> Tensor:
     """``[B, C] -> [B, C, max(C - 1, 1)]``: a factor of ``diag p - p p^T`` per row (see
-    :meth:`CrossEntropyLossRules.terms_factor`); ``rotate=False``: ``R`` itself, ``[B, C, C]``."""
+    :meth:`CrossEntropyLossRules.terms_factor`), times ``scale`` ``[B, 1]`` if given;
+    ``rotate=False``: ``R`` itself, ``[B, C, C]``.
+
+    With ``k`` the most likely class, ``s = sqrt(p)`` and ``a = s_k / (1 + s_k)``, column
+    ``v != k`` of ``R Q`` is ``s_v (e_v - a e_k - (1 - a) p)``: ``R e_v = s_v (e_v - p)``,
+    ``R u = R e_k = s_k (e_k - p)``, ``u_v = s_v`` and ``u^T u = 2 + 2 s_k``. It is built
+    from that formula, one outer product and two scatters, for the ``C - 1`` kept columns.
+    """
     B, C = p.shape
     sqrt_p = p.sqrt()
-    R = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)  # [B, C(feature), C(v)]
     if C == 1 or not rotate:  # p = 1: the Hessian is 0, keep one (zero) column
-        return R
-    k = p.argmax(1)
-    rows = torch.arange(B, device=p.device)
-    u = sqrt_p.clone()
-    u[rows, k] += 1.0
-    # R Q = R - 2 (R u) u^T / u^T u, and R u = R e_k (as R sqrt(p) = 0)
-    R_u = R.gather(2, k[:, None, None].expand(B, C, 1))  # [B, C, 1]
-    S = R - (2.0 / (u * u).sum(1))[:, None, None] * R_u * u.unsqueeze(1)
-    keep = torch.ones(B, C, dtype=torch.bool, device=p.device)
-    keep[rows, k] = False
-    return S.transpose(1, 2)[keep].reshape(B, C - 1, C).transpose(1, 2)
+        R = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)
+        return R if scale is None else R * scale.unsqueeze(2)
+    k = p.argmax(1, keepdim=True)  # [B, 1]
+    j = torch.arange(C - 1, device=p.device)
+    kept = j + (j >= k)  # [B, C - 1]: the classes v != k, in order
+    s_k = sqrt_p.gather(1, k)
+    a = s_k / (1 + s_k)  # [B, 1]
+    s_v = sqrt_p.gather(1, kept)
+    if scale is not None:  # every column is linear in s_v
+        s_v = s_v * scale
+    S = (p * (a - 1)).unsqueeze(2) * s_v.unsqueeze(1)  # -(1 - a) p s_v, [B, C, C - 1]
+    S.scatter_add_(1, kept.unsqueeze(1), s_v.unsqueeze(1))  # + s_v at feature v
+    S.scatter_add_(1, k.unsqueeze(2).expand(B, 1, C - 1), (-a * s_v).unsqueeze(1))  # - a s_v at k
+    return S
 
 
 def _reshape_factor(f: SqrtFactor, shape: torch.Size) -> SqrtFactor:

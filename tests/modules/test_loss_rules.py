@@ -191,3 +191,32 @@ def test_cross_entropy_dense_factor_is_budget_checked():
         SECOND_ORDER.lookup(module).sqrt_hessian(call)
     call.memory = MemoryPolicy(max_dense_bytes=8 * 4 * 3 * 4 * 8)
     SECOND_ORDER.lookup(module).sqrt_hessian(call)
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 10])
+def test_softmax_root_is_the_reflected_factor(C):
+    """The cross-entropy factor's closed form equals ``R Q`` with its zero column ``k``
+    dropped: ``R = diag(sqrt p) - p sqrt(p)^T`` and the Householder reflection ``Q`` of
+    ``u = sqrt(p) + e_k`` built as matrices, times the per-row scale; a factor of
+    ``diag p - p p^T`` either way."""
+    from hbpkit.modules.losses import _softmax_root
+
+    torch.manual_seed(C)
+    p = torch.softmax(3 * torch.randn(16, C, dtype=torch.float64), 1)
+    scale = torch.rand(16, 1, dtype=torch.float64)
+    R = torch.diag_embed(p.sqrt()) - p.unsqueeze(2) * p.sqrt().unsqueeze(1)
+    expected = []
+    for b in range(16):
+        k = int(p[b].argmax())
+        u = p[b].sqrt().clone()
+        u[k] += 1
+        Q = torch.eye(C, dtype=p.dtype) - 2 * torch.outer(u, u) / (u @ u)
+        RQ = R[b] @ Q
+        assert RQ[:, k].abs().max() < 1e-12
+        kept = [v for v in range(C) if v != k] or [0]
+        expected.append(scale[b] * (RQ[:, kept] if C > 1 else R[b]))
+    S = _softmax_root(p, True, scale)
+    torch.testing.assert_close(S, torch.stack(expected))
+    block = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    torch.testing.assert_close(S @ S.transpose(1, 2), scale.unsqueeze(2) ** 2 * block)
+    torch.testing.assert_close(_softmax_root(p, False, scale), scale.unsqueeze(2) * R)
