@@ -8,7 +8,10 @@ KFRA), the combination ``KFAC + DiagGGNExact + BatchGrad`` in one backward pass,
 extended model with no extension active. One case is ``forward + loss + backward`` of an
 (architecture, library, extension); the libraries are a plain (not extended) model,
 hbpkit, BackPACK and curvlinops, each on a deep copy of the same seeded weights. GGNMP is
-the backward pass plus one product ``p.ggnmp(V)`` per parameter (``PRODUCTS`` columns).
+the backward pass plus one product ``p.ggnmp(V)`` per parameter (``PRODUCTS`` columns), a
+block of the GGN per parameter; the GGN row is the full product with its cross blocks,
+``hbpkit.operators.GGNOperator @ V`` against curvlinops' ``GGNLinearOperator @ V`` (BackPACK
+has none).
 curvlinops has no extensions: its rows are what it computes in place of one
 (:data:`CURVLINOPS`: K-FAC factors with ``fisher_type="mc"`` for KFAC and ``"type-2"`` for
 KFLR, products with the full GGN, and its randomized diagonal estimators, ``xdiag`` and
@@ -104,6 +107,7 @@ EXTENSIONS: dict[str, list[tuple[str, str, str]]] = {
     "KFLR": [("KFLR", "KFLR", "kflr")],
     "KFRA": [("KFRA", "KFRA", "kfra")],
     "GGNMP": [("GGNMP", "GGNMP", "ggnmp")],
+    "GGN": [],  # the full GGN product: hbpkit.operators.GGNOperator, no extension
     COMBO: [
         ("KFAC", "KFAC", "kfac"),
         ("DiagGGNExact", "DiagGGNExact", "diag_ggn_exact"),
@@ -111,7 +115,9 @@ EXTENSIONS: dict[str, list[tuple[str, str, str]]] = {
     ],
 }
 SAVEFIELDS = sorted({field for specs in EXTENSIONS.values() for _, _, field in specs})
-LABELS = {"none": "(extended, no extension)"}
+LABELS = {"none": "(extended, no extension)", "GGN": "GGN product (full, cross blocks)"}
+#: rows hbpkit runs through an operator, not an extension (BackPACK has no counterpart)
+OPERATOR_ROWS = ("GGN",)
 #: what curvlinops 3.0.1 computes in place of an extension (the rows it has no counterpart
 #: for are "-"): its K-FAC factors (``KFACLinearOperator(...).compute_kronecker_factors()``,
 #: Linear and Conv2d layers, without the gradient hbpkit and BackPACK also return), GGN
@@ -123,6 +129,7 @@ CURVLINOPS = {
     "DiagGGNExact": f"xdiag(GGNLinearOperator, {XDIAG_PRODUCTS}) (estimate)",
     "DiagGGNMC": "hutchinson_diag(GGNLinearOperator, 1) (estimate)",
     "GGNMP": f"GGNLinearOperator @ V, {PRODUCTS} columns (the full GGN: it has no blocks)",
+    "GGN": f"GGNLinearOperator @ V, {PRODUCTS} columns",
 }
 
 PREFIX = "BENCH "  # marks the JSON lines a worker writes to stdout
@@ -131,7 +138,10 @@ REUSE_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHO
 
 
 def runs(lib: str, ext: str | None) -> bool:
-    """Whether ``lib`` has a counterpart of ``ext`` (curvlinops: :data:`CURVLINOPS`)."""
+    """Whether ``lib`` has a counterpart of ``ext`` (curvlinops: :data:`CURVLINOPS`; BackPACK
+    not for :data:`OPERATOR_ROWS`)."""
+    if lib == "BackPACK":
+        return ext not in OPERATOR_ROWS
     return lib != "curvlinops" or ext in CURVLINOPS
 
 
@@ -193,7 +203,7 @@ class Case:
         model, loss_fn = copy.deepcopy(base), nn.CrossEntropyLoss()
         self.context = None
         self.vectors = None
-        if ext == "GGNMP":
+        if ext in ("GGNMP", "GGN"):
             import torch
 
             gen = torch.Generator().manual_seed(0)
@@ -204,7 +214,8 @@ class Case:
             import hbpkit.extensions as hx
             from hbpkit import backprop, extend
 
-            model, loss_fn = extend(model), extend(loss_fn)
+            if ext not in OPERATOR_ROWS:
+                model, loss_fn = extend(model), extend(loss_fn)
             classes = [getattr(hx, hb) for hb, _, _ in EXTENSIONS[ext]]
             if classes:
                 self.context = lambda: backprop(*[c() for c in classes])
@@ -232,6 +243,8 @@ class Case:
         start = time.perf_counter()
         if self.lib == "curvlinops":
             self.run_curvlinops()
+        elif self.ext in OPERATOR_ROWS:
+            self.run_operator()
         else:
             loss = self.loss_fn(self.model(self.X), self.y)
             if self.context is None:
@@ -245,6 +258,15 @@ class Case:
         elapsed = time.perf_counter() - start
         self.clear()
         return elapsed
+
+    def run_operator(self) -> None:
+        """hbpkit's full GGN product (``hbpkit.operators.GGNOperator @ V``)."""
+        import torch
+
+        from hbpkit.operators import GGNOperator
+
+        op = GGNOperator(self.model, self.loss_fn, (self.X, self.y))
+        op @ torch.cat([v.flatten(1) for v in self.vectors], 1).T  # [P, PRODUCTS]
 
     def run_curvlinops(self) -> None:
         """curvlinops' counterpart of the extension (:data:`CURVLINOPS`)."""
@@ -267,7 +289,7 @@ class Case:
         op = curvlinops.GGNLinearOperator(
             self.model, self.loss_fn, params, data, check_deterministic=False
         )
-        if self.ext == "GGNMP":
+        if self.ext in ("GGNMP", "GGN"):
             op @ torch.cat([v.flatten(1) for v in self.vectors], 1).T  # [P, PRODUCTS]
         elif self.ext == "DiagGGNExact":
             curvlinops.xdiag(op, XDIAG_PRODUCTS)
@@ -466,7 +488,7 @@ def extra_flops(ext: str, layers: list[dict], N: int, C: int = NUM_CLASSES) -> t
         return sum(p[0] for p in parts), "sum of KFAC, DiagGGNExact, BatchGrad"
     if ext == "none":
         return 0.0, "nothing"
-    if ext == "GGNMP":  # a lower bound: per-parameter blocks repeat the layers above each
+    if ext in ("GGNMP", "GGN"):  # a lower bound (GGNMP: the blocks repeat the layers above)
         return PRODUCTS * plain_flops(layers, N), f"{PRODUCTS} x (J v and J^T u), one pass each"
     for L in weights:
         K, O, P = L["K"], L["O"], L["P"]

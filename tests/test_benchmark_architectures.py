@@ -62,3 +62,10 @@ def test_quick_run_with_reused_memory(tmp_path):
     raw = json.loads((tmp_path / "benchmark.json").read_text())
     timed = {(r["lib"], r["ext"]) for r in raw["time"] if "seconds" in r or "times" in r}
     assert ("hbpkit", "DiagGGNExact") in timed and ("BackPACK", "DiagGGNExact") in timed
+
+
+def test_full_ggn_row_runs_the_operator_and_curvlinops_only():
+    """The GGN row (full product) has no BackPACK counterpart; GGNMP (blocks) has."""
+    assert bench.runs("hbpkit", "GGN") and bench.runs("curvlinops", "GGN")
+    assert not bench.runs("BackPACK", "GGN")
+    assert bench.runs("BackPACK", "GGNMP")
