@@ -183,11 +183,11 @@ def describe(exc: BaseException) -> tuple[str, str]:
 
 def clear_results(model: Any, fields: tuple[str, ...] = ()) -> None:
     """Drop the gradients and the results ``fields`` (default: :data:`SAVEFIELDS`) from
-    ``model``'s parameters."""
+    ``model``'s parameters (``("grad",)``: the gradients only, as ``zero_grad()`` does)."""
     for p in model.parameters():
         p.grad = None
         for field in fields or SAVEFIELDS:
-            if hasattr(p, field):
+            if field != "grad" and hasattr(p, field):
                 delattr(p, field)
 
 
@@ -231,8 +231,12 @@ class Case:
             raise ValueError(f"curvlinops has no counterpart of {ext}")
         self.model, self.loss_fn = model, loss_fn
 
+    #: whether a run starts with the previous run's results still attached, as in a
+    #: training loop where each step's pass replaces them (``--clear-results``: no)
+    keep_results = False
+
     def clear(self) -> None:
-        clear_results(self.model)
+        clear_results(self.model, ("grad",) if self.keep_results else ())
 
     def run(self) -> float:
         """Seconds for forward + loss + backward (inside the extension's context)."""
@@ -369,6 +373,7 @@ def worker_time(args) -> None:
     for lib, ext in jobs:
         try:
             cases[lib, ext] = Case(lib, ext, base, X, y)
+            cases[lib, ext].keep_results = not args.clear_results
         except Exception as exc:  # noqa: BLE001
             status, reason = describe(exc)
             emit(lib=lib, ext=ext, status=status, reason=reason)
@@ -536,6 +541,8 @@ def worker_command(args, mode: str, arch: str, **extra) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--arch", arch]
     if args.reuse_freed_memory:
         cmd.append("--reuse-freed-memory")
+    if args.clear_results:
+        cmd.append("--clear-results")
     cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
     cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
     cmd += ["--timeout", str(args.timeout), "--mem-limit", str(args.mem_limit)]
@@ -683,7 +690,14 @@ def build_report(args, archs, names, memory, timing) -> tuple[str, dict]:
         + "memory: peak RSS above the built model and data, one fresh process "
         f"per case (limits: {args.mem_limit:g} GB address space, {args.timeout:g} s)",
         "- time ratio: forward + backward with the extension / plain forward + backward "
-        "(same process); peak MB includes the plain backward's own peak",
+        "(same process); "
+        + (
+            "every result dropped before each timed run; "
+            if args.clear_results
+            else "each timed run replaces the previous run's results, as a training step "
+            "does (gradients set to None before it); "
+        )
+        + "peak MB includes the plain backward's own peak",
         "",
     ]
     chart: dict = {}
@@ -870,6 +884,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
         type=int,
         default=2,
         help="memory-phase workers run side by side (RSS is per process; timing always runs alone)",
+    )
+    parser.add_argument(
+        "--clear-results",
+        action="store_true",
+        help="drop every result before a timed run (default: keep the previous run's, as "
+        "in a training loop where each pass replaces them)",
     )
     parser.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--lib", help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall, describe
 from hbpkit.core.graph import PerInput, followed_inputs
-from hbpkit.curvature import workspace
+from hbpkit.curvature import recycling, workspace
 from hbpkit.curvature.factors import DiagonalFactor, SqrtFactor
 from hbpkit.curvature.memory import DEFAULT_POLICY, MemoryPolicy
 from hbpkit.engine.plan import PassPlan
@@ -67,7 +67,12 @@ class BackwardState:
                 plan = PassPlan(self.extensions, call, self.memory, selection=self.selection)
                 # a backward pass that creates a graph runs its hooks with grad mode on
                 self.pass_ = BackwardPass(plan, create_graph=torch.is_grad_enabled())
-            with torch.no_grad(), workspace.active(self.pass_.workspace):
+            pass_ = self.pass_
+            with (
+                torch.no_grad(),
+                workspace.active(pass_.workspace),
+                recycling.active(pass_.results),
+            ):
                 graph_grad = grad_output if self.pass_.create_graph else None
                 self.pass_.process(call, grad_output.detach(), graph_grad)
             if self.pass_.finished:
@@ -76,6 +81,7 @@ class BackwardState:
         except BaseException:
             if self.pass_ is not None:
                 self.pass_.workspace.finish()
+                self.pass_.results.finish()
             self.pass_ = None
             raise
 
@@ -115,6 +121,8 @@ class BackwardPass:
         }
         self._inbox: dict[int, list[dict[Any, Any]]] = {}
         self._pending = {id(c) for c in plan.calls}
+        # the previous pass's results, memory for this pass's (curvature/recycling.py)
+        self.results = recycling.ResultPool()
         self._drop_previous_results()
         self.staged: list[tuple[nn.Parameter, str, Any]] = []
         self.tied: dict[tuple[int, str], tuple[nn.Parameter, Extension, list]] = {}
@@ -156,13 +164,15 @@ class BackwardPass:
         }
 
     def _drop_previous_results(self, calls: list[ModuleCall] | None = None) -> None:
-        """Delete what an earlier backward pass attached, so its memory is free for this one."""
+        """Delete what an earlier backward pass attached, so its memory is free for this one
+        (offered to :attr:`results` for this pass's results of the same size)."""
         for call in self.plan.calls if calls is None else calls:
             for ext, rules in self.plan.rules(call):
                 if rules is None or isinstance(rules, LossRules):
                     continue
                 for _, param in self.plan.trainable(call, rules.param_names(call.module)):
                     if hasattr(param, ext.savefield):
+                        self.results.offer(getattr(param, ext.savefield))
                         delattr(param, ext.savefield)
 
     @staticmethod
@@ -330,6 +340,7 @@ class BackwardPass:
 
     def commit(self) -> None:
         self.workspace.finish()
+        self.results.finish()
         for (_, field), (param, ext, parts) in self.tied.items():
             with torch.set_grad_enabled(self.create_graph):
                 self.staged.append((param, field, ext.combine_tied(parts)))

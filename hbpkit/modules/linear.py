@@ -25,6 +25,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature import recycling
 from hbpkit.curvature.factors import DiagonalFactor, Factor, Jacobian, SqrtFactor
 from hbpkit.modules.base import (
     ModuleRules,
@@ -78,8 +79,9 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
     summed_grad = per_role("summed_grad")
 
     def batch_grad_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
-        g = _positions(grad_output, 0)
-        return einsum(g, self._x(call), "n t o, n t i -> n o i")
+        """``[N, D_out, D_in]``: ``sum_t g_{n,t} x_{n,t}^T`` (S.8c per sample), into recycled
+        memory where the previous pass's ``grad_batch`` is free (``curvature/recycling.py``)."""
+        return recycling.matmul(_positions(grad_output, 0).transpose(1, 2), self._x(call))
 
     def batch_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         return _positions(grad_output, 0).sum(1)
@@ -172,7 +174,7 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
                 x = x.mean(1, keepdim=True)
             flat = x.reshape(-1, x.shape[-1])
             flat = flat / math.sqrt(flat.shape[0])  # scale the [NT, D] rows, not the [D, D] result
-            call.cache[key] = flat.T @ flat
+            call.cache[key] = recycling.matmul(flat.T, flat)  # into the last pass's A, if free
         return call.cache[key]
 
     # Kronecker factors (S.8c): [G, A] for the weight, [G] for the bias (KroneckerRoles)

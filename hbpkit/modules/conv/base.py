@@ -12,6 +12,7 @@ from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
+from hbpkit.curvature import recycling
 from hbpkit.curvature.factors import Factor, Jacobian, SqrtFactor
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.base import ModuleRules
@@ -196,9 +197,9 @@ class _ConvBase(ConvDiagonal, ModuleRules):
 
     def batch_grad_weight(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         """``[N, *weight.shape]``; for Conv ``g [[x]]^T`` (S.14)."""
-        left, right = self._weight_factors(call, grad_output, grad=True)
-        per_sample = einsum(left, right, "n g a p, n g b p -> n g a b")
-        return per_sample.reshape(grad_output.shape[0], *call.module.weight.shape)
+        left, right = self._weight_factors(call, grad_output, grad=True)  # [N, G, a|b, P]
+        shape = (grad_output.shape[0], *call.module.weight.shape)  # the last pass's, if free
+        return recycling.matmul(left, right.transpose(-1, -2), shape)
 
     def batch_grad_bias(self, call: ModuleCall, grad_output: Tensor) -> Tensor:
         """``[N, C_out]``."""
