@@ -286,33 +286,37 @@ def _no_overlap(t: Tensor) -> bool:
     return True
 
 
-def compacted(mat: Tensor, apply: Callable[[Tensor, slice, Tensor], Tensor]) -> Tensor | None:
+def compacted(
+    mat: Tensor, apply: Callable[[Tensor, slice, Tensor], Tensor], buffer_bytes: int = 2**22
+) -> Tensor | None:
     """``apply`` on an owned ``[V, N, *f]`` view (a padding's crop of a pooling's factor), its
     result written contiguously into the view's own storage; ``None`` where its layout does
     not allow that (then the caller allocates).
 
     ``apply(rows, samples, out)`` writes the result for ``rows`` ``[n, *f]`` (the samples
     ``samples`` of one column) into ``out`` and returns it. Rows are processed in order
-    through a small buffer (``MemoryPolicy.buffer_bytes``); the destination row ``r``
-    (``[r R, (r + 1) R)`` with ``R = prod(f)``) never reaches a source row after ``r``, whose
-    stride is at least ``R``, so every row is read before it is overwritten.
+    through a buffer of about ``buffer_bytes`` (``MemoryPolicy.buffer_bytes``). Source row
+    ``r`` (of ``V N``) lies within ``[o + r s, o + (r + 1) s)`` (stride ``s``, offset
+    ``o``), destination row ``r`` at ``[r R, (r + 1) R)`` with ``R = prod(f) <= s``: it never
+    reaches a later source row, so every row is read before it is overwritten.
     """
     V, N = mat.shape[:2]
     R = mat[0, 0].numel()
     row_stride = mat.stride(1)
+    extent = 1 + sum((n - 1) * st for n, st in zip(mat.shape[2:], mat.stride()[2:]))
     storage = mat.untyped_storage()
     if (
         mat.dim() < 3
         or mat.stride(0) != N * row_stride
         or row_stride < R
+        or extent > row_stride
+        or min(mat.stride()[2:]) < 0
         or storage.nbytes() < mat.numel() * mat.element_size()
         or mat.device.type == "meta"
     ):
         return None
     out = torch.empty(0, dtype=mat.dtype, device=mat.device).set_(storage, 0, mat.shape)
-    from hbpkit.curvature.memory import DEFAULT_POLICY  # memory.py imports nothing from here
-
-    step = max(1, min(N, DEFAULT_POLICY.buffer_bytes // max(1, R * mat.element_size())))
+    step = max(1, min(N, buffer_bytes // max(1, R * mat.element_size())))
     buffer = torch.empty(step, *mat.shape[2:], dtype=mat.dtype, device=mat.device)
     for v in range(V):
         for n0 in range(0, N, step):

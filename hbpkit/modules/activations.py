@@ -19,6 +19,7 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature import workspace
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.local import LocalStep, ScaleStep, ShiftStep
+from hbpkit.curvature.memory import policy_of
 from hbpkit.modules.base import ModuleRules
 
 Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
@@ -124,7 +125,8 @@ class ElementwiseRules(ModuleRules):
         if mat.shape[1:] != ref.shape or mat.dtype != ref.dtype:
             return mat * self._d(call)[0]
         if workspace.may_overwrite(mat) and not mat.is_contiguous():  # a crop: compacted
-            out = workspace.compacted(mat, partial(self._apply, ref, z is not None))
+            apply = partial(self._apply, ref, z is not None)
+            out = workspace.compacted(mat, apply, policy_of(call).buffer_bytes)
             if out is not None:
                 return out
         out = mat if workspace.may_overwrite(mat) else workspace.empty(mat.shape, mat)

@@ -170,3 +170,11 @@ def test_results_equal_the_exact_ggn_and_those_without_overwriting(name, monkeyp
     assert any(answers)  # the chain parts do overwrite
     if name == "parallel":
         assert not all(answers)  # the factor sent to the branches is not
+
+
+def test_compacted_refuses_rows_that_interleave():
+    base = torch.randn(40, dtype=DT)
+    mat = base.as_strided((1, 2, 2, 2), (16, 4, 5, 1))  # row 0 reaches into row 1
+    assert workspace.compacted(mat, lambda rows, samples, out: out.copy_(rows)) is None
+    permuted = torch.randn(2, 3, 4, 5, dtype=DT).permute(0, 2, 1, 3)  # [V, N, C, H], N inner
+    assert workspace.compacted(permuted, lambda rows, samples, out: out.copy_(rows)) is None
