@@ -16,6 +16,12 @@ freed memory (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, as
     python benchmarks/workspace.py          # 3 nets x KFAC, KFLR, DiagGGNExact, BatchGrad
     python benchmarks/workspace.py --arch c3d3 --extensions KFLR --repeats 9
     python benchmarks/workspace.py --reuse-freed-memory
+    python benchmarks/workspace.py --peak --threads 1   # peak memory instead of time
+
+``--peak`` runs every (net, extension, with or without the workspace) in a fresh child
+process, as ``architectures.py`` measures memory: the peak resident set size of one pass
+above the built model and data (``ru_maxrss - VmRSS``, MB), and the minor page faults
+of that first pass and of the second, median over ``--repeats`` children.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import resource
 import statistics
@@ -79,7 +86,15 @@ def main(argv=None) -> None:
         action="store_true",
         help="also run everything in a child process with glibc keeping freed memory",
     )
+    parser.add_argument(
+        "--peak", action="store_true", help="peak memory per case (fresh processes)"
+    )
+    parser.add_argument("--peak-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peak_worker:
+        return peak_worker(*args.peak_worker, batch=args.batch, threads=args.threads)
+    if args.peak:
+        return peak_table(args)
     if args.reuse_freed_memory:
         child = [
             a for a in (argv if argv is not None else sys.argv[1:]) if a != "--reuse-freed-memory"
@@ -122,6 +137,57 @@ def main(argv=None) -> None:
             )
         plain_faults = statistics.median(res["plain"][1])
         print(f"| {arch} | plain | {1e3 * plain:.0f} ms | | {plain_faults:.0f} | |", flush=True)
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def peak_worker(arch: str, ext: str, label: str, batch: int, threads: int) -> None:
+    """One case in this fresh process: peak RSS above the built model (MB) of the first
+    pass, and the minor faults of the first and the second pass, as one JSON line."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    torch.manual_seed(0)
+    model, loss = extend(getattr(architectures, arch)()), extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    case = (model, loss, getattr(hx, ext), WORKSPACE if label == "after" else None)
+    gc.collect()
+    before = rss_kib()
+    counts = []
+    for _ in range(2):
+        f0 = faults()
+        run(case, X, y)
+        counts.append(faults() - f0)
+        if len(counts) == 1:
+            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / 1e6
+    print(json.dumps({"peak_mb": peak, "faults": counts}))
+
+
+def peak_table(args) -> None:
+    """``--peak``: a fresh child per case and repeat, medians per case."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print("| net | extension | peak MB without → with workspace | faults 1st pass | 2nd pass |")
+    print("|---|---|---|---|---|")
+    for arch in args.arch:
+        for ext in args.extensions:
+            cells = {}
+            for label in ("before", "after"):
+                runs = []
+                for _ in range(args.repeats):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--peak-worker", arch, ext]
+                    cmd += [label, "--batch", str(args.batch), "--threads", str(args.threads)]
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                cells[label] = (
+                    statistics.median(r["peak_mb"] for r in runs),
+                    statistics.median(r["faults"][0] for r in runs),
+                    statistics.median(r["faults"][1] for r in runs),
+                )
+            (p0, a0, b0), (p1, a1, b1) = cells["before"], cells["after"]
+            pairs = " | ".join(f"{u:.0f} → {v:.0f}" for u, v in ((p0, p1), (a0, a1), (b0, b1)))
+            print(f"| {arch} | {ext} | {pairs} |", flush=True)
 
 
 def run(case, X, y) -> None:

@@ -74,9 +74,9 @@ class MemoryPolicy:
     """The most memory a pass keeps in its workspace of reused buffers, between its
     calls and for the next pass from the same loss (``curvature/workspace.py``): large
     dead messages are reused instead of faulting in fresh pages (on the CPU). Off
-    (``0``) by default: a kept buffer waits for its next use while the convolution and
-    pooling rules still allocate afresh, so the peak grows (measured on table S.2:
-    a third to a half fewer page faults, 25 to 75 % more peak memory; see
+    (``0``) by default: a kept buffer waits for its next use, so the peak grows (measured
+    on table S.2 after consumed factors are overwritten in place and convolutions work in
+    chunks: fewer page faults from the second pass on, 20 to 70 % more peak memory; see
     ``docs/benchmarks.md``); ``2**30`` turns it on."""
 
     def __post_init__(self) -> None:

@@ -20,6 +20,19 @@ can reach is ever overwritten. Only CPU tensors are tracked: device allocators
 (CUDA's caching allocator) reuse freed blocks themselves, and nothing here reads a
 device tensor back to the host.
 
+**Overwriting a consumed factor.** A rule may also write its result into the very
+tensor it consumes (an elementwise ``J^T S = phi' * S``, in place), which bounds the
+peak by one factor instead of two. The engine lists, before it backpropagates a call's
+messages, the sqrt factors that call alone holds (:func:`exclusive_factors`): every
+holder on the way from the call's message dict to the tensor holds the only reference
+to the next (the message was delivered over one link, no other message, cache or name
+shares the factor, the tensor or its storage; a view's base is held by the view alone),
+the tensor has no internal overlap (no expanded dimension), no graph (``requires_grad``)
+and no marks (Python attributes). Rules ask :func:`may_overwrite` while the engine's
+:func:`owning` block runs. A factor sent to two parents (a residual block's sum, a
+module used twice), kept in a call's cache, or passed on unchanged by one consumer while
+another still holds it is therefore never overwritten.
+
 The workspace of a pass lives as long as the loss module that started it (a weak
 dictionary, no attribute on the module), so the buffers of one pass serve the next
 one. It keeps a dead storage only for a request size of this pass or the last (at
@@ -32,12 +45,15 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from hbpkit.curvature.factors import SqrtFactor
 
 #: glibc serves smaller blocks from its heap and reuses them (its largest mmap threshold):
 #: only larger ones are fresh pages
@@ -221,3 +237,107 @@ def empty(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     if ws is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return ws.empty(shape, like)
+
+
+_OWNED: ContextVar[tuple[Tensor, ...]] = ContextVar("hbpkit_owned", default=())
+
+
+def exclusive_factors(messages: dict[Any, Any]) -> list[Tensor]:
+    """The tensors ``S`` of the sqrt factors in ``messages`` (``{key: {origin: factor}}``, a
+    call's incoming messages) that nothing but this chain of holders refers to (the ownership
+    rule in the module docstring): each ``{origin: factor}`` dict is held by ``messages``
+    alone, each factor by its dict alone, ``S`` by its factor alone, and its storage by ``S``
+    (and, for a view, by a base that only the view holds). CPython reference counts: a loop
+    name and ``getrefcount``'s argument add two."""
+    owned = []
+    for value in messages.values():
+        if not isinstance(value, dict) or sys.getrefcount(value) != 3:
+            continue
+        for f in value.values():
+            if type(f) is SqrtFactor and sys.getrefcount(f) == 3 and _sole(f):
+                owned.append(f.S)
+    return owned
+
+
+def _sole(f: SqrtFactor) -> bool:
+    """Whether ``f.S`` is held by ``f`` alone, with a storage of its own (see above)."""
+    S = f.S
+    if sys.getrefcount(S) != 3 or _use_count is None:  # f, the name S, the argument
+        return False
+    if S.requires_grad or S.__dict__ or not _no_overlap(S):
+        return False
+    holders = 1
+    if S._base is not None:
+        if sys.getrefcount(S._base) != 2:  # the temporary and the argument
+            return False
+        holders = 2
+    return _use_count(S.untyped_storage()._cdata) == holders + 1  # + the temporary storage
+
+
+def _no_overlap(t: Tensor) -> bool:
+    """Whether no two entries of ``t`` share memory: ordered by stride, every axis steps over
+    the whole extent of the smaller ones (true of contiguous tensors and their crops; an
+    expanded axis, stride 0, fails)."""
+    extent = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < extent:
+            return False
+        extent = stride * (size - 1) + extent
+    return True
+
+
+def compacted(
+    mat: Tensor, apply: Callable[[Tensor, slice, Tensor], Tensor], buffer_bytes: int = 2**22
+) -> Tensor | None:
+    """``apply`` on an owned ``[V, N, *f]`` view (a padding's crop of a pooling's factor), its
+    result written contiguously into the view's own storage; ``None`` where its layout does
+    not allow that (then the caller allocates).
+
+    ``apply(rows, samples, out)`` writes the result for ``rows`` ``[n, *f]`` (the samples
+    ``samples`` of one column) into ``out`` and returns it. Rows are processed in order
+    through a buffer of about ``buffer_bytes`` (``MemoryPolicy.buffer_bytes``). Source row
+    ``r`` (of ``V N``) lies within ``[o + r s, o + (r + 1) s)`` (stride ``s``, offset
+    ``o``), destination row ``r`` at ``[r R, (r + 1) R)`` with ``R = prod(f) <= s``: it never
+    reaches a later source row, so every row is read before it is overwritten.
+    """
+    V, N = mat.shape[:2]
+    R = mat[0, 0].numel()
+    row_stride = mat.stride(1)
+    extent = 1 + sum((n - 1) * st for n, st in zip(mat.shape[2:], mat.stride()[2:]))
+    storage = mat.untyped_storage()
+    if (
+        mat.dim() < 3
+        or mat.stride(0) != N * row_stride
+        or row_stride < R
+        or extent > row_stride
+        or min(mat.stride()[2:]) < 0
+        or storage.nbytes() < mat.numel() * mat.element_size()
+        or mat.device.type == "meta"
+    ):
+        return None
+    out = torch.empty(0, dtype=mat.dtype, device=mat.device).set_(storage, 0, mat.shape)
+    step = max(1, min(N, buffer_bytes // max(1, R * mat.element_size())))
+    buffer = torch.empty(step, *mat.shape[2:], dtype=mat.dtype, device=mat.device)
+    for v in range(V):
+        for n0 in range(0, N, step):
+            samples = slice(n0, min(N, n0 + step))
+            rows = apply(mat[v, samples], samples, buffer[: samples.stop - n0])
+            out[v, samples].copy_(rows)
+    return out
+
+
+@contextmanager
+def owning(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Let rules overwrite ``tensors`` (:func:`exclusive_factors` of the call being
+    backpropagated) while the block runs."""
+    token = _OWNED.set(tuple(tensors))
+    try:
+        yield
+    finally:
+        _OWNED.reset(token)
+
+
+def may_overwrite(t: Tensor) -> bool:
+    """Whether ``t`` is a consumed factor that the running call alone holds (the result of
+    ``J^T t`` may be written into it)."""
+    return any(t is o for o in _OWNED.get())

@@ -208,7 +208,6 @@ class BackwardPass:
                 f"hbpkit received the gradient of {type(call.module).__name__}'s output before "
                 "the curvature from all of its consumers; the graph changed during backward"
             )
-        module = call.module
         second_rules = call.rules
         if isinstance(second_rules, LossRules):
             if self._handlers:
@@ -221,6 +220,37 @@ class BackwardPass:
             if call in self.plan.roots and not messages:  # the pass starts at a module
                 messages = {GRADIENT_COLUMNS: LAZY}
             columns = resolve(messages.get(GRADIENT_COLUMNS), grad_output)
+        self._param_quantities(call, messages, columns, grad_output, graph_grad)
+        for key in getattr(second_rules, "param_only_cache", ()):
+            call.cache.pop(key, None)
+        if messages and self.plan.needs_messages(call):
+            # the factors this call alone holds may take their J^T in place (ownership
+            # rule: curvature/workspace.py)
+            owned = () if self.create_graph else workspace.exclusive_factors(messages)
+            with workspace.owning(owned):
+                sent = {
+                    key: self._handlers[key].propagate(second_rules, call, grad_output, value)
+                    for key, value in messages.items()
+                }
+            del owned
+            if self.plan.coupling:  # coupled factors stay coupled through every rule
+                sent = {k: keep_coupled(messages[k], v, call) for k, v in sent.items()}
+            self._send(call, sent)
+        self._offer(messages)
+        self._process_virtual_parents(call, grad_output)
+
+    def _param_quantities(
+        self,
+        call: ModuleCall,
+        messages: dict[Any, Any],
+        columns: Tensor | None,
+        grad_output: Tensor,
+        graph_grad: Tensor | None,
+    ) -> None:
+        """Stage ``call``'s parameter quantities of every extension (a method of its own:
+        none of its names holds a message afterwards, so the factors the call alone holds
+        stay recognisable, ``workspace.exclusive_factors``)."""
+        module = call.module
         for ext, rules in self.plan.rules(call):
             if rules is None:
                 continue
@@ -258,18 +288,6 @@ class BackwardPass:
                     )
                 else:
                     self.staged.append((param, ext.savefield, value))
-        for key in getattr(second_rules, "param_only_cache", ()):
-            call.cache.pop(key, None)
-        if messages and self.plan.needs_messages(call):
-            sent = {
-                key: self._handlers[key].propagate(second_rules, call, grad_output, value)
-                for key, value in messages.items()
-            }
-            if self.plan.coupling:  # coupled factors stay coupled through every rule
-                sent = {k: keep_coupled(messages[k], v, call) for k, v in sent.items()}
-            self._send(call, sent)
-        self._offer(messages)
-        self._process_virtual_parents(call, grad_output)
 
     def _offer(self, messages: dict[Any, Any]) -> None:
         """Offer the consumed sqrt factors to the workspace: reused once nothing else holds
@@ -314,7 +332,7 @@ class BackwardPass:
             parent = call.parents[slot]
             if parent is None or not self.plan.receives(parent):
                 continue
-            delivered = messages
+            delivered = dict(messages)  # one dict per link: a factor sent twice is shared
             if split:
                 delivered = {
                     k: v.at(slot) if isinstance(v, PerInput) else v for k, v in messages.items()

@@ -9,6 +9,7 @@ input (``phi`` acts elementwise, so ``d/dx_i sum_j phi(x_j) = phi'(x_i)``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from einops import einsum
@@ -18,6 +19,7 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature import workspace
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.local import LocalStep, ScaleStep, ShiftStep
+from hbpkit.curvature.memory import policy_of
 from hbpkit.modules.base import ModuleRules
 
 Derivatives = Callable[[nn.Module, Tensor, bool], tuple[Tensor, Tensor | None]]
@@ -112,18 +114,32 @@ class ElementwiseRules(ModuleRules):
         return call.cache["phi"]
 
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        """``[V, N, *in] -> [V, N, *in]``: ``phi'(x) * M`` (S.9), into a workspace buffer;
-        one kernel from the output where ``phi'`` is not needed otherwise."""
+        """``[V, N, *in] -> [V, N, *in]``: ``phi'(x) * M`` (S.9), written into ``M`` where the
+        pass owns it (a consumed factor no one else holds, ``workspace.may_overwrite``), else
+        into a workspace buffer; one kernel from the output where ``phi'`` is not needed
+        otherwise."""
         z = None
         if self._output_backward is not None and "phi" not in call.cache:
             z = self._output(call)
         ref = self._d(call)[0] if z is None else z
         if mat.shape[1:] != ref.shape or mat.dtype != ref.dtype:
             return mat * self._d(call)[0]
-        out = workspace.empty(mat.shape, mat)
-        if z is not None:
-            return self._output_backward(mat, z, grad_input=out)
-        return torch.mul(mat, ref, out=out)
+        if workspace.may_overwrite(mat) and not mat.is_contiguous():  # a crop: compacted
+            apply = partial(self._apply, ref, z is not None)
+            out = workspace.compacted(mat, apply, policy_of(call).buffer_bytes)
+            if out is not None:
+                return out
+        out = mat if workspace.may_overwrite(mat) else workspace.empty(mat.shape, mat)
+        return self._apply(ref, z is not None, mat, slice(None), out)
+
+    def _apply(
+        self, ref: Tensor, of_output: bool, mat: Tensor, samples: slice, out: Tensor
+    ) -> Tensor:
+        """``phi' * mat`` into ``out`` for the ``samples`` of ``ref`` (``phi'``, or the output
+        ``z`` if ``of_output``) that ``mat`` ``[V, n, *in]`` or ``[n, *in]`` holds."""
+        if of_output:
+            return self._output_backward(mat, ref[samples], grad_input=out)
+        return torch.mul(mat, ref[samples], out=out)
 
     jac_mat_prod = jac_t_mat_prod
 

@@ -171,10 +171,12 @@ class ModuleRules(StructuredForms):
     ) -> Callable[[Tensor], Tensor] | None:
         """``M [K, N, *in] -> [K, N, *in]``, ``m(R_n) M[k, n]`` per sample (``ProductMessage``).
 
-        ``None`` when the modified residual vanishes (the link is then the GGN's).
+        ``None`` when the modified residual vanishes (the link is then the GGN's); on the
+        CPU also where all its entries are zero, while on other devices that would read the
+        device back in every module's hook (adding ``0 * m`` changes no product).
         """
         r = self._modified_residual_diag(call, grad_output, curvature)
-        if r is None or not bool(r.any()):
+        if r is None or (r.device.type == "cpu" and not bool(r.any())):
             return None
         return DiagonalResidual(r)
 

@@ -104,16 +104,18 @@ def _unsigned(factor: SqrtFactor, what: str) -> Tensor:
     return factor.S
 
 
-def signed_sampled(draws: Tensor, h: Tensor) -> SqrtFactor:
+def signed_sampled(draws: Tensor, h: Tensor, maybe_negative: bool = True) -> SqrtFactor:
     """Monte-Carlo factor of ``diag`` / block curvature scaled by ``h`` (signed allowed).
 
     ``draws`` ``[M, N, *]``: draws with ``E[sum_m d d^T] = M * (unit curvature)``;
     ``h``: the non-negative or signed scale per entry, broadcastable to ``draws[0]``.
     With negative entries the columns are split into a positive and a negative half
     (``2M`` columns, signs ``+1`` / ``-1``), each scaled by ``sqrt(|h| / M)``.
+    ``maybe_negative=False``: ``h >= 0`` by construction (:meth:`TermRules.maybe_negative`),
+    so ``h`` is not read back from its device to check.
     """
     M = draws.shape[0]
-    if not bool((h < 0).any()):
+    if not maybe_negative or not bool((h < 0).any()):
         return SqrtFactor(mark_independent_rows(draws * (h / M).sqrt()))
     pos, neg = (h.clamp(min=0) / M).sqrt(), ((-h).clamp(min=0) / M).sqrt()
     S = torch.cat([draws * pos, draws * neg])
@@ -133,6 +135,17 @@ class TermRules(LossRules):
     def terms(self, call: ModuleCall) -> Terms:
         """The terms of ``call`` with the module's own reduction."""
         return Terms(call.module, call.input, call.inputs[1].detach(), _reduction_coeff(call))
+
+    def maybe_negative(self, terms: Terms) -> bool:
+        """Whether the terms' curvature scale may be negative: only with a tensor or negative
+        coefficient or a tensor option of the module (``weight``, ``pos_weight``). Decided from
+        the structure, so the usual case reads nothing back from the device."""
+        coeff = terms.coeff
+        return (
+            not isinstance(coeff, (int, float))
+            or coeff < 0
+            or any(getattr(terms.module, a, None) is not None for a in ("weight", "pos_weight"))
+        )
 
     def validate_options(self, module: nn.Module, x: Tensor, target: Tensor) -> None:
         """Refuse options or shapes of ``module`` the rules do not cover (default: none)."""
@@ -212,7 +225,9 @@ class ElementwiseRules(TermRules):
         return DiagonalFactor.from_values(self.hessian_diag(terms)).dense()
 
     def terms_sampled(self, terms: Terms, mc_samples: int) -> SqrtFactor:
-        return signed_sampled(self.draws(terms, mc_samples), self.draw_scale(terms))
+        return signed_sampled(
+            self.draws(terms, mc_samples), self.draw_scale(terms), self.maybe_negative(terms)
+        )
 
     def terms_sum_hessian(self, terms: Terms) -> Tensor:
         return torch.diag(self.hessian_diag(terms).flatten(1).sum(0))
@@ -329,6 +344,15 @@ class CrossEntropyLossRules(TermRules):
             valid = valid * w[torch.where(valid > 0, target, 0)]
         return Terms(module, x, target, 1.0 / valid.sum())
 
+    def maybe_negative(self, terms: Terms) -> bool:
+        """Whether the mass may be negative: also with soft (floating-point) targets; never
+        with class targets and no ``weight`` (the mean's coefficient is ``1 / count``)."""
+        if terms.target.dtype.is_floating_point:
+            return True
+        if terms.module.weight is None and 0 <= terms.module.label_smoothing <= 1:
+            return False
+        return super().maybe_negative(terms)
+
     def probs_and_mass(self, terms: Terms) -> tuple[Tensor, Tensor]:
         """Softmax ``p`` ``[N, C, P]`` and the signed mass ``m`` ``[N, P]`` (see the class)."""
         module, x, target = terms.module, terms.x, terms.target
@@ -392,7 +416,7 @@ class CrossEntropyLossRules(TermRules):
             S = torch.einsum("vqnc,qr->vqncr", R, torch.eye(P, dtype=x.dtype, device=x.device))
             S = S.reshape(V * P, N, *x.shape[1:])
         negative = mass < 0
-        if not bool(negative.any()):
+        if not self.maybe_negative(terms) or not bool(negative.any()):
             return SqrtFactor(S)
         sign = 1.0 - 2.0 * negative.to(x.dtype)  # [N, P]
         sign = rearrange(sign, "n q -> q n").unsqueeze(0).expand(V, P, N).reshape(V * P, N)
@@ -414,7 +438,8 @@ class CrossEntropyLossRules(TermRules):
         classes = torch.multinomial(rows, mc_samples, replacement=True).T  # [M, (n q)]
         onehot = nn.functional.one_hot(classes, C).to(p.dtype)
         g = rearrange(rows - onehot, "m (n q) c -> m n c q", n=N)
-        return _reshape_factor(signed_sampled(g, mass[:, None, :]), x.shape)
+        sampled = signed_sampled(g, mass[:, None, :], self.maybe_negative(terms))
+        return _reshape_factor(sampled, x.shape)
 
     def terms_sum_hessian(self, terms: Terms) -> Tensor:
         """``sum_n`` of the per-sample Hessians, ``[C P, C P]`` in ``x[n].flatten()`` order,

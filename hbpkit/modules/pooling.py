@@ -37,6 +37,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall, describe
+from hbpkit.curvature import workspace
 from hbpkit.curvature.blocks import PositionBlocks
 from hbpkit.curvature.factors import Jacobian
 from hbpkit.curvature.local import ConvTransposeStep, LocalStep, SelectStep
@@ -286,7 +287,7 @@ class MaxPoolRules(_LinearMapRules):
         idx = self._indices(call)
         N, (C, p_in) = idx.shape[0], self._rows(call)
         mat = mat.reshape(-1, N, C, idx.shape[-1])
-        out = mat.new_zeros(mat.shape[0], N, C, p_in)
+        out = workspace.empty((mat.shape[0], N, C, p_in), mat).zero_()  # reused where it can
         out.scatter_add_(3, idx.expand_as(mat), mat)
         return out.reshape(-1, *_features(call)[0])
 
@@ -321,7 +322,9 @@ class MaxPoolRules(_LinearMapRules):
         ins, outs = [a[0] for a in axes], [a[1] for a in axes]
         H = mat.reshape(C, *outs, C, *outs)
         result = mat.new_zeros(C, *ins, C, *ins)
-        used = [t for t in range(window.shape[1]) if bool(masks[t].any())]
+        # window entries no argmax picks add nothing; skipped where that costs no device read
+        K = window.shape[1]
+        used = [t for t in range(K) if mat.device.type != "cpu" or bool(masks[t].any())]
         if len(used) ** 2 * (N + 3) > policy_of(call).scatter_cost * N:
             return self._ea_by_samples(call, mat)
         places = [self._placement(axes, t) for t in range(window.shape[1])]

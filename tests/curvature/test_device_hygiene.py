@@ -36,3 +36,35 @@ def test_workspace_allocates_on_the_device_without_host_reads(monkeypatch):
     del out
     ws.begin()  # a device allocator caches blocks itself: nothing is kept
     assert ws.empty((2, 3), like).device.type == "meta" and ws.reused == 0
+
+
+def test_sampled_factor_of_a_non_negative_scale_needs_no_host_read():
+    from hbpkit.modules.losses import signed_sampled
+
+    draws, h = torch.empty(2, 3, 4, device="meta"), torch.empty(3, 4, device="meta")
+    f = signed_sampled(draws, h, maybe_negative=False)
+    assert f.sign is None and f.S.shape == (2, 3, 4)
+
+
+def test_losses_know_the_sign_of_their_scale_from_their_structure():
+    from hbpkit.modules.losses import CrossEntropyLossRules, MSELossRules, Terms
+
+    x, labels = torch.randn(3, 4), torch.tensor([0, 1, 3])
+    ce, mse = CrossEntropyLossRules(), MSELossRules()
+    assert not ce.maybe_negative(Terms(torch.nn.CrossEntropyLoss(), x, labels, 1 / 3))
+    assert ce.maybe_negative(Terms(torch.nn.CrossEntropyLoss(), x, x.softmax(1), 1 / 3))
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.ones(4))
+    assert ce.maybe_negative(Terms(weighted, x, labels, 1 / 3))
+    assert not mse.maybe_negative(Terms(torch.nn.MSELoss(), x, x, 0.5))
+    assert mse.maybe_negative(Terms(torch.nn.MSELoss(), x, x, -0.5))
+    assert mse.maybe_negative(Terms(torch.nn.MSELoss(), x, x, torch.tensor(0.5)))
+
+
+def test_a_residual_product_needs_no_host_read():
+    from hbpkit.core.calls import ModuleCall
+    from hbpkit.modules.activations import SIGMOID
+
+    x = torch.empty(2, 3, device="meta")
+    call = ModuleCall(torch.nn.Sigmoid(), (x,), x, SIGMOID)
+    product = SIGMOID.residual_mat_prod(call, torch.empty(2, 3, device="meta"), "hessian")
+    assert product is not None and product(torch.empty(4, 2, 3, device="meta")).shape == (4, 2, 3)

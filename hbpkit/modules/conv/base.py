@@ -12,13 +12,19 @@ from einops import einsum
 from torch import Tensor, nn
 
 from hbpkit.core.calls import ModuleCall
-from hbpkit.curvature import recycling
+from hbpkit.curvature import recycling, workspace
 from hbpkit.curvature.factors import Factor, Jacobian, SqrtFactor
 from hbpkit.curvature.memory import DIAGONAL_ADVICE, EA_ADVICE, check_dense_budget
 from hbpkit.modules.base import ModuleRules
 from hbpkit.modules.conv.diagonal import ConvDiagonal
 from hbpkit.modules.conv.geometry import _PADDING_MODES
 from hbpkit.modules.roles import per_role
+
+#: the most memory one chunk of columns of a large transposed Jacobian product may take
+#: (at least one column): well below glibc's largest mmap threshold (32 MB), so chunks
+#: come from its heap and reuse the same pages (a threshold rises only to the size of a
+#: freed block, and a request of that same size is again fresh pages)
+COLUMN_CHUNK_BYTES = 2**22
 
 
 class _ConvBase(ConvDiagonal, ModuleRules):
@@ -73,9 +79,26 @@ class _ConvBase(ConvDiagonal, ModuleRules):
 
     # input derivatives ----------------------------------------------------------------------
     def jac_t_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
-        """``[V, N, C_out, *out] -> [V, N, C_in, *in]``."""
+        """``[V, N, C_out, *out] -> [V, N, C_in, *in]``.
+
+        A large result is filled in chunks of columns (each at most ``COLUMN_CHUNK_BYTES``):
+        oneDNN's transposed convolution holds its result twice (a second buffer it reorders
+        from), so one call for all ``V`` columns would hold the result three times with the
+        input; chunks below glibc's mmap threshold also reuse the same heap memory instead of
+        faulting in fresh pages (``docs/benchmarks.md``, "Fresh pages and the workspace").
+        """
         V, N = mat.shape[:2]
-        return self._jac_t(call, mat.flatten(0, 1)).unflatten(0, (V, N))
+        in_shape = call.inputs[0].shape[1:]
+        column_bytes = N * in_shape.numel() * mat.element_size()
+        if V == 1 or V * column_bytes < workspace.MIN_BYTES:
+            return self._jac_t(call, mat.flatten(0, 1)).unflatten(0, (V, N))
+        step = max(1, COLUMN_CHUNK_BYTES // column_bytes)
+        out = workspace.empty((V, N, *in_shape), mat)
+        for v in range(0, V, step):
+            out[v : v + step] = self._jac_t(call, mat[v : v + step].flatten(0, 1)).unflatten(
+                0, (-1, N)
+            )
+        return out
 
     def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         """``[V, N, C_in, *in] -> [V, N, C_out, *out]``."""

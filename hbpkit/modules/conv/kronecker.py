@@ -194,7 +194,7 @@ class ConvKronecker(ConvOutputKronecker):
                 # from the autocorrelation of the input over kernel offsets: same sums, about
                 # 1/k of the products of the patch Gram (autocorrelation.py, issue 17)
                 x = self._x_full(call)
-                A = patch_gram(x, m.kernel_size, m.stride, m.dilation, groups)
+                A = _patch_gram_by_samples(x, m, groups)
                 A = A / (x.shape[0] * math.prod(call.output_shape[2:]))
                 call.cache[key] = A[0] if groups == 1 else A
             else:
@@ -228,6 +228,24 @@ _REDUCE_NEEDS_DENSE = (
     "memory budget (MemoryPolicy.max_dense_bytes); use kfac_approx='expand' (exact "
     "from the diagonal position blocks) or raise the budget with " + RAISE_BUDGET
 )
+
+
+#: the most memory the input unfolded along the leading spatial dimensions may take in one
+#: call of ``patch_gram`` (it and its copies inside oneDNN's weight gradient are its
+#: temporaries): below glibc's mmap threshold, so they reuse heap memory
+PATCH_CHUNK_BYTES = 2**22
+
+
+def _patch_gram_by_samples(x: Tensor, m: torch.nn.Module, groups: int) -> Tensor:
+    """``patch_gram`` of ``x`` ``[N, C_in, *L]`` summed over chunks of samples (a sum over
+    ``n``), each unfolding at most about ``PATCH_CHUNK_BYTES``."""
+    per_sample = x[0].numel() * math.prod(m.kernel_size[:-1]) * x.element_size()
+    step = max(1, PATCH_CHUNK_BYTES // per_sample)
+    A = None
+    for n in range(0, x.shape[0], step):
+        part = patch_gram(x[n : n + step], m.kernel_size, m.stride, m.dilation, groups)
+        A = part if A is None else A.add_(part)
+    return A
 
 
 def group_blocks(G: Tensor, groups: int) -> Tensor:
