@@ -71,6 +71,8 @@ class Terms(NamedTuple):
         target: the target, detached.
         coeff: ``c_i``, a number or a tensor broadcastable to the unreduced loss.
         call: the loss call (its memory policy bounds the dense factors), or ``None``.
+        nonnegative: whether a tensor ``coeff`` is ``>= 0`` by construction (a mean's
+            ``1 / count``), so its sign need not be read back from the device.
     """
 
     module: nn.Module
@@ -78,6 +80,7 @@ class Terms(NamedTuple):
     target: Tensor
     coeff: Tensor | float
     call: ModuleCall | None = None
+    nonnegative: bool = False
 
 
 def _reduction_coeff(call: ModuleCall) -> float:
@@ -141,10 +144,12 @@ class TermRules(LossRules):
         coefficient or a tensor option of the module (``weight``, ``pos_weight``). Decided from
         the structure, so the usual case reads nothing back from the device."""
         coeff = terms.coeff
-        return (
-            not isinstance(coeff, (int, float))
-            or coeff < 0
-            or any(getattr(terms.module, a, None) is not None for a in ("weight", "pos_weight"))
+        if isinstance(coeff, (int, float)):
+            negative_coeff = coeff < 0
+        else:
+            negative_coeff = not terms.nonnegative
+        return negative_coeff or any(
+            getattr(terms.module, a, None) is not None for a in ("weight", "pos_weight")
         )
 
     def validate_options(self, module: nn.Module, x: Tensor, target: Tensor) -> None:
@@ -342,16 +347,11 @@ class CrossEntropyLossRules(TermRules):
         if module.weight is not None:
             w = module.weight.detach().to(x.dtype)
             valid = valid * w[torch.where(valid > 0, target, 0)]
-        return Terms(module, x, target, 1.0 / valid.sum())
+        return Terms(module, x, target, 1.0 / valid.sum(), nonnegative=module.weight is None)
 
     def maybe_negative(self, terms: Terms) -> bool:
-        """Whether the mass may be negative: also with soft (floating-point) targets; never
-        with class targets and no ``weight`` (the mean's coefficient is ``1 / count``)."""
-        if terms.target.dtype.is_floating_point:
-            return True
-        if terms.module.weight is None and 0 <= terms.module.label_smoothing <= 1:
-            return False
-        return super().maybe_negative(terms)
+        """Whether the mass may be negative: also with soft (floating-point) targets."""
+        return terms.target.dtype.is_floating_point or super().maybe_negative(terms)
 
     def probs_and_mass(self, terms: Terms) -> tuple[Tensor, Tensor]:
         """Softmax ``p`` ``[N, C, P]`` and the signed mass ``m`` ``[N, P]`` (see the class)."""

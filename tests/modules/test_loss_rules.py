@@ -220,3 +220,20 @@ def test_softmax_root_is_the_reflected_factor(C):
     block = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     torch.testing.assert_close(S @ S.transpose(1, 2), scale.unsqueeze(2) ** 2 * block)
     torch.testing.assert_close(_softmax_root(p, False, scale), scale.unsqueeze(2) * R)
+
+
+def test_sign_of_the_cross_entropy_mass_is_read_only_where_it_can_be_negative():
+    """Class targets without ``weight``: the mass and the mean's ``1 / count`` are ``>= 0``
+    by construction, nothing is read back; a ``weight``, soft targets or a weighted
+    ``ReducedLoss`` (converted ``(per * w).sum()``) may be negative."""
+    from hbpkit.modules.losses import CrossEntropyLossRules, Terms
+
+    rules, x = CrossEntropyLossRules(), torch.randn(4, 3)
+    classes, soft = torch.tensor([0, 2, 1, 2]), torch.softmax(torch.randn(4, 3), 1)
+    plain = nn.CrossEntropyLoss()
+    call, _, _ = _record(plain, x, classes)
+    assert not rules.maybe_negative(rules.terms(call))
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, -1.0, 2.0]))
+    assert rules.maybe_negative(Terms(weighted, x, classes, 1.0))
+    assert rules.maybe_negative(Terms(plain, x, soft, 1.0))
+    assert rules.maybe_negative(Terms(plain, x, classes, torch.tensor([1.0, -2.0, 1.0, 1.0])))
