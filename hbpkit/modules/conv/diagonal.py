@@ -14,6 +14,7 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.curvature.local import LocalFactor, LocalValues, windows
 from hbpkit.curvature.memory import policy_of
+from hbpkit.modules.conv.band import BandCurvature, band_bytes, band_wins
 from hbpkit.modules.roles import per_role
 
 
@@ -86,17 +87,28 @@ class ConvDiagonal:
         if key not in call.cache:
             names = self.param_names(call.module)
             diags = dict.fromkeys(names, 0)
+            band = self._local_band(call, f)
             for chunk in f.chunks(consumer_numel=self._column_numel(call)):
                 # one patch: a dense factor (cropped to the map) for the dense kernels
                 dense = chunk.tidy().to_sqrt() if math.prod(chunk.geom.anchors) == 1 else None
                 for name in names:
                     if dense is not None:
                         diag = self.param_diag(call, name, [dense])
+                    elif name == "weight" and band is not None:
+                        band.add(chunk)
+                        continue
                     else:
                         diag = self._param_diag_local(call, name, chunk)
                     diags[name] = diags[name] + diag
+            if band is not None:
+                diags["weight"] = diags["weight"] + self._band_weight_diag(call, band)
             call.cache[key] = diags
         return call.cache[key]
+
+    def _local_band(self, call: ModuleCall, f: LocalFactor) -> BandCurvature | None:
+        """The accumulator of the band form of the weight diagonal, where that wins (None:
+        the direct form per chunk)."""
+        return None
 
 
 class UnfoldedDiagonal:
@@ -123,6 +135,30 @@ class UnfoldedDiagonal:
             sign = chunk.sign.reshape(Cj, A, N).permute(1, 2, 0)
             sq = sq.mul_(sign.reshape(A, N, 1, Cj, 1))
         return sq.sum((0, 1, 3)).reshape(call.module.weight.shape)
+
+    def _local_band(self, call: ModuleCall, f: LocalFactor) -> BandCurvature | None:
+        """A :class:`BandCurvature` where it needs fewer multiply-adds than
+        :meth:`_param_diag_local_weight` (short patches of many inputs, ``band.py``) and fits
+        ``MemoryPolicy.local_store_bytes``."""
+        if "weight" not in self.param_names(call.module):
+            return None
+        geom, m = f.geom, call.module
+        S = m.weight[0].numel()  # C_in / G * prod(kernel)
+        if not band_wins(geom, f.columns, f.batch, m.out_channels, S):
+            return None
+        if (
+            band_bytes(geom, f.batch, m.out_channels, f.dtype.itemsize)
+            > policy_of(call).local_store_bytes
+        ):
+            return None
+        return BandCurvature(geom, f.batch, f.dtype, m.weight.device)
+
+    def _band_weight_diag(self, call: ModuleCall, band: BandCurvature) -> Tensor:
+        """The weight diagonal from the accumulated band (``band.py``)."""
+        u = self.unfold(call)
+        u = u.reshape(*u.shape[:2], *call.output_shape[2:])
+        diag = band.weight_diag(u, call.module.groups, policy_of(call).local_chunk_bytes)
+        return diag.reshape(call.module.weight.shape)
 
     def _local_patches(self, call: ModuleCall, geom) -> Tensor:
         """``[[x]]`` on the patches of ``geom``, ``[A, N, G, P_patch, S/G]`` (zero outside the
