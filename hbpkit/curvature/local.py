@@ -230,6 +230,11 @@ class LocalStep:
     def __call__(self, chunk: LocalValues) -> LocalValues:
         raise NotImplementedError
 
+    def samples(self, index: slice) -> LocalStep | None:
+        """This step on the samples ``index`` only (``None``: not supported); steps that read
+        no per-sample tensor are the same for every sample."""
+        return None
+
 
 class _GeometryCache:
     """The last value computed for one geometry: the chunks of one anchor row share their
@@ -264,6 +269,9 @@ class ScaleStep(LocalStep):
         A = len(geom.anchors)
         return w.permute([*range(2, 2 + A), 0, 1, *range(2 + A, w.dim())]).contiguous()
 
+    def samples(self, index: slice) -> ScaleStep:
+        return ScaleStep(self.d[index])
+
     def __call__(self, chunk: LocalValues) -> LocalValues:
         w = self._windows.get(chunk.geom, self._scale)
         return LocalValues(chunk.values * w, chunk.sign, chunk.geom, True)
@@ -278,6 +286,9 @@ class ShiftStep(LocalStep):
     def geometry(self, geom: LocalGeometry) -> LocalGeometry:
         offset = tuple(o - l for o, l in zip(geom.offset, self.left))
         return geom._replace(offset=offset, size=self.size)
+
+    def samples(self, index: slice) -> ShiftStep:
+        return self
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
         return LocalValues(chunk.values, chunk.sign, self.geometry(chunk.geom), False)
@@ -309,6 +320,9 @@ class ConvTransposeStep(LocalStep):
             self.size,
             self.weight.shape[1] * self.groups,
         )
+
+    def samples(self, index: slice) -> ConvTransposeStep:
+        return self
 
     def impulses(self) -> Tensor:
         """``[C_out, C_in, *patch]``: ``J^T`` of a unit entry of each output channel (one
@@ -362,6 +376,11 @@ class SelectStep(LocalStep):
                 for p, s, dil, k in zip(geom.patch, self.stride, self.dilation, self.kernel)
             ),
             size=self.size,
+        )
+
+    def samples(self, index: slice) -> SelectStep:
+        return SelectStep(
+            self.index[index], self.kernel, self.stride, self.padding, self.dilation, self.size
         )
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
@@ -464,6 +483,24 @@ class LocalFactor:
             (values,) = out.chunks(max_bytes=None)
             return LocalFactor(values, memory=memory)
         return out
+
+    def samples(self, index: slice) -> LocalFactor | None:
+        """The same columns of the samples ``index`` only (``None`` where a step cannot say)."""
+        steps = [step.samples(index) for step in self.steps]
+        if any(step is None for step in steps):
+            return None
+        src = self.source
+        if isinstance(src, DiagonalFactor):
+            source = DiagonalFactor(src.s[index], None if src.sign is None else src.sign[index])
+        elif isinstance(src, SqrtFactor):
+            sign = None if src.sign is None else src.sign[:, index]
+            source = SqrtFactor(src.S[:, index], sign)
+        else:
+            A = len(src.geom.anchors)
+            values = src.values[(slice(None),) * (1 + A) + (index,)]
+            sign = None if src.sign is None else src.sign[..., index]
+            source = LocalValues(values, sign, src.geom, src.masked)
+        return LocalFactor(source, steps, list(self.geoms), self.memory)
 
     def chunks(self, max_bytes: int | None = -1, consumer_numel: int = 0) -> Iterator[LocalValues]:
         """The columns after all steps, in chunks whose intermediates stay below ``max_bytes``.

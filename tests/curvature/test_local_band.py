@@ -74,7 +74,6 @@ def test_band_form_forced_equals_autograd(case, path, monkeypatch):
     y = torch.tensor([0, 2, 1])
     expected = _expected(model, X, y)
     monkeypatch.setattr(conv_diagonal, "band_wins", lambda *args: True)
-    monkeypatch.setattr(conv_diagonal, "band_bytes", lambda *args: 0)  # lazy: store 0
     counts = _spy_forms(monkeypatch)
     result = _diag_h(model, X, y, *PATHS[path])
     assert counts["band"] > 0 and counts["direct"] == 0, counts
@@ -107,7 +106,6 @@ def test_band_and_direct_forms_chosen_by_cost(path, monkeypatch):
     torch.manual_seed(6)
     X, y = torch.randn(2, 2, 14, 14, dtype=DT), torch.tensor([1, 2])
     expected = _expected(model, X, y)
-    monkeypatch.setattr(conv_diagonal, "band_bytes", lambda *args: 0)  # lazy: store 0
     counts = _spy_forms(monkeypatch)
     result = _diag_h(model, X, y, *PATHS[path])
     assert counts["band"] > 0 and counts["direct"] > 0, counts
@@ -115,15 +113,35 @@ def test_band_and_direct_forms_chosen_by_cost(path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
-def test_band_form_bounded_by_store_budget(monkeypatch):
-    """A band larger than ``local_store_bytes`` falls back to the direct form."""
+def test_band_form_in_sample_blocks(monkeypatch):
+    """A band larger than ``local_chunk_bytes`` is accumulated in blocks of samples (the
+    factor's steps rerun per block); where a step cannot be restricted to samples the
+    direct form is used."""
     model = extend(_wide_cnn())
-    X, y = torch.randn(2, 2, 14, 14, dtype=DT), torch.tensor([1, 2])
+    X, y = torch.randn(3, 2, 14, 14, dtype=DT), torch.tensor([1, 2, 0])
+    expected = _expected(model, X, y)
     monkeypatch.setattr(conv_diagonal, "band_wins", lambda *args: True)
     monkeypatch.setattr(conv_diagonal, "band_bytes", lambda *args: 2**40)
+    batches = []
+    init = band_module.BandCurvature.__init__
+
+    def spy_init(self, geom, batch, dtype, device):
+        batches.append(batch)
+        init(self, geom, batch, dtype, device)
+
+    monkeypatch.setattr(band_module.BandCurvature, "__init__", spy_init)
+    for store, chunk in PATHS.values():
+        batches.clear()
+        result = _diag_h(model, X, y, store, chunk)
+        assert batches and set(batches) == {1}, batches
+        for a, b in zip(result, expected):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    monkeypatch.setattr(local_factor.ScaleStep, "samples", lambda self, index: None)
     counts = _spy_forms(monkeypatch)
-    _diag_h(model, X, y, 0, 2**12)
-    assert counts["band"] == 0 and counts["direct"] > 0, counts
+    result = _diag_h(model, X, y, 0, 2**12)
+    assert counts["direct"] > 0, counts  # forced band_wins: direct only as the fallback
+    for a, b in zip(result, expected):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3])

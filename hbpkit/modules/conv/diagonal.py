@@ -87,27 +87,37 @@ class ConvDiagonal:
         if key not in call.cache:
             names = self.param_names(call.module)
             diags = dict.fromkeys(names, 0)
-            band = self._local_band(call, f)
-            for chunk in f.chunks(consumer_numel=self._column_numel(call)):
-                # one patch: a dense factor (cropped to the map) for the dense kernels
-                dense = chunk.tidy().to_sqrt() if math.prod(chunk.geom.anchors) == 1 else None
-                for name in names:
-                    if dense is not None:
-                        diag = self.param_diag(call, name, [dense])
-                    elif name == "weight" and band is not None:
-                        band.add(chunk)
-                        continue
-                    else:
-                        diag = self._param_diag_local(call, name, chunk)
-                    diags[name] = diags[name] + diag
-            if band is not None:
-                diags["weight"] = diags["weight"] + self._band_weight_diag(call, band)
+            blocks = self._band_blocks(call, f)
+            parts = [(f, None)] if blocks is None else [(f, blocks[0])]
+            if blocks is not None and len(blocks) > 1:
+                parts = [(f.samples(block), block) for block in blocks]
+            for part, block in parts:
+                band = None
+                if block is not None:
+                    band = BandCurvature(
+                        part.geom, part.batch, part.dtype, call.module.weight.device
+                    )
+                for chunk in part.chunks(consumer_numel=self._column_numel(call)):
+                    # one patch: a dense factor (cropped to the map) for the dense kernels
+                    one = math.prod(chunk.geom.anchors) == 1
+                    dense = chunk.tidy().to_sqrt() if one else None
+                    for name in names:
+                        if name == "weight" and band is not None:
+                            band.add(chunk)  # the samples of this block only
+                            continue
+                        if dense is not None:
+                            diag = self.param_diag(call, name, [dense])
+                        else:
+                            diag = self._param_diag_local(call, name, chunk)
+                        diags[name] = diags[name] + diag
+                if band is not None:
+                    diags["weight"] = diags["weight"] + self._band_weight_diag(call, band, block)
             call.cache[key] = diags
         return call.cache[key]
 
-    def _local_band(self, call: ModuleCall, f: LocalFactor) -> BandCurvature | None:
-        """The accumulator of the band form of the weight diagonal, where that wins (None:
-        the direct form per chunk)."""
+    def _band_blocks(self, call: ModuleCall, f: LocalFactor) -> list[slice] | None:
+        """The sample blocks of the band form of the weight diagonal, where that wins
+        (``None``: the direct form per chunk)."""
         return None
 
 
@@ -136,26 +146,26 @@ class UnfoldedDiagonal:
             sq = sq.mul_(sign.reshape(A, N, 1, Cj, 1))
         return sq.sum((0, 1, 3)).reshape(call.module.weight.shape)
 
-    def _local_band(self, call: ModuleCall, f: LocalFactor) -> BandCurvature | None:
-        """A :class:`BandCurvature` where it needs fewer multiply-adds than
-        :meth:`_param_diag_local_weight` (short patches of many inputs, ``band.py``) and fits
-        ``MemoryPolicy.local_store_bytes``."""
+    def _band_blocks(self, call: ModuleCall, f: LocalFactor) -> list[slice] | None:
+        """Sample blocks for a :class:`BandCurvature` where it needs fewer multiply-adds than
+        :meth:`_param_diag_local_weight` (short patches of many inputs, ``band.py``); each
+        block's band fits ``MemoryPolicy.local_chunk_bytes`` (the blocks rerun the factor's
+        pending steps on their samples: the same products, in more chunks)."""
         if "weight" not in self.param_names(call.module):
             return None
-        geom, m = f.geom, call.module
+        geom, m, N = f.geom, call.module, f.batch
         S = m.weight[0].numel()  # C_in / G * prod(kernel)
-        if not band_wins(geom, f.columns, f.batch, m.out_channels, S):
+        if not band_wins(geom, f.columns, N, m.out_channels, S):
             return None
-        if (
-            band_bytes(geom, f.batch, m.out_channels, f.dtype.itemsize)
-            > policy_of(call).local_store_bytes
-        ):
+        per_sample = band_bytes(geom, 1, m.out_channels, f.dtype.itemsize)
+        nb = max(1, min(N, policy_of(call).local_chunk_bytes // per_sample))
+        if nb < N and f.samples(slice(0, 1)) is None:
             return None
-        return BandCurvature(geom, f.batch, f.dtype, m.weight.device)
+        return [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 
-    def _band_weight_diag(self, call: ModuleCall, band: BandCurvature) -> Tensor:
-        """The weight diagonal from the accumulated band (``band.py``)."""
-        u = self.unfold(call)
+    def _band_weight_diag(self, call: ModuleCall, band: BandCurvature, block: slice) -> Tensor:
+        """The weight diagonal from the band accumulated for the samples ``block``."""
+        u = self.unfold(call)[block]
         u = u.reshape(*u.shape[:2], *call.output_shape[2:])
         diag = band.weight_diag(u, call.module.groups, policy_of(call).local_chunk_bytes)
         return diag.reshape(call.module.weight.shape)
