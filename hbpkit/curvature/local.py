@@ -502,24 +502,30 @@ class LocalFactor:
             source = LocalValues(values, sign, src.geom, src.masked)
         return LocalFactor(source, steps, list(self.geoms), self.memory)
 
-    def chunks(self, max_bytes: int | None = -1, consumer_numel: int = 0) -> Iterator[LocalValues]:
+    def chunks(
+        self, max_bytes: int | None = -1, consumer_numel: int = 0, steps: int | None = None
+    ) -> Iterator[LocalValues]:
         """The columns after all steps, in chunks whose intermediates stay below ``max_bytes``.
 
         ``-1`` (default): ``MemoryPolicy.local_chunk_bytes``; ``None``: one chunk.
         ``consumer_numel``: entries per column and sample of the consumer's own intermediates.
+        ``steps``: apply only the first ``steps`` pending steps (default: all); the chunks
+        then lie on ``geoms[steps]``.
         """
+        pending = self.steps if steps is None else self.steps[:steps]
         if max_bytes == -1:
             max_bytes = self.memory.local_chunk_bytes
-        per_column = self.batch * max(self.max_column_numel(), consumer_numel)
+        numel = max(g.column_numel for g in self.geoms[: len(pending) + 1])
+        per_column = self.batch * max(numel, consumer_numel)
         if max_bytes is None:
             cols = self.columns
         else:
             cols = _column_chunks(self.columns, per_column, max_bytes, self.dtype.itemsize)
         # the first step from a diagonal source through a convolution: an outer product
-        first = self.steps[0] if self.steps else None
+        first = pending[0] if pending else None
         fused = isinstance(self.source, DiagonalFactor) and isinstance(first, ConvTransposeStep)
         for chunk in _split(self.source, cols, first if fused else None):
-            for step in self.steps[1:] if fused else self.steps:
+            for step in pending[1:] if fused else pending:
                 chunk = step(chunk).tidy()
             yield chunk
 

@@ -42,9 +42,16 @@ def _diag_h(model, X, y, store: int, chunk: int) -> list[torch.Tensor]:
 
 def _spy_forms(monkeypatch) -> dict[str, int]:
     """Count the chunks that took the band form and the direct form of the weight diagonal."""
-    counts = {"band": 0, "direct": 0}
+    counts = {"band": 0, "direct": 0, "pooled": 0}
     add = band_module.BandCurvature.add
     direct = conv_diagonal.UnfoldedDiagonal._param_diag_local_weight
+    pooled = conv_diagonal.pooled_diags
+
+    def spy_pooled(*args):
+        counts["pooled"] += 1
+        return pooled(*args)
+
+    monkeypatch.setattr(conv_diagonal, "pooled_diags", spy_pooled)
 
     def spy_add(self, chunk):
         counts["band"] += 1
@@ -74,6 +81,7 @@ def test_band_form_forced_equals_autograd(case, path, monkeypatch):
     y = torch.tensor([0, 2, 1])
     expected = _expected(model, X, y)
     monkeypatch.setattr(conv_diagonal, "band_wins", lambda *args: True)
+    monkeypatch.setattr(conv_diagonal, "pooled_tail", lambda f: None)
     counts = _spy_forms(monkeypatch)
     result = _diag_h(model, X, y, *PATHS[path])
     assert counts["band"] > 0 and counts["direct"] == 0, counts
@@ -81,9 +89,66 @@ def test_band_form_forced_equals_autograd(case, path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_pooled_form_forced_equals_autograd(case, monkeypatch):
+    """The weight and bias diagonals from the columns before a max-pooling (overlapping and
+    padded windows, zero / constant padding and activations after it), for every lazy
+    factor with such a tail."""
+    model, X = _random_cnn(*case)
+    model = extend(model)
+    y = torch.tensor([0, 2, 1])
+    expected = _expected(model, X, y)
+    monkeypatch.setattr(conv_diagonal, "pooled_cost", lambda *args: 0)
+    counts = _spy_forms(monkeypatch)
+    result = _diag_h(model, X, y, *PATHS["lazy"])
+    has_max_pool = any(isinstance(m, nn.modules.pooling._MaxPoolNd) for m in model)
+    assert (counts["pooled"] > 0) == has_max_pool, counts
+    for a, b in zip(result, expected):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def _max_pool_cnn(d: int) -> nn.Sequential:
+    """Max-poolings behind convolutions: overlapping padded windows after an activation and
+    a zero padding, a max-pooling right after a convolution (no activation between),
+    stride, dilation and groups on the convolutions before them."""
+    torch.manual_seed(7 + d)
+    return nn.Sequential(
+        getattr(nn, f"Conv{d}d")(2, 4, 3, padding=1, dilation=[1, 2, 1][:d]),
+        nn.Sigmoid(),
+        getattr(nn, f"ZeroPad{d}d")([1, 0, 0, 1, 1, 0][: 2 * d]),
+        getattr(nn, f"MaxPool{d}d")(3, 2, padding=1),
+        getattr(nn, f"Conv{d}d")(4, 6, 2, stride=[2, 1, 1][:d], groups=2),
+        getattr(nn, f"MaxPool{d}d")(2, 1),
+        nn.Tanh(),
+        getattr(nn, f"Conv{d}d")(6, 3, 2),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+        nn.ELU(),
+        nn.Linear(3, 3),
+    ).to(DT)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_pooled_form_forced_max_pools(d, monkeypatch):
+    model = _max_pool_cnn(d)
+    X = torch.randn(2, 2, *([{1: 15, 2: 10, 3: 11}[d]] * d), dtype=DT)
+    model(X)  # initialise the lazy Linear
+    model = extend(model)
+    y = torch.tensor([0, 2])
+    expected = _expected(model, X, y)
+    monkeypatch.setattr(conv_diagonal, "pooled_cost", lambda *args: 0)
+    counts = _spy_forms(monkeypatch)
+    result = _diag_h(model, X, y, *PATHS["lazy"])
+    assert counts["pooled"] > 0, counts
+    for a, b in zip(result, expected):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
 def _wide_cnn() -> nn.Sequential:
     """Many input channels and short patches (the band form wins at the second and third
-    convolutions), a wide first layer (the direct form wins for the longest patches),
+    convolutions), a max-pooling after the first (the pooled form wins for lazy factors,
+    the direct form for the longest materialised patches),
     stride 2, dilation, groups, padding, max-pooling; sigmoid and tanh residuals change sign."""
     torch.manual_seed(5)
     return nn.Sequential(
@@ -108,7 +173,10 @@ def test_band_and_direct_forms_chosen_by_cost(path, monkeypatch):
     expected = _expected(model, X, y)
     counts = _spy_forms(monkeypatch)
     result = _diag_h(model, X, y, *PATHS[path])
-    assert counts["band"] > 0 and counts["direct"] > 0, counts
+    if path == "lazy":  # the columns before each max-pooling
+        assert counts["pooled"] > 0 and counts["band"] > 0, counts
+    else:  # materialised after the pooling: no pooled form
+        assert counts["band"] > 0 and counts["direct"] > 0, counts
     for a, b in zip(result, expected):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 

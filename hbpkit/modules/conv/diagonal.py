@@ -14,7 +14,8 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.curvature.local import LocalFactor, LocalValues, windows
 from hbpkit.curvature.memory import policy_of
-from hbpkit.modules.conv.band import BandCurvature, band_bytes, band_wins
+from hbpkit.modules.conv.band import BandCurvature, band_bytes, band_costs, band_wins
+from hbpkit.modules.conv.pooled import PooledInput, pooled_cost, pooled_diags, pooled_tail
 from hbpkit.modules.roles import per_role
 
 
@@ -87,6 +88,10 @@ class ConvDiagonal:
         if key not in call.cache:
             names = self.param_names(call.module)
             diags = dict.fromkeys(names, 0)
+            pooled = self._pooled_plan(call, f)
+            if pooled is not None:
+                call.cache[key] = self._pooled_diags(call, f, *pooled)
+                return call.cache[key]
             blocks = self._band_blocks(call, f)
             parts = [(f, None)] if blocks is None else [(f, blocks[0])]
             if blocks is not None and len(blocks) > 1:
@@ -118,6 +123,11 @@ class ConvDiagonal:
     def _band_blocks(self, call: ModuleCall, f: LocalFactor) -> list[slice] | None:
         """The sample blocks of the band form of the weight diagonal, where that wins
         (``None``: the direct form per chunk)."""
+        return None
+
+    def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
+        """``(steps, PooledInput)`` where the columns before a max-pooling give the weight
+        diagonal with fewer products (``pooled.py``; ``None``: not here)."""
         return None
 
 
@@ -162,6 +172,36 @@ class UnfoldedDiagonal:
         if nb < N and f.samples(slice(0, 1)) is None:
             return None
         return [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+
+    def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
+        """``(k, PooledInput)`` where the columns after the first ``k`` steps of ``f`` (before
+        its last max-pooling, ``pooled.py``) need fewer products than the direct form and
+        the band form."""
+        k = pooled_tail(f)
+        if k is None or "weight" not in self.param_names(call.module):
+            return None
+        m = call.module
+        S = m.weight[0].numel()  # C_in / G * prod(kernel)
+        cost = pooled_cost(f, k, m.out_channels, S)
+        direct, band = band_costs(f.geom, f.columns, f.batch, m.out_channels, S)
+        if 2 * cost > min(direct, 2 * band):
+            return None
+        return k, PooledInput(f.steps[k:], tuple(call.output_shape[2:]))
+
+    def _pooled_diags(
+        self, call: ModuleCall, f: LocalFactor, k: int, pooled: PooledInput
+    ) -> dict[str, Tensor]:
+        """Every parameter's diagonal from the columns before the pooling (``pooled.py``)."""
+        m, names = call.module, tuple(self.param_names(call.module))
+        u = self.unfold(call)  # [N, S, P]
+        diags = dict.fromkeys(names, 0)
+        budget = policy_of(call).local_chunk_bytes
+        for chunk in f.chunks(consumer_numel=self._column_numel(call), steps=k):
+            part = pooled_diags(chunk, pooled, u, m.groups, names, budget)
+            for name in names:
+                diags[name] = diags[name] + part[name]
+        diags["weight"] = diags["weight"].reshape(m.weight.shape)
+        return diags
 
     def _band_weight_diag(self, call: ModuleCall, band: BandCurvature, block: slice) -> Tensor:
         """The weight diagonal from the band accumulated for the samples ``block``."""
