@@ -166,7 +166,7 @@ def _wide_cnn() -> nn.Sequential:
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_band_and_direct_forms_chosen_by_cost(path, monkeypatch):
+def test_forms_chosen_by_cost(path, monkeypatch):
     model = extend(_wide_cnn())
     torch.manual_seed(6)
     X, y = torch.randn(2, 2, 14, 14, dtype=DT), torch.tensor([1, 2])

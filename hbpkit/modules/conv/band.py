@@ -13,9 +13,9 @@ band. :class:`BandCurvature` accumulates it over all chunks of a factor (per anc
 ``a``: ``B_a[o, i, k] = sum_j sign_j v_j[o, i] v_j[o, k]``, a batched product with the
 columns' channels contracted, added at the patch's place) and contracts it once with
 ``u_n[s, p] u_n[s, p + delta]``. Multiply-adds per column and sample: ``C_out prod(patch)^2``
-instead of ``C_out S prod(patch)``, plus one contraction ``N C_out S P prod(2 patch - 1) / 2``
-(symmetric: half the offsets);
-:func:`band_wins` compares the two.
+instead of ``C_out S prod(patch)``, plus one contraction of about
+``N C_out S P prod(2 patch - 1) / 2`` (symmetric: half the offsets); :func:`band_wins`
+compares the two.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def band_costs(geom: LocalGeometry, columns: int, batch: int, c_out: int, s: int
     return direct, band
 
 
-#: the cost of one product ``u[s, p] u[s, p + delta]`` in multiply-adds (measured on CPU)
+#: the cost of one product ``u[s, p] u[s, p + delta]`` in multiply-adds (a rough weight:
+#: with few output channels the contraction is bound by writing and reading ``u u``)
 ELEMENTWISE = 32
 
 

@@ -86,39 +86,43 @@ class ConvDiagonal:
         """
         key = ("conv_local_diag", id(f))  # f lives in the message during this call's hook
         if key not in call.cache:
-            names = self.param_names(call.module)
-            diags = dict.fromkeys(names, 0)
             pooled = self._pooled_plan(call, f)
             if pooled is not None:
                 call.cache[key] = self._pooled_diags(call, f, *pooled)
-                return call.cache[key]
-            blocks = self._band_blocks(call, f)
-            parts = [(f, None)] if blocks is None else [(f, blocks[0])]
-            if blocks is not None and len(blocks) > 1:
-                parts = [(f.samples(block), block) for block in blocks]
-            for part, block in parts:
-                band = None
-                if block is not None:
-                    band = BandCurvature(
-                        part.geom, part.batch, part.dtype, call.module.weight.device
-                    )
-                for chunk in part.chunks(consumer_numel=self._column_numel(call)):
-                    # one patch: a dense factor (cropped to the map) for the dense kernels
-                    one = math.prod(chunk.geom.anchors) == 1
-                    dense = chunk.tidy().to_sqrt() if one else None
-                    for name in names:
-                        if name == "weight" and band is not None:
-                            band.add(chunk)  # the samples of this block only
-                            continue
-                        if dense is not None:
-                            diag = self.param_diag(call, name, [dense])
-                        else:
-                            diag = self._param_diag_local(call, name, chunk)
-                        diags[name] = diags[name] + diag
-                if band is not None:
-                    diags["weight"] = diags["weight"] + self._band_weight_diag(call, band, block)
-            call.cache[key] = diags
+            else:
+                call.cache[key] = self._chunk_diags(call, f)
         return call.cache[key]
+
+    def _chunk_diags(self, call: ModuleCall, f: LocalFactor) -> dict[str, Tensor]:
+        """Every parameter's diagonal from the chunks of ``f`` after all its steps: the weight
+        from the band of the output curvature where that wins (``band.py``, in blocks of
+        samples that rerun the pending steps), else per chunk (the direct form)."""
+        names = self.param_names(call.module)
+        diags = dict.fromkeys(names, 0)
+        blocks = self._band_blocks(call, f)
+        parts = [(f, None)] if blocks is None else [(f, blocks[0])]
+        if blocks is not None and len(blocks) > 1:
+            parts = [(f.samples(block), block) for block in blocks]
+        for part, block in parts:
+            band = None
+            if block is not None:
+                band = BandCurvature(part.geom, part.batch, part.dtype, call.module.weight.device)
+            for chunk in part.chunks(consumer_numel=self._column_numel(call)):
+                # one patch: a dense factor (cropped to the map) for the dense kernels
+                one = math.prod(chunk.geom.anchors) == 1
+                dense = chunk.tidy().to_sqrt() if one else None
+                for name in names:
+                    if name == "weight" and band is not None:
+                        band.add(chunk)  # the samples of this block only
+                        continue
+                    if dense is not None:
+                        diag = self.param_diag(call, name, [dense])
+                    else:
+                        diag = self._param_diag_local(call, name, chunk)
+                    diags[name] = diags[name] + diag
+            if band is not None:
+                diags["weight"] = diags["weight"] + self._band_weight_diag(call, band, block)
+        return diags
 
     def _band_blocks(self, call: ModuleCall, f: LocalFactor) -> list[slice] | None:
         """The sample blocks of the band form of the weight diagonal, where that wins
@@ -126,7 +130,7 @@ class ConvDiagonal:
         return None
 
     def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
-        """``(steps, PooledInput)`` where the columns before a max-pooling give the weight
+        """``(k, PooledInput)`` where the columns before a max-pooling give the weight
         diagonal with fewer products (``pooled.py``; ``None``: not here)."""
         return None
 
