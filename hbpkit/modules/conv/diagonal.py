@@ -15,7 +15,13 @@ from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.curvature.local import LocalFactor, LocalValues, windows
 from hbpkit.curvature.memory import policy_of
 from hbpkit.modules.conv.band import BandCurvature, band_bytes, band_costs, band_wins
-from hbpkit.modules.conv.pooled import PooledInput, pooled_cost, pooled_diags, pooled_tail
+from hbpkit.modules.conv.pooled import (
+    PooledInput,
+    pooled_bytes,
+    pooled_cost,
+    pooled_diags,
+    pooled_tail,
+)
 from hbpkit.modules.roles import per_role
 
 
@@ -107,7 +113,9 @@ class ConvDiagonal:
             band = None
             if block is not None:
                 band = BandCurvature(part.geom, part.batch, part.dtype, call.module.weight.device)
-            for chunk in part.chunks(consumer_numel=self._column_numel(call)):
+            # the band's intermediates per column are the columns' own size
+            numel = self._column_numel(call) if band is None else 0
+            for chunk in part.chunks(consumer_numel=numel):
                 # one patch: a dense factor (cropped to the map) for the dense kernels
                 one = math.prod(chunk.geom.anchors) == 1
                 dense = chunk.tidy().to_sqrt() if one else None
@@ -171,39 +179,51 @@ class UnfoldedDiagonal:
         S = m.weight[0].numel()  # C_in / G * prod(kernel)
         if not band_wins(geom, f.columns, N, m.out_channels, S):
             return None
+        budget = policy_of(call).local_chunk_bytes
         per_sample = band_bytes(geom, 1, m.out_channels, f.dtype.itemsize)
-        nb = max(1, min(N, policy_of(call).local_chunk_bytes // per_sample))
+        nb = _row_samples(f, len(f.steps), 0, min(N, budget // per_sample), budget)
         if nb < N and f.samples(slice(0, 1)) is None:
             return None
         return [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 
     def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
-        """``(k, PooledInput)`` where the columns after the first ``k`` steps of ``f`` (before
-        its last max-pooling, ``pooled.py``) need fewer products than the direct form and
-        the band form."""
+        """``(k, blocks)`` where the columns after the first ``k`` steps of ``f`` (before its
+        last max-pooling, ``pooled.py``) need fewer products than the direct form and the
+        band form; ``blocks`` of samples whose gathered input fits
+        ``MemoryPolicy.local_chunk_bytes`` (each reruns the first ``k`` steps)."""
         k = pooled_tail(f)
         if k is None or "weight" not in self.param_names(call.module):
             return None
-        m = call.module
+        m, N = call.module, f.batch
         S = m.weight[0].numel()  # C_in / G * prod(kernel)
         cost = pooled_cost(f, k, m.out_channels, S)
-        direct, band = band_costs(f.geom, f.columns, f.batch, m.out_channels, S)
+        direct, band = band_costs(f.geom, f.columns, N, m.out_channels, S)
         if 2 * cost > min(direct, 2 * band):
             return None
-        return k, PooledInput(f.steps[k:], tuple(call.output_shape[2:]))
+        budget = policy_of(call).local_chunk_bytes
+        per_sample = pooled_bytes(f, k, m.out_channels, S)
+        nb = _row_samples(f, k, self._column_numel(call), min(N, budget // per_sample), budget)
+        if nb < N and f.samples(slice(0, 1)) is None:
+            return None
+        return k, [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 
     def _pooled_diags(
-        self, call: ModuleCall, f: LocalFactor, k: int, pooled: PooledInput
+        self, call: ModuleCall, f: LocalFactor, k: int, blocks: list[slice]
     ) -> dict[str, Tensor]:
-        """Every parameter's diagonal from the columns before the pooling (``pooled.py``)."""
+        """Every parameter's diagonal from the columns before the pooling (``pooled.py``),
+        per block of samples."""
         m, names = call.module, tuple(self.param_names(call.module))
         u = self.unfold(call)  # [N, S, P]
+        size = tuple(call.output_shape[2:])
         diags = dict.fromkeys(names, 0)
         budget = policy_of(call).local_chunk_bytes
-        for chunk in f.chunks(consumer_numel=self._column_numel(call), steps=k):
-            part = pooled_diags(chunk, pooled, u, m.groups, names, budget)
-            for name in names:
-                diags[name] = diags[name] + part[name]
+        for block in blocks:
+            part = f if len(blocks) == 1 else f.samples(block)
+            pooled = PooledInput(part.steps[k:], size, u[block], m.groups)
+            for chunk in part.chunks(consumer_numel=self._column_numel(call), steps=k):
+                result = pooled_diags(chunk, pooled, names, budget)
+                for name in names:
+                    diags[name] = diags[name] + result[name]
         diags["weight"] = diags["weight"].reshape(m.weight.shape)
         return diags
 
@@ -275,6 +295,16 @@ class UnfoldedDiagonal:
                 w = None if sign is None else sign[v0:v1, n0:n1].T.reshape(-1)
                 result += _square_sum(out.view(b * c, C_out * K), w)
         return result
+
+
+def _row_samples(f: LocalFactor, steps: int, consumer_numel: int, most: int, budget: int) -> int:
+    """Samples per block (at most ``most``, at least 1) such that a chunk of ``f`` after
+    ``steps`` steps holds a whole anchor row of every source channel: the batched products
+    of the band and pooled forms contract or stack the columns' channels, and are slow on
+    the few channels per chunk of a large batch."""
+    row = f.columns // f.geoms[0].anchors[0]
+    numel = max(max(g.column_numel for g in f.geoms[: steps + 1]), consumer_numel)
+    return max(1, min(most, budget // max(1, row * numel * f.dtype.itemsize)))
 
 
 def _square_sum(t: Tensor, weights: Tensor | None) -> Tensor:

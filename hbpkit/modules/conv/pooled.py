@@ -49,25 +49,22 @@ def pooled_tail(f: LocalFactor) -> int | None:
 
 
 class PooledInput:
-    """Where each pooled position ``(n, o, q)`` reads the conv output, and the scale there.
-
-    ``steps``: a factor's tail (a :class:`SelectStep`, then shifts and scales) that ends on
-    the conv output ``[N, C_out, *size]``. ``position`` ``[N, C_out, Q]`` flat positions in
-    ``size`` (0 where the entry is dropped), ``scale`` ``[N, C_out, *pooled]`` the product
-    of the activations' derivatives there (0 where dropped).
+    """``u~`` ``[N, C_out, S/G, *pooled]``: the unfolded input ``u`` ``[N, S, P]`` read where each
+    pooled position ``(n, o, q)`` of a factor's tail (a :class:`SelectStep`, then shifts and
+    scales, ending on the conv output ``[N, C_out, *size]``) reads the conv output, times the
+    activations' derivatives there (0 where the position falls into a padding).
     """
 
-    def __init__(self, steps: list, size: tuple[int, ...]) -> None:
+    def __init__(self, steps: list, size: tuple[int, ...], u: Tensor, groups: int) -> None:
         select: SelectStep = steps[0]
         index = select.index  # [N, C, *pooled] flat positions in select.size
-        rest = index
-        coords = []
+        rest, coords = index, []
         for n in reversed(select.size):  # the last dimension varies fastest
             coords.append(rest % n)
             rest = rest // n
         coords.reverse()
         valid = torch.ones_like(index, dtype=torch.bool)
-        scale = None
+        scale = valid.to(u.dtype)
         current = select.size
         for step in steps[1:]:
             if isinstance(step, ShiftStep):  # J^T of a padding: a crop
@@ -76,76 +73,64 @@ class PooledInput:
                 for c, n in zip(coords, current):
                     valid &= (c >= 0) & (c < n)
             else:  # ScaleStep on the current map
-                flat = self._flat(coords, current, valid)
-                factor = step.d.flatten(2).gather(2, flat.flatten(2)).reshape(index.shape)
-                scale = factor if scale is None else scale * factor
+                flat = _flat(coords, current, valid).flatten(2)
+                scale = scale * step.d.flatten(2).gather(2, flat).reshape(index.shape)
         if tuple(current) != tuple(size):
             raise ValueError(f"pooled tail ends on {tuple(current)}, the conv output is {size}")
-        self.position = self._flat(coords, current, valid).flatten(2)
-        self._valid, self._scale = valid, scale
-        self._windows_key: LocalGeometry | None = None
-        self._windows_value: Tensor | None = None
         self.pooled = tuple(index.shape[2:])
+        #: the derivatives at the read positions, 0 where dropped, ``[N, C_out, *pooled]``
+        self.scale = scale * valid.to(scale.dtype)
+        position = _flat(coords, current, valid).flatten(2)  # [N, C_out, Q]
+        N, S, P = u.shape
+        (C, Q), G = position.shape[1:], groups
+        ug = u.reshape(N, G, 1, S // G, P).expand(N, G, C // G, S // G, P)
+        index = position.reshape(N, G, C // G, 1, Q).expand(-1, -1, -1, S // G, -1)
+        ut = torch.gather(ug, 4, index)  # [N, G, C/G, S/G, Q]
+        ut = ut.mul_(self.scale.reshape(N, G, C // G, 1, Q))
+        self.u = ut.reshape(N, C, S // G, *self.pooled)
+        self._key: tuple | None = None
+        self._value: Tensor | None = None
 
-    def scale(self, block: slice, dtype: torch.dtype) -> Tensor:
-        """``[b, C_out, *pooled]``: the derivatives at the read positions, 0 where dropped."""
-        valid = self._valid[block].to(dtype)
-        return valid if self._scale is None else self._scale[block].to(dtype) * valid
-
-    @staticmethod
-    def _flat(coords: list[Tensor], size, valid: Tensor) -> Tensor:
-        flat = torch.zeros_like(coords[0])
-        for c, n in zip(coords, size):
-            flat = flat * n + c.clamp(0, n - 1)
-        return torch.where(valid, flat, torch.zeros_like(flat))
-
-    def windows(self, geom: LocalGeometry, u: Tensor, groups: int, dtype) -> Tensor:
-        """:meth:`compute_windows` of all samples, cached for the last geometry."""
-        if self._windows_key != geom:
-            self._windows_key, self._windows_value = None, None  # free the old one first
-            self._windows_value = self.compute_windows(geom, u, slice(None), groups, dtype)
-            self._windows_key = geom
-        return self._windows_value
-
-    def compute_windows(self, geom, u: Tensor, block: slice, groups: int, dtype) -> Tensor:
-        """``u~`` on the patches of ``geom``, ``[(A b C_out), prod(patch), S/G]``."""
-        ut = self.gathered(u, block, groups, dtype)  # [b, C, S, *pooled]
+    def windows(self, geom: LocalGeometry, block: slice, cache: bool) -> Tensor:
+        """``u~`` on the patches of ``geom``, ``[(A b C_out), prod(patch), S/G]`` (zero outside
+        the pooled map); cached for the last geometry if ``cache``: the chunks of one anchor
+        row share it."""
+        key = (geom, block.start, block.stop)
+        if self._key == key:
+            return self._value
+        self._key, self._value = None, None  # free the old one first
+        ut = self.u[block]
         b, C, S = ut.shape[:3]
         A, P = math.prod(geom.anchors), math.prod(geom.patch)
         w = windows(ut.reshape(b, C * S, *self.pooled), geom)  # [b, C S, *A, *patch]
-        return w.reshape(b, C, S, A, P).permute(3, 0, 1, 4, 2).reshape(A * b * C, P, S)
+        w = w.reshape(b, C, S, A, P).permute(3, 0, 1, 4, 2).reshape(A * b * C, P, S)
+        if cache:
+            self._key, self._value = key, w
+        return w
 
-    def gathered(self, u: Tensor, block: slice, groups: int, dtype: torch.dtype) -> Tensor:
-        """``u~`` ``[b, C_out, S/G, *pooled]`` of the samples ``block`` from ``u`` ``[N, S, P]``."""
-        u = u[block]
-        b, S, P = u.shape
-        position = self.position[block]  # [b, C_out, Q]
-        C, Q = position.shape[1:]
-        ug = u.reshape(b, groups, 1, S // groups, P).expand(b, groups, C // groups, S // groups, P)
-        index = position.reshape(b, groups, C // groups, 1, Q).expand(-1, -1, -1, S // groups, -1)
-        ut = torch.gather(ug, 4, index)  # [b, G, C/G, S/G, Q]
-        ut = ut * self.scale(block, dtype).reshape(b, groups, C // groups, 1, Q)
-        return ut.reshape(b, C, S // groups, *self.pooled)
+
+def _flat(coords: list[Tensor], size, valid: Tensor) -> Tensor:
+    """Flat positions in ``size`` of the coordinates (0 where not ``valid``)."""
+    flat = torch.zeros_like(coords[0])
+    for c, n in zip(coords, size):
+        flat = flat * n + c.clamp(0, n - 1)
+    return torch.where(valid, flat, torch.zeros_like(flat))
 
 
 def pooled_diags(
-    chunk: LocalValues,
-    pooled: PooledInput,
-    u: Tensor,
-    groups: int,
-    names: tuple[str, ...],
-    max_bytes: int,
+    chunk: LocalValues, pooled: PooledInput, names: tuple[str, ...], max_bytes: int
 ) -> dict[str, Tensor]:
     """``sum_{j, n} sign (J_p^T g_{j,n})^2`` of the weight ``[C_out, S/G]`` and the bias
-    ``[C_out]`` for the columns ``chunk`` on the pooling output (before the pooling)."""
+    ``[C_out]`` for the columns ``chunk`` on the pooling output (before the pooling), in
+    groups of samples whose windows of ``u~`` fit ``max_bytes``."""
     geom: LocalGeometry = chunk.geom
     Cj, A, N = chunk.values.shape[0], math.prod(geom.anchors), chunk.batch
     C, Pq = geom.channels, math.prod(geom.patch)
-    S = u.shape[1] // groups
+    S = pooled.u.shape[2]
     v = chunk.values.reshape(Cj, A, N, C, Pq)
     sign = None if chunk.sign is None else chunk.sign.reshape(Cj, A, N).to(v.dtype)
-    per_sample = (A * C * Pq * S + C * S * math.prod(pooled.pooled) + Cj * A * C * S) * 2
-    nb = max(1, min(N, max_bytes // max(1, per_sample * v.element_size())))
+    per_sample = A * C * Pq * S * v.element_size()
+    nb = max(1, min(N, max_bytes // max(1, per_sample)))
     out = {name: 0 for name in names}
     for n0 in range(0, N, nb):
         block = slice(n0, min(N, n0 + nb))
@@ -153,17 +138,14 @@ def pooled_diags(
         vb = v[:, :, block]
         sb = None if sign is None else sign[:, :, block]
         if "weight" in names:
-            if nb == N:  # the chunks of one anchor row share their windows
-                w = pooled.windows(geom, u, groups, v.dtype)
-            else:
-                w = pooled.compute_windows(geom, u, block, groups, v.dtype)
+            w = pooled.windows(geom, block, cache=nb == N)
             left = vb.permute(1, 2, 3, 0, 4).reshape(A * b * C, Cj, Pq)
             sq = torch.bmm(left, w).square_().view(A, b, C, Cj, S)
             if sb is not None:
                 sq = sq.mul_(sb.permute(1, 2, 0).reshape(A, b, 1, Cj, 1))
             out["weight"] = out["weight"] + sq.sum((0, 1, 3))
         if "bias" in names:
-            scale = windows(pooled.scale(block, v.dtype), geom)  # [b, C, *A, *patch]
+            scale = windows(pooled.scale[block], geom)  # [b, C, *A, *patch]
             scale = scale.reshape(b, C, A, Pq).permute(2, 0, 1, 3)  # [A, b, C, Pq]
             per = (vb * scale).sum(-1).square_()  # [C_j, A, b, C]
             if sb is not None:
@@ -175,3 +157,9 @@ def pooled_diags(
 def pooled_cost(f: LocalFactor, k: int, c_out: int, s: int) -> int:
     """Multiply-adds of :func:`pooled_diags` over all columns (the weight)."""
     return f.columns * f.batch * c_out * s * math.prod(f.geoms[k].patch)
+
+
+def pooled_bytes(f: LocalFactor, k: int, c_out: int, s: int) -> int:
+    """Bytes of ``u~`` per sample."""
+    select: SelectStep = f.steps[k]
+    return c_out * s * math.prod(select.index.shape[2:]) * f.dtype.itemsize
