@@ -27,6 +27,13 @@ materialised again as soon as it fits ``MemoryPolicy.local_store_bytes``. Later 
 recompute the early steps of their chunks, which are the cheap ones (patches
 grow along the chain).
 
+Consumers may stop a chunk before the last steps (``LocalFactor.chunks(steps=k)``: the
+weight diagonal of a convolution reads the columns before a max-pooling,
+hbpkit/modules/conv/pooled.py) and restrict a factor to a block of samples
+(:meth:`LocalFactor.samples`: the band form of hbpkit/modules/conv/band.py bounds its
+memory that way). The first step from a diagonal source through a convolution is an outer
+product (:meth:`ConvTransposeStep.from_diagonal`).
+
 Rules take part by overriding ``ModuleRules.local_step`` (their ``J^T`` as a
 :class:`LocalStep`, or ``None`` where unsupported). A factor that would reach a
 module without a local step is made dense first (:meth:`LocalFactor.to_dense`,

@@ -106,15 +106,15 @@ class ConvDiagonal:
         names = self.param_names(call.module)
         diags = dict.fromkeys(names, 0)
         blocks = self._band_blocks(call, f)
-        parts = [(f, None)] if blocks is None else [(f, blocks[0])]
-        if blocks is not None and len(blocks) > 1:
-            parts = [(f.samples(block), block) for block in blocks]
-        for part, block in parts:
+        for block in [None] if blocks is None else blocks:
+            # one block at a time: a block's factor holds its steps' caches
+            part = f if blocks is None or len(blocks) == 1 else f.samples(block)
             band = None
             if block is not None:
                 band = BandCurvature(part.geom, part.batch, part.dtype, call.module.weight.device)
-            # the band's intermediates per column are the columns' own size
-            numel = self._column_numel(call) if band is None else 0
+            # the band form's intermediates per column: the signed columns and the two
+            # operands of its batched product, each of a column's size
+            numel = self._column_numel(call) if band is None else 3 * f.geom.column_numel
             for chunk in part.chunks(consumer_numel=numel):
                 # one patch: a dense factor (cropped to the map) for the dense kernels
                 one = math.prod(chunk.geom.anchors) == 1
@@ -218,6 +218,7 @@ class UnfoldedDiagonal:
         diags = dict.fromkeys(names, 0)
         budget = policy_of(call).local_chunk_bytes
         for block in blocks:
+            part = pooled = None  # free the last block's factor, caches and gathered input
             part = f if len(blocks) == 1 else f.samples(block)
             pooled = PooledInput(part.steps[k:], size, u[block], m.groups)
             for chunk in part.chunks(consumer_numel=self._column_numel(call), steps=k):
