@@ -12,7 +12,8 @@ clock and process CPU time (the CPU time is the steadier one on a shared machine
 the multiply-adds of both and the spread ``(max - min) / median`` of the wall times.
 
 ``diag-hessian``: one backward pass of ``DiagHessian`` per case, each in a fresh process
-(peak memory: ``ru_maxrss`` above the resident size after building the model and data),
+(peak memory: ``ru_maxrss`` above the resident size after building the model and data;
+minor page faults of the pass, ``ru_minflt``),
 for every source tree of ``--roots`` (e.g. a checkout of the code before and this one:
 ``--roots /tmp/old .``) and memory policy of ``--policies`` (``MemoryPolicy`` keyword
 dicts), cases interleaved over ``--repeats`` rounds; ``check`` sums ``|diag_h|`` (the same
@@ -132,16 +133,24 @@ def worker_diag_hessian(args) -> None:
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     policy = MemoryPolicy(**json.loads(args.policy))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t, c = time.perf_counter(), time.process_time()
     loss = loss_fn(model(X), y)
     with backprop(DiagHessian(), memory=policy):
         loss.backward()
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     total = sum(p.diag_h.double().abs().sum().item() for p in model.parameters())
     print(
         json.dumps(
-            dict(wall=wall, cpu=cpu, peak_mb=(peak - min(base, rss)) * 1024 / 1e6, check=total)
+            dict(
+                wall=wall,
+                cpu=cpu,
+                peak_mb=(peak - min(base, rss)) * 1024 / 1e6,
+                faults=faults,
+                check=total,
+            )
         )
     )
 
@@ -171,13 +180,14 @@ def bench_diag_hessian(args) -> None:
             results.setdefault((arch, policy, root), []).append(rec)
             print(arch, policy, root, rec, flush=True)
     print(f"DiagHessian, batch {args.batch}, {args.threads} thread(s), medians of {args.repeats}")
-    print("| net | policy | root | wall s | cpu s | peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| net | policy | root | wall s | cpu s | peak MB | minor faults |")
+    print("|---|---|---|---|---|---|---|")
+    keys = ("wall", "cpu", "peak_mb", "faults")
     for (arch, policy, root), recs in results.items():
-        med = {k: statistics.median(r[k] for r in recs) for k in ("wall", "cpu", "peak_mb")}
+        med = {k: statistics.median(r[k] for r in recs) for k in keys}
         print(
             f"| {arch} | {policy} | {root} | {med['wall']:.1f} | {med['cpu']:.1f} | "
-            f"{med['peak_mb']:.0f} |"
+            f"{med['peak_mb']:.0f} | {med['faults']:.0f} |"
         )
 
 

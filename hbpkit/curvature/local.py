@@ -27,6 +27,13 @@ materialised again as soon as it fits ``MemoryPolicy.local_store_bytes``. Later 
 recompute the early steps of their chunks, which are the cheap ones (patches
 grow along the chain).
 
+Consumers may stop a chunk before the last steps (``LocalFactor.chunks(steps=k)``: the
+weight diagonal of a convolution reads the columns before a max-pooling,
+hbpkit/modules/conv/pooled.py) and restrict a factor to a block of samples
+(:meth:`LocalFactor.samples`: the band form of hbpkit/modules/conv/band.py bounds its
+memory that way). The first step from a diagonal source through a convolution is an outer
+product (:meth:`ConvTransposeStep.from_diagonal`).
+
 Rules take part by overriding ``ModuleRules.local_step`` (their ``J^T`` as a
 :class:`LocalStep`, or ``None`` where unsupported). A factor that would reach a
 module without a local step is made dense first (:meth:`LocalFactor.to_dense`,
@@ -100,16 +107,23 @@ class LocalGeometry(NamedTuple):
         geom = self._replace(offset=tuple(offset), patch=tuple(patch))
         return geom, tuple(crop)
 
+    def inside(self) -> bool:
+        """Whether every patch entry lies inside the feature map (from the integer geometry)."""
+        return all(
+            o >= 0 and (A - 1) * s + o + p <= n
+            for A, s, o, p, n in zip(self.anchors, self.stride, self.offset, self.patch, self.size)
+        )
+
     def valid(self, device: torch.device) -> Tensor | None:
         """``[*A, *patch]`` mask of the patch entries inside the feature map (``None``: all)."""
-        masks = []
-        for A, s, o, p, n in zip(self.anchors, self.stride, self.offset, self.patch, self.size):
-            pos = torch.arange(A, device=device)[:, None] * s + o + torch.arange(p, device=device)
-            masks.append((pos >= 0) & (pos < n))
-        if all(bool(m.all()) for m in masks):
+        if self.inside():
             return None
-        d, mask = len(masks), None
-        for i, m in enumerate(masks):  # [A_i, p_i] at axes i and d + i of [*A, *patch]
+        d, mask = len(self.size), None
+        for i, (A, s, o, p, n) in enumerate(
+            zip(self.anchors, self.stride, self.offset, self.patch, self.size)
+        ):
+            pos = torch.arange(A, device=device)[:, None] * s + o + torch.arange(p, device=device)
+            m = (pos >= 0) & (pos < n)  # [A_i, p_i] at axes i and d + i of [*A, *patch]
             shape = [1] * (2 * d)
             shape[i], shape[d + i] = m.shape
             mask = m.reshape(shape) if mask is None else mask & m.reshape(shape)
@@ -223,6 +237,11 @@ class LocalStep:
     def __call__(self, chunk: LocalValues) -> LocalValues:
         raise NotImplementedError
 
+    def samples(self, index: slice) -> LocalStep | None:
+        """This step on the samples ``index`` only (``None``: not supported); steps that read
+        no per-sample tensor are the same for every sample."""
+        return None
+
 
 class _GeometryCache:
     """The last value computed for one geometry: the chunks of one anchor row share their
@@ -257,6 +276,9 @@ class ScaleStep(LocalStep):
         A = len(geom.anchors)
         return w.permute([*range(2, 2 + A), 0, 1, *range(2 + A, w.dim())]).contiguous()
 
+    def samples(self, index: slice) -> ScaleStep:
+        return ScaleStep(self.d[index])
+
     def __call__(self, chunk: LocalValues) -> LocalValues:
         w = self._windows.get(chunk.geom, self._scale)
         return LocalValues(chunk.values * w, chunk.sign, chunk.geom, True)
@@ -271,6 +293,9 @@ class ShiftStep(LocalStep):
     def geometry(self, geom: LocalGeometry) -> LocalGeometry:
         offset = tuple(o - l for o, l in zip(geom.offset, self.left))
         return geom._replace(offset=offset, size=self.size)
+
+    def samples(self, index: slice) -> ShiftStep:
+        return self
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
         return LocalValues(chunk.values, chunk.sign, self.geometry(chunk.geom), False)
@@ -287,6 +312,7 @@ class ConvTransposeStep(LocalStep):
     def __init__(self, weight: Tensor, stride, dilation, groups: int, left, size) -> None:
         self.weight, self.stride, self.dilation = weight, tuple(stride), tuple(dilation)
         self.groups, self.left, self.size = groups, tuple(left), tuple(size)
+        self._impulses: Tensor | None = None
 
     def geometry(self, geom: LocalGeometry) -> LocalGeometry:
         k = self.weight.shape[2:]
@@ -301,6 +327,33 @@ class ConvTransposeStep(LocalStep):
             self.size,
             self.weight.shape[1] * self.groups,
         )
+
+    def samples(self, index: slice) -> ConvTransposeStep:
+        return self
+
+    def impulses(self) -> Tensor:
+        """``[C_out, C_in, *patch]``: ``J^T`` of a unit entry of each output channel (one
+        position): the channel's kernel, dilated, in its group's input channels (D.4)."""
+        if self._impulses is None:
+            C_out, d = self.weight.shape[0], len(self.size)
+            eye = torch.eye(C_out, dtype=self.weight.dtype, device=self.weight.device)
+            eye = eye.reshape(C_out, C_out, *([1] * d))
+            conv_t = _CONV_TRANSPOSE[d]
+            self._impulses = conv_t(eye, self.weight, None, 1, 0, 0, self.groups, self.dilation)
+        return self._impulses
+
+    def from_diagonal(self, s: Tensor, channels: slice) -> Tensor:
+        """This step on columns ``(c, a)`` of ``diag(s_n)`` (``c`` in ``channels``, ``a`` every
+        anchor): ``s_n[c, a]`` times the impulse of channel ``c``, placed at
+        ``a``; an outer product instead of a transposed convolution of one-hot patches
+        (which spends ``C_out`` times the products). ``s`` ``[N, C_j, *A]`` (``C_j`` the
+        output channels ``channels``) ->
+        ``[C_j, *A, N, C_in, *patch]`` (the values after :meth:`geometry`)."""
+        d = len(self.size)
+        s = s.movedim(0, 1 + d)  # [C_j, *A, N]
+        imp = self.impulses()[channels]  # [C_j, C_in, *patch]
+        imp = imp.reshape(imp.shape[0], *([1] * (d + 1)), *imp.shape[1:])
+        return s.reshape(*s.shape, *([1] * (d + 1))) * imp
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
         conv_t = _CONV_TRANSPOSE[len(self.size)]
@@ -330,6 +383,11 @@ class SelectStep(LocalStep):
                 for p, s, dil, k in zip(geom.patch, self.stride, self.dilation, self.kernel)
             ),
             size=self.size,
+        )
+
+    def samples(self, index: slice) -> SelectStep:
+        return SelectStep(
+            self.index[index], self.kernel, self.stride, self.padding, self.dilation, self.size
         )
 
     def __call__(self, chunk: LocalValues) -> LocalValues:
@@ -433,21 +491,48 @@ class LocalFactor:
             return LocalFactor(values, memory=memory)
         return out
 
-    def chunks(self, max_bytes: int | None = -1, consumer_numel: int = 0) -> Iterator[LocalValues]:
+    def samples(self, index: slice) -> LocalFactor | None:
+        """The same columns of the samples ``index`` only (``None`` where a step cannot say)."""
+        steps = [step.samples(index) for step in self.steps]
+        if any(step is None for step in steps):
+            return None
+        src = self.source
+        if isinstance(src, DiagonalFactor):
+            source = DiagonalFactor(src.s[index], None if src.sign is None else src.sign[index])
+        elif isinstance(src, SqrtFactor):
+            sign = None if src.sign is None else src.sign[:, index]
+            source = SqrtFactor(src.S[:, index], sign)
+        else:
+            A = len(src.geom.anchors)
+            values = src.values[(slice(None),) * (1 + A) + (index,)]
+            sign = None if src.sign is None else src.sign[..., index]
+            source = LocalValues(values, sign, src.geom, src.masked)
+        return LocalFactor(source, steps, list(self.geoms), self.memory)
+
+    def chunks(
+        self, max_bytes: int | None = -1, consumer_numel: int = 0, steps: int | None = None
+    ) -> Iterator[LocalValues]:
         """The columns after all steps, in chunks whose intermediates stay below ``max_bytes``.
 
         ``-1`` (default): ``MemoryPolicy.local_chunk_bytes``; ``None``: one chunk.
         ``consumer_numel``: entries per column and sample of the consumer's own intermediates.
+        ``steps``: apply only the first ``steps`` pending steps (default: all); the chunks
+        then lie on ``geoms[steps]``.
         """
+        pending = self.steps if steps is None else self.steps[:steps]
         if max_bytes == -1:
             max_bytes = self.memory.local_chunk_bytes
-        per_column = self.batch * max(self.max_column_numel(), consumer_numel)
+        numel = max(g.column_numel for g in self.geoms[: len(pending) + 1])
+        per_column = self.batch * max(numel, consumer_numel)
         if max_bytes is None:
             cols = self.columns
         else:
             cols = _column_chunks(self.columns, per_column, max_bytes, self.dtype.itemsize)
-        for chunk in _split(self.source, cols):
-            for step in self.steps:
+        # the first step from a diagonal source through a convolution: an outer product
+        first = pending[0] if pending else None
+        fused = isinstance(self.source, DiagonalFactor) and isinstance(first, ConvTransposeStep)
+        for chunk in _split(self.source, cols, first if fused else None):
+            for step in pending[1:] if fused else pending:
                 chunk = step(chunk).tidy()
             yield chunk
 
@@ -491,9 +576,10 @@ def _source_geometry(src) -> LocalGeometry:
     return LocalGeometry(size, (1,) * d, (0,) * d, (1,) * d, size, C)
 
 
-def _split(src, cols: int) -> Iterator[LocalValues]:
+def _split(src, cols: int, conv: ConvTransposeStep | None = None) -> Iterator[LocalValues]:
     """Chunks of about ``cols`` columns (anchor rows outermost, then channels; at least
-    one channel of one row of anchors)."""
+    one channel of one row of anchors); for a diagonal source with ``conv`` given, the
+    chunks after ``conv`` (:meth:`ConvTransposeStep.from_diagonal`)."""
     if isinstance(src, SqrtFactor):
         S, V = src.S, src.S.shape[0]
         geom = _source_geometry(src)
@@ -523,7 +609,12 @@ def _split(src, cols: int) -> Iterator[LocalValues]:
         )
         for c in range(0, Cj, channels):
             nc = min(channels, Cj - c)
-            if isinstance(src, DiagonalFactor):
+            if isinstance(src, DiagonalFactor) and conv is not None:
+                s = src.s[:, c : c + nc, r : r + nr]
+                values = conv.from_diagonal(s, slice(c, c + nc))
+                sign = _diagonal_sign(src, c, nc, r, nr)
+                yield LocalValues(values, sign, conv.geometry(g), False).tidy()
+            elif isinstance(src, DiagonalFactor):
                 yield _diagonal_chunk(src, c, nc, r, nr, g)
             else:
                 values = src.values[c : c + nc, r : r + nr]
@@ -541,10 +632,14 @@ def _diagonal_chunk(src: DiagonalFactor, c: int, nc: int, r: int, nr: int, geom)
         rearrange(s.reshape(N, nc, Aprod), "n k a -> a n k")
     )
     values = values.reshape(nc, *geom.anchors, N, C, *([1] * d))
-    sign = None
-    if src.sign is not None:
-        sign = rearrange(src.sign[:, c : c + nc, r : r + nr], "n k ... -> k ... n")
-    return LocalValues(values, sign, geom)
+    return LocalValues(values, _diagonal_sign(src, c, nc, r, nr), geom)
+
+
+def _diagonal_sign(src: DiagonalFactor, c: int, nc: int, r: int, nr: int) -> Tensor | None:
+    """The signs ``[nc, *A_chunk, N]`` of columns ``(c .. c+nc, rows r .. r+nr)``."""
+    if src.sign is None:
+        return None
+    return rearrange(src.sign[:, c : c + nc, r : r + nr], "n k ... -> k ... n")
 
 
 def accepts_local(rules: object, call: ModuleCall) -> bool:

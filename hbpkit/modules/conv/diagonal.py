@@ -14,6 +14,14 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.curvature.local import LocalFactor, LocalValues, windows
 from hbpkit.curvature.memory import policy_of
+from hbpkit.modules.conv.band import BandCurvature, band_bytes, band_costs, band_wins
+from hbpkit.modules.conv.pooled import (
+    PooledInput,
+    pooled_bytes,
+    pooled_cost,
+    pooled_diags,
+    pooled_tail,
+)
 from hbpkit.modules.roles import per_role
 
 
@@ -84,19 +92,55 @@ class ConvDiagonal:
         """
         key = ("conv_local_diag", id(f))  # f lives in the message during this call's hook
         if key not in call.cache:
-            names = self.param_names(call.module)
-            diags = dict.fromkeys(names, 0)
-            for chunk in f.chunks(consumer_numel=self._column_numel(call)):
+            pooled = self._pooled_plan(call, f)
+            if pooled is not None:
+                call.cache[key] = self._pooled_diags(call, f, *pooled)
+            else:
+                call.cache[key] = self._chunk_diags(call, f)
+        return call.cache[key]
+
+    def _chunk_diags(self, call: ModuleCall, f: LocalFactor) -> dict[str, Tensor]:
+        """Every parameter's diagonal from the chunks of ``f`` after all its steps: the weight
+        from the band of the output curvature where that wins (``band.py``, in blocks of
+        samples that rerun the pending steps), else per chunk (the direct form)."""
+        names = self.param_names(call.module)
+        diags = dict.fromkeys(names, 0)
+        blocks = self._band_blocks(call, f)
+        for block in [None] if blocks is None else blocks:
+            # one block at a time: a block's factor holds its steps' caches
+            part = f if blocks is None or len(blocks) == 1 else f.samples(block)
+            band = None
+            if block is not None:
+                band = BandCurvature(part.geom, part.batch, part.dtype, call.module.weight.device)
+            # the band form's intermediates per column: the signed columns and the two
+            # operands of its batched product, each of a column's size
+            numel = self._column_numel(call) if band is None else 3 * f.geom.column_numel
+            for chunk in part.chunks(consumer_numel=numel):
                 # one patch: a dense factor (cropped to the map) for the dense kernels
-                dense = chunk.tidy().to_sqrt() if math.prod(chunk.geom.anchors) == 1 else None
+                one = math.prod(chunk.geom.anchors) == 1
+                dense = chunk.tidy().to_sqrt() if one else None
                 for name in names:
+                    if name == "weight" and band is not None:
+                        band.add(chunk)  # the samples of this block only
+                        continue
                     if dense is not None:
                         diag = self.param_diag(call, name, [dense])
                     else:
                         diag = self._param_diag_local(call, name, chunk)
                     diags[name] = diags[name] + diag
-            call.cache[key] = diags
-        return call.cache[key]
+            if band is not None:
+                diags["weight"] = diags["weight"] + self._band_weight_diag(call, band, block)
+        return diags
+
+    def _band_blocks(self, call: ModuleCall, f: LocalFactor) -> list[slice] | None:
+        """The sample blocks of the band form of the weight diagonal, where that wins
+        (``None``: the direct form per chunk)."""
+        return None
+
+    def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
+        """``(k, PooledInput)`` where the columns before a max-pooling give the weight
+        diagonal with fewer products (``pooled.py``; ``None``: not here)."""
+        return None
 
 
 class UnfoldedDiagonal:
@@ -123,6 +167,73 @@ class UnfoldedDiagonal:
             sign = chunk.sign.reshape(Cj, A, N).permute(1, 2, 0)
             sq = sq.mul_(sign.reshape(A, N, 1, Cj, 1))
         return sq.sum((0, 1, 3)).reshape(call.module.weight.shape)
+
+    def _band_blocks(self, call: ModuleCall, f: LocalFactor) -> list[slice] | None:
+        """Sample blocks for a :class:`BandCurvature` where it needs fewer multiply-adds than
+        :meth:`_param_diag_local_weight` (short patches of many inputs, ``band.py``); each
+        block's band fits ``MemoryPolicy.local_chunk_bytes`` (the blocks rerun the factor's
+        pending steps on their samples: the same products, in more chunks)."""
+        if "weight" not in self.param_names(call.module):
+            return None
+        geom, m, N = f.geom, call.module, f.batch
+        S = m.weight[0].numel()  # C_in / G * prod(kernel)
+        if not band_wins(geom, f.columns, N, m.out_channels, S):
+            return None
+        budget = policy_of(call).local_chunk_bytes
+        per_sample = band_bytes(geom, 1, m.out_channels, f.dtype.itemsize)
+        nb = _row_samples(f, len(f.steps), 0, min(N, budget // per_sample), budget)
+        if nb < N and f.samples(slice(0, 1)) is None:
+            return None
+        return [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+
+    def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
+        """``(k, blocks)`` where the columns after the first ``k`` steps of ``f`` (before its
+        last max-pooling, ``pooled.py``) need fewer products than the direct form and the
+        band form; ``blocks`` of samples whose gathered input fits
+        ``MemoryPolicy.local_chunk_bytes`` (each reruns the first ``k`` steps)."""
+        k = pooled_tail(f)
+        if k is None or "weight" not in self.param_names(call.module):
+            return None
+        m, N = call.module, f.batch
+        S = m.weight[0].numel()  # C_in / G * prod(kernel)
+        cost = pooled_cost(f, k, m.out_channels, S)
+        direct, band = band_costs(f.geom, f.columns, N, m.out_channels, S)
+        if 2 * cost > min(direct, 2 * band):
+            return None
+        budget = policy_of(call).local_chunk_bytes
+        per_sample = pooled_bytes(f, k, m.out_channels, S)
+        nb = _row_samples(f, k, self._column_numel(call), min(N, budget // per_sample), budget)
+        if nb < N and f.samples(slice(0, 1)) is None:
+            return None
+        return k, [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+
+    def _pooled_diags(
+        self, call: ModuleCall, f: LocalFactor, k: int, blocks: list[slice]
+    ) -> dict[str, Tensor]:
+        """Every parameter's diagonal from the columns before the pooling (``pooled.py``),
+        per block of samples."""
+        m, names = call.module, tuple(self.param_names(call.module))
+        u = self.unfold(call)  # [N, S, P]
+        size = tuple(call.output_shape[2:])
+        diags = dict.fromkeys(names, 0)
+        budget = policy_of(call).local_chunk_bytes
+        for block in blocks:
+            part = pooled = None  # free the last block's factor, caches and gathered input
+            part = f if len(blocks) == 1 else f.samples(block)
+            pooled = PooledInput(part.steps[k:], size, u[block], m.groups)
+            for chunk in part.chunks(consumer_numel=self._column_numel(call), steps=k):
+                result = pooled_diags(chunk, pooled, names, budget)
+                for name in names:
+                    diags[name] = diags[name] + result[name]
+        diags["weight"] = diags["weight"].reshape(m.weight.shape)
+        return diags
+
+    def _band_weight_diag(self, call: ModuleCall, band: BandCurvature, block: slice) -> Tensor:
+        """The weight diagonal from the band accumulated for the samples ``block``."""
+        u = self.unfold(call)[block]
+        u = u.reshape(*u.shape[:2], *call.output_shape[2:])
+        diag = band.weight_diag(u, call.module.groups, policy_of(call).local_chunk_bytes)
+        return diag.reshape(call.module.weight.shape)
 
     def _local_patches(self, call: ModuleCall, geom) -> Tensor:
         """``[[x]]`` on the patches of ``geom``, ``[A, N, G, P_patch, S/G]`` (zero outside the
@@ -185,6 +296,16 @@ class UnfoldedDiagonal:
                 w = None if sign is None else sign[v0:v1, n0:n1].T.reshape(-1)
                 result += _square_sum(out.view(b * c, C_out * K), w)
         return result
+
+
+def _row_samples(f: LocalFactor, steps: int, consumer_numel: int, most: int, budget: int) -> int:
+    """Samples per block (at most ``most``, at least 1) such that a chunk of ``f`` after
+    ``steps`` steps holds a whole anchor row of every source channel: the batched products
+    of the band and pooled forms contract or stack the columns' channels, and are slow on
+    the few channels per chunk of a large batch."""
+    row = f.columns // f.geoms[0].anchors[0]
+    numel = max(max(g.column_numel for g in f.geoms[: steps + 1]), consumer_numel)
+    return max(1, min(most, budget // max(1, row * numel * f.dtype.itemsize)))
 
 
 def _square_sum(t: Tensor, weights: Tensor | None) -> Tensor:
