@@ -59,7 +59,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # hbpkit, unins
 import architectures as bench  # noqa: E402  (benchmarks/architectures.py)
 
 LIBS = bench.LIBS
-NAMES = [name for name in bench.EXTENSIONS if name not in ("none", "GGNMP", "GGN")]  # no products here
+# no products here (GGNMP, GGN)
+NAMES = [name for name in bench.EXTENSIONS if name not in ("none", "GGNMP", "GGN")]
 TABLE_HIDDEN = (1024, 512, 256, 128, 64, 32, 16)
 SUPERLINEAR = 1.1  # memory slopes above this are flagged
 
