@@ -157,8 +157,9 @@ def main(
                     del chosen["curvlinops"]  # laplace's torch.func fallback (docstring)
                 times: dict[str, list[float]] = {b: [] for b in chosen}
                 fitted = {}
-                for _ in range(repeats):  # the backends take turns within each repeat
-                    for label, backend in chosen.items():
+                for r in range(repeats):  # the backends take turns, order reversed every
+                    order = list(chosen.items())  # other repeat (no one always goes first)
+                    for label, backend in order if r % 2 == 0 else order[::-1]:
                         la, seconds = fit_once(laplace, model, loader, structure, subset, backend)
                         times[label].append(seconds)
                         fitted[label] = la
