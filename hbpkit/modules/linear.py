@@ -134,26 +134,26 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
 
     def param_diag_weight(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
         x = self._x(call)
-        result = 0
-        for f in factors:
+
+        def of(f: Factor) -> Tensor:
             if x.shape[1] == 1:  # sum_v sign S^2 first: the diagonal is then one matmul
-                result = result + _sample_squares(f).T @ x[:, 0].square()
-                continue
+                return _sample_squares(f).T @ x[:, 0].square()
             S, sign = _position_columns(f)
             per_sample = einsum(S, x, "v n t o, n t i -> v n o i")
-            result = result + SqrtFactor(per_sample, sign).signed_square().sum((0, 1))
-        return result
+            return SqrtFactor(per_sample, sign).signed_square().sum((0, 1))
+
+        return _summed([of(f) for f in factors])
 
     def param_diag_bias(self, call: ModuleCall, factors: list[Factor]) -> Tensor:
         x = self._x(call)
-        result = 0
-        for f in factors:
+
+        def of(f: Factor) -> Tensor:
             if x.shape[1] == 1:
-                result = result + _sample_squares(f).sum(0)
-                continue
+                return _sample_squares(f).sum(0)
             S, sign = _position_columns(f)
-            result = result + SqrtFactor(S.sum(2), sign).signed_square().sum((0, 1))
-        return result
+            return SqrtFactor(S.sum(2), sign).signed_square().sum((0, 1))
+
+        return _summed([of(f) for f in factors])
 
     param_jac_t_columns = per_role("param_jac_t_columns")
 
@@ -196,7 +196,7 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
             return torch.diag(f.signed_square().sum(0))
 
         parts = [f.match(dense=of_dense, diagonal=of_diagonal if T == 1 else None) for f in factors]
-        return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
+        return _summed(parts)
 
     def _average_output_factor(self, call: ModuleCall, mat: Tensor, approx: str) -> Tensor:
         """``G`` from the batch-averaged ``[T D_out, T D_out]`` (S.11)."""
@@ -228,6 +228,13 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
         """``[K, N, *, D_out] -> [K, D_out]``: ``sum_{n,t} m_{k,n,t}``."""
         K, D_out = mat.shape[0], mat.shape[-1]
         return mat.reshape(K, -1, D_out).sum(1)
+
+
+def _summed(parts: list[Tensor]) -> Tensor:
+    """The sum of ``parts`` (no copy of a single part: ``0 + t`` would copy ``t``)."""
+    if not parts:
+        return 0
+    return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
 
 
 def _sample_squares(f: Factor) -> Tensor:
