@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hbpkit.curvature.workspace import MIN_BYTES, _unshared, _use_count
+from hbpkit.curvature.workspace import MIN_BYTES, _unshared, _use_count, scoped
 
 
 class ResultPool:
@@ -93,14 +93,9 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 _CURRENT: ContextVar[ResultPool | None] = ContextVar("hbpkit_result_pool", default=None)
 
 
-@contextmanager
-def active(pool: ResultPool | None) -> Iterator[None]:
+def active(pool: ResultPool | None) -> AbstractContextManager[None]:
     """Make ``pool`` the one :func:`empty` draws from while the block runs."""
-    token = _CURRENT.set(pool)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+    return scoped(_CURRENT, pool)
 
 
 def empty(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ import math
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -221,13 +221,18 @@ def workspace_for(module: nn.Module, max_bytes: int) -> Workspace:
 
 
 @contextmanager
-def active(ws: Workspace | None) -> Iterator[None]:
-    """Make ``ws`` the workspace :func:`empty` draws from while the block runs."""
-    token = _CURRENT.set(ws)
+def scoped(var: ContextVar, value: object) -> Iterator[None]:
+    """``var`` set to ``value`` while the block runs (the pass's workspace, result pool)."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        var.reset(token)
+
+
+def active(ws: Workspace | None) -> AbstractContextManager[None]:
+    """Make ``ws`` the workspace :func:`empty` draws from while the block runs."""
+    return scoped(_CURRENT, ws)
 
 
 def empty(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
