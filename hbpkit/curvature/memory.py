@@ -56,7 +56,7 @@ class MemoryPolicy:
     """Use local factors at all (``curvature/local.py``); ``False``: diagonal
     factors are densified behind convolutions (within :attr:`max_dense_bytes`)."""
 
-    local_chunk_bytes: int = 2**27
+    local_chunk_bytes: int = 2**24
     """The largest intermediate one chunk of local factor columns may need (the
     consumers, ``param_diag`` and ``kron_from_sqrt`` of a convolution, sum over chunks)."""
 
