@@ -19,7 +19,7 @@ from torch import nn
 from hbpkit import backprop, extend
 from hbpkit.curvature import local as local_factor
 from hbpkit.curvature.memory import MemoryPolicy
-from hbpkit.extensions import DiagHessian
+from hbpkit.extensions import DiagGGNExact, DiagHessian
 from hbpkit.modules.conv import band as band_module
 from hbpkit.modules.conv import diagonal as conv_diagonal
 
@@ -143,6 +143,105 @@ def test_pooled_form_forced_max_pools(d, monkeypatch):
     assert counts["pooled"] > 0, counts
     for a, b in zip(result, expected):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def _force_gathered_band(monkeypatch) -> list[int]:
+    """Take the pooled form with the weight diagonal from the band on the pooled map
+    (``BandCurvature.weight_diag_gathered``); count its contractions."""
+    monkeypatch.setattr(conv_diagonal, "pooled_cost", lambda *args: 1)
+    monkeypatch.setattr(conv_diagonal, "gathered_band_cost", lambda *args: 0)
+    calls = []
+    gathered = band_module.BandCurvature.weight_diag_gathered
+
+    def spy(self, ut, max_bytes):
+        calls.append(ut.shape[0])
+        return gathered(self, ut, max_bytes)
+
+    monkeypatch.setattr(band_module.BandCurvature, "weight_diag_gathered", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gathered_band_forced_equals_autograd(case, monkeypatch):
+    """The pooled form's weight diagonal from the band of the columns on the pooled map,
+    contracted with the input gathered per output channel."""
+    model, X = _random_cnn(*case)
+    model = extend(model)
+    y = torch.tensor([0, 2, 1])
+    expected = _expected(model, X, y)
+    calls = _force_gathered_band(monkeypatch)
+    result = _diag_h(model, X, y, *PATHS["lazy"])
+    has_max_pool = any(isinstance(m, nn.modules.pooling._MaxPoolNd) for m in model)
+    assert bool(calls) == has_max_pool, calls
+    for a, b in zip(result, expected):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("chunk", [2**12, 2**30], ids=["sample-blocks", "one-block"])
+def test_gathered_band_forced_max_pools(d, chunk, monkeypatch):
+    """Overlapping padded windows, groups, stride and dilation; in blocks of samples (each
+    with its own band and gathered input) and in one."""
+    model = _max_pool_cnn(d)
+    X = torch.randn(3, 2, *([{1: 15, 2: 10, 3: 11}[d]] * d), dtype=DT)
+    model(X)  # initialise the lazy Linear
+    model = extend(model)
+    y = torch.tensor([0, 2, 1])
+    expected = _expected(model, X, y)
+    calls = _force_gathered_band(monkeypatch)
+    result = _diag_h(model, X, y, 0, chunk)
+    assert calls and (min(calls) < 3) == (chunk == 2**12), calls  # samples per contraction
+    for a, b in zip(result, expected):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_band_refuses_to_add_after_contracting():
+    geom = local_factor.LocalGeometry((3,), (1,), (0,), (2,), (4,), 2)
+    band = band_module.BandCurvature(geom, 1, DT, "cpu")
+    band.weight_diag_gathered(torch.randn(1, 2, 3, 4, dtype=DT), 2**20)
+    values = torch.randn(1, 3, 1, 2, 2, dtype=DT)
+    with pytest.raises(RuntimeError, match="after a contraction"):
+        band.add(local_factor.LocalValues(values, None, geom))
+
+
+def _force_gram(monkeypatch) -> list[int]:
+    """Take the per-channel Gram form of the weight diagonal of dense sqrt factors
+    (``UnfoldedDiagonal._weight_diag_gram``); count its calls (their column counts)."""
+    monkeypatch.setattr(conv_diagonal, "gram_cost", lambda *args: 0)
+    calls = []
+    gram = conv_diagonal.UnfoldedDiagonal._weight_diag_gram
+
+    def spy(self, call, f):
+        calls.append(f.S.shape[0])
+        return gram(self, call, f)
+
+    monkeypatch.setattr(conv_diagonal.UnfoldedDiagonal, "_weight_diag_gram", spy)
+    return calls
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_gram_form_forced_equals_autograd(d, monkeypatch):
+    """DiagHessian (materialised residuals: dense columns of both signs) and DiagGGNExact
+    through the Gram form, in one block of samples and in several."""
+    model = _max_pool_cnn(d)
+    X = torch.randn(3, 2, *([{1: 15, 2: 10, 3: 11}[d]] * d), dtype=DT)
+    model(X)  # initialise the lazy Linear
+    model = extend(model)
+    y = torch.tensor([0, 2, 1])
+    params = list(model.parameters())
+    expected = _expected(model, X, y)
+    ggn = ref.ggn(model(X), nn.CrossEntropyLoss(), y, params)
+    expected_ggn = [b.diagonal().reshape(p.shape) for p, b in zip(params, ref.blocks(ggn, params))]
+    calls = _force_gram(monkeypatch)
+    for chunk in (2**27, 2**21):  # the layers where the Gram fits, in blocks of samples
+        calls.clear()
+        memory = MemoryPolicy(local_factors=False, local_chunk_bytes=chunk)
+        with backprop(DiagHessian(), DiagGGNExact(), memory=memory):
+            extend(nn.CrossEntropyLoss())(model(X), y).backward()
+        assert calls and (max(calls) > 3 or d == 3), calls  # the residuals' columns too
+        for p, h, g in zip(params, expected, expected_ggn):
+            torch.testing.assert_close(p.diag_h, h, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(p.diag_ggn_exact, g, rtol=RTOL, atol=ATOL)
 
 
 def _wide_cnn() -> nn.Sequential:

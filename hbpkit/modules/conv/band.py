@@ -57,6 +57,14 @@ def band_costs(geom: LocalGeometry, columns: int, batch: int, c_out: int, s: int
 ELEMENTWISE = 32
 
 
+def gathered_band_cost(geom: LocalGeometry, columns: int, batch: int, c_out: int, s: int) -> int:
+    """Multiply-adds of accumulating the band of ``columns`` local columns on ``geom`` (the
+    pooled map), ``C_out prod(patch)^2`` per column and sample, and of
+    :meth:`BandCurvature.weight_diag_gathered`, ``C_out S P^2`` per sample."""
+    patch, P = math.prod(geom.patch), math.prod(geom.size)
+    return columns * batch * c_out * patch * patch + batch * c_out * s * P * P
+
+
 def band_bytes(geom: LocalGeometry, batch: int, c_out: int, itemsize: int) -> int:
     """Bytes of the accumulated band ``[N, C_out, *size, h_0 + 1, *(2 h + 1)]``."""
     return batch * c_out * math.prod(geom.size) * _stored_deltas(geom) * itemsize
@@ -84,9 +92,12 @@ class BandCurvature:
         self.size, self.half = geom.size, _half_widths(geom)
         deltas = [self.half[0] + 1, *(2 * h + 1 for h in self.half[1:])]
         self.H = torch.zeros(batch, geom.channels, *geom.size, *deltas, dtype=dtype, device=device)
+        self._folded = False  # see _fold_symmetric
 
     def add(self, chunk: LocalValues) -> None:
         """Add ``sum_j sign_j v_j v_j^T`` of the chunk's columns (channel blocks, band only)."""
+        if self._folded:
+            raise RuntimeError("BandCurvature.add after a contraction (the band is folded)")
         chunk = chunk.mask()  # entries outside the map must not enter the band
         geom, d = chunk.geom, len(self.size)
         Cj, A, N = chunk.values.shape[0], math.prod(geom.anchors), chunk.batch
@@ -123,22 +134,30 @@ class BandCurvature:
             else:
                 self.H[(*target, *deltas)] += B[(*source, *i, *ks)]
 
-    def weight_diag(self, u: Tensor, groups: int, max_bytes: int) -> Tensor:
-        """``sum_{n, p, delta} u_n[s, p] u_n[s, p + delta] H_n[o, p, delta]``, ``[C_out, S/G]``.
-
-        ``u`` ``[N, S, *size]`` the unfolded input. Both factors are symmetric in the pair
-        ``(p, p + delta)``: the sum is twice that over the lexicographically positive
-        ``delta`` plus ``delta = 0`` once, so the stored half with its ``delta_0 = 0`` part
-        halved at ``delta = 0`` and zero before it is contracted, twice. One batched product
-        ``[S, P D] @ [P D, C_out]`` per sample and group, samples in groups of about
-        ``max_bytes`` of products ``u u``.
-        """
-        N, S, d = u.shape[0], u.shape[1], len(self.size)
-        H, half, size = self.H, self.half, self.size
+    def _fold_symmetric(self) -> None:
+        """Prepare the stored half for contracting twice (once, in place): zero the
+        lexicographically negative offsets of the ``delta_0 = 0`` row and halve ``delta = 0``.
+        Both factors of the contraction are symmetric in the pair ``(p, p + delta)``, so twice
+        the sum over the prepared half is the sum over all offsets."""
+        if self._folded:
+            return
+        self._folded = True
+        H, half, d = self.H, self.half, len(self.size)
         row = H[(slice(None),) * (2 + d) + (0,)]  # delta_0 = 0: [N, C, *size, *deltas[1:]]
         for j in range(1, d):  # zero the lexicographically negative delta of that row
             row[(slice(None),) * (2 + d) + (half[1:j]) + (slice(0, half[j]),)] = 0
         row[(slice(None),) * (2 + d) + tuple(half[1:])] *= 0.5
+
+    def weight_diag(self, u: Tensor, groups: int, max_bytes: int) -> Tensor:
+        """``sum_{n, p, delta} u_n[s, p] u_n[s, p + delta] H_n[o, p, delta]``, ``[C_out, S/G]``.
+
+        ``u`` ``[N, S, *size]`` the unfolded input. Twice the contraction with the prepared
+        half (:meth:`_fold_symmetric`): one batched product ``[S, P D] @ [P D, C_out]`` per
+        sample and group, samples in groups of about ``max_bytes`` of products ``u u``.
+        """
+        self._fold_symmetric()
+        N, S, d = u.shape[0], u.shape[1], len(self.size)
+        H, half, size = self.H, self.half, self.size
         patch = H.shape[2 + d :]
         geom = LocalGeometry(size, (1,) * d, (0, *(-h for h in half[1:])), patch, size, S)
         C, Q = H.shape[1], math.prod(size) * math.prod(patch)
@@ -154,3 +173,59 @@ class BandCurvature:
             prod = torch.bmm(uu, Hn.mT)  # [(b g), S/G, C/G]
             out += prod.view(-1, groups, S // groups, C // groups).sum(0)
         return 2 * out.mT.reshape(C, S // groups)
+
+    def weight_diag_gathered(self, ut: Tensor, max_bytes: int) -> Tensor:
+        """``sum_{n, p, p'} ut_n[o, s, p] ut_n[o, s, p'] H_n[o, p, p']``, ``[C_out, S/G]``, for an
+        input read per output channel: ``ut`` ``[N, C_out, S/G, *size]`` (the pooled form's
+        ``u~``, ``pooled.py``, on the pooled map of ``P`` positions).
+
+        Per sample and channel the band is laid out as the dense symmetric ``[P, P]`` block
+        (:meth:`dense`), then one batched product ``[S, P] @ [P, P]`` and a row-wise dot with
+        ``ut``; samples in blocks of about ``max_bytes`` of dense blocks.
+        """
+        N, C, S = ut.shape[:3]
+        P = math.prod(self.size)
+        per_sample = C * (P * P + S * P) * ut.element_size()
+        nb = max(1, min(N, max_bytes // max(1, per_sample)))
+        out = ut.new_zeros(C, S)
+        for n0 in range(0, N, nb):
+            un = ut[n0 : n0 + nb].reshape(-1, C, S, P)
+            Hd = self.dense(slice(n0, n0 + nb))  # [b, C, P, P]
+            z = torch.matmul(un, Hd)  # [b, C, S, P]
+            out += z.mul_(un).sum((0, 3))
+        return out
+
+    def dense(self, block: slice) -> Tensor:
+        """``H_n[o]`` of the samples ``block`` as dense symmetric blocks ``[b, C, P, P]``.
+
+        Each stored offset ``delta`` fills the entries ``(p, p + delta)`` and their mirror
+        ``(p + delta, p)`` (one strided view each) from the prepared half
+        (:meth:`_fold_symmetric`: ``delta = 0`` is halved, so it is filled twice).
+        """
+        self._fold_symmetric()
+        H, half, size, d = self.H[block], self.half, self.size, len(self.size)
+        b, C, P = H.shape[0], H.shape[1], math.prod(size)
+        Hd = H.new_zeros(b, C, *size, *size)
+        st = Hd.stride()
+        sp, sq = st[2 : 2 + d], st[2 + d :]  # strides of p and of p'
+        for e in itertools.product(*(range(n) for n in H.shape[2 + d :])):
+            delta = [e[0], *(x - h for x, h in zip(e[1:], half[1:]))]
+            if delta[0] == 0 and _lexicographically_negative(delta[1:]):
+                continue  # zero in the prepared half: its mirror carries it
+            lo = [max(0, -x) for x in delta]
+            hi = [min(n, n - x) for n, x in zip(size, delta)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)):
+                continue
+            extent = (b, C, *(h - lo_ for lo_, h in zip(lo, hi)))
+            steps = (st[0], st[1], *(a + c for a, c in zip(sp, sq)))
+            source = H[(slice(None), slice(None), *(slice(lo_, h) for lo_, h in zip(lo, hi)), *e)]
+            shifted = [x + y for x, y in zip(lo, delta)]
+            for rows, cols in ((lo, shifted), (shifted, lo)):  # (p, p + delta), its mirror
+                offset = sum(r * a + c * q for r, c, a, q in zip(rows, cols, sp, sq))
+                Hd.as_strided(extent, steps, Hd.storage_offset() + offset).add_(source)
+        return Hd.view(b, C, P, P)
+
+
+def _lexicographically_negative(delta: list[int]) -> bool:
+    """Whether the first non-zero entry of ``delta`` is negative."""
+    return next((x < 0 for x in delta if x != 0), False)

@@ -14,7 +14,13 @@ from hbpkit.core.calls import ModuleCall
 from hbpkit.curvature.factors import DiagonalFactor, Factor, SqrtFactor
 from hbpkit.curvature.local import LocalFactor, LocalValues, windows
 from hbpkit.curvature.memory import policy_of
-from hbpkit.modules.conv.band import BandCurvature, band_bytes, band_costs, band_wins
+from hbpkit.modules.conv.band import (
+    BandCurvature,
+    band_bytes,
+    band_costs,
+    band_wins,
+    gathered_band_cost,
+)
 from hbpkit.modules.conv.pooled import (
     PooledInput,
     pooled_bytes,
@@ -23,6 +29,11 @@ from hbpkit.modules.conv.pooled import (
     pooled_tail,
 )
 from hbpkit.modules.roles import per_role
+
+#: batched products that contract fewer entries than this run at about that fraction of the
+#: rate of long ones (measured on the table S.2 nets: 6 G multiply-adds per second for the
+#: pooled form's 3x3 patches, 32 G for 14x14, 2 threads)
+SHORT_CONTRACTION = 32
 
 
 class ConvDiagonal:
@@ -187,44 +198,55 @@ class UnfoldedDiagonal:
         return [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 
     def _pooled_plan(self, call: ModuleCall, f: LocalFactor) -> tuple | None:
-        """``(k, blocks)`` where the columns after the first ``k`` steps of ``f`` (before its
-        last max-pooling, ``pooled.py``) need fewer products than the direct form and the
+        """``(k, blocks, band)`` where the columns after the first ``k`` steps of ``f`` (before
+        its last max-pooling, ``pooled.py``) need fewer products than the direct form and the
         band form; ``blocks`` of samples whose gathered input fits
-        ``MemoryPolicy.local_chunk_bytes`` (each reruns the first ``k`` steps)."""
+        ``MemoryPolicy.local_chunk_bytes`` (each reruns the first ``k`` steps); ``band``:
+        the weight diagonal from the band on the pooled map (``band.py``) where that wins."""
         k = pooled_tail(f)
         if k is None or "weight" not in self.param_names(call.module):
             return None
         m, N = call.module, f.batch
         S = m.weight[0].numel()  # C_in / G * prod(kernel)
         cost = pooled_cost(f, k, m.out_channels, S)
+        banded = gathered_band_cost(f.geoms[k], f.columns, N, m.out_channels, S)
         direct, band = band_costs(f.geom, f.columns, N, m.out_channels, S)
-        if 2 * cost > min(direct, 2 * band):
+        if 2 * min(cost, banded) > min(direct, 2 * band):
             return None
         budget = policy_of(call).local_chunk_bytes
         per_sample = pooled_bytes(f, k, m.out_channels, S)
         nb = _row_samples(f, k, self._column_numel(call), min(N, budget // per_sample), budget)
         if nb < N and f.samples(slice(0, 1)) is None:
             return None
-        return k, [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+        # the direct pooled form contracts prod(patch) entries: slow per multiply-add if short
+        short = max(1, SHORT_CONTRACTION / math.prod(f.geoms[k].patch))
+        return k, [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)], banded < cost * short
 
     def _pooled_diags(
-        self, call: ModuleCall, f: LocalFactor, k: int, blocks: list[slice]
+        self, call: ModuleCall, f: LocalFactor, k: int, blocks: list[slice], banded: bool
     ) -> dict[str, Tensor]:
         """Every parameter's diagonal from the columns before the pooling (``pooled.py``),
-        per block of samples."""
+        per block of samples; the weight's from the band on the pooled map if ``banded``."""
         m, names = call.module, tuple(self.param_names(call.module))
         u = self.unfold(call)  # [N, S, P]
         size = tuple(call.output_shape[2:])
         diags = dict.fromkeys(names, 0)
         budget = policy_of(call).local_chunk_bytes
+        direct = tuple(n for n in names if not (banded and n == "weight"))
         for block in blocks:
-            part = pooled = None  # free the last block's factor, caches and gathered input
+            part = pooled = band = None  # free the last block's factor, caches and input
             part = f if len(blocks) == 1 else f.samples(block)
             pooled = PooledInput(part.steps[k:], size, u[block], m.groups)
+            if banded:
+                band = BandCurvature(part.geoms[k], part.batch, part.dtype, m.weight.device)
             for chunk in part.chunks(consumer_numel=self._column_numel(call), steps=k):
-                result = pooled_diags(chunk, pooled, names, budget)
-                for name in names:
+                if band is not None:
+                    band.add(chunk)
+                result = pooled_diags(chunk, pooled, direct, budget) if direct else {}
+                for name in direct:
                     diags[name] = diags[name] + result[name]
+            if band is not None:
+                diags["weight"] = diags["weight"] + band.weight_diag_gathered(pooled.u, budget)
         diags["weight"] = diags["weight"].reshape(m.weight.shape)
         return diags
 
@@ -269,8 +291,39 @@ class UnfoldedDiagonal:
         2 threads.)
         """
         if call.module.groups == 1:
+            V, N, C_out = f.S.shape[:3]
+            P, S = math.prod(f.S.shape[3:]), call.module.weight[0].numel()
+            fits = S * P * P * f.S.element_size() <= policy_of(call).local_chunk_bytes
+            if fits and 2 * gram_cost(V, N, C_out, S, P) <= V * N * C_out * S * P:
+                return self._weight_diag_gram(call, f)
             return self._weight_diag_unfolded(call, f)
         return super()._weight_diag(call, f)
+
+    def _weight_diag_gram(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
+        """:meth:`_weight_diag` from the per-channel Gram of the columns (``groups == 1``),
+        ``H_n[o] = sum_v sign S_v[n, o] S_v[n, o]^T`` ``[P, P]``, then
+        ``diag[o, s] = sum_n sum_{p, p'} u_n[s, p] u_n[s, p'] H_n[o, p, p']`` (``u = [[x]]``;
+        the band form of ``band.py`` with the whole map as the patch): ``(V + S) P`` instead
+        of ``V S`` multiply-adds per sample and channel, in two batched products; in blocks
+        of samples within ``MemoryPolicy.local_chunk_bytes`` (the products ``u u`` of one
+        sample must fit it)."""
+        S = f.S.flatten(3)  # [V, N, C_out, P]
+        V, N, C_out, P = S.shape
+        u = self.unfold(call)  # [N, K, P]
+        K = u.shape[1]
+        per_sample = (V * C_out * P + C_out * P * P + K * P * P) * S.element_size()
+        nb = max(1, min(N, policy_of(call).local_chunk_bytes // per_sample))
+        result = S.new_zeros(K, C_out)
+        for n0 in range(0, N, nb):
+            block = slice(n0, min(N, n0 + nb))
+            Sb = S[:, block].permute(1, 2, 3, 0)  # [b, C_out, P, V]
+            signed = Sb if f.sign is None else Sb * f.sign[:, block].T.reshape(-1, 1, 1, V)
+            H = torch.matmul(signed, Sb.mT).flatten(2)  # [b, C_out, P P]
+            ub = u[block]
+            uu = (ub.unsqueeze(3) * ub.unsqueeze(2)).flatten(2)  # [b, K, P P]
+            result += torch.bmm(uu, H.mT).sum(0)  # [K, C_out]
+        return result.T.reshape(-1)
+        return result.reshape(-1)
 
     def _weight_diag_unfolded(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
         """:meth:`_weight_diag` from the cached ``[[x]]`` (``groups == 1``)."""
@@ -296,6 +349,12 @@ class UnfoldedDiagonal:
                 w = None if sign is None else sign[v0:v1, n0:n1].T.reshape(-1)
                 result += _square_sum(out.view(b * c, C_out * K), w)
         return result
+
+
+def gram_cost(V: int, N: int, C_out: int, S: int, P: int) -> int:
+    """Multiply-adds of :meth:`UnfoldedDiagonal._weight_diag_gram`: the Gram of ``V`` columns
+    and its contraction with ``[[x]]`` (``S x P``) per sample and channel."""
+    return N * C_out * (V + S) * P * P
 
 
 def _row_samples(f: LocalFactor, steps: int, consumer_numel: int, most: int, budget: int) -> int:
