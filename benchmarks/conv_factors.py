@@ -39,8 +39,6 @@ if "worker" not in sys.argv[1:2]:
 else:  # a worker imports hbpkit from the source tree it is given (old vs new)
     sys.path.insert(0, sys.argv[sys.argv.index("--root") + 1])
 
-from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _flat_windows, _windows  # noqa: E402
-from hbpkit.modules.conv.kronecker import grouped_input_factor  # noqa: E402
 
 #: (name, C_in, padded input side, kernel) of the convolutions of table S.2b and S.2c
 LAYERS = [
@@ -56,6 +54,10 @@ LAYERS = [
 
 def old_input_factor(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """The formula before issue 17: ``[[x]]``, then its Gram (``ConvKronecker`` at 65ff09c^)."""
+    # imported here: a diag-hessian worker may import hbpkit from an older source tree
+    from hbpkit.modules.conv.geometry import _CONV_WEIGHT, _flat_windows, _windows
+    from hbpkit.modules.conv.kronecker import grouped_input_factor
+
     u = _flat_windows(_windows(x, conv), 2)
     N, S, P = u.shape
     if 2 * S >= P:

@@ -58,7 +58,12 @@ class MemoryPolicy:
 
     local_chunk_bytes: int = 2**24
     """The largest intermediate one chunk of local factor columns may need (the
-    consumers, ``param_diag`` and ``kron_from_sqrt`` of a convolution, sum over chunks)."""
+    consumers, ``param_diag`` and ``kron_from_sqrt`` of a convolution, sum over chunks).
+    16 MiB: below glibc's largest mmap threshold (32 MiB), so the chunk loop's intermediates,
+    freed chunk after chunk, come back from the heap instead of as fresh pages (measured:
+    DiagHessian on the table S.2 CNN and c3d3 at batch 16, 128 MiB -> 16 MiB: 13.4 -> 7.3 s
+    and 19.3 -> 12.1 s, minor page faults 5.8 M -> 1.2 M and 6.1 M -> 0.7 M; 8 MiB was
+    slower on c3d3; see ``docs/benchmarks.md``)."""
 
     local_store_bytes: int = 2**28
     """A lazily backpropagated local factor is materialised when all its columns fit in
