@@ -213,14 +213,16 @@ class UnfoldedDiagonal:
         direct, band = band_costs(f.geom, f.columns, N, m.out_channels, S)
         if 2 * min(cost, banded) > min(direct, 2 * band):
             return None
+        # the direct pooled form contracts prod(patch) entries: slow per multiply-add if short
+        use_band = banded < cost * max(1, SHORT_CONTRACTION / math.prod(f.geoms[k].patch))
         budget = policy_of(call).local_chunk_bytes
         per_sample = pooled_bytes(f, k, m.out_channels, S)
+        if use_band:  # the block's band lives with its gathered input
+            per_sample += band_bytes(f.geoms[k], 1, m.out_channels, f.dtype.itemsize)
         nb = _row_samples(f, k, self._column_numel(call), min(N, budget // per_sample), budget)
         if nb < N and f.samples(slice(0, 1)) is None:
             return None
-        # the direct pooled form contracts prod(patch) entries: slow per multiply-add if short
-        short = max(1, SHORT_CONTRACTION / math.prod(f.geoms[k].patch))
-        return k, [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)], banded < cost * short
+        return k, [slice(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)], use_band
 
     def _pooled_diags(
         self, call: ModuleCall, f: LocalFactor, k: int, blocks: list[slice], banded: bool
@@ -323,7 +325,6 @@ class UnfoldedDiagonal:
             uu = (ub.unsqueeze(3) * ub.unsqueeze(2)).flatten(2)  # [b, K, P P]
             result += torch.bmm(uu, H.mT).sum(0)  # [K, C_out]
         return result.T.reshape(-1)
-        return result.reshape(-1)
 
     def _weight_diag_unfolded(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
         """:meth:`_weight_diag` from the cached ``[[x]]`` (``groups == 1``)."""
