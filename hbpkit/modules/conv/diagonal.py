@@ -319,7 +319,8 @@ class UnfoldedDiagonal:
         for n0 in range(0, N, nb):
             block = slice(n0, min(N, n0 + nb))
             Sb = S[:, block].permute(1, 2, 3, 0)  # [b, C_out, P, V]
-            signed = Sb if f.sign is None else Sb * f.sign[:, block].T.reshape(-1, 1, 1, V)
+            sign = None if f.sign is None else f.sign[:, block].T.to(Sb.dtype)
+            signed = Sb if sign is None else Sb * sign.reshape(-1, 1, 1, V)
             H = torch.matmul(signed, Sb.mT).flatten(2)  # [b, C_out, P P]
             ub = u[block]
             uu = (ub.unsqueeze(3) * ub.unsqueeze(2)).flatten(2)  # [b, K, P P]
