@@ -145,20 +145,25 @@ def test_pooled_form_forced_max_pools(d, monkeypatch):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+def _record(monkeypatch, owner, name: str, what) -> list:
+    """Wrap method ``name`` of ``owner``; record ``what(*args)`` of every call."""
+    calls, method = [], getattr(owner, name)
+
+    def spy(*args):
+        calls.append(what(*args))
+        return method(*args)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 def _force_gathered_band(monkeypatch) -> list[int]:
     """Take the pooled form with the weight diagonal from the band on the pooled map
-    (``BandCurvature.weight_diag_gathered``); count its contractions."""
+    (``BandCurvature.weight_diag_gathered``); record the samples of each contraction."""
     monkeypatch.setattr(conv_diagonal, "pooled_cost", lambda *args: 1)
     monkeypatch.setattr(conv_diagonal, "gathered_band_cost", lambda *args: 0)
-    calls = []
-    gathered = band_module.BandCurvature.weight_diag_gathered
-
-    def spy(self, ut, max_bytes):
-        calls.append(ut.shape[0])
-        return gathered(self, ut, max_bytes)
-
-    monkeypatch.setattr(band_module.BandCurvature, "weight_diag_gathered", spy)
-    return calls
+    owner = band_module.BandCurvature
+    return _record(monkeypatch, owner, "weight_diag_gathered", lambda self, ut, b: ut.shape[0])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -206,17 +211,10 @@ def test_band_refuses_to_add_after_contracting():
 
 def _force_gram(monkeypatch) -> list[int]:
     """Take the per-channel Gram form of the weight diagonal of dense sqrt factors
-    (``UnfoldedDiagonal._weight_diag_gram``); count its calls (their column counts)."""
+    (``UnfoldedDiagonal._weight_diag_gram``); record the column count of each call."""
     monkeypatch.setattr(conv_diagonal, "gram_cost", lambda *args: 0)
-    calls = []
-    gram = conv_diagonal.UnfoldedDiagonal._weight_diag_gram
-
-    def spy(self, call, f):
-        calls.append(f.S.shape[0])
-        return gram(self, call, f)
-
-    monkeypatch.setattr(conv_diagonal.UnfoldedDiagonal, "_weight_diag_gram", spy)
-    return calls
+    owner = conv_diagonal.UnfoldedDiagonal
+    return _record(monkeypatch, owner, "_weight_diag_gram", lambda self, call, f: f.S.shape[0])
 
 
 @pytest.mark.parametrize("d", [1, 2, 3])
