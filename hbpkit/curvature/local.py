@@ -476,6 +476,19 @@ class LocalFactor:
             return src.values.dtype
         return src.s.dtype if isinstance(src, DiagonalFactor) else src.S.dtype
 
+    def pending_macs(self) -> int:
+        """Multiply-adds of one pass of the pending steps over all columns (an estimate): a
+        transposed convolution spreads each entry over ``C_in / G prod(kernel)`` positions
+        (none for the outer product from a diagonal source), other steps touch each entry."""
+        total = 0
+        fused = isinstance(self.source, DiagonalFactor)
+        for k, step in enumerate(self.steps):
+            if isinstance(step, ConvTransposeStep) and not (fused and k == 0):
+                total += self.geoms[k].column_numel * step.weight[0].numel()
+            else:
+                total += self.geoms[k + 1].column_numel
+        return total * self.columns * self.batch
+
     def max_column_numel(self) -> int:
         """The largest ``C * prod(patch)`` along the steps (sizes the chunks)."""
         return max(g.column_numel for g in self.geoms)

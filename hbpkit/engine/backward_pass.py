@@ -106,6 +106,8 @@ class BackwardPass:
         self.root = plan.root
         self.graph = graph = plan.graph
         keys = dict.fromkeys(e.message for e in self.second_order)
+        if plan.forward_form:  # the diagonals' forward form (extensions/forward_diagonal.py)
+            keys.update(dict.fromkeys(e.forward_message for e in plan.forward_extensions))
         if plan.coupled_first_order:  # gradient columns through batch statistics
             keys[GRADIENT_COLUMNS] = None
         # the DAG forms also where a tied parameter's uses meet (their cross terms)
@@ -257,10 +259,13 @@ class BackwardPass:
             params = self.plan.trainable(call, rules.param_names(module))
             if not params:  # (outside a selection of modules: carries messages only)
                 continue
-            message = None
+            message, offered = None, {}
             if ext.message is not None:
                 message = ext.message
                 message = self._handlers[message].for_params(messages[message], call)
+            key = getattr(ext, "forward_message", None)
+            if id(call) in self.plan.forward_form and key in self._handlers and key in messages:
+                offered["curvature"] = self._handlers[key].for_params(messages[key], call)
             graph = graph_grad is not None and getattr(ext, "differentiable", False)
             for name, param in params:
                 coupled = columns is not None and ext.message is None
@@ -281,7 +286,9 @@ class BackwardPass:
                 elif coupled:
                     value = ext.from_batch_grad(call.cache[("batch_grad", name)])
                 else:
-                    value = ext.param_quantity(rules, call, name, param, grad_output, message)
+                    value = ext.param_quantity(
+                        rules, call, name, param, grad_output, message, **offered
+                    )
                 if tied:
                     self.tied.setdefault((id(param), ext.savefield), (param, ext, []))[2].append(
                         part

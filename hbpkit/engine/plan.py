@@ -25,6 +25,7 @@ from ``call.plan``; an error here leaves nothing half-written.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from hbpkit.curvature.memory import (
 )
 from hbpkit.engine.coupling import below, check_coupling, couples, refuse_unlinked_coupling
 from hbpkit.extensions.base import Extension
+from hbpkit.extensions.forward_diagonal import COLUMNS_PER_TANGENT
 from hbpkit.modules.base import DEFAULTS_BUILT_ON, LossRules, UnsupportedRules, rules_implement
 from hbpkit.modules.generic import GenericRules
 from hbpkit.modules.generic.recorded import CONVERT_ADVICE, RecordedGraphRules
@@ -207,6 +209,7 @@ class PassPlan:
             check_coupling(self)
         if self.second_order:
             self._decide_representations()
+        self._offer_forward_form()
 
     def _check_several_losses(self) -> None:
         """Several losses summed in one backward (multi-task heads, auxiliary losses): the
@@ -351,6 +354,51 @@ class PassPlan:
                 diagonal_out[id(parent)] = diagonal_out.get(id(parent), False) or diagonal
                 blocks_out[id(parent)] = blocks
                 columns_out[id(parent)] = columns_out.get(id(parent), 0) + local_columns
+
+    def _offer_forward_form(self) -> None:
+        """Where the diagonal extensions may take their forward form
+        (``extensions/forward_diagonal.py``): :attr:`forward_form`, the ids of the calls with
+        parameters that send no message on and have ``COLUMNS_PER_TANGENT`` times fewer
+        parameter entries than there are residual entries behind them (each one column of
+        the column form), on a graph whose every call forward products reach can carry them
+        (``ProductMessage``'s rules; no train-mode BatchNorm, no tied parameters);
+        :attr:`forward_extensions`, the extensions that take it."""
+        self.forward_extensions = [
+            e for e in self.second_order if getattr(e, "forward_message", None) is not None
+        ]
+        self.forward_form: frozenset[int] = frozenset()
+        if not self.forward_extensions or self.coupling or getattr(self, "tied", None):
+            return
+        if not all(rules_implement(r.rules, "hessian_mat_prod") for r in self.roots):
+            return
+        carriers = [c for c in self.graph.order if c not in self.roots and self.needs_messages(c)]
+        residual_entries = 0
+        for call in carriers:
+            rules = call.rules
+            for ext in self.forward_extensions:
+                needed = ext.forward_message.required_rules(rules, True)
+                if per_input(rules, call):
+                    needed = [*needed, "jac_mat_prod_inputs"]
+                if not all(rules_implement(rules, m) for m in needed):
+                    return
+            if not rules.linear_in_input:
+                residual_entries += math.prod(call.output_shape[1:])
+        candidates = set()
+        for call in self.graph.order:
+            if call in self.roots or call.released or self.needs_messages(call):
+                continue
+            for ext, rules in self.rules(call):
+                if ext not in self.forward_extensions or rules is None:
+                    continue
+                names = [n for n, _ in self.trainable(call, rules.param_names(call.module))]
+                entries = sum(p.numel() for _, p in self.trainable(call, names))
+                if (
+                    names
+                    and entries * COLUMNS_PER_TANGENT <= residual_entries
+                    and rules_implement(rules, "param_jac_mat_prod")
+                ):
+                    candidates.add(id(call))
+        self.forward_form = frozenset(candidates)
 
     def _check_tied(self, calls: list[ModuleCall]) -> None:
         """Find the parameters used by several calls (a module called twice, weights tied

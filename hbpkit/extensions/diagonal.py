@@ -14,7 +14,8 @@ from hbpkit.curvature.factors import CoupledFactor, SqrtFactor
 from hbpkit.curvature.memory import check_dense_budget
 from hbpkit.extensions.base import check_mc_samples
 from hbpkit.extensions.coupled import coupled_columns, coupled_diag
-from hbpkit.extensions.messages import SqrtMessage
+from hbpkit.extensions.forward_diagonal import param_diag_forward, prefers_forward
+from hbpkit.extensions.messages import ProductMessage, SqrtMessage
 from hbpkit.extensions.second_order import SecondOrder
 
 
@@ -31,9 +32,24 @@ class _Diagonal(SecondOrder):
             return ["param_diag", "param_residual_diag"]
         return ["param_diag"]
 
-    def param_quantity(self, rules, call, name, param, grad_output, message) -> Tensor:
+    @property
+    def forward_message(self) -> ProductMessage | None:
+        """The message of the forward form (``forward_diagonal.py``) at the calls the pass
+        offers it: the Hessian's, whose residual columns multiply behind convolutions (the
+        GGN's few columns, or sampled ones, never lose to it)."""
+        message = self.message
+        if message.loss_hessian != "exact" or message.curvature == "ggn":
+            return None
+        return ProductMessage(message.curvature)
+
+    def param_quantity(
+        self, rules, call, name, param, grad_output, message, curvature=None
+    ) -> Tensor:
+        """``curvature``: the exact output curvature where the pass offers the forward form."""
         coupled = [f for f in message if isinstance(f, CoupledFactor)]  # behind a train-mode
-        if coupled:  # BatchNorm: columns summed over the samples before squaring
+        if curvature is not None and prefers_forward(rules, call, message, curvature):
+            diag = param_diag_forward(rules, call, name, curvature)
+        elif coupled:  # BatchNorm: columns summed over the samples before squaring
             per_sample = [f for f in message if not isinstance(f, CoupledFactor)]
             diag = sum(coupled_diag(rules, call, name, f) for f in coupled)
             if per_sample:

@@ -21,6 +21,7 @@ to every origin ``o`` of curvature (the loss Hessian, each residual): exact.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from hbpkit.core.calls import ModuleCall
 from hbpkit.core.graph import input_parents, per_input
-from hbpkit.modules.base import LossRules, ModuleRules
+from hbpkit.curvature.factors import DiagonalResidual
+from hbpkit.modules.base import LossRules, ModuleRules, widen_channel
 
 
 class ProductGraph:
@@ -46,6 +48,7 @@ class ProductGraph:
     ) -> None:
         call.keep()
         self.nodes[call] = (rules, residual)
+        self._consumers = None  # read during the pass too (GraphCurvature.quadratic)
 
     def curvature_at(self, call: ModuleCall) -> GraphCurvature:
         """The output curvature of ``call`` (one object per call: extensions share it)."""
@@ -95,12 +98,99 @@ class GraphCurvature:
     def __call__(self, mat: Tensor) -> Tensor:
         return self.apply([mat])[0]
 
-    def apply(self, mats: list[Tensor]) -> list[Tensor]:
-        """Per source ``[K, N, *out_s]`` -> per source ``[K, N, *out_s]``."""
+    def _calls(self) -> list[ModuleCall]:
+        """The downstream region of the sources, in forward order (found once)."""
         if self._region is None:
             reached = {c for s in self.sources for c in self.graph.region(s)}
             self._region = [c for c in reversed(self.graph.nodes) if c in reached]
             self._members = {*self.sources, *self._region}
+        return self._region
+
+    def quadratic(self, mat: Tensor, channel: int | None = None) -> Tensor:
+        """``[K, N, *out] -> [K]``: ``sum_n m_{k,n}^T H_n m_{k,n}`` (one source), forward only.
+
+        Step 1. above, with every curvature source read where the tangent reaches it: the
+        loss's ``t^T (d2L/dz dz) t`` and each residual's ``t^T R t``, ``sum_o (J_o m)^T R_o
+        (J_o m)`` (eq. 7 unrolled). The diagonal of ``J_p^T H J_p`` for a few parameter
+        entries ``p`` this way (``extensions/forward_diagonal.py``) costs a forward pass per
+        entry instead of a transposed product per column of ``H``. Summed over the samples
+        (a residual that couples them, train-mode BatchNorm, is not split).
+
+        ``channel``: ``m`` is zero outside this channel (dim 1 of the output) and given as
+        ``[K, N, 1, *out]``; it stays narrowed through the calls that keep it in one channel
+        (``ModuleRules.jac_mat_prod_channel``: an activation, then a convolution reads only
+        its kernels of that channel).
+        """
+        (source,) = self.sources
+        nodes = self.graph.nodes
+        region = self._calls()
+        # each tangent is freed once its last consumer has read it (chunks stay small)
+        readers: dict[ModuleCall, int] = {source: 0}
+        for call in region:
+            for parent in _tangent_parents(nodes[call][0], call):
+                readers[parent] = readers.get(parent, 0) + 1
+        tangent_out = {source: mat}
+        narrow = {} if channel is None else {source: channel}  # tangents held narrowed
+
+        def read(parent: ModuleCall | None, widen: bool = True) -> Tensor | None:
+            if parent not in tangent_out:
+                return None
+            readers[parent] -= 1
+            t = tangent_out[parent] if readers[parent] else tangent_out.pop(parent)
+            if widen and parent in narrow:
+                t = widen_channel(t, narrow[parent], parent.output_shape[1])
+            return t
+
+        total = mat.new_zeros(mat.shape[0])
+        for call in region:
+            rules, residual = nodes[call]
+            if per_input(rules, call):
+                slots = rules.input_slots(call)
+                t = [read(call.parents[i]) for i in slots]
+                if residual is not None:
+                    full = [
+                        m if m is not None else mat.new_zeros(mat.shape[0], *call.inputs[i].shape)
+                        for m, i in zip(t, slots)
+                    ]
+                    total += sum(_dot(r, m) for r, m in zip(residual(full), full))
+                out = rules.jac_mat_prod_inputs(call, t)
+            elif isinstance(rules, LossRules):  # (its residual slot: the loss's weight)
+                t = _sum(m for p in input_parents(call) if (m := read(p)) is not None)
+                q = _dot(rules.hessian_mat_prod(call, t), t)
+                total += q if residual is None else residual * q
+                continue
+            else:
+                parents = [p for p in input_parents(call) if p in tangent_out]
+                c = narrow.get(parents[0]) if len(parents) == 1 else None
+                if c is not None and readers[parents[0]] == 1 and _narrowable(residual):
+                    t = read(parents[0], widen=False)
+                    if residual is not None:  # r on the one channel
+                        total += _dot(residual.r[:, c : c + 1] * t, t)
+                    out, c = rules.jac_mat_prod_channel(call, t, c)
+                    if c is not None:
+                        narrow[call] = c
+                else:
+                    t = _sum(m for p in parents if (m := read(p)) is not None)
+                    if residual is not None:
+                        total += _dot(residual * t, t)
+                    out = rules.jac_mat_prod(call, t)
+            del t
+            if readers.get(call):
+                tangent_out[call] = out
+        return total
+
+    def widest(self) -> int:
+        """The largest per-sample output of the region (sizes the chunks of tangents)."""
+        return max((math.prod(c.output_shape[1:]) for c in self._calls()), default=1)
+
+    def push_macs(self) -> int:
+        """Multiply-adds per sample of pushing one tangent through :meth:`quadratic` (an
+        estimate from the calls' shapes, :func:`forward_macs`)."""
+        return sum(forward_macs(c) for c in self._calls())
+
+    def apply(self, mats: list[Tensor]) -> list[Tensor]:
+        """Per source ``[K, N, *out_s]`` -> per source ``[K, N, *out_s]``."""
+        self._calls()
         nodes = self.graph.nodes
         injected = dict(zip(self.sources, mats))
         region = set(self._region)
@@ -159,6 +249,35 @@ class GraphCurvature:
             for parent in input_parents(call):
                 send(parent, out)
         return [at_source[s] if s in at_source else cotangent[s] for s in self.sources]
+
+
+def _tangent_parents(rules, call: ModuleCall) -> list[ModuleCall | None]:
+    """The calls whose output tangents ``call`` reads (per input, or summed)."""
+    if per_input(rules, call):
+        return [call.parents[i] for i in rules.input_slots(call)]
+    return input_parents(call)
+
+
+def forward_macs(call: ModuleCall) -> int:
+    """Multiply-adds per sample of a forward product ``J t`` through ``call`` (estimate):
+    ``weight.numel()`` per output position for a layer with a weight matrix or kernel
+    (``Linear``, convolutions: ``C_out x (C_in / G) prod(kernel)`` times ``prod(out)``), one
+    per output entry otherwise (elementwise maps, pooling, reshapes)."""
+    per_sample = math.prod(call.output_shape[1:])
+    weight = getattr(call.module, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() >= 2:
+        return weight.numel() * max(1, per_sample // weight.shape[0])
+    return per_sample
+
+
+def _narrowable(residual) -> bool:
+    """Whether a residual reads a narrowed tangent on its channel (a diagonal one)."""
+    return residual is None or isinstance(residual, DiagonalResidual)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``[K, ...] x [K, ...] -> [K]``: the inner product per leading index."""
+    return (a * b).flatten(1).sum(1)
 
 
 def _sum(tensors) -> Tensor:

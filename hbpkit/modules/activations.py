@@ -143,6 +143,12 @@ class ElementwiseRules(ModuleRules):
 
     jac_mat_prod = jac_t_mat_prod
 
+    def jac_mat_prod_channel(
+        self, call: ModuleCall, mat: Tensor, channel: int
+    ) -> tuple[Tensor, int | None]:
+        """``phi'(x) * m`` on the tangent's one channel (S.9): it stays there."""
+        return mat * self._d(call)[0][:, channel : channel + 1], channel
+
     # local columns (feature maps [N, C, *spatial]): multiply by phi' on every patch
     def supports_local(self, call: ModuleCall) -> bool:
         return call.inputs[0].dim() >= 3

@@ -110,6 +110,21 @@ class ModuleRules(StructuredForms):
         """``[V, N, *in] -> [V, N, *out]``."""
         raise self._missing("jac_mat_prod")
 
+    def jac_mat_prod_channel(
+        self, call: ModuleCall, mat: Tensor, channel: int
+    ) -> tuple[Tensor, int | None]:
+        """``J m`` for a tangent zero outside input ``channel`` (dim 1 of ``x``), given as
+        ``m`` ``[V, N, 1, *in]`` (the forward form's tangents, extensions/forward_diagonal.py):
+        ``(J m [V, N, 1, *out], c)`` where the product stays in output channel ``c``, else
+        ``(J m [V, N, *out], None)``. Default: :meth:`jac_mat_prod` of the widened tangent."""
+        return self.jac_mat_prod(call, widen_channel(mat, channel, call.inputs[0].shape[1])), None
+
+    def param_channel_block(self, call: ModuleCall, name: str) -> int | None:
+        """How many consecutive entries of parameter ``name`` (flattened) share the one
+        output channel (dim 1 of ``z``) their tangent ``J_p e_i`` lies in, or ``None``
+        where tangents spread over channels (default)."""
+        return None
+
     def jac_t_factor(self, call: ModuleCall, factor: Factor) -> Factor:
         """Backpropagate a sqrt factor: ``S -> Dz(x)^T S`` (eq. 7 without residual)."""
         from hbpkit.curvature.local import jac_t_local  # it builds on this file
@@ -207,6 +222,12 @@ class ModuleRules(StructuredForms):
     def param_diag(self, call: ModuleCall, name: str, factors: list[Factor]) -> Tensor:
         """``diag(sum_n sum_v sign (J_p^T S)(J_p^T S)^T)``, shape ``param.shape``."""
         raise self._missing("param_diag")
+
+    def param_diag_cost(self, call: ModuleCall, factors: list[Factor]) -> int | None:
+        """Multiply-adds of :meth:`param_diag` for all parameters from ``factors`` (an
+        estimate against which the forward form is weighed, extensions/forward_diagonal.py);
+        ``None``: unknown, the column form is kept."""
+        return None
 
     def param_jac_t_columns(self, call: ModuleCall, name: str, factor: Factor) -> SqrtFactor:
         """``J_{p,n}^T S[v, n]`` per column and sample, ``[V, N, *param.shape]`` with the
@@ -336,6 +357,13 @@ DEFAULTS_BUILT_ON: dict[str, str] = {
     "sum_grad_squared": "batch_grad",
     "summed_grad": "batch_grad",
 }
+
+
+def widen_channel(mat: Tensor, channel: int, channels: int) -> Tensor:
+    """``[V, N, 1, *f] -> [V, N, channels, *f]``: the tangent in ``channel``, zero elsewhere."""
+    out = mat.new_zeros(*mat.shape[:2], channels, *mat.shape[3:])
+    out[:, :, channel : channel + 1] = mat
+    return out
 
 
 def rules_implement(rules: object, name: str) -> bool:

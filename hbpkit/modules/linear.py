@@ -65,6 +65,21 @@ class LinearRules(LinearRoots, KroneckerRoles, ModuleRules):
     def jac_mat_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         return mat @ call.module.weight.detach().T
 
+    def jac_mat_prod_channel(
+        self, call: ModuleCall, mat: Tensor, channel: int
+    ) -> tuple[Tensor, int | None]:
+        """Features ``[N, F]``: only column ``channel`` of ``W`` reads the tangent."""
+        if mat.dim() != 3:
+            return super().jac_mat_prod_channel(call, mat, channel)
+        return mat @ call.module.weight.detach()[:, channel : channel + 1].T, None
+
+    def param_channel_block(self, call: ModuleCall, name: str) -> int | None:
+        """Features ``[N, F]``: row ``o`` of ``W`` (``in_features`` entries) and ``b[o]``
+        reach output feature ``o`` only."""
+        if len(call.output_shape) != 2:
+            return None
+        return call.module.in_features if name == "weight" else 1
+
     def ea_jac_t_mat_jac_prod(self, call: ModuleCall, mat: Tensor) -> Tensor:
         W = call.module.weight.detach()
         T = self._x(call).shape[1]

@@ -1,6 +1,7 @@
 """The faster forms of DiagHessian through convolutions (issue 17, item 5) against autograd.
 
-In float64: the weight diagonal of a convolution from the band of its output curvature
+In float64, with the column forms at every convolution (the forward form off): the weight
+diagonal of a convolution from the band of its output curvature
 (``hbpkit/modules/conv/band.py``), forced on and chosen by its cost model, the first step
 from a diagonal source as an outer product (``ConvTransposeStep.from_diagonal``) and the
 patch mask from the integer geometry (``LocalGeometry.valid``), each against brute force.
@@ -20,11 +21,19 @@ from hbpkit import backprop, extend
 from hbpkit.curvature import local as local_factor
 from hbpkit.curvature.memory import MemoryPolicy
 from hbpkit.extensions import DiagGGNExact, DiagHessian
+from hbpkit.extensions import diagonal as diagonal_ext
 from hbpkit.modules.conv import band as band_module
 from hbpkit.modules.conv import diagonal as conv_diagonal
 
 DT = torch.float64
 RTOL, ATOL = 1e-9, 1e-13
+
+
+@pytest.fixture(autouse=True)
+def column_forms(monkeypatch):
+    """The column forms at every convolution: the forward form would take the first ones
+    (it has its own tests, ``test_forward_diagonal.py``)."""
+    monkeypatch.setattr(diagonal_ext, "prefers_forward", lambda *args: False)
 
 
 def _expected(model, X, y) -> list[torch.Tensor]:

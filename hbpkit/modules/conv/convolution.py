@@ -78,6 +78,21 @@ class ConvRules(ConvRoots, ConvKronecker, UnfoldedDiagonal, ConvGeometry, _ConvB
         """``[B, C_in, *in] -> [B, C_out, *out]``: the convolution without bias (eq. S.14)."""
         return self._apply_weight(call, mat, call.module.weight.detach())
 
+    def jac_mat_prod_channel(
+        self, call: ModuleCall, mat: Tensor, channel: int
+    ) -> tuple[Tensor, int | None]:
+        """Ungrouped: the convolution with the kernels of input ``channel`` only."""
+        if call.module.groups != 1:
+            return super().jac_mat_prod_channel(call, mat, channel)
+        V, N = mat.shape[:2]
+        weight = call.module.weight.detach()[:, channel : channel + 1]
+        return self._apply_weight(call, mat.flatten(0, 1), weight).unflatten(0, (V, N)), None
+
+    def param_channel_block(self, call: ModuleCall, name: str) -> int | None:
+        """Kernel ``o`` (``C_in / G prod(kernel)`` entries) and ``b[o]`` reach output channel
+        ``o`` only (S.14)."""
+        return call.module.weight[0].numel() if name == "weight" else 1
+
     def _apply_weight(self, call: ModuleCall, x: Tensor, weight: Tensor) -> Tensor:
         conv = _CONV[self._dims(call)]
         return conv(self._pad(call, x), weight, None, **self._conv_kwargs(call))

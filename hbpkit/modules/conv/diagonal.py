@@ -80,6 +80,23 @@ class ConvDiagonal:
             for f in factors
         )
 
+    def param_diag_cost(self, call: ModuleCall, factors: list[Factor]) -> int:
+        """Multiply-adds of the weight diagonals from ``factors`` (the direct forms'; local
+        factors also run their pending steps), weighed against the forward form."""
+        m, N = call.module, call.output_shape[0]
+        per_column = m.out_channels * m.weight[0].numel()  # per sample and patch position
+        P = math.prod(call.output_shape[2:])
+        return sum(
+            f.match(
+                dense=lambda f: f.S.shape[0] * N * per_column * P,
+                diagonal=lambda f: N * per_column * P,
+                local=lambda f: (
+                    f.pending_macs() + f.columns * N * per_column * math.prod(f.geom.patch)
+                ),
+            )
+            for f in factors
+        )
+
     def _weight_diag(self, call: ModuleCall, f: SqrtFactor) -> Tensor:
         """``sum_{v,n} sign (J_W^T s_{v,n})^2`` of a dense sqrt factor, in chunks over ``V``."""
         V, N = f.S.shape[:2]
