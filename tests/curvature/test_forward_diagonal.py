@@ -71,6 +71,25 @@ def test_forced_forward_form_equals_autograd(case, monkeypatch):
     _check(result, _expected(model, X, y))
 
 
+def test_forced_forward_form_transposed_convolution(monkeypatch):
+    """A transposed convolution first (its tangents are not narrowed: the default)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(3, 2, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(2 * 5 * 5, 3),
+    )
+    model = extend(model.to(DT))
+    X, y = torch.randn(3, 2, 3, 3, dtype=DT), torch.tensor([0, 2, 1])
+    used = _record_forward(monkeypatch, True)
+    result = _diag_h(model, X, y)
+    assert used == [model[0]] * 2
+    _check(result, _expected(model, X, y))
+
+
 # fewer parameter entries in the first layer (9) than residual entries behind it (11, 12):
 # the pass offers the forward form there
 def _mlp() -> nn.Sequential:
