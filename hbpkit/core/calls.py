@@ -133,6 +133,13 @@ class ModuleCall:
         self._check_alive()
         return self.inputs[0].detach()
 
+    def param(self, name: str) -> Tensor:
+        """The module's parameter ``name`` (dotted for a submodule's, e.g. ``"cell.weight"``)."""
+        module = self.module
+        for part in name.split("."):
+            module = getattr(module, part)
+        return module
+
     def keep(self) -> None:
         """Keep the forward data past :meth:`release` (for products applied after the pass).
 

@@ -135,7 +135,7 @@ def keep_coupled(before: Any, after: Any, call: ModuleCall) -> Any:
 def _column_chunks(rules: Any, call: ModuleCall, name: str, f: CoupledFactor):
     """``(i, sum_m J_{p,m}^T S[c, m] for c in i : i + step)``, ``[step, *param.shape]``, in
     chunks of columns of at most ``MemoryPolicy.chunk_bytes``."""
-    per_column = max(_param_numel(call, name), f.S[0].numel()) * f.S.element_size()
+    per_column = max(call.param(name).numel(), f.S[0].numel()) * f.S.element_size()
     step = max(1, policy_of(call).chunk_bytes // max(per_column, 1))
     for i in range(0, f.S.shape[0], step):
         yield i, rules.param_jac_t_mat_prod_sum(call, name, f.S[i : i + step])
@@ -156,10 +156,3 @@ def coupled_diag(rules: Any, call: ModuleCall, name: str, f: CoupledFactor) -> T
             q = q * signs[i : i + q.shape[0]].reshape(-1, *([1] * (q.dim() - 1)))
         diag = diag + q.sum(0)
     return diag
-
-
-def _param_numel(call: ModuleCall, name: str) -> int:
-    module = call.module
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module.numel()

@@ -77,7 +77,7 @@ class _Diagonal(SecondOrder):
         for origin, f in factors.items():
             check_dense_budget(
                 call,
-                (f.dense().S.shape[0], grad_output.shape[0], *_shape(call, name)),
+                (f.dense().S.shape[0], grad_output.shape[0], *call.param(name).shape),
                 grad_output.dtype,
                 "The columns of a tied parameter's use",
                 "use BatchGrad for tied parameters, or untie them",
@@ -117,13 +117,6 @@ def _as_coupled(c: SqrtFactor) -> SqrtFactor:
     V, N = c.S.shape[:2]
     sign = None if c.sign is None else c.sign.reshape(V * N, 1)
     return SqrtFactor(c.S.reshape(V * N, 1, *c.S.shape[2:]), sign)
-
-
-def _shape(call, name: str) -> tuple[int, ...]:
-    module = call.module
-    for part in name.split("."):
-        module = getattr(module, part)
-    return tuple(module.shape)
 
 
 class DiagGGNExact(_Diagonal):

@@ -47,7 +47,7 @@ LIVE_TANGENTS = 3
 def forward_cost(rules, call: ModuleCall, curvature: GraphCurvature) -> int:
     """Multiply-adds of :func:`param_diag_forward` for every parameter of ``call``: per entry
     and sample, its tangent (about a forward product through ``call``) and its push."""
-    entries = sum(_param(call, name).numel() for name in rules.param_names(call.module))
+    entries = sum(call.param(name).numel() for name in rules.param_names(call.module))
     per_tangent = forward_macs(call) + curvature.push_macs()
     return entries * call.output_shape[0] * per_tangent
 
@@ -67,7 +67,7 @@ def param_diag_forward(rules, call: ModuleCall, name: str, curvature: GraphCurva
     vectors (``rules.param_jac_mat_prod``) in chunks within ``MemoryPolicy.local_chunk_bytes``
     (about three tangents live at the widest call of the push: the one read, its product,
     and one kept for a later consumer)."""
-    param = _param(call, name)
+    param = call.param(name)
     K, N = param.numel(), call.output_shape[0]
     widest = max(curvature.widest(), math.prod(call.output_shape[1:]))
     per_tangent = LIVE_TANGENTS * N * widest * param.element_size()
@@ -87,10 +87,3 @@ def param_diag_forward(rules, call: ModuleCall, name: str, curvature: GraphCurva
             narrowed = tangents[:, :, channel : channel + 1]
             diag[k0 : k0 + k] = curvature.quadratic(narrowed, channel)
     return diag.reshape(param.shape)
-
-
-def _param(call: ModuleCall, name: str) -> Tensor:
-    module = call.module
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module
