@@ -17,7 +17,7 @@ from test_local_band import ATOL, DT, RTOL, _expected
 from test_local_factors import CASES, IDS, _random_cnn
 from torch import nn
 
-from hbpkit import backprop, extend
+from hbpkit import backprop, convert, extend
 from hbpkit.architectures import cnn
 from hbpkit.branching import Residual
 from hbpkit.curvature.memory import MemoryPolicy
@@ -153,6 +153,53 @@ def test_forced_forward_form_two_losses(monkeypatch):
     H = ref.hessian(loss, params)
     expected = [b.diagonal().reshape(p.shape) for p, b in zip(params, ref.blocks(H, params))]
     _check([p.diag_h for p in params], expected)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(2, 3, batch_first=True)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def _recurrent():
+    torch.manual_seed(5)
+    return convert(_Recurrent().to(DT)), torch.randn(4, 5, 2, dtype=DT)
+
+
+def _embedding():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(7, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6, 3))
+    return model.to(DT), torch.randint(0, 7, (4, 2))
+
+
+def _batchnorm_eval():
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Sigmoid(), nn.Flatten(), nn.Linear(9, 3)
+    )
+    for _ in range(2):  # running statistics that are not the defaults
+        model(torch.randn(4, 2, 5))
+    return model.to(DT).eval(), torch.randn(4, 2, 5, dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "make", [_recurrent, _embedding, _batchnorm_eval], ids=["lstm", "embedding", "batchnorm"]
+)
+def test_forced_forward_form_other_first_modules(make, monkeypatch):
+    """An LSTM (nonlinear in its parameters: its own residual is added as in the column
+    form), an Embedding, and a convolution before an eval-mode BatchNorm."""
+    model, X = make()
+    model, y = extend(model), torch.tensor([0, 2, 1, 2])
+    used = _record_forward(monkeypatch, True)
+    result = _diag_h(model, X, y)
+    first = next(m for m in model.modules() if list(m.parameters(recurse=False)))
+    assert used and set(used) == {first}
+    _check(result, _expected(model, X, y))
 
 
 def test_cost_model_takes_forward_form_on_table_s2_cnn(monkeypatch):
